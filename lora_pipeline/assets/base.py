@@ -1,0 +1,111 @@
+"""The base model, loaded in its configured quantization and saved for every later stage."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+
+from lora_pipeline.assets.common import (
+    ARTIFACT_IO,
+    MODEL_PARTITIONS,
+    config_metadata,
+    read_json,
+    ref_metadata,
+    resolve_model_config,
+    write_json,
+)
+from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
+from lora_pipeline.ml.data import load_alpaca, training_texts
+from lora_pipeline.ml.precision import compute_dtype_name
+from lora_pipeline.ml.quantize import quantize_base
+from lora_pipeline.ml.tiny import BUILTIN_PREFIX
+from lora_pipeline.resources.compute import Compute
+from lora_pipeline.resources.hub import ModelHub
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+
+BASE_INFO = "base_info.json"
+ORIGINAL_SUBDIR = "original"
+
+
+@dg.asset(
+    partitions_def=MODEL_PARTITIONS,
+    io_manager_key=ARTIFACT_IO,
+    kinds={"pytorch", "safetensors"},
+    group_name="model",
+    code_version="1",
+)
+def quantized_base(
+    context: dg.AssetExecutionContext,
+    config: TuningRunConfig,
+    registry: ModelRegistry,
+    storage: ArtifactStore,
+    hub: ModelHub,
+    compute: Compute,
+) -> dg.Output[ArtifactRef]:
+    """The base model loaded with bitsandbytes quantization (NF4/FP4/int8, or none) and saved, so retraining does not re-quantize."""
+    model_config = resolve_model_config(context, config, registry)
+    device = compute.info()
+    source_dir = hub.resolve(model_config.base_model, model_config.base_revision, lambda: _builtin_corpus(model_config))
+    settings = model_config.quantization
+    compute_dtype = compute_dtype_name(settings.compute_dtype, device)
+    with storage.staging_dir() as staging:
+        result = quantize_base(source_dir, staging, settings.mode, settings.double_quant, compute_dtype, device)
+        if model_config.base_model.startswith(BUILTIN_PREFIX) and settings.mode != "none":
+            # Built-in models exist nowhere else; keep the originals for merging into them.
+            shutil.copytree(source_dir, staging / ORIGINAL_SUBDIR)
+        write_json(
+            staging / BASE_INFO,
+            {
+                "base_model": model_config.base_model,
+                "revision": model_config.base_revision,
+                "source_dtype": _source_dtype(source_dir),
+                "quantization": settings.mode,
+                "double_quant": settings.double_quant,
+                "compute_dtype": compute_dtype,
+                "model_type": result.model_type,
+            },
+        )
+        ref = storage.publish(staging, context.partition_key, "quantized_base")
+    context.log.info(f"quantized {result.quantized_modules} linear layers to {settings.mode} in {result.load_seconds:.1f}s")
+    return dg.Output(
+        ref,
+        metadata={
+            **ref_metadata(ref),
+            **config_metadata(model_config),
+            "base_revision": dg.MetadataValue.text(model_config.base_revision or "default"),
+            "quantization": dg.MetadataValue.text(settings.mode),
+            "double_quant": dg.MetadataValue.bool(settings.double_quant),
+            "compute_dtype": dg.MetadataValue.text(compute_dtype),
+            "device": dg.MetadataValue.text(device.device),
+            "parameters": dg.MetadataValue.int(result.parameter_count),
+            "quantized_layers": dg.MetadataValue.int(result.quantized_modules),
+            "load_seconds": dg.MetadataValue.float(round(result.load_seconds, 3)),
+        },
+    )
+
+
+def original_weights_dir(quantized_dir: Path, hub: ModelHub) -> Path:
+    """Where the unquantized weights of a quantized base are: kept beside it for built-in models, else the hub."""
+    info = read_json(quantized_dir / BASE_INFO)
+    if info["quantization"] == "none":
+        return quantized_dir
+    if (quantized_dir / ORIGINAL_SUBDIR).is_dir():
+        return quantized_dir / ORIGINAL_SUBDIR
+    return hub.resolve(info["base_model"], info["revision"], lambda: [])
+
+
+def source_dtype(quantized_dir: Path) -> str:
+    """The dtype the base model was published in (what 'auto' merges save as)."""
+    return read_json(quantized_dir / BASE_INFO)["source_dtype"]
+
+
+def _builtin_corpus(model_config: ModelConfig) -> list[str]:
+    frame = load_alpaca(model_config.dataset.source, model_config.dataset.max_rows)
+    return training_texts(frame, model_config.dataset.eval_fraction)
+
+
+def _source_dtype(model_dir: Path) -> str:
+    config = read_json(model_dir / "config.json")
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return name if name in ("bfloat16", "float16", "float32") else "float32"

@@ -1,0 +1,71 @@
+"""What every stage shares: the model partitions, config resolution and metadata helpers."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from lora_pipeline.config.registry import PARTITION_KEY_PATTERN, validate_config
+from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactRef
+
+# Dynamic, so that any YAML file can become a model: the files under configs/ are added by the
+# model_configs sensor and by the CLI, and `lora-pipeline run` adds a file from anywhere.
+MODEL_PARTITIONS = dg.DynamicPartitionsDefinition(name="models")
+
+ARTIFACT_IO = "artifact_io"
+GPU_POOL = "gpu"
+
+
+def resolve_model_config(
+    context: dg.AssetExecutionContext, config: TuningRunConfig, registry: ModelRegistry
+) -> ModelConfig:
+    """The partition's model config: its YAML file, with any sections given in the run config replacing the file's."""
+    key = context.partition_key
+    if not PARTITION_KEY_PATTERN.fullmatch(key):
+        raise ConfigError(f"model key {key!r} is not valid; use lowercase letters, digits, '.', '_' and '-'")
+    given = config.sections_given()
+    known = registry.registry()
+    if key in known.keys:
+        data = {**known.raw(key), **given}
+        origin = str(known.path_of(key)) + (" with run config" if given else "")
+    elif "base_model" in given and "dataset" in given:
+        data, origin = given, f"run config of model {key!r}"
+    else:
+        raise ConfigError(
+            f"model {key!r} has no config file in {known.config_dir} and the run config does not give "
+            "one; launch it with `lora-pipeline run FILE.yaml` or re-execute its last run"
+        )
+    model_config = validate_config(data, origin)
+    context.log.info(f"model {key}: config {model_config.canonical_hash()[:12]} from {origin}")
+    return model_config
+
+
+def ref_metadata(ref: ArtifactRef) -> dict[str, dg.MetadataValue]:
+    """Where an artifact lives and what it weighs: the first lines of every asset's metadata."""
+    return {
+        "uri": dg.MetadataValue.path(ref.uri),
+        "sha256": dg.MetadataValue.text(ref.sha256),
+        "size_mb": dg.MetadataValue.float(round(ref.size_bytes / 2**20, 3)),
+        "files": dg.MetadataValue.int(ref.files),
+    }
+
+
+def config_metadata(model_config: ModelConfig) -> dict[str, dg.MetadataValue]:
+    """The config hash (part of every data version) and the base model."""
+    return {
+        "config_hash": dg.MetadataValue.text(model_config.canonical_hash()),
+        "base_model": dg.MetadataValue.text(model_config.base_model),
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Pretty JSON, UTF-8, sorted keys."""
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON file written by write_json."""
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,88 @@
+"""The held-out comparison of base, adapter and merged model."""
+
+import dagster as dg
+import pandas as pd
+
+from lora_pipeline.assets.base import original_weights_dir
+from lora_pipeline.assets.common import (
+    ARTIFACT_IO,
+    GPU_POOL,
+    MODEL_PARTITIONS,
+    config_metadata,
+    ref_metadata,
+    resolve_model_config,
+)
+from lora_pipeline.config.schema import TuningRunConfig
+from lora_pipeline.ml.evaluate import evaluate_pipeline
+from lora_pipeline.ml.merge import is_quantized_dir
+from lora_pipeline.ml.report import write_report
+from lora_pipeline.resources.hub import ModelHub
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+
+
+@dg.asset(
+    partitions_def=MODEL_PARTITIONS,
+    io_manager_key=ARTIFACT_IO,
+    kinds={"pytorch"},
+    group_name="evaluation",
+    code_version="1",
+    pool=GPU_POOL,
+)
+def eval_report(
+    context: dg.AssetExecutionContext,
+    config: TuningRunConfig,
+    registry: ModelRegistry,
+    storage: ArtifactStore,
+    hub: ModelHub,
+    formatted_dataset: ArtifactRef,
+    quantized_base: ArtifactRef,
+    trained_adapter: ArtifactRef,
+    merged_model: ArtifactRef,
+) -> dg.Output[ArtifactRef]:
+    """Held-out loss, perplexity and token accuracy of base, adapter and merged model, with generation samples: metrics.json + report.md."""
+    model_config = resolve_model_config(context, config, registry)
+    settings = model_config.eval
+    quantized_dir = storage.local_path(quantized_base)
+    merge_weights = model_config.merge.base_weights
+    quantized = is_quantized_dir(quantized_dir)
+    if merge_weights == "auto":
+        merge_weights = "dequantized" if quantized else "original"
+    compare_original = quantized and merge_weights == "dequantized" and settings.compare_merge_bases
+    eval_frame = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(settings.max_examples)
+    result = evaluate_pipeline(
+        quantized_dir,
+        storage.local_path(trained_adapter),
+        storage.local_path(merged_model),
+        eval_frame,
+        max_length=model_config.training.max_length,
+        batch_size=settings.batch_size,
+        sample_count=settings.samples,
+        max_new_tokens=settings.max_new_tokens,
+        original_dir=original_weights_dir(quantized_dir, hub) if compare_original else None,
+        log=context.log.info,
+    )
+    with storage.staging_dir() as staging:
+        document = write_report(result, staging, merge_weights, f"Evaluation: {context.partition_key}")
+        report = (staging / "report.md").read_text(encoding="utf-8")
+        ref = storage.publish(staging, context.partition_key, "eval_report")
+    comparison = document["comparison"]
+    metrics = {
+        f"{model}_{name}": dg.MetadataValue.float(float(value))
+        for model, values in document.items()
+        if model != "comparison"
+        for name, value in values.items()
+        if name in ("loss", "perplexity", "token_accuracy")
+    }
+    return dg.Output(
+        ref,
+        metadata={
+            **ref_metadata(ref),
+            **config_metadata(model_config),
+            **metrics,
+            "adapter_vs_base_loss_change": dg.MetadataValue.float(comparison["adapter_vs_base_loss_change"]),
+            "merged_vs_adapter_loss_change": dg.MetadataValue.float(comparison["merged_vs_adapter_loss_change"]),
+            "eval_examples": dg.MetadataValue.int(result.examples),
+            "report": dg.MetadataValue.md(report.replace("![held-out loss](loss_by_model.png)", "")),
+        },
+    )

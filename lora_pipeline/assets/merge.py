@@ -1,0 +1,82 @@
+"""Folding the adapter into full-precision base weights."""
+
+import dagster as dg
+import pandas as pd
+
+from lora_pipeline.assets.base import original_weights_dir, source_dtype
+from lora_pipeline.assets.common import (
+    ARTIFACT_IO,
+    GPU_POOL,
+    MODEL_PARTITIONS,
+    config_metadata,
+    ref_metadata,
+    resolve_model_config,
+)
+from lora_pipeline.config.schema import TuningRunConfig
+from lora_pipeline.ml.merge import is_quantized_dir, merge_to_dir
+from lora_pipeline.resources.hub import ModelHub
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+
+PROBE_EXAMPLES = 8
+
+
+@dg.asset(
+    partitions_def=MODEL_PARTITIONS,
+    io_manager_key=ARTIFACT_IO,
+    kinds={"pytorch", "safetensors"},
+    group_name="model",
+    code_version="1",
+    pool=GPU_POOL,
+)
+def merged_model(
+    context: dg.AssetExecutionContext,
+    config: TuningRunConfig,
+    registry: ModelRegistry,
+    storage: ArtifactStore,
+    hub: ModelHub,
+    formatted_dataset: ArtifactRef,
+    quantized_base: ArtifactRef,
+    trained_adapter: ArtifactRef,
+) -> dg.Output[ArtifactRef]:
+    """The adapter merged into base weights loaded in 16/32-bit (never into 4-bit ones), saved with its tokenizer."""
+    model_config = resolve_model_config(context, config, registry)
+    quantized_dir = storage.local_path(quantized_base)
+    quantized = is_quantized_dir(quantized_dir)
+    weights = model_config.merge.base_weights
+    if weights == "auto":
+        weights = "dequantized" if quantized else "original"
+    weights_dir = quantized_dir if weights == "dequantized" else original_weights_dir(quantized_dir, hub)
+    dtype = model_config.merge.dtype if model_config.merge.dtype != "auto" else source_dtype(quantized_dir)
+    probe = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(PROBE_EXAMPLES)
+    with storage.staging_dir() as staging:
+        fidelity = merge_to_dir(
+            weights_dir,
+            dequantize=quantized and weights == "dequantized",
+            adapter_dir=storage.local_path(trained_adapter),
+            probe_frame=probe,
+            out_dir=staging,
+            dtype=dtype,
+            max_length=model_config.training.max_length,
+        )
+        ref = storage.publish(staging, context.partition_key, "merged_model")
+    context.log.info(
+        f"merged into {weights} weights; max relative logit difference vs adapter "
+        f"{fidelity.max_relative_logit_difference:.2e}"
+    )
+    return dg.Output(
+        ref,
+        metadata={
+            **ref_metadata(ref),
+            **config_metadata(model_config),
+            "merged_into": dg.MetadataValue.text(weights),
+            "dtype": dg.MetadataValue.text(dtype),
+            "merge_fidelity_max_relative_logit_difference": dg.MetadataValue.float(
+                fidelity.max_relative_logit_difference
+            ),
+            "merge_fidelity_max_absolute_logit_difference": dg.MetadataValue.float(
+                fidelity.max_absolute_logit_difference
+            ),
+            "probe_tokens": dg.MetadataValue.int(fidelity.probe_tokens),
+        },
+    )

@@ -1,0 +1,89 @@
+"""Training the LoRA adapter."""
+
+import dagster as dg
+import pandas as pd
+
+from lora_pipeline.assets.common import (
+    ARTIFACT_IO,
+    GPU_POOL,
+    MODEL_PARTITIONS,
+    config_metadata,
+    ref_metadata,
+    resolve_model_config,
+    write_json,
+)
+from lora_pipeline.config.schema import TuningRunConfig
+from lora_pipeline.ml.modelcard import adapter_card
+from lora_pipeline.ml.plots import loss_curve_png, markdown_image
+from lora_pipeline.ml.tiny import BUILTIN_PREFIX
+from lora_pipeline.ml.train import train_adapter
+from lora_pipeline.resources.compute import Compute
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+
+
+@dg.asset(
+    partitions_def=MODEL_PARTITIONS,
+    io_manager_key=ARTIFACT_IO,
+    kinds={"pytorch", "safetensors"},
+    group_name="model",
+    code_version="1",
+    pool=GPU_POOL,
+)
+def trained_adapter(
+    context: dg.AssetExecutionContext,
+    config: TuningRunConfig,
+    registry: ModelRegistry,
+    storage: ArtifactStore,
+    compute: Compute,
+    formatted_dataset: ArtifactRef,
+    quantized_base: ArtifactRef,
+) -> dg.Output[ArtifactRef]:
+    """The LoRA adapter trained with TRL's SFTTrainer and PEFT on the quantized base (QLoRA when quantized)."""
+    model_config = resolve_model_config(context, config, registry)
+    train = pd.read_parquet(storage.local_path(formatted_dataset) / "train.parquet")
+    base_dir = storage.local_path(quantized_base)
+
+    def report(progress: dict) -> None:
+        context.log.info(
+            f"step {progress['step']}/{progress['max_steps']} loss {progress['loss']:.4f} "
+            f"lr {progress['learning_rate']:.2e} {progress['tokens_per_second']:.0f} tokens/s "
+            f"eta {progress['eta_seconds']:.0f}s"
+        )
+
+    base_name = model_config.base_model if not model_config.base_model.startswith(BUILTIN_PREFIX) else quantized_base.uri
+    with storage.staging_dir() as staging:
+        result = train_adapter(
+            base_dir, train, staging, model_config.lora, model_config.training, compute.info(), base_name, report
+        )
+        loss_png = loss_curve_png(result.loss_history)
+        (staging / "loss_curve.png").write_bytes(loss_png)
+        summary = {k: v for k, v in vars(result).items() if k != "loss_history"}
+        write_json(staging / "training_summary.json", {**summary, "loss_history": result.loss_history})
+        (staging / "README.md").write_text(adapter_card(model_config, result, base_name), encoding="utf-8")
+        ref = storage.publish(staging, context.partition_key, "trained_adapter")
+    return dg.Output(
+        ref,
+        metadata={
+            **ref_metadata(ref),
+            **config_metadata(model_config),
+            "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "training loss")),
+            "train_loss": dg.MetadataValue.float(result.train_loss),
+            "final_logged_loss": dg.MetadataValue.float(result.final_loss),
+            "steps": dg.MetadataValue.int(result.steps),
+            "trainable_parameters": dg.MetadataValue.int(result.trainable_parameters),
+            "trainable_percent": dg.MetadataValue.float(
+                round(100 * result.trainable_parameters / max(result.total_parameters, 1), 4)
+            ),
+            "tokens_per_second": dg.MetadataValue.float(round(result.tokens_per_second, 1)),
+            "train_seconds": dg.MetadataValue.float(round(result.train_seconds, 2)),
+            "train_tokens": dg.MetadataValue.int(result.train_tokens),
+            "peak_memory_mb": dg.MetadataValue.float(round(result.peak_memory_bytes / 2**20, 1)),
+            "peak_memory_kind": dg.MetadataValue.text(result.peak_memory_kind),
+            "precision": dg.MetadataValue.text(result.precision),
+            "gradient_checkpointing": dg.MetadataValue.bool(result.gradient_checkpointing),
+            "target_modules": dg.MetadataValue.text(
+                result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)
+            ),
+        },
+    )

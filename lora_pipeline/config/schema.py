@@ -1,0 +1,252 @@
+"""The per-model config: one strict schema for the YAML files, the CLI and the Dagster Launchpad.
+
+Every class here is a Dagster ``Config`` (a frozen pydantic model), so the same fields, defaults,
+ranges and descriptions are what the YAML loader validates, what ``--set`` overrides and what the
+Launchpad shows. Unknown keys are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, Optional
+
+import dagster as dg
+import pydantic
+from pydantic import Field
+
+QuantizationMode = Literal["nf4", "fp4", "int8", "none"]
+DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class _Strict(dg.Config):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class DatasetSettings(_Strict):
+    """Where the training data comes from and how it is split."""
+
+    source: str = Field(
+        description="Path or URI of the dataset: a local JSON/JSONL file (relative paths are "
+        "resolved against the working directory) or any fsspec URL such as s3://bucket/data.json."
+    )
+    format: Literal["alpaca"] = Field(
+        default="alpaca",
+        description="Row format of the source. 'alpaca': objects with instruction, input (optional) "
+        "and output.",
+    )
+    eval_fraction: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Share of rows held out for evaluation. Rows are assigned by a hash of their "
+        "content, so the split is stable across runs and identical rows never straddle it.",
+    )
+    max_rows: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description="Use at most this many rows of the source (the first ones), e.g. for a smoke test.",
+    )
+
+
+class LoraSettings(_Strict):
+    """The LoRA adapter: PEFT's LoraConfig surface."""
+
+    r: int = Field(default=16, ge=1, description="Rank of the low-rank update matrices.")
+    alpha: float = Field(
+        default=32.0, gt=0.0, description="Scaling numerator: the update is scaled by alpha / r."
+    )
+    dropout: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="Dropout applied to the LoRA input during training."
+    )
+    target_modules: list[str] = Field(
+        default=["auto"],
+        description="Module names to adapt. 'auto' selects every linear projection of the "
+        "architecture (Llama/Mistral/Qwen/Gemma: q,k,v,o,gate,up,down; GPT-2: c_attn,c_proj,c_fc; "
+        "Falcon: query_key_value,dense,dense_h_to_4h,dense_4h_to_h; Phi-3: qkv_proj,o_proj,"
+        "gate_up_proj,down_proj).",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        default="none", description="Which bias terms are trained along with the adapter."
+    )
+    modules_to_save: list[str] = Field(
+        default=[],
+        description="Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens).",
+    )
+    use_rslora: bool = Field(
+        default=False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."
+    )
+
+    @pydantic.field_validator("target_modules", "modules_to_save", mode="before")
+    @classmethod
+    def _accept_a_single_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @pydantic.field_validator("target_modules")
+    @classmethod
+    def _auto_stands_alone(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one module name, or 'auto'")
+        if "auto" in value and len(value) > 1:
+            raise ValueError("'auto' cannot be combined with explicit module names")
+        return value
+
+
+class QuantizationSettings(_Strict):
+    """How the base model's weights are stored while the adapter trains (bitsandbytes)."""
+
+    mode: QuantizationMode = Field(
+        default="nf4",
+        description="nf4 or fp4: 4-bit QLoRA; int8: LLM.int8(); none: plain LoRA on full-precision weights.",
+    )
+    double_quant: bool = Field(
+        default=True,
+        description="4-bit only: also quantize the quantization constants (about 0.4 bits/param saved).",
+    )
+    compute_dtype: DtypeName = Field(
+        default="auto",
+        description="dtype the 4-bit layers compute in. 'auto': bfloat16 on GPUs that support it, "
+        "float16 on older GPUs, float32 on CPU (bf16 matmuls are slow on most CPUs).",
+    )
+
+
+class TrainingSettings(_Strict):
+    """Trainer hyper-parameters (TRL SFTTrainer)."""
+
+    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the training split.")
+    max_steps: Optional[int] = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps; overrides epochs."
+    )
+    batch_size: int = Field(default=4, ge=1, description="Sequences per device per forward pass.")
+    grad_accumulation: int = Field(
+        default=1, ge=1, description="Forward passes accumulated into one optimizer step."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0.0, description="Peak learning rate.")
+    lr_scheduler: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"
+    ] = Field(default="cosine", description="Learning-rate schedule after warm-up.")
+    warmup: float = Field(
+        default=0.03,
+        ge=0.0,
+        description="Warm-up length: a fraction of all steps when below 1, a step count otherwise.",
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
+    max_length: int = Field(
+        default=512, ge=8, description="Longest training sequence in tokens; longer ones are truncated."
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into each max_length sequence (faster on short data).",
+    )
+    completion_only_loss: bool = Field(
+        default=True,
+        description="Compute the loss on the response tokens only, not on the prompt.",
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Recompute activations in the backward pass to save memory. 'auto': on for "
+        "GPUs, off on CPU, where memory is rarely the limit and recomputing costs about 30% speed.",
+    )
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adafactor", "sgd"
+    ] = Field(
+        default="adamw_torch",
+        description="Optimizer. paged_* keep their states in paged memory (bitsandbytes) to absorb spikes.",
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto",
+        description="Mixed precision for the trainable path. 'auto': bf16 on GPUs that support it, "
+        "fp16 on older GPUs, fp32 on CPU.",
+    )
+    logging_steps: int = Field(default=5, ge=1, description="Log loss and throughput every N steps.")
+    seed: int = Field(default=0, description="Seed for adapter initialisation, dropout and data order.")
+
+
+class MergeSettings(_Strict):
+    """How the adapter is folded into the base weights."""
+
+    base_weights: Literal["auto", "dequantized", "original"] = Field(
+        default="auto",
+        description="Weights the adapter is merged into. 'dequantized': the 4-bit weights the adapter "
+        "was trained against, dequantized to full precision (the merged model matches the adapter). "
+        "'original': the base model's own weights (smaller files' users expect this, but the merged "
+        "model drifts from the adapter by the quantization error). 'auto': dequantized for quantized "
+        "bases, original otherwise.",
+    )
+    dtype: DtypeName = Field(
+        default="auto",
+        description="dtype the merged model is saved in. 'auto': the base model's own dtype.",
+    )
+
+
+class EvalSettings(_Strict):
+    """The held-out evaluation in eval_report."""
+
+    max_examples: int = Field(
+        default=200, ge=1, description="Evaluate on at most this many held-out examples."
+    )
+    batch_size: int = Field(default=8, ge=1, description="Examples per evaluation forward pass.")
+    samples: int = Field(
+        default=4, ge=0, description="Held-out prompts answered by each model in the report."
+    )
+    max_new_tokens: int = Field(default=48, ge=1, description="Length limit of each generated answer.")
+    compare_merge_bases: bool = Field(
+        default=True,
+        description="For quantized bases, also evaluate a merge into the original weights, so the "
+        "report shows what merging into them would cost.",
+    )
+
+
+class ModelConfig(_Strict):
+    """One model to fine-tune: a YAML file under configs/ is one of these, and one partition."""
+
+    base_model: str = Field(
+        description="Base model: a Hugging Face hub id, a local model folder, or "
+        "'builtin:tiny-llama' (a small random Llama built locally, no network)."
+    )
+    base_revision: Optional[str] = Field(
+        default=None, description="Hub revision (branch, tag or commit) of the base model."
+    )
+    dataset: DatasetSettings = Field(description="The training data.")
+    lora: LoraSettings = Field(default=LoraSettings(), description="The LoRA adapter.")
+    quantization: QuantizationSettings = Field(
+        default=QuantizationSettings(), description="Quantization of the base model."
+    )
+    training: TrainingSettings = Field(default=TrainingSettings(), description="Training.")
+    merge: MergeSettings = Field(default=MergeSettings(), description="Merging.")
+    eval: EvalSettings = Field(default=EvalSettings(), description="Evaluation.")
+
+    def canonical_hash(self) -> str:
+        """sha256 of the config as canonical JSON: equal configs hash equally, whatever the YAML layout."""
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class TuningRunConfig(dg.Config):
+    """Run config of every pipeline asset: the model config, section by section.
+
+    A section left empty comes from the partition's YAML file, so materializing a partition from
+    the UI without any config uses that file as it is. A section given here replaces the file's.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    base_model: Optional[str] = Field(default=None, description=ModelConfig.model_fields["base_model"].description)
+    base_revision: Optional[str] = Field(
+        default=None, description=ModelConfig.model_fields["base_revision"].description
+    )
+    dataset: Optional[DatasetSettings] = Field(default=None, description="The training data.")
+    lora: Optional[LoraSettings] = Field(default=None, description="The LoRA adapter.")
+    quantization: Optional[QuantizationSettings] = Field(
+        default=None, description="Quantization of the base model."
+    )
+    training: Optional[TrainingSettings] = Field(default=None, description="Training.")
+    merge: Optional[MergeSettings] = Field(default=None, description="Merging.")
+    eval: Optional[EvalSettings] = Field(default=None, description="Evaluation.")
+
+    def sections_given(self) -> dict:
+        """The sections this run sets explicitly, as plain data."""
+        return {name: value for name, value in self.model_dump(mode="json").items() if value is not None}

@@ -1,0 +1,190 @@
+"""Held-out metrics and generation samples for a causal LM. Dagster-free."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids with labels on the completion tokens only."""
+
+    input_ids: "object"
+    attention_mask: "object"
+    labels: "object"
+
+
+def completion_batches(tokenizer, frame: "pd.DataFrame", max_length: int, batch_size: int) -> list[Batch]:
+    """Tokenize prompt + completion; the prompt's tokens get label -100, the completion's (EOS included) keep theirs."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = []
+    for prompt, completion in zip(frame["prompt"], frame["completion"]):
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        full_ids = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"][:max_length]
+        labels = [IGNORE_INDEX] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids):]
+        if any(label != IGNORE_INDEX for label in labels[1:]):
+            examples.append((full_ids, labels))
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (ids, labs) in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(labs)] = torch.tensor(labs)
+            mask[row, : len(ids)] = 1
+        batches.append(Batch(input_ids=input_ids, attention_mask=mask, labels=labels))
+    return batches
+
+
+def completion_metrics(model, batches: list[Batch]) -> dict[str, float]:
+    """Token-weighted loss, perplexity and next-token accuracy over the completion tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    total_loss = 0.0
+    total_tokens = 0
+    correct = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+            ).logits.float()
+            shifted_logits = logits[:, :-1, :]
+            targets = batch.labels[:, 1:].to(device)
+            scored = targets != IGNORE_INDEX
+            losses = torch.nn.functional.cross_entropy(
+                shifted_logits.reshape(-1, shifted_logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total_loss += float(losses)
+            total_tokens += int(scored.sum())
+            correct += int(((shifted_logits.argmax(-1) == targets) & scored).sum())
+    loss = total_loss / max(total_tokens, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "token_accuracy": correct / max(total_tokens, 1),
+        "tokens": total_tokens,
+    }
+
+
+def logits_of(model, batches: list[Batch]) -> list:
+    """fp32 logits of each batch (for comparing two models on identical inputs)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+            ).logits
+            outputs.append(logits.float().cpu() * batch.attention_mask.unsqueeze(-1))
+    return outputs
+
+
+def max_relative_difference(reference: list, candidate: list) -> float:
+    """max |a - b| / max |a| over all logits."""
+    worst = 0.0
+    scale = 0.0
+    for a, b in zip(reference, candidate):
+        worst = max(worst, float((a - b).abs().max()))
+        scale = max(scale, float(a.abs().max()))
+    return worst / scale if scale else worst
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to each prompt, decoded without special tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    answers = []
+    model.eval()
+    with torch.no_grad():
+        for prompt in prompts:
+            encoded = tokenizer(prompt, return_tensors="pt").to(device)
+            generated = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+            new_tokens = generated[0, encoded["input_ids"].shape[1] :]
+            answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    return answers
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics per model (base, adapter, merged, optionally merged_into_original) and generation samples."""
+
+    metrics: dict[str, dict[str, float]]
+    samples: list[dict[str, str]]
+    examples: int
+
+
+def evaluate_pipeline(
+    quantized_dir,
+    adapter_dir,
+    merged_dir,
+    eval_frame: "pd.DataFrame",
+    max_length: int,
+    batch_size: int,
+    sample_count: int,
+    max_new_tokens: int,
+    original_dir=None,
+    log=None,
+) -> EvaluationResult:
+    """Compare the base, the base with the adapter and the merged model on held-out examples.
+
+    With original_dir, a merge into those (unquantized) weights is evaluated too, in memory, so
+    the report shows what merging into the original weights would cost.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.ml.merge import load_full_precision
+
+    log = log or (lambda message: None)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    batches = completion_batches(tokenizer, eval_frame, max_length=max_length, batch_size=batch_size)
+    sample_rows = eval_frame.head(sample_count)
+    prompts = list(sample_rows["prompt"])
+    metrics: dict[str, dict[str, float]] = {}
+    answers: dict[str, list[str]] = {}
+
+    def measure(name: str, model) -> None:
+        metrics[name] = completion_metrics(model, batches)
+        answers[name] = generate_answers(model, tokenizer, prompts, max_new_tokens)
+        log(f"{name}: held-out loss {metrics[name]['loss']:.4f}, token accuracy {metrics[name]['token_accuracy']:.3f}")
+
+    base = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map={"": "cpu"})
+    measure("base", base)
+    measure("adapter", PeftModel.from_pretrained(base, adapter_dir))
+    del base
+    measure("merged", AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": "cpu"}))
+    if original_dir is not None:
+        merged_original = PeftModel.from_pretrained(load_full_precision(original_dir), adapter_dir).merge_and_unload()
+        measure("merged_into_original", merged_original)
+    samples = [
+        {"prompt": prompt, "reference": reference, **{name: answers[name][i] for name in answers}}
+        for i, (prompt, reference) in enumerate(zip(prompts, sample_rows["completion"]))
+    ]
+    return EvaluationResult(metrics=metrics, samples=samples, examples=len(eval_frame))

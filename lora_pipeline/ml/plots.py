@@ -1,0 +1,54 @@
+"""Small PNG plots for the UI and the report. Dagster-free; matplotlib without a display."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(figsize=(6, 3.2), dpi=100)
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def loss_curve_png(history: list[tuple[int, float]], title: str = "training loss") -> bytes:
+    """Line plot of (step, loss) pairs."""
+    plt, (fig, ax) = _figure()
+    if history:
+        steps, losses = zip(*history)
+        ax.plot(steps, losses, marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _png(plt, fig)
+
+
+def bar_chart_png(values: dict[str, float], ylabel: str, title: str) -> bytes:
+    """Bar chart of named values (e.g. held-out loss per model)."""
+    plt, (fig, ax) = _figure()
+    names = list(values)
+    palette = ["#999999", "#3b7dd8", "#2a9d5c", "#d8893b"]
+    colors = palette[: len(names)] if len(names) <= len(palette) else "#3b7dd8"
+    bars = ax.bar(names, [values[n] for n in names], color=colors)
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _png(plt, fig)
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """A Markdown image with the PNG inlined, which the Dagster UI renders."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

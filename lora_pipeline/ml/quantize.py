@@ -1,0 +1,88 @@
+"""Loading a base model in its configured quantization and saving it for reuse. Dagster-free."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_pipeline.ml.precision import DeviceInfo, torch_dtype
+
+
+def bitsandbytes_config(mode: str, double_quant: bool, compute_dtype: str):
+    """transformers' BitsAndBytesConfig for a quantization mode, or None for 'none'."""
+    if mode == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=mode,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+    )
+
+
+def device_map_for(device: DeviceInfo) -> dict[str, str | int]:
+    """Place the whole model on one device (multi-GPU placement belongs to accelerate launch)."""
+    return {"": 0} if device.device == "cuda" else {"": device.device}
+
+
+@dataclass(frozen=True)
+class QuantizedBase:
+    """What quantize_base wrote."""
+
+    parameter_count: int
+    load_seconds: float
+    quantized_modules: int
+    model_type: str
+
+
+def quantize_base(
+    source_dir: Path,
+    out_dir: Path,
+    mode: str,
+    double_quant: bool,
+    compute_dtype: str,
+    device: DeviceInfo,
+) -> QuantizedBase:
+    """Load the base model with bitsandbytes quantization and save it (safetensors) with its tokenizer.
+
+    Saving once means training, merging and evaluation reload the quantized weights instead of
+    re-quantizing the base each time; the reload is exact.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    quantization = bitsandbytes_config(mode, double_quant, compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        source_dir,
+        quantization_config=quantization,
+        dtype="auto" if quantization is None else torch_dtype(compute_dtype),
+        device_map=device_map_for(device),
+    )
+    load_seconds = time.perf_counter() - started
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    quantized = sum(1 for module in model.modules() if type(module).__name__ in ("Linear4bit", "Linear8bitLt"))
+    return QuantizedBase(
+        parameter_count=_logical_parameter_count(model),
+        load_seconds=load_seconds,
+        quantized_modules=quantized,
+        model_type=model.config.model_type,
+    )
+
+
+def _logical_parameter_count(model) -> int:
+    """Parameters of the unquantized model (4-bit tensors pack two weights per byte)."""
+    total = 0
+    for parameter in model.parameters():
+        if type(parameter).__name__ == "Params4bit":
+            total += parameter.quant_state.shape.numel()
+        else:
+            total += parameter.numel()
+    return total

@@ -1,0 +1,90 @@
+"""The built-in base model: a small random Llama with a BPE tokenizer trained on the data.
+
+It stands in for a hub model where there is no network (tests, CI, a first demo) and is built
+deterministically: the same corpus gives byte-identical weights and tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class TinyLlamaShape:
+    """Architecture of a built-in model."""
+
+    hidden_size: int = 256
+    layers: int = 4
+    vocab_size: int = 4096
+    max_positions: int = 1024
+
+
+BUILTIN_MODELS = {
+    "tiny-llama": TinyLlamaShape(),
+    # Small enough for unit tests to train in seconds.
+    "micro-llama": TinyLlamaShape(hidden_size=64, layers=2, vocab_size=1024, max_positions=512),
+}
+
+
+def builtin_shape(base_model: str) -> TinyLlamaShape:
+    """The shape named by a 'builtin:NAME' base model id."""
+    name = base_model.removeprefix(BUILTIN_PREFIX)
+    try:
+        return BUILTIN_MODELS[name]
+    except KeyError:
+        from lora_pipeline.errors import ModelError
+
+        raise ModelError(
+            f"base_model {base_model!r}: unknown built-in model; available: "
+            + ", ".join(BUILTIN_PREFIX + known for known in BUILTIN_MODELS)
+        ) from None
+
+
+def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, seed: int = 0) -> Path:
+    """Train a byte-level BPE tokenizer on the corpus and save it with a randomly initialised Llama."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=shape.vocab_size,
+        # A pad token distinct from EOS, so EOS stays in the labels and the model learns to stop.
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    heads = max(1, shape.hidden_size // 64)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.hidden_size * 2 + shape.hidden_size // 2,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=shape.max_positions,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.generation_config.pad_token_id = fast.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,209 @@
+"""Training a LoRA / QLoRA adapter with TRL's SFTTrainer and PEFT. Dagster-free."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from lora_pipeline.ml.modules import resolve_target_modules
+from lora_pipeline.ml.precision import DeviceInfo, gradient_checkpointing_enabled, mixed_precision
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lora_pipeline.config.schema import LoraSettings, TrainingSettings
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced and measured."""
+
+    steps: int
+    train_loss: float
+    final_loss: float
+    loss_history: list[tuple[int, float]]
+    train_tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    trainable_parameters: int
+    total_parameters: int
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    gradient_checkpointing: bool
+    precision: str
+    target_modules: list[str] | str = field(default_factory=list)
+
+
+def lora_config(settings: "LoraSettings", model_type: str):
+    """PEFT LoraConfig for the settings; 'auto' target modules resolved for the architecture."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=resolve_target_modules(list(settings.target_modules), model_type),
+        bias=settings.bias,
+        modules_to_save=list(settings.modules_to_save) or None,
+        use_rslora=settings.use_rslora,
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def _peak_memory_bytes(device: DeviceInfo) -> tuple[int, str]:
+    if device.device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+def _progress_callback(progress: ProgressFn, total_tokens_per_step: Callable[[], float]):
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Reports step, loss, learning rate and throughput each time the trainer logs."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - self.started
+            done = max(state.global_step, 1)
+            progress(
+                {
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "loss": float(logs["loss"]),
+                    "learning_rate": float(logs.get("learning_rate", 0.0)),
+                    "tokens_per_second": total_tokens_per_step() * done / elapsed if elapsed > 0 else 0.0,
+                    "elapsed_seconds": elapsed,
+                    "eta_seconds": elapsed / done * (state.max_steps - state.global_step),
+                }
+            )
+
+    return ProgressCallback()
+
+
+def train_adapter(
+    base_dir: Path,
+    train: "pd.DataFrame",
+    out_dir: Path,
+    lora: "LoraSettings",
+    training: "TrainingSettings",
+    device: DeviceInfo,
+    base_model_name: str,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
+
+    The training split needs 'prompt' and 'completion' columns (response + EOS) and 'text'.
+    """
+    import torch
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_pipeline.ml.quantize import device_map_for
+
+    torch.manual_seed(training.seed)
+    checkpointing = gradient_checkpointing_enabled(training.gradient_checkpointing, device)
+    precision = mixed_precision(training.precision, device)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.padding_side = "right"
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    peft_config = lora_config(lora, model.config.model_type)
+
+    columns = ["prompt", "completion"] if training.completion_only_loss else ["text"]
+    dataset = Dataset.from_pandas(train[columns], preserve_index=False)
+    args = SFTConfig(
+        output_dir=str(out_dir / "_trainer"),
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.grad_accumulation,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=training.optimizer,
+        gradient_checkpointing=checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        max_length=training.max_length,
+        packing=training.packing,
+        completion_only_loss=training.completion_only_loss if "prompt" in columns else None,
+        dataset_text_field="text",
+        logging_steps=training.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=device.device == "cpu",
+        seed=training.seed,
+        data_seed=training.seed,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+    # Progress goes through the callback below (and so to the Dagster run log), not raw prints.
+    trainer.remove_callback(PrinterCallback)
+    tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    sequences = len(trainer.train_dataset)
+    tokens_per_step = tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
+    if progress is not None:
+        trainer.add_callback(_progress_callback(progress, lambda: tokens_per_step))
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    logger.info("training %s trainable of %s parameters", trainable, total)
+
+    result = trainer.train()
+    train_seconds = float(result.metrics["train_runtime"])
+    steps = int(trainer.state.global_step)
+    trained_tokens = int(tokens_per_epoch * float(trainer.state.epoch or 0.0))
+    history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    peak, peak_kind = _peak_memory_bytes(device)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.peft_config["default"].base_model_name_or_path = base_model_name
+    trainer.model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _remove_tree(out_dir / "_trainer")
+    return TrainResult(
+        steps=steps,
+        train_loss=float(result.training_loss),
+        final_loss=history[-1][1] if history else float(result.training_loss),
+        loss_history=history,
+        train_tokens=trained_tokens,
+        train_seconds=train_seconds,
+        tokens_per_second=trained_tokens / train_seconds if train_seconds > 0 else 0.0,
+        trainable_parameters=int(trainable),
+        total_parameters=int(total),
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        gradient_checkpointing=checkpointing,
+        precision=precision,
+        target_modules=sorted(peft_config.target_modules)
+        if not isinstance(peft_config.target_modules, str)
+        else peft_config.target_modules,
+    )
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,17 @@
+"""Dagster resources: interfaces with a real and a fake implementation each."""
+
+from lora_pipeline.resources.compute import Compute, FixedCompute
+from lora_pipeline.resources.hub import LocalModelHub, ModelHub
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactRefIOManager, ArtifactStore
+
+__all__ = [
+    "ArtifactRef",
+    "ArtifactRefIOManager",
+    "ArtifactStore",
+    "Compute",
+    "FixedCompute",
+    "LocalModelHub",
+    "ModelHub",
+    "ModelRegistry",
+]

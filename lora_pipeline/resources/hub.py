@@ -1,0 +1,83 @@
+"""Where base models come from: the built-in tiny model, a local folder, or the Hugging Face hub."""
+
+import hashlib
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import dagster as dg
+from pydantic import Field
+
+from lora_pipeline.errors import ModelError
+from lora_pipeline.ml.tiny import BUILTIN_PREFIX, build_tiny_llama, builtin_shape
+
+CorpusFn = Callable[[], list[str]]
+
+# Only what a causal LM needs to load; never pickled weights.
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+
+
+class ModelHub(dg.ConfigurableResource):
+    """Resolves a config's base_model to a local model folder: built-in, local path or hub id."""
+
+    cache_dir: str = Field(
+        default=".cache/lora_pipeline/models",
+        description="Folder where built-in models are built and cached.",
+    )
+
+    def resolve(self, base_model: str, revision: str | None, corpus: CorpusFn) -> Path:
+        """A local folder holding config.json, safetensors weights and the tokenizer.
+
+        corpus is called only for built-in models, whose tokenizer is trained on it.
+        """
+        if base_model.startswith(BUILTIN_PREFIX):
+            return self._build_builtin(base_model, corpus())
+        local = Path(base_model).expanduser()
+        if local.exists():
+            if not (local / "config.json").is_file():
+                raise ModelError(f"base_model {base_model!r}: the folder has no config.json")
+            return local.resolve()
+        return self._download(base_model, revision)
+
+    def _build_builtin(self, base_model: str, corpus: list[str]) -> Path:
+        shape = builtin_shape(base_model)
+        digest = hashlib.sha256("\x1e".join(corpus).encode()).hexdigest()[:16]
+        target = Path(self.cache_dir).resolve() / f"{base_model.removeprefix(BUILTIN_PREFIX)}-{digest}"
+        if not (target / "config.json").exists():
+            partial = target.with_name(target.name + f".partial-{uuid.uuid4().hex[:8]}")
+            try:
+                build_tiny_llama(corpus, partial, shape)
+                shutil.rmtree(target, ignore_errors=True)
+                partial.rename(target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+        return target
+
+    def _download(self, repo_id: str, revision: str | None) -> Path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(
+                snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_FILE_PATTERNS)
+            )
+        except Exception as exc:  # the hub client raises many types; all mean "cannot get the model"
+            raise ModelError(
+                f"base_model {repo_id!r}: not a local folder, and the hub download failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+            ) from exc
+
+
+class LocalModelHub(ModelHub):
+    """A hub without network: hub ids map to local folders (tests, air-gapped clusters)."""
+
+    models: dict[str, str] = Field(
+        default={}, description="Hub id -> local model folder that stands in for it."
+    )
+
+    def _download(self, repo_id: str, revision: str | None) -> Path:
+        if repo_id not in self.models:
+            raise ModelError(
+                f"base_model {repo_id!r}: not available offline; known: {', '.join(sorted(self.models)) or 'none'}"
+            )
+        return Path(self.models[repo_id]).resolve()

@@ -1,0 +1,199 @@
+"""The artifact store: datasets and model folders at deterministic URIs, published atomically.
+
+Layout under the store's root:
+    <partition>/<asset>/<version>/...       an immutable artifact; MANIFEST.json is written last
+    <partition>/<asset>/CURRENT.json        pointer to the newest published version (ArtifactRef)
+    .staging/<uuid>/                        work in progress; never read
+A version is the first 16 hex digits of the manifest's sha256, so publishing identical content
+twice yields the same artifact.
+"""
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import dagster as dg
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import Field
+
+from lora_pipeline.errors import LoraPipelineError
+
+MANIFEST = "MANIFEST.json"
+POINTER = "CURRENT.json"
+
+
+class ArtifactIntegrityError(LoraPipelineError):
+    """An artifact is missing its manifest or its files do not match it."""
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A pointer to a published artifact: what assets pass to each other instead of weights."""
+
+    uri: str
+    sha256: str
+    size_bytes: int
+    files: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, payload: str) -> "ArtifactRef":
+        return cls(**json.loads(payload))
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_manifest(local_dir: Path) -> dict:
+    """Every file under local_dir with its size and sha256, sorted by path."""
+    files = []
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files.append(
+            {"path": path.relative_to(local_dir).as_posix(), "size": path.stat().st_size, "sha256": _sha256_file(path)}
+        )
+    return {"format": 1, "files": files}
+
+
+def _manifest_digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+class ArtifactStore(dg.ConfigurableResource):
+    """Where artifacts live: a local folder or any fsspec URL (s3://bucket/prefix through s3fs)."""
+
+    root: str = Field(
+        default="artifacts",
+        description="Root folder or URL of the store. Relative paths are resolved against the "
+        "working directory; s3://bucket/prefix uses s3fs with the standard AWS variables.",
+    )
+    cache_dir: str = Field(
+        default=".cache/lora_pipeline/artifacts",
+        description="Local folder where artifacts of a remote store are downloaded for reading.",
+    )
+
+    def _fs_and_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, path = fsspec.core.url_to_fs(self.root)
+        if isinstance(fs, LocalFileSystem):
+            path = str(Path(path).resolve())
+        return fs, path.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the store is a folder on this machine (publishing is then a rename)."""
+        return isinstance(self._fs_and_root()[0], LocalFileSystem)
+
+    def _uri(self, path: str) -> str:
+        fs, _ = self._fs_and_root()
+        return path if self.is_local else fs.unstrip_protocol(path)
+
+    @contextlib.contextmanager
+    def staging_dir(self) -> Iterator[Path]:
+        """A fresh local folder to write an artifact into; removed afterwards unless published.
+
+        For a local store it lies under the store's root, so publishing is a rename, not a copy.
+        """
+        if self.is_local:
+            _, root = self._fs_and_root()
+            staging_parent = Path(root) / ".staging"
+            staging_parent.mkdir(parents=True, exist_ok=True)
+            path = staging_parent / uuid.uuid4().hex
+            path.mkdir()
+        else:
+            path = Path(tempfile.mkdtemp(prefix="lora-pipeline-staging-"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, local_dir: Path, partition: str, asset: str) -> ArtifactRef:
+        """Publish a finished folder as an immutable artifact and point CURRENT.json at it."""
+        fs, root = self._fs_and_root()
+        manifest = build_manifest(local_dir)
+        digest = _manifest_digest(manifest)
+        target = f"{root}/{partition}/{asset}/{digest[:16]}"
+        if not fs.exists(f"{target}/{MANIFEST}"):
+            (local_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if self.is_local:
+                if Path(target).exists():  # a half-published leftover without a manifest
+                    shutil.rmtree(target)
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                local_dir.rename(target)
+            else:
+                staging = f"{root}/.staging/{uuid.uuid4().hex}"
+                for entry in manifest["files"]:
+                    fs.put_file(str(local_dir / entry["path"]), f"{staging}/{entry['path']}")
+                fs.put_file(str(local_dir / MANIFEST), f"{staging}/{MANIFEST}")
+                fs.mv(staging, target, recursive=True)
+        ref = ArtifactRef(
+            uri=self._uri(target),
+            sha256=digest,
+            size_bytes=sum(entry["size"] for entry in manifest["files"]),
+            files=len(manifest["files"]),
+        )
+        fs.pipe_file(f"{root}/{partition}/{asset}/{POINTER}", ref.to_json().encode())
+        return ref
+
+    def current(self, partition: str, asset: str) -> ArtifactRef:
+        """The newest published artifact of an asset partition."""
+        fs, root = self._fs_and_root()
+        pointer = f"{root}/{partition}/{asset}/{POINTER}"
+        if not fs.exists(pointer):
+            raise ArtifactIntegrityError(
+                f"{asset} has no published artifact for model {partition!r} in {self.root}; materialize it first"
+            )
+        return ArtifactRef.from_json(fs.cat_file(pointer).decode())
+
+    def local_path(self, ref: ArtifactRef) -> Path:
+        """A local folder with the artifact's files, verified against its manifest."""
+        fs, _ = self._fs_and_root()
+        if self.is_local:
+            local = Path(ref.uri)
+        else:
+            local = Path(self.cache_dir).resolve() / ref.sha256[:16]
+            if not (local / MANIFEST).exists():
+                partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex[:8]}")
+                fs.get(ref.uri.rstrip("/") + "/", str(partial), recursive=True)
+                partial.rename(local)
+        self.verify(local, ref)
+        return local
+
+    def verify(self, local: Path, ref: ArtifactRef) -> None:
+        """Check sizes (and the manifest's own digest) so a truncated or swapped artifact is refused."""
+        manifest_path = local / MANIFEST
+        if not manifest_path.exists():
+            raise ArtifactIntegrityError(f"{ref.uri}: no {MANIFEST}; the artifact was never fully published")
+        manifest = json.loads(manifest_path.read_text())
+        if _manifest_digest(manifest) != ref.sha256:
+            raise ArtifactIntegrityError(f"{ref.uri}: {MANIFEST} does not match the reference's sha256")
+        for entry in manifest["files"]:
+            path = local / entry["path"]
+            if not path.exists() or path.stat().st_size != entry["size"]:
+                raise ArtifactIntegrityError(f"{ref.uri}: file {entry['path']} is missing or has the wrong size")
+
+
+class ArtifactRefIOManager(dg.ConfigurableIOManager):
+    """Passes ArtifactRef pointers between assets; the data itself stays in the artifact store."""
+
+    store: ArtifactStore
+
+    def handle_output(self, context: dg.OutputContext, obj: ArtifactRef) -> None:
+        if not isinstance(obj, ArtifactRef):
+            raise TypeError(f"{context.asset_key.to_user_string()} must return an ArtifactRef, got {type(obj).__name__}")
+
+    def load_input(self, context: dg.InputContext) -> ArtifactRef:
+        asset = context.asset_key.path[-1]
+        return self.store.current(context.asset_partition_key, asset)
