@@ -50,7 +50,8 @@ def validate_config(data: Any, origin: str) -> ModelConfig:
             key = _format_location(error["loc"])
             if error["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{key}'")
-            elif error["type"] == "missing":
+            elif error["type"] == "missing" or error.get("input", ...) is None:
+                # Dagster's Config turns absent fields into None before pydantic sees them.
                 problems.append(f"missing key '{key}'")
             else:
                 problems.append(f"'{key}': {error['msg']} (got {error.get('input')!r})")

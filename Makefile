@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both create .venv in the repo root on first use and install the pinned stack into it.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+
+.PHONY: install demo test test-fast ui lock bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	mkdir -p $(DAGSTER_HOME)
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the pinned dependencies
+
+demo: $(STAMP)  ## run the whole pipeline on the embedded default (tiny model, bundled data)
+	$(BIN)/lora-pipeline run configs/tiny-demo.yaml
+
+test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)  ## everything but the slow end-to-end tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+ui: $(STAMP)  ## the Dagster UI on http://127.0.0.1:3000, same instance as the CLI
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+lock:  ## re-pin constraints.txt to what is installed in .venv
+	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/' > constraints.txt
+
+bench: $(STAMP)  ## pipeline vs the reference QLoRA recipe (needs ../shared/bench)
+	$(BIN)/python bench/recipe_parity.py
+
+clean:  ## remove artifacts, the Dagster instance and caches (not .venv)
+	rm -rf artifacts .dagster .cache

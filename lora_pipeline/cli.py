@@ -1,0 +1,363 @@
+"""`lora-pipeline`: run, validate and list model configs from the terminal.
+
+Runs execute in-process on the persistent Dagster instance ($DAGSTER_HOME, default .dagster/ in
+the working directory), so they show up in `make ui` like runs launched there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from lora_pipeline.errors import ConfigError, LoraPipelineError
+
+ASSET_ORDER = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+
+EPILOG = """\
+examples:
+  lora-pipeline run configs/tiny-demo.yaml
+  lora-pipeline run configs/tiny-demo.yaml --select +trained_adapter --set lora.r=8
+  lora-pipeline run my-model.yaml --storage s3://bucket/lora --json
+  lora-pipeline validate configs/llama-3.1-8b-qlora.yaml
+  lora-pipeline list
+
+selection (--select): comma-separated parts. A plain asset name selects it; '+name' adds
+everything it depends on, 'name+' everything that depends on it (as in dbt). Any other part is
+passed to Dagster's selection syntax, e.g. 'key:trained_adapter or key:merged_model', '1+eval_report'.
+assets: raw_dataset, formatted_dataset, quantized_base, trained_adapter, merged_model, eval_report.
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-pipeline",
+        description="Fine-tune language models with LoRA/QLoRA as Dagster assets: "
+        "raw_dataset -> formatted_dataset -> quantized_base -> trained_adapter -> merged_model -> eval_report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="materialize the pipeline for one model config",
+        description="Materialize the selected assets (all six by default) for the model in CONFIG. "
+        "The partition key is CONFIG's file name without .yaml.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", type=Path, help="model config YAML (in configs/ or anywhere)")
+    run.add_argument("--select", default="*", metavar="SELECTION", help="assets to materialize (default: all)")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.max_steps=20 (repeatable; values parsed as YAML)",
+    )
+    run.add_argument(
+        "--storage", metavar="URI",
+        help="artifact store root: a folder or s3://bucket/prefix (default: $LORA_PIPELINE_STORAGE or ./artifacts)",
+    )
+    run.add_argument("--json", action="store_true", help="print a machine-readable summary as the last stdout line")
+    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a config and its data without loading any model",
+        description="Validate CONFIG against the schema and read and check its dataset; no model is loaded.",
+    )
+    validate.add_argument("config", type=Path, help="model config YAML")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key (repeatable)")
+    validate.add_argument("--json", action="store_true", help="print the result as JSON")
+    validate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    listing = commands.add_parser(
+        "list",
+        help="list the configured models and the state of their assets",
+        description="List the model configs in the config folder and models run from elsewhere, "
+        "with when each asset was last materialized.",
+    )
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _instance():
+    import dagster as dg
+
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.get()
+
+
+def _selection(text: str):
+    """Parse --select: comma-separated names with dbt-style '+' edges, or Dagster selection strings."""
+    import dagster as dg
+
+    selection = None
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        match = re.fullmatch(r"(\+?)([a-z_]+)(\+?)", part)
+        if part == "*":
+            piece = dg.AssetSelection.all()
+        elif match:
+            piece = dg.AssetSelection.assets(match.group(2))
+            if match.group(1):
+                piece = piece.upstream()
+            if match.group(3):
+                piece = piece.downstream()
+        else:
+            piece = dg.AssetSelection.from_string(part)
+        selection = piece if selection is None else selection | piece
+    if selection is None:
+        raise ConfigError("--select is empty")
+    return selection
+
+
+def _selected_asset_names(selection) -> list[str]:
+    from lora_pipeline.assets import PIPELINE_ASSETS
+
+    try:
+        keys = selection.resolve(PIPELINE_ASSETS)
+    except Exception as exc:  # Dagster raises several types for bad selections
+        raise ConfigError(f"--select: {exc}".splitlines()[0]) from None
+    names = {key.path[-1] for key in keys}
+    return [name for name in ASSET_ORDER if name in names]
+
+
+def _jsonable_metadata(metadata: dict) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, entry in metadata.items():
+        value = getattr(entry, "value", entry)
+        if isinstance(value, str) and "data:image" in value:
+            continue  # inlined plots are for the UI; the files sit beside the artifact
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            result[key] = value
+        else:
+            result[key] = str(value)
+    return result
+
+
+def _check_data_early(model_config) -> tuple[int, int]:
+    """Read and check the dataset before any model is loaded; return (train, eval) row counts."""
+    from lora_pipeline.ml.data import is_eval_row, load_alpaca, split_bucket
+
+    frame = load_alpaca(model_config.dataset.source, model_config.dataset.max_rows)
+    held_out = sum(
+        is_eval_row(split_bucket(i, x, o), model_config.dataset.eval_fraction)
+        for i, x, o in zip(frame["instruction"], frame["input"], frame["output"])
+    )
+    if held_out == 0 or held_out == len(frame):
+        from lora_pipeline.errors import DataError
+
+        raise DataError(
+            f"{model_config.dataset.source}: {len(frame)} rows give {len(frame) - held_out} training and "
+            f"{held_out} held-out examples; both need at least one (change dataset.eval_fraction or add rows)"
+        )
+    return len(frame) - held_out, held_out
+
+
+def _register_partition(instance, key: str, config_path: Path) -> None:
+    from lora_pipeline.assets.common import MODEL_PARTITIONS
+    from lora_pipeline.config.registry import ConfigRegistry
+
+    registry = ConfigRegistry()
+    if key in registry.keys and registry.path_of(key) != config_path.resolve():
+        raise ConfigError(
+            f"{config_path}: model key {key!r} is already taken by {registry.path_of(key)}; rename the file"
+        )
+    if not instance.has_dynamic_partition(MODEL_PARTITIONS.name, key):
+        instance.add_dynamic_partitions(MODEL_PARTITIONS.name, [key])
+
+
+def _user_error_in(exc: BaseException) -> LoraPipelineError | None:
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, LoraPipelineError):
+            return current
+        current = getattr(current, "user_exception", None) or current.__cause__ or current.__context__
+    return None
+
+
+def command_run(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from lora_pipeline.assets import PIPELINE_ASSETS
+    from lora_pipeline.config.registry import load_config_file, partition_key_for
+    from lora_pipeline.resources.factory import default_resources
+
+    model_config = load_config_file(args.config, args.overrides)
+    key = partition_key_for(args.config)
+    selected = _selected_asset_names(_selection(args.select))
+    if not selected:
+        raise ConfigError(f"--select {args.select!r} matches no asset")
+    if "raw_dataset" in selected:
+        _check_data_early(model_config)
+    instance = _instance()
+    _register_partition(instance, key, args.config)
+    config_data = model_config.model_dump(mode="json")
+    run_config = {
+        "ops": {name: {"config": config_data} for name in selected},
+        "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO"}}},
+    }
+    started = time.perf_counter()
+    result = dg.materialize(
+        PIPELINE_ASSETS,
+        selection=[dg.AssetKey(name) for name in selected],
+        partition_key=key,
+        run_config=run_config,
+        instance=instance,
+        resources=default_resources(storage_root=args.storage),
+        tags={"lora_pipeline/config": str(args.config)},
+    )
+    wall = time.perf_counter() - started
+    assets = {}
+    for name in selected:
+        for event in result.asset_materializations_for_node(name):
+            metadata = _jsonable_metadata(event.metadata)
+            assets[name] = {"uri": metadata.get("uri"), "metadata": metadata}
+    _print_run_summary(key, result.run_id, assets, wall, sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({"partition": key, "run_id": result.run_id, "wall_seconds": round(wall, 2), "assets": assets}))
+    return 0
+
+
+def _print_run_summary(key: str, run_id: str, assets: dict, wall: float, stream) -> None:
+    print(f"\nmodel {key}: run {run_id} finished in {wall:.0f}s", file=stream)
+    for name, entry in assets.items():
+        print(f"  {name:<18} {entry['uri']}", file=stream)
+    report = assets.get("eval_report")
+    if report:
+        meta = report["metadata"]
+        print(
+            f"\nheld-out loss: base {meta.get('base_loss', float('nan')):.4f}, adapter "
+            f"{meta.get('adapter_loss', float('nan')):.4f} ({meta.get('adapter_vs_base_loss_change', 0):+.1%}), "
+            f"merged {meta.get('merged_loss', float('nan')):.4f}",
+            file=stream,
+        )
+        print(f"report: {Path(report['uri']) / 'report.md'}", file=stream)
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    from lora_pipeline.config.registry import load_config_file, partition_key_for
+    from lora_pipeline.ml.tiny import BUILTIN_PREFIX
+
+    model_config = load_config_file(args.config, args.overrides)
+    key = partition_key_for(args.config)
+    source = model_config.dataset.source
+    data_checked = "://" not in source or source.startswith("file://")
+    train_rows, eval_rows = _check_data_early(model_config) if data_checked else (None, None)
+    summary = {
+        "partition": key,
+        "config_hash": model_config.canonical_hash(),
+        "base_model": model_config.base_model,
+        "builtin_base": model_config.base_model.startswith(BUILTIN_PREFIX),
+        "method": "QLoRA" if model_config.quantization.mode in ("nf4", "fp4") else
+        ("LoRA on int8" if model_config.quantization.mode == "int8" else "LoRA"),
+        "dataset": source,
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.config}: valid (model {key}, config {summary['config_hash'][:12]})")
+        print(f"  base model  {summary['base_model']} ({summary['method']}, quantization {model_config.quantization.mode})")
+        if data_checked:
+            print(f"  dataset     {source}: {train_rows} training, {eval_rows} held-out rows")
+        else:
+            print(f"  dataset     {source}: remote, read when raw_dataset runs")
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from lora_pipeline.assets.common import MODEL_PARTITIONS
+    from lora_pipeline.config.registry import ConfigRegistry
+
+    registry = ConfigRegistry()
+    instance = _instance()
+    known = set(instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
+    new_keys = [key for key in registry.keys if key not in known]
+    if new_keys:
+        instance.add_dynamic_partitions(MODEL_PARTITIONS.name, new_keys)
+    rows = []
+    for key in sorted(known | set(registry.keys)):
+        states = {}
+        for name in ASSET_ORDER:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
+            ).records
+            states[name] = records[0].timestamp if records else None
+        rows.append(
+            {
+                "model": key,
+                "config": str(registry.path_of(key)) if key in registry.keys else None,
+                "materialized": states,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no model configs in {registry.config_dir}")
+        return 0
+    for row in rows:
+        done = [name for name in ASSET_ORDER if row["materialized"][name]]
+        latest = max((t for t in row["materialized"].values() if t), default=None)
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(latest)) if latest else "never"
+        print(f"{row['model']:<24} {len(done)}/6 assets, last run {when:<16} {row['config'] or '(run from elsewhere)'}")
+    return 0
+
+
+COMMANDS = {"run": command_run, "validate": command_validate, "list": command_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as exc:
+        user_error = _user_error_in(exc)
+        if args.debug:
+            raise
+        if user_error is not None:
+            print(f"error: {user_error}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+              " (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_RUN_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

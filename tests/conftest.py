@@ -1,0 +1,80 @@
+"""Shared fixtures: a micro model config, fake resources in a temp folder, a built micro base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = REPO / "lora_pipeline" / "data" / "sample_instructions.json"
+SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
+
+
+def micro_config_data(**sections) -> dict:
+    """A config that trains the micro built-in model for a few steps: seconds on a CPU."""
+    data = {
+        "base_model": "builtin:micro-llama",
+        "dataset": {"source": str(SAMPLE_DATA), "format": "alpaca", "eval_fraction": 0.15, "max_rows": 160},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "auto"},
+        "quantization": {"mode": "nf4", "double_quant": True},
+        "training": {
+            "max_steps": 8, "batch_size": 8, "learning_rate": 3e-3, "max_length": 96, "logging_steps": 2,
+            "warmup": 0.0,
+        },
+        "eval": {"max_examples": 16, "batch_size": 8, "samples": 2, "max_new_tokens": 8},
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **value}
+        else:
+            data[name] = value
+    return data
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config YAML into tmp_path/configs and return its path."""
+
+    def write(name: str = "micro", **sections) -> Path:
+        folder = tmp_path / "configs"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(micro_config_data(**sections)))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def fake_resources(tmp_path):
+    """Resources on a temp folder: local store, offline hub, CPU compute, temp config registry."""
+    from lora_pipeline.assets.common import ARTIFACT_IO
+    from lora_pipeline.resources import (
+        ArtifactRefIOManager,
+        ArtifactStore,
+        FixedCompute,
+        LocalModelHub,
+        ModelRegistry,
+    )
+
+    store = ArtifactStore(root=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    return {
+        "storage": store,
+        ARTIFACT_IO: ArtifactRefIOManager(store=store),
+        "hub": LocalModelHub(cache_dir=str(tmp_path / "models")),
+        "compute": FixedCompute(device="cpu"),
+        "registry": ModelRegistry(config_dir=str(tmp_path / "configs")),
+    }
+
+
+@pytest.fixture(scope="session")
+def micro_base(tmp_path_factory) -> Path:
+    """The micro built-in model, built once per session from the sample data."""
+    from lora_pipeline.ml.data import load_alpaca, training_texts
+    from lora_pipeline.ml.tiny import BUILTIN_MODELS, build_tiny_llama
+
+    frame = load_alpaca(str(SAMPLE_DATA), max_rows=160)
+    out = tmp_path_factory.mktemp("micro-base")
+    return build_tiny_llama(training_texts(frame, 0.15), out, BUILTIN_MODELS["micro-llama"])
