@@ -43,6 +43,12 @@ def builtin_shape(base_model: str) -> TinyLlamaShape:
         ) from None
 
 
+def _round_up(value: int, multiple: int) -> int:
+    # bitsandbytes' CPU 4-bit kernel re-packs weights in blocks of 64 input features and fails on
+    # layers whose width is not a multiple of that.
+    return -(-value // multiple) * multiple
+
+
 def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, seed: int = 0) -> Path:
     """Train a byte-level BPE tokenizer on the corpus and save it with a randomly initialised Llama."""
     import torch
@@ -67,7 +73,7 @@ def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, se
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=shape.hidden_size,
-        intermediate_size=shape.hidden_size * 2 + shape.hidden_size // 2,
+        intermediate_size=_round_up(shape.hidden_size * 5 // 2, 64),
         num_hidden_layers=shape.layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,

@@ -1,0 +1,155 @@
+"""ML building blocks on the micro model: tokens and labels, quantization, the dequantize trap, merging."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from lora_pipeline.ml.data import format_alpaca, load_alpaca
+from lora_pipeline.ml.evaluate import IGNORE_INDEX, completion_batches, logits_of, max_relative_difference
+from lora_pipeline.ml.merge import StaleQuantStateError, assert_dequantizable, load_dequantized, load_full_precision, merge_adapter
+from lora_pipeline.ml.precision import DeviceInfo
+from lora_pipeline.ml.quantize import quantize_base
+
+from conftest import SAMPLE_DATA
+
+CPU = DeviceInfo(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(micro_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(micro_base)
+
+
+@pytest.fixture(scope="module")
+def splits(tokenizer):
+    return format_alpaca(load_alpaca(str(SAMPLE_DATA), max_rows=160), tokenizer.eos_token, 0.15, "sample")
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(micro_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nf4")
+    quantize_base(micro_base, out, "nf4", True, "float32", CPU)
+    return out
+
+
+def test_builtin_tokenizer_pads_with_a_token_that_is_not_eos(tokenizer):
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_builtin_model_is_deterministic(micro_base, tmp_path):
+    from lora_pipeline.ml.data import training_texts
+    from lora_pipeline.ml.tiny import BUILTIN_MODELS, build_tiny_llama
+
+    again = build_tiny_llama(
+        training_texts(load_alpaca(str(SAMPLE_DATA), max_rows=160), 0.15), tmp_path / "again", BUILTIN_MODELS["micro-llama"]
+    )
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (micro_base / name).read_bytes()
+
+
+def test_eval_labels_mask_the_prompt_and_keep_eos(tokenizer, splits):
+    batch = completion_batches(tokenizer, splits.eval.head(4), max_length=512, batch_size=4)[0]
+    for row, (prompt, completion) in enumerate(zip(splits.eval["prompt"][:4], splits.eval["completion"][:4])):
+        prompt_len = len(tokenizer(prompt)["input_ids"])
+        length = int(batch.attention_mask[row].sum())
+        labels = batch.labels[row]
+        assert (labels[:prompt_len] == IGNORE_INDEX).all()
+        assert (labels[prompt_len:length] == batch.input_ids[row, prompt_len:length]).all()
+        assert int(labels[length - 1]) == tokenizer.eos_token_id
+        assert (labels[length:] == IGNORE_INDEX).all()
+
+
+def test_trl_training_batches_keep_eos_in_the_labels_and_mask_prompt_and_padding(micro_base, tokenizer, splits, tmp_path):
+    """The anchors' "never stops" bug: pad == EOS with a collator that masks pad drops EOS from the labels."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_length=96, completion_only_loss=True, use_cpu=True, report_to=[],
+        per_device_train_batch_size=3,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(micro_base),
+        args=args,
+        train_dataset=Dataset.from_pandas(splits.train[["prompt", "completion"]].head(3), preserve_index=False),
+        processing_class=tokenizer,
+    )
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(examples)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        assert example["input_ids"][-1] == tokenizer.eos_token_id
+        assert example["input_ids"].count(tokenizer.eos_token_id) == 1
+        assert int(batch["labels"][row, length - 1]) == tokenizer.eos_token_id
+        assert int(batch["labels"][row, 0]) == IGNORE_INDEX
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][row, length:] == tokenizer.pad_token_id).all()
+
+
+def test_nf4_quantization_is_saved_and_reloads_as_4bit(nf4_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(nf4_dir, device_map={"": "cpu"})
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_dequantizing_a_fresh_reload_is_accurate(micro_base, nf4_dir):
+    original = load_full_precision(micro_base).model.layers[0].self_attn.q_proj.weight
+    dequantized = load_dequantized(nf4_dir).model.layers[0].self_attn.q_proj.weight
+    assert _relative_error(dequantized, original) < 0.15  # NF4's usual error is about 0.09
+
+
+def test_dequantizing_after_a_cpu_forward_pass_is_refused(micro_base, nf4_dir):
+    """bitsandbytes 0.50 re-lays out 4-bit weights on the first CPU forward; dequantizing then is wrong."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(nf4_dir, device_map={"": "cpu"})
+    assert_dequantizable(model)
+    with torch.no_grad():
+        model(torch.tensor([[1, 5, 9, 12]]))
+    layer = model.model.layers[0].self_attn.q_proj
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this bitsandbytes build does not re-lay out 4-bit weights on the CPU")
+    original = load_full_precision(micro_base).model.layers[0].self_attn.q_proj.weight
+    wrong = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert _relative_error(wrong, original) > 0.5  # the trap is real: guard against it
+    with pytest.raises(StaleQuantStateError, match="reload the quantized model"):
+        assert_dequantizable(model)
+
+
+def _random_adapter(base_dir, out_dir):
+    """An adapter with non-zero B matrices, so merging it changes the logits."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(
+        load_full_precision(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("weights", ["dequantized", "original"])
+def test_merged_logits_equal_the_adapter_on_the_same_weights(micro_base, nf4_dir, tokenizer, splits, tmp_path, weights):
+    adapter_dir = _random_adapter(micro_base, tmp_path / "adapter")
+    probes = completion_batches(tokenizer, splits.eval.head(6), max_length=96, batch_size=3)
+    base = load_dequantized(nf4_dir) if weights == "dequantized" else load_full_precision(micro_base)
+    base_logits = logits_of(base, probes)
+    merged, fidelity = merge_adapter(base, adapter_dir, probes)
+    assert fidelity.max_relative_logit_difference < 1e-4
+    # the adapter really changed the model, so the comparison above is not vacuous
+    assert max_relative_difference(base_logits, logits_of(merged, probes)) > 1e-3
+    assert not any("lora" in name for name, _ in merged.named_parameters())
