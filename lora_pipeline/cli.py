@@ -98,12 +98,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        from transformers.utils import logging as hf_logging
+    import datasets
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    import dagster as dg
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 
 def _instance():

@@ -1,0 +1,99 @@
+"""Each asset called directly with build_asset_context and fake resources, in pipeline order."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from lora_pipeline.assets import (
+    eval_report,
+    formatted_dataset,
+    merged_model,
+    quantized_base,
+    raw_dataset,
+    trained_adapter,
+)
+from lora_pipeline.config.schema import TuningRunConfig
+from lora_pipeline.errors import ConfigError, DataError
+
+
+@pytest.fixture
+def context_for(fake_resources):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", ["micro", "elsewhere"])
+
+    def build(partition: str = "micro"):
+        return dg.build_asset_context(partition_key=partition, instance=instance)
+
+    return build
+
+
+def _resources(fake, *names):
+    return {name: fake[name] for name in names}
+
+
+@pytest.mark.slow
+def test_assets_in_order_with_fake_resources(write_config, fake_resources, context_for):
+    write_config("micro")
+    run_config = TuningRunConfig()
+    r = fake_resources
+
+    raw = raw_dataset(context_for(), config=run_config, **_resources(r, "registry", "storage")).value
+    rows = pd.read_parquet(r["storage"].local_path(raw) / "rows.parquet")
+    assert len(rows) == 160
+
+    formatted = formatted_dataset(
+        context_for(), config=run_config, raw_dataset=raw, **_resources(r, "registry", "storage", "hub")
+    ).value
+    train = pd.read_parquet(r["storage"].local_path(formatted) / "train.parquet")
+    evaluation = pd.read_parquet(r["storage"].local_path(formatted) / "eval.parquet")
+    assert len(train) + len(evaluation) == 160 and not set(train["text"]) & set(evaluation["text"])
+
+    base_output = quantized_base(context_for(), config=run_config, **_resources(r, "registry", "storage", "hub", "compute"))
+    base = base_output.value
+    assert base_output.metadata["quantization"].value == "nf4"
+    assert base_output.metadata["quantized_layers"].value == 14  # 7 projections x 2 layers
+
+    adapter_output = trained_adapter(
+        context_for(), config=run_config, formatted_dataset=formatted, quantized_base=base,
+        **_resources(r, "registry", "storage", "compute"),
+    )
+    adapter = adapter_output.value
+    assert adapter_output.metadata["steps"].value == 8
+    assert adapter_output.metadata["loss_curve"].value.startswith("![training loss](data:image/png;base64,")
+    adapter_dir = r["storage"].local_path(adapter)
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png"} <= {
+        p.name for p in adapter_dir.iterdir()
+    }
+
+    merged_output = merged_model(
+        context_for(), config=run_config, formatted_dataset=formatted, quantized_base=base, trained_adapter=adapter,
+        **_resources(r, "registry", "storage", "hub"),
+    )
+    assert merged_output.metadata["merged_into"].value == "dequantized"
+    assert merged_output.metadata["merge_fidelity_max_relative_logit_difference"].value < 1e-4
+
+    report_output = eval_report(
+        context_for(), config=run_config, formatted_dataset=formatted, quantized_base=base,
+        trained_adapter=adapter, merged_model=merged_output.value, **_resources(r, "registry", "storage", "hub"),
+    )
+    metrics = json.loads((r["storage"].local_path(report_output.value) / "metrics.json").read_text())
+    assert {"base", "adapter", "merged", "merged_into_original"} <= set(metrics)
+    assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
+
+
+def test_run_config_sections_replace_the_files(write_config, fake_resources, context_for, tmp_path):
+    write_config("micro")
+    override = TuningRunConfig(dataset={"source": "/no/such/file.json"})
+    with pytest.raises(DataError, match="/no/such/file.json: dataset file not found"):
+        raw_dataset(context_for(), config=override, **_resources(fake_resources, "registry", "storage"))
+    assert not (tmp_path / "store" / "micro").exists()
+
+
+def test_a_partition_without_a_file_needs_its_config_in_the_run(write_config, fake_resources, context_for):
+    write_config("micro")
+    with pytest.raises(ConfigError, match="model 'elsewhere' has no config file"):
+        raw_dataset(context_for("elsewhere"), config=TuningRunConfig(), **_resources(fake_resources, "registry", "storage"))

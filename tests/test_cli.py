@@ -1,0 +1,94 @@
+"""The lora-pipeline command: help, one-line errors, --json summary, validate, list, the demo's acceptance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+
+def _cli(args, tmp_path, check_rc=None):
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "LORA_PIPELINE_STORAGE": str(tmp_path / "store"),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "lora_pipeline.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=900,
+    )
+    if check_rc is not None:
+        assert completed.returncode == check_rc, completed.stderr[-3000:]
+    return completed
+
+
+def test_help_explains_commands_and_selection(tmp_path):
+    out = _cli(["run", "--help"], tmp_path, check_rc=0).stdout
+    assert "--select" in out and "+name" in out and "--set" in out and "--storage" in out and "--json" in out
+
+
+def test_a_config_error_is_one_line_naming_file_and_key(tmp_path, write_config):
+    path = write_config("micro", lora={"r": 0})
+    result = _cli(["run", str(path)], tmp_path, check_rc=2)
+    assert result.stderr.strip().count("\n") == 0
+    assert "micro.yaml" in result.stderr and "'lora.r'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_override_key_is_named(tmp_path, write_config):
+    result = _cli(["validate", str(write_config("micro")), "--set", "training.epoch=2"], tmp_path, check_rc=2)
+    assert "unknown key 'training.epoch'" in result.stderr
+
+
+def test_bad_data_fails_before_any_model_is_loaded_and_publishes_nothing(tmp_path, write_config):
+    data = tmp_path / "broken.json"
+    data.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]')
+    path = write_config("micro", dataset={"source": str(data)})
+    result = _cli(["run", str(path)], tmp_path, check_rc=2)
+    assert "broken.json: row 1: missing field 'output'" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "store" / "micro").exists()
+
+
+def test_validate_reports_rows_without_training(tmp_path, write_config):
+    result = _cli(["validate", str(write_config("micro")), "--json"], tmp_path, check_rc=0)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["partition"] == "micro" and summary["train_rows"] + summary["eval_rows"] == 160
+
+
+@pytest.mark.slow
+def test_run_json_summary_then_list(tmp_path, write_config):
+    path = write_config("micro", quantization={"mode": "none"})
+    result = _cli(["run", str(path), "--json", "--set", "training.max_steps=4"], tmp_path, check_rc=0)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["partition"] == "micro" and summary["run_id"]
+    assert list(summary["assets"]) == [
+        "raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
+    ]
+    assert summary["assets"]["trained_adapter"]["metadata"]["steps"] == 4
+    metrics = json.loads((Path(summary["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
+    assert {"loss", "perplexity"} <= set(metrics["base"]) and {"loss", "perplexity"} <= set(metrics["merged"])
+    assert "step 2/4 loss" in result.stderr  # training progress reaches the terminal
+
+    rerun = _cli(["run", str(path), "--json", "--select", "eval_report"], tmp_path, check_rc=0)
+    assert list(json.loads(rerun.stdout.strip().splitlines()[-1])["assets"]) == ["eval_report"]
+
+    listing = _cli(["list", "--json"], tmp_path, check_rc=0)
+    rows = {row["model"]: row for row in json.loads(listing.stdout)}
+    assert all(rows["micro"]["materialized"].values())
+
+
+@pytest.mark.slow
+def test_the_demo_meets_its_acceptance_figures(tmp_path):
+    """`make demo`'s config: adapter held-out loss >= 20% below base, merged within 1% of the adapter."""
+    result = _cli(["run", "configs/tiny-demo.yaml", "--json"], tmp_path, check_rc=0)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    metrics = json.loads((Path(summary["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
+    assert metrics["adapter"]["loss"] <= 0.8 * metrics["base"]["loss"]
+    assert abs(metrics["merged"]["loss"] - metrics["adapter"]["loss"]) <= 0.01 * metrics["adapter"]["loss"]
+    assert "report:" in result.stderr

@@ -1,0 +1,72 @@
+"""The whole graph materialized on the CPU, QLoRA (NF4) and plain LoRA; outputs load with plain HF code."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+import torch
+
+from lora_pipeline.assets import PIPELINE_ASSETS
+from lora_pipeline.definitions import defs
+
+
+def _materialize(fake_resources, partition="micro"):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", [partition])
+    result = dg.materialize(PIPELINE_ASSETS, partition_key=partition, instance=instance, resources=fake_resources)
+    assert result.success
+    refs = {
+        name: result.asset_materializations_for_node(name)[0].metadata["uri"].value
+        for name in [a.key.path[-1] for a in PIPELINE_ASSETS]
+    }
+    return result, refs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["nf4", "none"])
+def test_whole_graph_materializes_and_outputs_load_with_plain_hf_code(write_config, fake_resources, mode):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    write_config("micro", quantization={"mode": mode})
+    _, uris = _materialize(fake_resources)
+
+    metrics = json.loads(open(f"{uris['eval_report']}/metrics.json").read())
+    for model in ("base", "adapter", "merged"):
+        assert {"loss", "perplexity", "token_accuracy"} <= set(metrics[model])
+    assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
+    assert abs(metrics["merged"]["loss"] - metrics["adapter"]["loss"]) / metrics["adapter"]["loss"] < 0.01
+    assert ("merged_into_original" in metrics) == (mode == "nf4")
+
+    # A user's own code: the adapter on the quantized base, and the merged model, with no project code.
+    base = AutoModelForCausalLM.from_pretrained(uris["quantized_base"])
+    with_adapter = PeftModel.from_pretrained(base, uris["trained_adapter"]).eval()
+    merged = AutoModelForCausalLM.from_pretrained(uris["merged_model"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(uris["merged_model"])
+    ids = tokenizer("### Instruction:\nWhat is 2 plus 3?\n\n### Response:\n", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, m = with_adapter(ids).logits, merged(ids).logits
+    tolerance = 1e-4 if mode == "none" else 5e-2  # 4-bit kernels vs dequantized float32 weights
+    assert float((a - m).abs().max() / a.abs().max()) < tolerance
+    assert not list(merged.named_modules()) or all("lora" not in n for n, _ in merged.named_modules())
+
+
+def test_definitions_load_with_the_six_assets_the_job_and_the_sensor():
+    dg.Definitions.validate_loadable(defs)
+    names = {key.path[-1] for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert names == {"raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"}
+    assert defs.resolve_job_def("tune") is not None
+    assert defs.resolve_sensor_def("model_configs") is not None
+
+
+def test_config_sensor_adds_a_partition_per_new_file(write_config, fake_resources):
+    from lora_pipeline.sensors import model_configs
+
+    write_config("alpha")
+    write_config("beta")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", ["alpha"])
+    result = model_configs(dg.build_sensor_context(instance=instance), registry=fake_resources["registry"])
+    assert [request.partition_keys for request in result.dynamic_partitions_requests] == [["beta"]]
