@@ -1,0 +1,93 @@
+"""Pipeline vs the reference QLoRA recipe, on the same tiny base, data and hyper-parameters.
+
+Runs `../shared/bench/reference_recipe.py` and
+`lora-pipeline run configs/bench/recipe-parity.yaml --select +trained_adapter --set base_model=DIR
+--set dataset.source=FILE` alternately (each in a fresh store and Dagster instance, so nothing is
+cached), and prints each run's wall time and final train loss plus the pipeline/recipe ratios.
+Machines here are shared and noisy: compare within one invocation, quote ratios.
+
+usage: python bench/recipe_parity.py [--rounds 1] [--no-quant] [--out bench/results/parity.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data" / "alpaca_en_demo.json"
+
+
+def _run(command: list[str], env: dict | None = None) -> tuple[float, str]:
+    started = time.perf_counter()
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{completed.stderr[-4000:]}")
+    return wall, completed.stdout
+
+
+def recipe(base: Path, work: Path, no_quant: bool) -> dict:
+    command = [sys.executable, str(SHARED / "bench" / "reference_recipe.py"), str(base), str(DATA), str(work / "ref")]
+    wall, stdout = _run(command + (["--no-quant"] if no_quant else []))
+    figures = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "train_loss": figures["train_loss"], "tokens_per_s": figures["tokens_per_s"],
+            "peak_rss_mb": figures["peak_rss_mb"]}
+
+
+def pipeline(base: Path, work: Path, no_quant: bool) -> dict:
+    env = {**os.environ, "DAGSTER_HOME": str(work / "dagster"), "LORA_PIPELINE_STORAGE": str(work / "store")}
+    (work / "dagster").mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "lora_pipeline.cli", "run", "configs/bench/recipe-parity.yaml",
+        "--select", "+trained_adapter", "--set", f"base_model={base}", "--set", f"dataset.source={DATA}", "--json",
+    ]
+    if no_quant:
+        command += ["--set", "quantization.mode=none", "--set", "training.optimizer=adamw_torch"]
+    wall, stdout = _run(command, env)
+    meta = json.loads(stdout.strip().splitlines()[-1])["assets"]["trained_adapter"]["metadata"]
+    return {"wall_s": wall, "train_loss": meta["train_loss"], "tokens_per_s": meta["tokens_per_second"],
+            "peak_rss_mb": meta["peak_memory_mb"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=1, help="alternating recipe/pipeline pairs")
+    parser.add_argument("--no-quant", action="store_true", help="compare plain LoRA instead of QLoRA")
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args()
+    if not DATA.exists():
+        sys.exit(f"{DATA} not found: the shared folder must sit beside the checkout")
+    with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
+        work = Path(tmp)
+        base = work / "tinybase"
+        _run([sys.executable, str(SHARED / "bench" / "make_tiny_base.py"), str(DATA), str(base)])
+        runs: dict[str, list[dict]] = {"recipe": [], "pipeline": []}
+        for round_index in range(args.rounds):
+            for name, fn in (("recipe", recipe), ("pipeline", pipeline)):
+                result = fn(base, work / f"{name}-{round_index}", args.no_quant)
+                runs[name].append(result)
+                print(f"round {round_index + 1} {name:<8} wall {result['wall_s']:6.1f}s  loss {result['train_loss']:.4f}"
+                      f"  {result['tokens_per_s']:7.0f} tokens/s  peak {result['peak_rss_mb']:6.0f} MB", flush=True)
+    median = {name: {k: statistics.median(r[k] for r in results) for k in results[0]} for name, results in runs.items()}
+    ratios = {
+        "wall_time_pipeline_over_recipe": median["pipeline"]["wall_s"] / median["recipe"]["wall_s"],
+        "train_loss_pipeline_over_recipe": median["pipeline"]["train_loss"] / median["recipe"]["train_loss"],
+        "peak_memory_pipeline_over_recipe": median["pipeline"]["peak_rss_mb"] / median["recipe"]["peak_rss_mb"],
+    }
+    print(json.dumps({"variant": "LoRA" if args.no_quant else "QLoRA", "median": median, "ratios": ratios}, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"runs": runs, "median": median, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
