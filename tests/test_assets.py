@@ -78,7 +78,8 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
 
     report_output = eval_report(
         context_for(), config=run_config, formatted_dataset=formatted, quantized_base=base,
-        trained_adapter=adapter, merged_model=merged_output.value, **_resources(r, "registry", "storage", "hub"),
+        trained_adapter=adapter, merged_model=merged_output.value,
+        **_resources(r, "registry", "storage", "hub", "compute"),
     )
     metrics = json.loads((r["storage"].local_path(report_output.value) / "metrics.json").read_text())
     assert {"base", "adapter", "merged", "merged_into_original"} <= set(metrics)

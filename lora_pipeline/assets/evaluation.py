@@ -16,6 +16,7 @@ from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.ml.evaluate import evaluate_pipeline
 from lora_pipeline.ml.merge import is_quantized_dir
 from lora_pipeline.ml.report import write_report
+from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -35,6 +36,7 @@ def eval_report(
     registry: ModelRegistry,
     storage: ArtifactStore,
     hub: ModelHub,
+    compute: Compute,
     formatted_dataset: ArtifactRef,
     quantized_base: ArtifactRef,
     trained_adapter: ArtifactRef,
@@ -59,6 +61,7 @@ def eval_report(
         batch_size=settings.batch_size,
         sample_count=settings.samples,
         max_new_tokens=settings.max_new_tokens,
+        device=compute.info(),
         original_dir=original_weights_dir(quantized_dir, hub) if compare_original else None,
         log=context.log.info,
     )

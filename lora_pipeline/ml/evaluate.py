@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
+    from lora_pipeline.ml.precision import DeviceInfo
+
 IGNORE_INDEX = -100
 
 
@@ -149,6 +151,7 @@ def evaluate_pipeline(
     batch_size: int,
     sample_count: int,
     max_new_tokens: int,
+    device: "DeviceInfo",
     original_dir=None,
     log=None,
 ) -> EvaluationResult:
@@ -157,15 +160,20 @@ def evaluate_pipeline(
     With original_dir, a merge into those (unquantized) weights is evaluated too, in memory, so
     the report shows what merging into the original weights would cost.
     """
+    import pandas as pd
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_pipeline.ml.merge import load_full_precision
+    from lora_pipeline.ml.precision import device_map_for
 
     log = log or (lambda message: None)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     batches = completion_batches(tokenizer, eval_frame, max_length=max_length, batch_size=batch_size)
-    sample_rows = eval_frame.head(sample_count)
+    # One sample per distinct instruction line first, so the report shows different tasks.
+    instruction_lines = eval_frame["prompt"].str.split("\n").str[1]
+    distinct = eval_frame.loc[instruction_lines.drop_duplicates().index]
+    sample_rows = pd.concat([distinct, eval_frame.drop(distinct.index)]).head(sample_count)
     prompts = list(sample_rows["prompt"])
     metrics: dict[str, dict[str, float]] = {}
     answers: dict[str, list[str]] = {}
@@ -175,14 +183,15 @@ def evaluate_pipeline(
         answers[name] = generate_answers(model, tokenizer, prompts, max_new_tokens)
         log(f"{name}: held-out loss {metrics[name]['loss']:.4f}, token accuracy {metrics[name]['token_accuracy']:.3f}")
 
-    base = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map={"": "cpu"})
+    placement = device_map_for(device)
+    base = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map=placement)
     measure("base", base)
     measure("adapter", PeftModel.from_pretrained(base, adapter_dir))
     del base
-    measure("merged", AutoModelForCausalLM.from_pretrained(merged_dir, device_map={"": "cpu"}))
+    measure("merged", AutoModelForCausalLM.from_pretrained(merged_dir, device_map=placement))
     if original_dir is not None:
         merged_original = PeftModel.from_pretrained(load_full_precision(original_dir), adapter_dir).merge_and_unload()
-        measure("merged_into_original", merged_original)
+        measure("merged_into_original", merged_original.to(device.device))
     samples = [
         {"prompt": prompt, "reference": reference, **{name: answers[name][i] for name in answers}}
         for i, (prompt, reference) in enumerate(zip(prompts, sample_rows["completion"]))

@@ -61,6 +61,11 @@ def gradient_checkpointing_enabled(requested: str, device: DeviceInfo) -> bool:
     return requested == "on"
 
 
+def device_map_for(device: DeviceInfo) -> dict[str, str | int]:
+    """Place the whole model on one device (multi-GPU placement belongs to accelerate launch)."""
+    return {"": 0} if device.device == "cuda" else {"": device.device}
+
+
 def torch_dtype(name: str):
     """torch dtype from its name."""
     import torch

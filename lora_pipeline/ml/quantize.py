@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_pipeline.ml.precision import DeviceInfo, torch_dtype
+from lora_pipeline.ml.precision import DeviceInfo, device_map_for, torch_dtype
 
 
 def bitsandbytes_config(mode: str, double_quant: bool, compute_dtype: str):
@@ -23,11 +23,6 @@ def bitsandbytes_config(mode: str, double_quant: bool, compute_dtype: str):
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
     )
-
-
-def device_map_for(device: DeviceInfo) -> dict[str, str | int]:
-    """Place the whole model on one device (multi-GPU placement belongs to accelerate launch)."""
-    return {"": 0} if device.device == "cuda" else {"": device.device}
 
 
 @dataclass(frozen=True)

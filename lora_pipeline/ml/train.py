@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lora_pipeline.ml.modules import resolve_target_modules
-from lora_pipeline.ml.precision import DeviceInfo, gradient_checkpointing_enabled, mixed_precision
+from lora_pipeline.ml.precision import DeviceInfo, device_map_for, gradient_checkpointing_enabled, mixed_precision
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -115,8 +115,6 @@ def train_adapter(
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
-
-    from lora_pipeline.ml.quantize import device_map_for
 
     torch.manual_seed(training.seed)
     checkpointing = gradient_checkpointing_enabled(training.gradient_checkpointing, device)
