@@ -108,11 +108,24 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 
+DEFAULT_INSTANCE_YAML = """\
+# Written by lora-pipeline on first use; edit freely.
+telemetry:
+  enabled: false
+# trained_adapter, merged_model and eval_report run in the `gpu` pool: at most this many at once.
+concurrency:
+  pools:
+    default_limit: 1
+"""
+
+
 def _instance():
     import dagster as dg
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster").resolve())))
     home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML)
     return dg.DagsterInstance.get()
 
 
@@ -213,7 +226,9 @@ def command_run(args: argparse.Namespace) -> int:
 
     from lora_pipeline.assets import PIPELINE_ASSETS
     from lora_pipeline.config.registry import load_config_file, partition_key_for
+    from lora_pipeline.definitions import tune
     from lora_pipeline.resources.factory import default_resources
+    from lora_pipeline.terminal import terminal_logger
 
     model_config = load_config_file(args.config, args.overrides)
     key = partition_key_for(args.config)
@@ -227,16 +242,20 @@ def command_run(args: argparse.Namespace) -> int:
     config_data = model_config.model_dump(mode="json")
     run_config = {
         "ops": {name: {"config": config_data} for name in selected},
-        "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO"}}},
+        "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO", "tracebacks": args.debug}}},
     }
+    definitions = dg.Definitions(
+        assets=PIPELINE_ASSETS,
+        jobs=[tune],
+        resources=default_resources(storage_root=args.storage),
+        loggers={"console": terminal_logger},
+    )
     started = time.perf_counter()
-    result = dg.materialize(
-        PIPELINE_ASSETS,
-        selection=[dg.AssetKey(name) for name in selected],
+    result = definitions.resolve_job_def(tune.name).execute_in_process(
+        asset_selection=[dg.AssetKey(name) for name in selected],
         partition_key=key,
         run_config=run_config,
         instance=instance,
-        resources=default_resources(storage_root=args.storage),
         tags={"lora_pipeline/config": str(args.config)},
     )
     wall = time.perf_counter() - started

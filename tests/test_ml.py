@@ -92,12 +92,22 @@ def test_trl_training_batches_keep_eos_in_the_labels_and_mask_prompt_and_padding
         assert (batch["input_ids"][row, length:] == tokenizer.pad_token_id).all()
 
 
-def test_nf4_quantization_is_saved_and_reloads_as_4bit(nf4_dir):
+def test_nf4_quantization_is_saved_and_reloads_exactly(micro_base, nf4_dir):
+    import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(nf4_dir, device_map={"": "cpu"})
-    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    assert model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    from lora_pipeline.ml.quantize import bitsandbytes_config
+
+    reloaded = AutoModelForCausalLM.from_pretrained(nf4_dir, device_map={"": "cpu"})
+    in_memory = AutoModelForCausalLM.from_pretrained(
+        micro_base, quantization_config=bitsandbytes_config("nf4", True, "float32"), device_map={"": "cpu"}
+    )
+    assert reloaded.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    for name in ("q_proj", "o_proj"):
+        a = getattr(reloaded.model.layers[1].self_attn, name).weight
+        b = getattr(in_memory.model.layers[1].self_attn, name).weight
+        assert type(a).__name__ == "Params4bit"
+        assert torch.equal(bnb.functional.dequantize_4bit(a.data, a.quant_state), bnb.functional.dequantize_4bit(b.data, b.quant_state))
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
