@@ -30,8 +30,9 @@ examples:
   lora-pipeline list
 
 selection (--select): comma-separated parts. A plain asset name selects it; '+name' adds
-everything it depends on, 'name+' everything that depends on it (as in dbt). Any other part is
-passed to Dagster's selection syntax, e.g. 'key:trained_adapter or key:merged_model', '1+eval_report'.
+everything it depends on, 'name+' everything that depends on it (as Dagster's '+key:name' and
+'key:name+'). Any other part is Dagster's selection syntax, e.g. 'key:merged_model or
+key:eval_report', '1+key:eval_report' (one level up).
 assets: raw_dataset, formatted_dataset, quantized_base, trained_adapter, merged_model, eval_report.
 """
 
@@ -147,7 +148,10 @@ def _selection(text: str):
             if match.group(3):
                 piece = piece.downstream()
         else:
-            piece = dg.AssetSelection.from_string(part)
+            try:
+                piece = dg.AssetSelection.from_string(part)
+            except Exception as exc:  # Dagster's parser raises several types
+                raise ConfigError(f"--select {part!r}: {str(exc).splitlines()[0]}") from None
         selection = piece if selection is None else selection | piece
     if selection is None:
         raise ConfigError("--select is empty")

@@ -92,3 +92,30 @@ def test_the_demo_meets_its_acceptance_figures(tmp_path):
     assert metrics["adapter"]["loss"] <= 0.8 * metrics["base"]["loss"]
     assert abs(metrics["merged"]["loss"] - metrics["adapter"]["loss"]) <= 0.01 * metrics["adapter"]["loss"]
     assert "report:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("*", ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]),
+        ("+trained_adapter", ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter"]),
+        ("raw_dataset,formatted_dataset", ["raw_dataset", "formatted_dataset"]),
+        ("trained_adapter+", ["trained_adapter", "merged_model", "eval_report"]),
+        ("key:merged_model or key:eval_report", ["merged_model", "eval_report"]),
+        ("1+key:trained_adapter", ["formatted_dataset", "quantized_base", "trained_adapter"]),
+    ],
+)
+def test_selection_syntax(text, expected):
+    from lora_pipeline.cli import _selected_asset_names, _selection
+
+    assert _selected_asset_names(_selection(text)) == expected
+
+
+def test_an_unknown_asset_in_the_selection_is_a_config_error():
+    from lora_pipeline.cli import _selected_asset_names, _selection
+    from lora_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--select"):
+        _selected_asset_names(_selection("trained_adaptor"))
+    with pytest.raises(ConfigError, match="--select"):
+        _selection("key:(broken")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -70,3 +71,19 @@ def test_config_sensor_adds_a_partition_per_new_file(write_config, fake_resource
     instance.add_dynamic_partitions("models", ["alpha"])
     result = model_configs(dg.build_sensor_context(instance=instance), registry=fake_resources["registry"])
     assert [request.partition_keys for request in result.dynamic_partitions_requests] == [["beta"]]
+
+
+@pytest.mark.slow
+def test_a_hub_id_base_resolves_through_the_hub_and_merges_into_its_originals(write_config, fake_resources, micro_base):
+    """The non-built-in path: base_model is a hub id, served offline by LocalModelHub."""
+    from lora_pipeline.resources import LocalModelHub
+
+    fake_resources["hub"] = LocalModelHub(cache_dir=str(micro_base.parent / "unused"), models={"acme/micro": str(micro_base)})
+    write_config("micro", base_model="acme/micro", merge={"base_weights": "original"})
+    result, uris = _materialize(fake_resources)
+    merged_meta = result.asset_materializations_for_node("merged_model")[0].metadata
+    assert merged_meta["merged_into"].value == "original"
+    assert merged_meta["merge_fidelity_max_relative_logit_difference"].value < 1e-4
+    assert not (Path(uris["quantized_base"]) / "original").exists()  # hub bases stay in the hub cache
+    adapter_config = json.loads((Path(uris["trained_adapter"]) / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "acme/micro"

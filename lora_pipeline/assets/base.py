@@ -6,9 +6,8 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.assets.common import (
-    ARTIFACT_IO,
-    MODEL_PARTITIONS,
     config_metadata,
+    pipeline_asset,
     read_json,
     ref_metadata,
     resolve_model_config,
@@ -28,13 +27,7 @@ BASE_INFO = "base_info.json"
 ORIGINAL_SUBDIR = "original"
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"pytorch", "safetensors"},
-    group_name="model",
-    code_version="1",
-)
+@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
 def quantized_base(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,

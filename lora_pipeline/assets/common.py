@@ -19,6 +19,29 @@ ARTIFACT_IO = "artifact_io"
 GPU_POOL = "gpu"
 
 
+def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False, code_version: str = "1"):
+    """The decorator of every stage: one partition per model, ArtifactRef pointers, versioned code.
+
+    Stages that put a model on the accelerator run in the `gpu` pool, so an instance never runs
+    more of them at once than its pool limit (the number of GPUs).
+    """
+    return dg.asset(
+        partitions_def=MODEL_PARTITIONS,
+        io_manager_key=ARTIFACT_IO,
+        kinds=kinds,
+        group_name=group,
+        code_version=code_version,
+        pool=GPU_POOL if uses_gpu else None,
+    )
+
+
+def merge_weights_kind(setting: str, quantized: bool) -> str:
+    """Resolve merge.base_weights: 'auto' is the dequantized weights for quantized bases, else the originals."""
+    if setting != "auto":
+        return setting
+    return "dequantized" if quantized else "original"
+
+
 def resolve_model_config(
     context: dg.AssetExecutionContext, config: TuningRunConfig, registry: ModelRegistry
 ) -> ModelConfig:

@@ -4,9 +4,8 @@ import dagster as dg
 import pandas as pd
 
 from lora_pipeline.assets.common import (
-    ARTIFACT_IO,
-    MODEL_PARTITIONS,
     config_metadata,
+    pipeline_asset,
     ref_metadata,
     resolve_model_config,
 )
@@ -18,13 +17,7 @@ from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"parquet"},
-    group_name="data",
-    code_version="1",
-)
+@pipeline_asset(kinds={"parquet"}, group="data")
 def raw_dataset(
     context: dg.AssetExecutionContext, config: TuningRunConfig, registry: ModelRegistry, storage: ArtifactStore
 ) -> dg.Output[ArtifactRef]:
@@ -51,13 +44,7 @@ def raw_dataset(
     )
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"parquet"},
-    group_name="data",
-    code_version="1",
-)
+@pipeline_asset(kinds={"parquet"}, group="data")
 def formatted_dataset(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,

@@ -5,10 +5,9 @@ import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir
 from lora_pipeline.assets.common import (
-    ARTIFACT_IO,
-    GPU_POOL,
-    MODEL_PARTITIONS,
     config_metadata,
+    merge_weights_kind,
+    pipeline_asset,
     ref_metadata,
     resolve_model_config,
 )
@@ -22,14 +21,7 @@ from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"pytorch"},
-    group_name="evaluation",
-    code_version="1",
-    pool=GPU_POOL,
-)
+@pipeline_asset(kinds={"pytorch"}, group="evaluation", uses_gpu=True)
 def eval_report(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -46,10 +38,8 @@ def eval_report(
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.eval
     quantized_dir = storage.local_path(quantized_base)
-    merge_weights = model_config.merge.base_weights
     quantized = is_quantized_dir(quantized_dir)
-    if merge_weights == "auto":
-        merge_weights = "dequantized" if quantized else "original"
+    merge_weights = merge_weights_kind(model_config.merge.base_weights, quantized)
     compare_original = quantized and merge_weights == "dequantized" and settings.compare_merge_bases
     eval_frame = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(settings.max_examples)
     result = evaluate_pipeline(

@@ -5,10 +5,9 @@ import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir, source_dtype
 from lora_pipeline.assets.common import (
-    ARTIFACT_IO,
-    GPU_POOL,
-    MODEL_PARTITIONS,
     config_metadata,
+    merge_weights_kind,
+    pipeline_asset,
     ref_metadata,
     resolve_model_config,
 )
@@ -21,14 +20,7 @@ from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 PROBE_EXAMPLES = 8
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"pytorch", "safetensors"},
-    group_name="model",
-    code_version="1",
-    pool=GPU_POOL,
-)
+@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
 def merged_model(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -43,9 +35,7 @@ def merged_model(
     model_config = resolve_model_config(context, config, registry)
     quantized_dir = storage.local_path(quantized_base)
     quantized = is_quantized_dir(quantized_dir)
-    weights = model_config.merge.base_weights
-    if weights == "auto":
-        weights = "dequantized" if quantized else "original"
+    weights = merge_weights_kind(model_config.merge.base_weights, quantized)
     weights_dir = quantized_dir if weights == "dequantized" else original_weights_dir(quantized_dir, hub)
     dtype = model_config.merge.dtype if model_config.merge.dtype != "auto" else source_dtype(quantized_dir)
     probe = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(PROBE_EXAMPLES)

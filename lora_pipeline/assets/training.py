@@ -4,10 +4,8 @@ import dagster as dg
 import pandas as pd
 
 from lora_pipeline.assets.common import (
-    ARTIFACT_IO,
-    GPU_POOL,
-    MODEL_PARTITIONS,
     config_metadata,
+    pipeline_asset,
     ref_metadata,
     resolve_model_config,
     write_json,
@@ -22,14 +20,7 @@ from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"pytorch", "safetensors"},
-    group_name="model",
-    code_version="1",
-    pool=GPU_POOL,
-)
+@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
 def trained_adapter(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
