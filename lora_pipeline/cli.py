@@ -184,21 +184,10 @@ def _jsonable_metadata(metadata: dict) -> dict[str, Any]:
 
 def _check_data_early(model_config) -> tuple[int, int]:
     """Read and check the dataset before any model is loaded; return (train, eval) row counts."""
-    from lora_pipeline.ml.data import is_eval_row, load_alpaca, split_bucket
+    from lora_pipeline.ml.data import load_alpaca, split_sizes
 
-    frame = load_alpaca(model_config.dataset.source, model_config.dataset.max_rows)
-    held_out = sum(
-        is_eval_row(split_bucket(i, x, o), model_config.dataset.eval_fraction)
-        for i, x, o in zip(frame["instruction"], frame["input"], frame["output"])
-    )
-    if held_out == 0 or held_out == len(frame):
-        from lora_pipeline.errors import DataError
-
-        raise DataError(
-            f"{model_config.dataset.source}: {len(frame)} rows give {len(frame) - held_out} training and "
-            f"{held_out} held-out examples; both need at least one (change dataset.eval_fraction or add rows)"
-        )
-    return len(frame) - held_out, held_out
+    source = model_config.dataset.source
+    return split_sizes(load_alpaca(source, model_config.dataset.max_rows), model_config.dataset.eval_fraction, source)
 
 
 def _register_partition(instance, key: str, config_path: Path) -> None:

@@ -114,3 +114,13 @@ def test_real_world_alpaca_data_loads_and_formats():
     assert len(frame) == 999
     assert len(splits.train) + len(splits.eval) == 999
     assert json.dumps(list(splits.train["text"][:3]), ensure_ascii=False)
+
+
+def test_split_sizes_agree_with_the_split_and_refuse_an_empty_side():
+    from lora_pipeline.ml.data import split_sizes
+
+    frame = _frame([{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(200)])
+    splits = format_alpaca(frame, "</s>", 0.2, "rows")
+    assert split_sizes(frame, 0.2, "rows") == (len(splits.train), len(splits.eval))
+    with pytest.raises(DataError, match="rows: 1 rows give"):
+        split_sizes(frame.head(1), 0.01, "rows")

@@ -154,13 +154,27 @@ def format_alpaca(frame: pd.DataFrame, eos_token: str, eval_fraction: float, sou
     held_out = formatted["split_bucket"].map(lambda b: is_eval_row(b, eval_fraction))
     train = formatted[~held_out].reset_index(drop=True)
     evaluation = formatted[held_out].reset_index(drop=True)
-    if train.empty or evaluation.empty:
+    _require_both_splits(len(train), len(evaluation), eval_fraction, source)
+    return FormattedSplits(train=train, eval=evaluation, template="alpaca")
+
+
+def split_sizes(frame: pd.DataFrame, eval_fraction: float, source: str) -> tuple[int, int]:
+    """(training, held-out) row counts the split will give, checked like format_alpaca checks them."""
+    held_out = sum(
+        is_eval_row(split_bucket(i, x, o), eval_fraction)
+        for i, x, o in zip(frame["instruction"], frame["input"], frame["output"])
+    )
+    _require_both_splits(len(frame) - held_out, held_out, eval_fraction, source)
+    return len(frame) - held_out, held_out
+
+
+def _require_both_splits(train_rows: int, eval_rows: int, eval_fraction: float, source: str) -> None:
+    if not train_rows or not eval_rows:
         raise DataError(
-            f"{source}: {len(frame)} rows give {len(train)} training and {len(evaluation)} held-out "
+            f"{source}: {train_rows + eval_rows} rows give {train_rows} training and {eval_rows} held-out "
             f"examples at eval_fraction={eval_fraction}; both need at least one (add rows or change "
             "dataset.eval_fraction)"
         )
-    return FormattedSplits(train=train, eval=evaluation, template="alpaca")
 
 
 def training_texts(frame: pd.DataFrame, eval_fraction: float) -> list[str]:
