@@ -24,6 +24,20 @@ class TerminalFormatter(logging.Formatter):
         return f"{prefix} {step}: {message}" if step else f"{prefix} {message}"
 
 
+class _StageEvents(logging.Filter):
+    """Records at the chosen level or above, plus each step's success line (a debug event in Dagster)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.level:
+            return True
+        event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
+        return getattr(event, "event_type_value", None) == "STEP_SUCCESS"
+
+
 @dg.logger(
     config_schema={
         "log_level": dg.Field(str, default_value="INFO", description="Lowest level shown."),
@@ -33,8 +47,9 @@ class TerminalFormatter(logging.Formatter):
 )
 def terminal_logger(init_context: dg.InitLoggerContext) -> logging.Logger:
     """Writes to stderr, so stdout stays free for the --json summary."""
-    logger = logging.Logger("lora_pipeline.terminal", level=init_context.logger_config["log_level"])
+    logger = logging.Logger("lora_pipeline.terminal", level=logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_StageEvents(logging.getLevelName(init_context.logger_config["log_level"])))
     handler.setFormatter(TerminalFormatter(init_context.logger_config["tracebacks"]))
     logger.addHandler(handler)
     return logger

@@ -81,7 +81,9 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
         trained_adapter=adapter, merged_model=merged_output.value,
         **_resources(r, "registry", "storage", "hub", "compute"),
     )
-    metrics = json.loads((r["storage"].local_path(report_output.value) / "metrics.json").read_text())
+    report_dir = r["storage"].local_path(report_output.value)
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert "<table>" in (report_dir / "report.html").read_text() and "| adapter |" in (report_dir / "report.md").read_text()
     assert {"base", "adapter", "merged", "merged_into_original"} <= set(metrics)
     assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
 

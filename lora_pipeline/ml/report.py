@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 
@@ -69,13 +71,49 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str) -
     return "\n".join(lines)
 
 
+def report_html(document: dict, samples: list[dict[str, str]], title: str, plot_png: bytes) -> str:
+    """The same report as a self-contained HTML page (the plot inlined), for a browser or a CI artifact."""
+    models = [name for name in document if name != "comparison"]
+    comparison = document["comparison"]
+    metric_rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{document[name]['loss']:.4f}</td>"
+        f"<td>{document[name]['perplexity']:.2f}</td><td>{document[name]['token_accuracy']:.3f}</td></tr>"
+        for name in models
+    )
+    sample_blocks = "".join(
+        "<section><pre>" + html.escape(sample["prompt"].rstrip()) + "</pre><table>"
+        + "".join(
+            f"<tr><th>{html.escape(name)}</th><td>{html.escape(sample.get(name) or '(empty)')}</td></tr>"
+            for name in ["reference", *models]
+            if name in sample
+        )
+        + "</table></section>"
+        for sample in samples
+    )
+    plot = base64.b64encode(plot_png).decode()
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}pre{{background:#f4f4f4;padding:8px}}</style>
+</head><body><h1>{html.escape(title)}</h1>
+<p>Held-out examples: {comparison['examples']} (loss on response tokens only).</p>
+<table><tr><th>model</th><th>loss</th><th>perplexity</th><th>token accuracy</th></tr>{metric_rows}</table>
+<ul><li>Adapter vs base: loss {comparison['adapter_vs_base_loss_change']:+.1%}</li>
+<li>Merged ({html.escape(comparison['merge_weights'])} weights) vs adapter: loss {comparison['merged_vs_adapter_loss_change']:+.2%}</li></ul>
+<img alt="held-out loss by model" src="data:image/png;base64,{plot}">
+<h2>Samples</h2>{sample_blocks}</body></html>
+"""
+
+
 def write_report(result: EvaluationResult, out_dir: Path, merge_weights: str, title: str) -> dict:
-    """Write metrics.json, samples.json, report.md and its plot; return the metrics document."""
+    """Write metrics.json, samples.json, report.md, report.html and the plot; return the metrics document."""
     document = metrics_document(result, merge_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     (out_dir / "samples.json").write_text(json.dumps(result.samples, indent=2, ensure_ascii=False))
     losses = {name: document[name]["loss"] for name in document if name != "comparison"}
-    (out_dir / "loss_by_model.png").write_bytes(bar_chart_png(losses, "held-out loss", "loss by model"))
-    (out_dir / "report.md").write_text(report_markdown(document, result.samples, title))
+    plot = bar_chart_png(losses, "held-out loss", "loss by model")
+    (out_dir / "loss_by_model.png").write_bytes(plot)
+    (out_dir / "report.md").write_text(report_markdown(document, result.samples, title), encoding="utf-8")
+    (out_dir / "report.html").write_text(report_html(document, result.samples, title, plot), encoding="utf-8")
     return document
