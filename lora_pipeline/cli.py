@@ -67,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="artifact store root: a folder or s3://bucket/prefix (default: $LORA_PIPELINE_STORAGE or ./artifacts)",
     )
     run.add_argument("--json", action="store_true", help="print a machine-readable summary as the last stdout line")
-    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     validate = commands.add_parser(
         "validate",
@@ -78,7 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a config key (repeatable)")
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
-    validate.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    validate.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     listing = commands.add_parser(
         "list",
@@ -87,7 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "with when each asset was last materialized.",
     )
     listing.add_argument("--json", action="store_true", help="print the list as JSON")
-    listing.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

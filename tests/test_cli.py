@@ -119,3 +119,12 @@ def test_an_unknown_asset_in_the_selection_is_a_config_error():
         _selected_asset_names(_selection("trained_adaptor"))
     with pytest.raises(ConfigError, match="--select"):
         _selection("key:(broken")
+
+
+def test_debug_is_honoured_before_or_after_the_command():
+    from lora_pipeline.cli import _build_parser
+
+    parser = _build_parser()
+    assert parser.parse_args(["--debug", "list"]).debug
+    assert parser.parse_args(["list", "--debug"]).debug
+    assert not parser.parse_args(["list"]).debug
