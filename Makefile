@@ -28,6 +28,7 @@ test-fast: $(STAMP)  ## everything but the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ui: $(STAMP)  ## the Dagster UI on http://127.0.0.1:3000, same instance as the CLI
+	$(BIN)/lora-pipeline list  # prepares the instance and registers every config as a partition
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 lock:  ## re-pin constraints.txt to what is installed in .venv
