@@ -163,3 +163,19 @@ def test_merged_logits_equal_the_adapter_on_the_same_weights(micro_base, nf4_dir
     # the adapter really changed the model, so the comparison above is not vacuous
     assert max_relative_difference(base_logits, logits_of(merged, probes)) > 1e-3
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_4bit_on_cpu_refuses_layer_widths_the_kernel_cannot_run(micro_base, tmp_path):
+    """bitsandbytes 0.50 crashes in the CPU forward of a 4-bit layer whose width is not a multiple of 64."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.errors import ModelError
+
+    config = AutoConfig.from_pretrained(micro_base)
+    config.intermediate_size = 160
+    odd = tmp_path / "odd"
+    AutoModelForCausalLM.from_config(config).save_pretrained(odd)
+    AutoTokenizer.from_pretrained(micro_base).save_pretrained(odd)
+    with pytest.raises(ModelError, match=r"down_proj has 160 input features"):
+        quantize_base(odd, tmp_path / "out", "nf4", True, "float32", CPU)
+    assert quantize_base(odd, tmp_path / "int8", "int8", True, "float32", CPU).quantized_modules == 14

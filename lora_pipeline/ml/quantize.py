@@ -59,6 +59,8 @@ def quantize_base(
         device_map=device_map_for(device),
     )
     load_seconds = time.perf_counter() - started
+    if device.device == "cpu" and mode in ("nf4", "fp4"):
+        check_cpu_4bit_widths(model)
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -70,6 +72,21 @@ def quantize_base(
         quantized_modules=quantized,
         model_type=model.config.model_type,
     )
+
+
+CPU_4BIT_BLOCK = 64
+
+
+def check_cpu_4bit_widths(model) -> None:
+    """bitsandbytes' CPU 4-bit kernel re-packs weights in blocks of 64 input features; other widths crash in training."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear4bit" and module.in_features % CPU_4BIT_BLOCK:
+            from lora_pipeline.errors import ModelError
+
+            raise ModelError(
+                f"layer {name} has {module.in_features} input features, not a multiple of {CPU_4BIT_BLOCK}, "
+                "which bitsandbytes' CPU 4-bit kernel cannot run; on this CPU use quantization.mode int8 or none"
+            )
 
 
 def _logical_parameter_count(model) -> int:
