@@ -59,10 +59,13 @@ def formatted_dataset(
     model_config = resolve_model_config(context, config, registry)
     rows = pd.read_parquet(storage.local_path(raw_dataset) / "rows.parquet").astype("string")
     eval_fraction = model_config.dataset.eval_fraction
-    base_dir = hub.resolve(
-        model_config.base_model, model_config.base_revision, lambda: training_texts(rows, eval_fraction)
+    tokenizer_dir = hub.resolve(
+        model_config.base_model,
+        model_config.base_revision,
+        lambda: training_texts(rows, eval_fraction),
+        tokenizer_only=True,
     )
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     splits = format_alpaca(rows, tokenizer.eos_token, eval_fraction, model_config.dataset.source)
     lengths = [len(ids) for ids in tokenizer(list(splits.train["text"]))["input_ids"]]
     max_length = model_config.training.max_length

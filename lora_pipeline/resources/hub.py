@@ -15,7 +15,8 @@ from lora_pipeline.ml.tiny import BUILTIN_PREFIX, build_tiny_llama, builtin_shap
 CorpusFn = Callable[[], list[str]]
 
 # Only what a causal LM needs to load; never pickled weights.
-HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+TOKENIZER_FILE_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+HUB_FILE_PATTERNS = [*TOKENIZER_FILE_PATTERNS, "*.safetensors"]
 
 
 class ModelHub(dg.ConfigurableResource):
@@ -26,10 +27,11 @@ class ModelHub(dg.ConfigurableResource):
         description="Folder where built-in models are built and cached.",
     )
 
-    def resolve(self, base_model: str, revision: str | None, corpus: CorpusFn) -> Path:
+    def resolve(self, base_model: str, revision: str | None, corpus: CorpusFn, tokenizer_only: bool = False) -> Path:
         """A local folder holding config.json, safetensors weights and the tokenizer.
 
-        corpus is called only for built-in models, whose tokenizer is trained on it.
+        corpus is called only for built-in models, whose tokenizer is trained on it. With
+        tokenizer_only, a hub download skips the weights (the data stages need only the tokenizer).
         """
         if base_model.startswith(BUILTIN_PREFIX):
             return self._build_builtin(base_model, corpus())
@@ -38,7 +40,7 @@ class ModelHub(dg.ConfigurableResource):
             if not (local / "config.json").is_file():
                 raise ModelError(f"base_model {base_model!r}: the folder has no config.json")
             return local.resolve()
-        return self._download(base_model, revision)
+        return self._download(base_model, revision, tokenizer_only)
 
     def _build_builtin(self, base_model: str, corpus: list[str]) -> Path:
         shape = builtin_shape(base_model)
@@ -54,13 +56,12 @@ class ModelHub(dg.ConfigurableResource):
                 shutil.rmtree(partial, ignore_errors=True)
         return target
 
-    def _download(self, repo_id: str, revision: str | None) -> Path:
+    def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False) -> Path:
         from huggingface_hub import snapshot_download
 
+        patterns = TOKENIZER_FILE_PATTERNS if tokenizer_only else HUB_FILE_PATTERNS
         try:
-            return Path(
-                snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_FILE_PATTERNS)
-            )
+            return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns))
         except Exception as exc:  # the hub client raises many types; all mean "cannot get the model"
             raise ModelError(
                 f"base_model {repo_id!r}: not a local folder, and the hub download failed "
@@ -75,7 +76,7 @@ class LocalModelHub(ModelHub):
         default={}, description="Hub id -> local model folder that stands in for it."
     )
 
-    def _download(self, repo_id: str, revision: str | None) -> Path:
+    def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False) -> Path:
         if repo_id not in self.models:
             raise ModelError(
                 f"base_model {repo_id!r}: not available offline; known: {', '.join(sorted(self.models)) or 'none'}"
