@@ -1,0 +1,31 @@
+"""House rules that keep the layers apart."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_ml_code_imports_neither_dagster_nor_torch_at_import_time():
+    modules = sorted(p.stem for p in (REPO / "lora_pipeline" / "ml").glob("*.py") if p.stem != "__init__")
+    probe = (
+        "import sys\n"
+        + "".join(f"import lora_pipeline.ml.{name}\n" for name in modules)
+        + "print(sorted(m for m in ('dagster', 'torch', 'transformers', 'peft', 'trl') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_asset_and_config_field_describes_itself():
+    from lora_pipeline.assets import PIPELINE_ASSETS
+    from lora_pipeline.config import schema
+
+    for asset in PIPELINE_ASSETS:
+        assert asset.descriptions_by_key[asset.key], asset.key
+    for cls in (schema.ModelConfig, schema.TuningRunConfig, schema.DatasetSettings, schema.LoraSettings,
+                schema.QuantizationSettings, schema.TrainingSettings, schema.MergeSettings, schema.EvalSettings):
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
