@@ -67,7 +67,7 @@ def _peak_memory_bytes(device: DeviceInfo) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 
 
-def _progress_callback(progress: ProgressFn, total_tokens_per_step: Callable[[], float]):
+def _progress_callback(progress: ProgressFn, tokens_per_step: float):
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
@@ -87,7 +87,7 @@ def _progress_callback(progress: ProgressFn, total_tokens_per_step: Callable[[],
                     "max_steps": state.max_steps,
                     "loss": float(logs["loss"]),
                     "learning_rate": float(logs.get("learning_rate", 0.0)),
-                    "tokens_per_second": total_tokens_per_step() * done / elapsed if elapsed > 0 else 0.0,
+                    "tokens_per_second": tokens_per_step * done / elapsed if elapsed > 0 else 0.0,
                     "elapsed_seconds": elapsed,
                     "eta_seconds": elapsed / done * (state.max_steps - state.global_step),
                 }
@@ -146,7 +146,7 @@ def train_adapter(
         fp16=precision == "fp16",
         max_length=training.max_length,
         packing=training.packing,
-        completion_only_loss=training.completion_only_loss if "prompt" in columns else None,
+        completion_only_loss=training.completion_only_loss or None,
         dataset_text_field="text",
         logging_steps=training.logging_steps,
         save_strategy="no",
@@ -165,7 +165,7 @@ def train_adapter(
     sequences = len(trainer.train_dataset)
     tokens_per_step = tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
     if progress is not None:
-        trainer.add_callback(_progress_callback(progress, lambda: tokens_per_step))
+        trainer.add_callback(_progress_callback(progress, tokens_per_step))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     logger.info("training %s trainable of %s parameters", trainable, total)
 
