@@ -113,7 +113,7 @@ DEFAULT_INSTANCE_YAML = """\
 # Written by lora-pipeline on first use; edit freely.
 telemetry:
   enabled: false
-# trained_adapter, merged_model and eval_report run in the `gpu` pool: at most this many at once.
+# quantized_base, trained_adapter, merged_model and eval_report run in the `gpu` pool: at most this many at once.
 concurrency:
   pools:
     default_limit: 1

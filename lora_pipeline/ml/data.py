@@ -129,6 +129,16 @@ def is_eval_row(bucket: int, eval_fraction: float) -> bool:
     return bucket < round(eval_fraction * SPLIT_BUCKETS)
 
 
+def split_buckets(frame: pd.DataFrame) -> list[int]:
+    """The split bucket of every row of an instruction/input/output table."""
+    return [split_bucket(i, x, o) for i, x, o in zip(frame["instruction"], frame["input"], frame["output"])]
+
+
+def held_out_mask(frame: pd.DataFrame, eval_fraction: float) -> list[bool]:
+    """For every row, whether it lands in the held-out split."""
+    return [is_eval_row(bucket, eval_fraction) for bucket in split_buckets(frame)]
+
+
 @dataclass(frozen=True)
 class FormattedSplits:
     """Training and held-out examples with prompt, completion (response + EOS) and full text."""
@@ -142,7 +152,7 @@ def format_alpaca(frame: pd.DataFrame, eos_token: str, eval_fraction: float, sou
     """Apply the Alpaca template, end each example with exactly one EOS and split train/eval by content."""
     prompts = [alpaca_prompt(i, x) for i, x in zip(frame["instruction"], frame["input"])]
     completions = [_with_single_eos(o, eos_token) for o in frame["output"]]
-    buckets = [split_bucket(i, x, o) for i, x, o in zip(frame["instruction"], frame["input"], frame["output"])]
+    buckets = split_buckets(frame)
     formatted = pd.DataFrame(
         {
             "prompt": prompts,
@@ -160,10 +170,7 @@ def format_alpaca(frame: pd.DataFrame, eos_token: str, eval_fraction: float, sou
 
 def split_sizes(frame: pd.DataFrame, eval_fraction: float, source: str) -> tuple[int, int]:
     """(training, held-out) row counts the split will give, checked like format_alpaca checks them."""
-    held_out = sum(
-        is_eval_row(split_bucket(i, x, o), eval_fraction)
-        for i, x, o in zip(frame["instruction"], frame["input"], frame["output"])
-    )
+    held_out = sum(held_out_mask(frame, eval_fraction))
     _require_both_splits(len(frame) - held_out, held_out, eval_fraction, source)
     return len(frame) - held_out, held_out
 
@@ -179,8 +186,10 @@ def _require_both_splits(train_rows: int, eval_rows: int, eval_fraction: float, 
 
 def training_texts(frame: pd.DataFrame, eval_fraction: float) -> list[str]:
     """The texts of the rows that land in the training split, without templating (tokenizer corpus)."""
-    texts = []
-    for instruction, input_text, output in zip(frame["instruction"], frame["input"], frame["output"]):
-        if not is_eval_row(split_bucket(instruction, input_text, output), eval_fraction):
-            texts.append(alpaca_prompt(instruction, input_text) + output)
-    return texts
+    return [
+        alpaca_prompt(instruction, input_text) + output
+        for instruction, input_text, output, held_out in zip(
+            frame["instruction"], frame["input"], frame["output"], held_out_mask(frame, eval_fraction)
+        )
+        if not held_out
+    ]

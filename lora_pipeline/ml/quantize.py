@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_pipeline.errors import ModelError
 from lora_pipeline.ml.precision import DeviceInfo, device_map_for, torch_dtype
 
 
@@ -81,8 +82,6 @@ def check_cpu_4bit_widths(model) -> None:
     """bitsandbytes' CPU 4-bit kernel re-packs weights in blocks of 64 input features; other widths crash in training."""
     for name, module in model.named_modules():
         if type(module).__name__ == "Linear4bit" and module.in_features % CPU_4BIT_BLOCK:
-            from lora_pipeline.errors import ModelError
-
             raise ModelError(
                 f"layer {name} has {module.in_features} input features, not a multiple of {CPU_4BIT_BLOCK}, "
                 "which bitsandbytes' CPU 4-bit kernel cannot run; on this CPU use quantization.mode int8 or none"

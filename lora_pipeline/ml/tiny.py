@@ -44,8 +44,6 @@ def builtin_shape(base_model: str) -> TinyLlamaShape:
 
 
 def _round_up(value: int, multiple: int) -> int:
-    # bitsandbytes' CPU 4-bit kernel re-packs weights in blocks of 64 input features and fails on
-    # layers whose width is not a multiple of that.
     return -(-value // multiple) * multiple
 
 
@@ -54,6 +52,8 @@ def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, se
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lora_pipeline.ml.quantize import CPU_4BIT_BLOCK
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -73,7 +73,8 @@ def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, se
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=shape.hidden_size,
-        intermediate_size=_round_up(shape.hidden_size * 5 // 2, 64),
+        # Widths the CPU 4-bit kernel can run (see check_cpu_4bit_widths).
+        intermediate_size=_round_up(shape.hidden_size * 5 // 2, CPU_4BIT_BLOCK),
         num_hidden_layers=shape.layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
