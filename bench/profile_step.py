@@ -31,7 +31,10 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from lora_pipeline.config.registry import load_config_file
-    from lora_pipeline.ml.data import format_alpaca, load_alpaca
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.assets.data import format_settings
+    from lora_pipeline.ml.data import clean_rows, format_dataset, load_dataset
     from lora_pipeline.ml.precision import DeviceInfo, compute_dtype_name
     from lora_pipeline.ml.quantize import quantize_base
     from lora_pipeline.ml.train import train_adapter
@@ -48,7 +51,9 @@ def main() -> None:
         cpu = DeviceInfo(device="cpu")
         q = config.quantization
         quantize_base(work / "base", work / "q", q.mode, q.double_quant, compute_dtype_name(q.compute_dtype, cpu), cpu)
-        train = format_alpaca(load_alpaca(str(DATA)), "</s>", config.dataset.eval_fraction, str(DATA)).train
+        cleaned = clean_rows(load_dataset(config.dataset), config.dataset.dedupe)
+        tokenizer = AutoTokenizer.from_pretrained(work / "base")
+        train = format_dataset(cleaned, tokenizer, format_settings(config)).train.to_pandas()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
             result = train_adapter(work / "q", train, work / "out", config.lora, config.training, cpu, "profile")
     print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s (profiler overhead included)")

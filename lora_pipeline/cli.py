@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from lora_pipeline.errors import ConfigError, LoraPipelineError
+from lora_pipeline.errors import ConfigError, DataError, LoraPipelineError
 
 ASSET_ORDER = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]
 EXIT_USER_ERROR = 2
@@ -182,12 +182,32 @@ def _jsonable_metadata(metadata: dict) -> dict[str, Any]:
     return result
 
 
-def _check_data_early(model_config) -> tuple[int, int]:
-    """Read and check the dataset before any model is loaded; return (train, eval) row counts."""
-    from lora_pipeline.ml.data import load_alpaca, split_sizes
+def _check_data_early(model_config):
+    """Read, check and clean the dataset before any model is loaded; return the cleaned rows and the split sizes."""
+    from lora_pipeline.ml.data import clean_rows, load_dataset, split_sizes
 
-    source = model_config.dataset.source
-    return split_sizes(load_alpaca(source, model_config.dataset.max_rows), model_config.dataset.eval_fraction, source)
+    cleaned = clean_rows(load_dataset(model_config.dataset), model_config.dataset.dedupe)
+    return cleaned, split_sizes(cleaned, model_config.dataset.eval_fraction)
+
+
+def _is_local_source(source: str) -> bool:
+    """Whether the source is on this machine (validate reads only those; remote ones are read by raw_dataset)."""
+    import glob
+
+    local = source.removeprefix("file://")
+    return "://" not in local and not local.startswith("hf:") and (Path(local).exists() or bool(glob.glob(local)))
+
+
+def _failed_checks(instance, run_id: str) -> list[str]:
+    """'asset check: description' for each asset check of the run that did not pass."""
+    import dagster as dg
+
+    failures = []
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = record.dagster_event.event_specific_data
+        if not evaluation.passed:
+            failures.append(f"{evaluation.asset_key.path[-1]} check {evaluation.check_name}: {evaluation.description}")
+    return failures
 
 
 def _register_partition(instance, key: str, config_path: Path) -> None:
@@ -217,7 +237,7 @@ def _user_error_in(exc: BaseException) -> LoraPipelineError | None:
 def command_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from lora_pipeline.assets import PIPELINE_ASSETS
+    from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
     from lora_pipeline.config.registry import load_config_file, partition_key_for
     from lora_pipeline.definitions import tune
     from lora_pipeline.resources.factory import default_resources
@@ -239,18 +259,26 @@ def command_run(args: argparse.Namespace) -> int:
     }
     definitions = dg.Definitions(
         assets=PIPELINE_ASSETS,
+        asset_checks=PIPELINE_CHECKS,
         jobs=[tune],
         resources=default_resources(storage_root=args.storage),
         loggers={"console": terminal_logger},
     )
     started = time.perf_counter()
-    result = definitions.resolve_job_def(tune.name).execute_in_process(
-        asset_selection=[dg.AssetKey(name) for name in selected],
-        partition_key=key,
-        run_config=run_config,
-        instance=instance,
-        tags={"lora_pipeline/config": str(args.config)},
-    )
+    try:
+        result = definitions.resolve_job_def(tune.name).execute_in_process(
+            asset_selection=[dg.AssetKey(name) for name in selected],
+            partition_key=key,
+            run_config=run_config,
+            instance=instance,
+            tags={"lora_pipeline/config": str(args.config)},
+        )
+    except Exception:
+        latest = instance.get_runs(limit=1)
+        failed_checks = _failed_checks(instance, latest[0].run_id) if latest else []
+        if failed_checks:
+            raise DataError("; ".join(failed_checks) + f" (run {latest[0].run_id}; later assets were not built)") from None
+        raise
     wall = time.perf_counter() - started
     assets = {}
     for name in selected:
@@ -286,8 +314,8 @@ def command_validate(args: argparse.Namespace) -> int:
     model_config = load_config_file(args.config, args.overrides)
     key = partition_key_for(args.config)
     source = model_config.dataset.source
-    data_checked = "://" not in source or source.startswith("file://")
-    train_rows, eval_rows = _check_data_early(model_config) if data_checked else (None, None)
+    data_checked = _is_local_source(source)
+    cleaned, (train_rows, eval_rows) = _check_data_early(model_config) if data_checked else (None, (None, None))
     summary = {
         "partition": key,
         "config_hash": model_config.canonical_hash(),
@@ -296,6 +324,9 @@ def command_validate(args: argparse.Namespace) -> int:
         "method": "QLoRA" if model_config.quantization.mode in ("nf4", "fp4") else
         ("LoRA on int8" if model_config.quantization.mode == "int8" else "LoRA"),
         "dataset": source,
+        "format": cleaned.loaded.format if cleaned else None,
+        "format_detected": cleaned.loaded.detected if cleaned else None,
+        "cleaning": cleaned.counts if cleaned else None,
         "train_rows": train_rows,
         "eval_rows": eval_rows,
     }
@@ -304,8 +335,16 @@ def command_validate(args: argparse.Namespace) -> int:
     else:
         print(f"{args.config}: valid (model {key}, config {summary['config_hash'][:12]})")
         print(f"  base model  {summary['base_model']} ({summary['method']}, quantization {model_config.quantization.mode})")
-        if data_checked:
-            print(f"  dataset     {source}: {train_rows} training, {eval_rows} held-out rows")
+        if cleaned is not None:
+            counts = cleaned.counts
+            detected = " (detected)" if cleaned.loaded.detected else ""
+            print(f"  dataset     {source}: {counts['rows_in']} {cleaned.loaded.format}{detected} rows -> "
+                  f"{train_rows} training, {eval_rows} held-out")
+            dropped = counts["empty"] + counts["exact_duplicates"] + counts["normalized_duplicates"]
+            if dropped:
+                print(f"              dropped {counts['empty']} empty, {counts['exact_duplicates']} exact and "
+                      f"{counts['normalized_duplicates']} case/whitespace duplicates (token lengths are "
+                      "checked when formatted_dataset runs)")
         else:
             print(f"  dataset     {source}: remote, read when raw_dataset runs")
     return 0

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from lora_pipeline.assets import PIPELINE_ASSETS
+from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
 from lora_pipeline.assets.common import MODEL_PARTITIONS
 from lora_pipeline.resources.factory import default_resources
 from lora_pipeline.sensors import model_configs
@@ -16,6 +16,7 @@ tune = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=PIPELINE_ASSETS,
+    asset_checks=PIPELINE_CHECKS,
     jobs=[tune],
     sensors=[model_configs],
     resources=default_resources(),

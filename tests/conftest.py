@@ -72,9 +72,29 @@ def fake_resources(tmp_path):
 @pytest.fixture(scope="session")
 def micro_base(tmp_path_factory) -> Path:
     """The micro built-in model, built once per session from the sample data."""
-    from lora_pipeline.ml.data import load_alpaca, training_texts
     from lora_pipeline.ml.tiny import BUILTIN_MODELS, build_tiny_llama
 
-    frame = load_alpaca(str(SAMPLE_DATA), max_rows=160)
     out = tmp_path_factory.mktemp("micro-base")
-    return build_tiny_llama(training_texts(frame, 0.15), out, BUILTIN_MODELS["micro-llama"])
+    return build_tiny_llama(sample_corpus(), out, BUILTIN_MODELS["micro-llama"])
+
+
+def sample_corpus() -> list[str]:
+    """The texts the micro model's tokenizer is trained on: what the pipeline gives it for the test config."""
+    from lora_pipeline.ml.data import clean_rows, load_dataset, tokenizer_corpus
+
+    return tokenizer_corpus(clean_rows(load_dataset(dataset_settings(max_rows=160))), 0.15)
+
+
+def dataset_settings(**fields):
+    """A dataset config section (the sample data unless source is given)."""
+    from lora_pipeline.config.schema import DatasetSettings
+
+    return DatasetSettings(**{"source": str(SAMPLE_DATA), **fields})
+
+
+def format_rows(tokenizer, dataset=None, dedupe: str = "normalized", **format_fields):
+    """Load, clean and format a dataset section with a tokenizer: what formatted_dataset does."""
+    from lora_pipeline.ml.data import FormatSettings, clean_rows, format_dataset, load_dataset
+
+    loaded = load_dataset(dataset or dataset_settings())
+    return format_dataset(clean_rows(loaded, dedupe), tokenizer, FormatSettings(**format_fields))

@@ -91,7 +91,7 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
 def test_run_config_sections_replace_the_files(write_config, fake_resources, context_for, tmp_path):
     write_config("micro")
     override = TuningRunConfig(dataset={"source": "/no/such/file.json"})
-    with pytest.raises(DataError, match="/no/such/file.json: dataset file not found"):
+    with pytest.raises(DataError, match="/no/such/file.json: dataset not found"):
         raw_dataset(context_for(), config=override, **_resources(fake_resources, "registry", "storage"))
     assert not (tmp_path / "store" / "micro").exists()
 

@@ -1,126 +1,393 @@
-"""Reading, checking, templating and splitting Alpaca data."""
+"""Datasets as users bring them: every source and format, cleaning, templates, loss masks, the split, bad input."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from lora_pipeline.errors import DataError
-from lora_pipeline.ml.data import check_alpaca, format_alpaca, load_alpaca, read_records
+from lora_pipeline.errors import ConfigError, DataError
+from lora_pipeline.ml.data import clean_rows, load_dataset, split_sizes
 
-from conftest import SAMPLE_DATA, SHARED_DATA
+from conftest import SAMPLE_DATA, SHARED_DATA, dataset_settings, format_rows
 
-
-def _frame(rows):
-    return check_alpaca(rows, "rows")
-
-
-def test_bundled_sample_is_valid_alpaca_with_hundreds_of_rows():
-    frame = load_alpaca(str(SAMPLE_DATA))
-    assert len(frame) >= 300
-    assert list(frame.columns) == ["instruction", "input", "output"]
-
-
-def test_malformed_json_names_file_and_line(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]')
-    with pytest.raises(DataError, match=r"bad.json: line 3, column \d+: invalid JSON"):
-        read_records(str(path))
-
-
-def test_malformed_jsonl_line_is_named(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
-    with pytest.raises(DataError, match=r"bad.jsonl: line 2: invalid JSON"):
-        read_records(str(path))
-
-
-def test_missing_field_names_row_field_and_what_was_found():
-    rows = [{"instruction": "a", "output": "b"}, {"instruction": "c", "response": "d"}]
-    with pytest.raises(DataError, match=r"row 1: missing field 'output'.*found instruction, output, response"):
-        _frame(rows)
-
-
-def test_wrong_type_is_named():
-    with pytest.raises(DataError, match=r"row 0: field 'output' must be a string, found int"):
-        _frame([{"instruction": "a", "output": 3}])
-
-
-def test_empty_and_non_utf8_files_are_refused(tmp_path):
-    empty = tmp_path / "empty.json"
-    empty.write_text("  \n")
-    with pytest.raises(DataError, match="empty.json: the dataset file is empty"):
-        read_records(str(empty))
-    latin = tmp_path / "latin.json"
-    latin.write_bytes(b'[{"instruction": "caf\xe9", "output": "x"}]')
-    with pytest.raises(DataError, match=r"latin.json: line 1: bytes that are not UTF-8"):
-        read_records(str(latin))
-
-
-def test_missing_file_names_the_path(tmp_path):
-    with pytest.raises(DataError, match="nope.json: dataset file not found"):
-        read_records(str(tmp_path / "nope.json"))
+ALPACA = [{"instruction": f"Question {i}?", "input": "" if i % 3 else f"context {i}", "output": f"Answer {i}."}
+          for i in range(60)]
+SHAREGPT = [
+    {
+        "system": "You are terse.",
+        "conversations": [
+            {"from": "human", "value": f"What is {i} + {i}?"},
+            {"from": "gpt", "value": f"{2 * i}."},
+            {"from": "human", "value": "And doubled?"},
+            {"from": "gpt", "value": f"{4 * i}."},
+        ],
+    }
+    for i in range(40)
+] + [
+    {
+        "tools": json.dumps([{"name": "weather", "parameters": {"city": {"type": "string"}}}]),
+        "conversations": [
+            {"from": "human", "value": f"Weather in city {i}?"},
+            {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": f"c{i}"}})},
+            {"from": "observation", "value": f"{i} degrees"},
+            {"from": "gpt", "value": f"It is {i} degrees."},
+        ],
+    }
+    for i in range(20)
+]
+MESSAGES = [
+    {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": f"Name number {i}"}]},
+            {"role": "assistant", "content": f"Number {i}."},
+        ]
+    }
+    for i in range(30)
+] + [
+    {
+        "messages": [
+            {"role": "user", "content": f"Look up {i}"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": json.dumps({"id": i})}}]},
+            {"role": "tool", "content": f"record {i}"},
+            {"role": "assistant", "content": f"Found record {i}."},
+        ]
+    }
+    for i in range(30)
+]
+PROMPT_COMPLETION = [{"prompt": f"Translate {i} to words:", "completion": f" number {i}"} for i in range(60)]
+TEXT = [{"text": f"Line {i} of a plain document about topic {i % 7}."} for i in range(60)]
 
 
-def test_eos_is_appended_exactly_once():
-    frame = _frame(
-        [{"instruction": f"q{i}", "output": f"answer {i}" + ("</s>" if i % 2 else "")} for i in range(40)]
-        + [{"instruction": "doubled", "output": "x</s></s>"}]
+@pytest.fixture(scope="module")
+def tokenizer(micro_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(micro_base)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+def test_bundled_sample_is_detected_as_alpaca_with_hundreds_of_rows():
+    loaded = load_dataset(dataset_settings())
+    assert loaded.format == "alpaca" and loaded.detected
+    assert len(loaded.frame) == 640
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonl", "csv", "parquet"])
+def test_each_file_type_gives_the_same_rows(tmp_path, kind):
+    frame = pd.DataFrame(ALPACA)
+    path = tmp_path / f"data.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(ALPACA))
+    elif kind == "jsonl":
+        _write_jsonl(path, ALPACA)
+    elif kind == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    loaded = load_dataset(dataset_settings(source=str(path)))
+    assert loaded.format == "alpaca"
+    assert loaded.frame[["instruction", "input", "output"]].astype(str).values.tolist() == frame.values.tolist()
+
+
+def test_txt_files_give_one_text_row_per_line(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("first line\n\nsecond line\n")
+    loaded = load_dataset(dataset_settings(source=str(path)))
+    assert loaded.format == "text" and list(loaded.frame["text"]) == ["first line", "second line"]
+
+
+def test_a_folder_and_a_glob_combine_files_and_errors_name_the_file_and_line(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _write_jsonl(folder / "a.jsonl", ALPACA[:30])
+    _write_jsonl(folder / "b.jsonl", ALPACA[30:])
+    (folder / "README.md").write_text("not data")
+    assert len(load_dataset(dataset_settings(source=str(folder))).frame) == 60
+    assert len(load_dataset(dataset_settings(source=str(folder / "*.jsonl"))).frame) == 60
+    _write_jsonl(folder / "b.jsonl", ALPACA[30:33] + [{"instruction": "x", "output": 5}])
+    with pytest.raises(DataError, match=r"b.jsonl: line 4: field 'output' must be a string, found int"):
+        load_dataset(dataset_settings(source=str(folder)))
+
+
+def test_a_saved_datasets_folder_and_its_split_load(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(PROMPT_COMPLETION), "test": Dataset.from_list(TEXT)}).save_to_disk(
+        str(tmp_path / "saved")
     )
-    splits = format_alpaca(frame, "</s>", 0.2, "rows")
-    for table in (splits.train, splits.eval):
-        for completion, text in zip(table["completion"], table["text"]):
-            assert completion.endswith("</s>") and completion.count("</s>") == 1
-            assert text.count("</s>") == 1
+    assert load_dataset(dataset_settings(source=str(tmp_path / "saved"))).format == "prompt_completion"
+    assert load_dataset(dataset_settings(source=str(tmp_path / "saved"), split="test")).format == "text"
+    with pytest.raises(DataError, match=r"no split 'validation' \(has train, test\)"):
+        load_dataset(dataset_settings(source=str(tmp_path / "saved"), split="validation"))
 
 
-def test_prompt_uses_the_alpaca_template_with_and_without_input():
-    frame = _frame([{"instruction": "Sort.", "input": "3, 1", "output": "1, 3"}] + [
-        {"instruction": f"q{i}", "output": "a"} for i in range(30)
-    ])
-    splits = format_alpaca(frame, "</s>", 0.3, "rows")
-    everything = pd.concat([splits.train, splits.eval])
-    with_input = everything[everything["prompt"].str.contains("3, 1")].iloc[0]["prompt"]
-    assert with_input == "### Instruction:\nSort.\n\n### Input:\n3, 1\n\n### Response:\n"
-    assert "### Input" not in everything[everything["prompt"].str.contains("q0\n")].iloc[0]["prompt"]
+def test_an_fsspec_url_is_read_through_fsspec():
+    import fsspec
+
+    with fsspec.open("memory://datasets/chat.jsonl", "w") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in MESSAGES))
+    loaded = load_dataset(dataset_settings(source="memory://datasets/chat.jsonl"))
+    assert loaded.format == "messages" and len(loaded.frame) == 60
+    assert len(load_dataset(dataset_settings(source="memory://datasets/")).frame) == 60
 
 
-def test_split_is_deterministic_disjoint_and_keeps_duplicates_together():
+def test_a_hub_dataset_is_read_offline_from_the_hf_cache(tmp_path, monkeypatch):
+    """A dataset downloaded once (here: written into the hub cache layout) loads with the hub offline."""
+    import datasets
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "datasets--acme--instructions"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (snapshot / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    pd.DataFrame(ALPACA).to_parquet(snapshot / "data" / "train-00000-of-00001.parquet", index=False)
+    # The variables are read when the libraries are imported; set what they derived from them.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    loaded = load_dataset(dataset_settings(source="hf:acme/instructions"))
+    assert loaded.format == "alpaca" and len(loaded.frame) == 60
+    assert loaded.source == "hf:acme/instructions[train]"
+    with pytest.raises(DataError, match=r"hf:acme/missing: cannot load the hub dataset \(split 'train'\)"):
+        load_dataset(dataset_settings(source="hf:acme/missing"))
+
+
+def test_column_mapping_renames_other_column_names(tmp_path):
+    path = _write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)])
+    loaded = load_dataset(dataset_settings(source=str(path), columns={"instruction": "question", "output": "answer"}))
+    assert loaded.format == "alpaca" and list(loaded.frame["output"][:2]) == ["a0", "a1"]
+    with pytest.raises(DataError, match=r"dataset.columns maps to 'query', which the data does not have \(found question, answer\)"):
+        load_dataset(dataset_settings(source=str(path), columns={"instruction": "query"}))
+
+
+# --- formats and templates ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("rows", "fmt", "template"),
+    [(ALPACA, "alpaca", "alpaca"), (SHAREGPT, "sharegpt", "chatml"), (MESSAGES, "messages", "chatml"),
+     (PROMPT_COMPLETION, "prompt_completion", "plain"), (TEXT, "text", "plain")],
+)
+def test_each_format_is_detected_templated_and_ends_in_one_eos(tmp_path, tokenizer, rows, fmt, template):
+    path = _write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
+    formatted = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=2048)
+    assert formatted.format == fmt and formatted.template == template and formatted.counts["truncated"] == 0
+    for table in (formatted.train, formatted.eval):
+        frame = table.to_pandas()
+        assert frame["ends_with_eos"].all()
+        for ids in frame["input_ids"]:
+            assert ids[-1] == tokenizer.eos_token_id and list(ids).count(tokenizer.eos_token_id) == 1
+    assert formatted.counts["train_rows"] + formatted.counts["eval_rows"] == len(rows)
+
+
+def test_alpaca_prompts_and_the_loss_mask_cover_exactly_the_response(tokenizer):
+    formatted = format_rows(tokenizer, dataset_settings(max_rows=80), eval_fraction=0.2, max_length=256)
+    frame = formatted.train.to_pandas()
+    first = frame.iloc[0]
+    assert first["prompt"].startswith("### Instruction:\n") and first["prompt"].endswith("### Response:\n")
+    for row in range(5):
+        ids, mask = np.asarray(frame["input_ids"][row]), np.asarray(frame["loss_mask"][row])
+        assert tokenizer.decode(ids[mask == 1]) == frame["completion"][row]  # the answer and its EOS
+        assert tokenizer.decode(ids[mask == 0], skip_special_tokens=True) == frame["prompt"][row]
+        assert (mask[: frame["prompt_tokens"][row]] == 0).all() and (mask[frame["prompt_tokens"][row]:] == 1).all()
+
+
+def test_conversations_train_on_every_assistant_turn_and_nothing_else(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "chat.jsonl", SHAREGPT)
+    formatted = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=2048)
+    frame = pd.concat([formatted.train.to_pandas(), formatted.eval.to_pandas()])
+    two_turns = frame[frame["text"].str.contains("And doubled")].iloc[0]
+    trained = tokenizer.decode(np.asarray(two_turns["input_ids"])[np.asarray(two_turns["loss_mask"]) == 1])
+    assert trained.count("<|im_end|>") == 2  # both answers, each through its end-of-turn marker
+    assert "What is" not in trained and "And doubled" not in trained and "terse" not in trained
+    assert trained.endswith("</s>")
+    tool_row = frame[frame["text"].str.contains("<tool_call>")].iloc[0]
+    assert '"name": "weather"' in tool_row["text"] and "<|im_start|>tool\n" in tool_row["text"]
+    trained_tool = tokenizer.decode(np.asarray(tool_row["input_ids"])[np.asarray(tool_row["loss_mask"]) == 1])
+    assert "<tool_call>" in trained_tool and "degrees." in trained_tool and "Weather in city" not in trained_tool
+    assert "tool\n" not in trained_tool  # the tool's output is context, not something to learn
+
+
+def test_loss_on_every_token_when_responses_only_is_off(tokenizer):
+    formatted = format_rows(tokenizer, dataset_settings(max_rows=40), eval_fraction=0.2, loss_on_responses_only=False)
+    assert all(np.asarray(mask).all() for mask in formatted.train.column("loss_mask").to_pylist())
+
+
+def test_the_tokenizers_own_chat_template_wins_and_an_inline_one_can_be_given(tmp_path, micro_base):
+    from transformers import AutoTokenizer
+
+    path = _write_jsonl(tmp_path / "chat.jsonl", MESSAGES)
+    own = AutoTokenizer.from_pretrained(micro_base)
+    own.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    formatted = format_rows(own, dataset_settings(source=str(path)), eval_fraction=0.2)
+    assert formatted.template == "tokenizer" and "[user] Name number" in formatted.train.column("text")[0].as_py()
+    inline = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    formatted = format_rows(own, dataset_settings(source=str(path)), eval_fraction=0.2, template=inline)
+    assert formatted.template == "inline" and "<user>Name number" in formatted.train.column("text")[0].as_py()
+    with pytest.raises(ConfigError, match="unknown template 'vicuna'"):
+        format_rows(own, dataset_settings(source=str(path)), template="vicuna")
+
+
+def test_a_system_prompt_is_added_where_rows_have_none(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "chat.jsonl", MESSAGES)
+    formatted = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, system_prompt="Be brief.")
+    assert formatted.train.column("text")[0].as_py().startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_a_pad_token_distinct_from_eos_is_chosen_when_the_tokenizer_pads_with_eos(micro_base):
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.ml.data import ensure_distinct_pad
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_base)
+    tokenizer.pad_token = tokenizer.eos_token
+    ensure_distinct_pad(tokenizer)
+    assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+# --- cleaning and the split -----------------------------------------------------------------------
+
+def test_cleaning_counts_every_step(tmp_path, tokenizer):
+    rows = [{"instruction": f"Task {i}", "output": f"Result {i}"} for i in range(50)]
+    rows += [{"instruction": "Task 3", "output": "Result 3"}]           # exact duplicate
+    rows += [{"instruction": "  task 4 ", "output": "RESULT   4"}]      # case/whitespace duplicate
+    rows += [{"instruction": "   ", "output": "x"}, {"instruction": "y", "output": ""}]  # empty
+    rows += [{"instruction": "Long " * 5, "output": "word " * 400}]   # over max_length
+    path = tmp_path / "messy.json"
+    path.write_text(json.dumps(rows))
+    truncated = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=64)
+    counts = truncated.counts
+    assert (counts["rows_in"], counts["empty"], counts["exact_duplicates"], counts["normalized_duplicates"]) == (55, 2, 1, 1)
+    assert counts["truncated"] == 1 and counts["too_long_dropped"] == 0
+    assert counts["train_rows"] + counts["eval_rows"] == 51
+    dropped = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=64, overlong="drop")
+    assert dropped.counts["too_long_dropped"] == 1 and dropped.counts["train_rows"] + dropped.counts["eval_rows"] == 50
+    rows[-1] = {"instruction": "Long " * 400, "output": "short"}      # the prompt alone fills max_length
+    path.write_text(json.dumps(rows))
+    no_response = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=64)
+    assert no_response.counts["no_trainable_tokens"] == 1
+
+
+def test_split_is_deterministic_disjoint_and_duplicates_never_straddle_it(tokenizer, tmp_path):
+    from lora_pipeline.ml.quality import check_disjoint
+
     rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(300)]
     rows += [{"instruction": "Question 7 ", "output": "answer  7"}]  # a normalised duplicate of row 7
-    first = format_alpaca(_frame(rows), "</s>", 0.2, "rows")
-    second = format_alpaca(_frame(list(reversed(rows))), "</s>", 0.2, "rows")
-    assert set(first.eval["text"]) == set(second.eval["text"])
-    assert not set(first.train["text"]) & set(first.eval["text"])
-    assert 30 < len(first.eval) < 90
-    assert len(first.train) + len(first.eval) == 301
-    both = pd.concat([first.train, first.eval])
-    row_seven = both[both["prompt"].str.contains("uestion 7 ?\n", regex=True)]
-    assert len(row_seven) == 2 and row_seven["split_bucket"].nunique() == 1
+    forward, backward = tmp_path / "f.json", tmp_path / "b.json"
+    forward.write_text(json.dumps(rows))
+    backward.write_text(json.dumps(rows[::-1]))
+    first = format_rows(tokenizer, dataset_settings(source=str(forward)), dedupe="none", eval_fraction=0.2)
+    second = format_rows(tokenizer, dataset_settings(source=str(backward)), dedupe="none", eval_fraction=0.2)
+    assert set(first.eval.column("text").to_pylist()) == set(second.eval.column("text").to_pylist())
+    train, evaluation = first.train.to_pandas(), first.eval.to_pandas()
+    assert check_disjoint(train, evaluation).passed
+    assert 30 < len(evaluation) < 90 and len(train) + len(evaluation) == 301
+    sevens = pd.concat([train, evaluation])
+    sevens = sevens[sevens["prompt"].str.contains("uestion 7 ?\n", regex=True)]
+    assert len(sevens) == 2 and sevens["split_bucket"].nunique() == 1
+    leaked = pd.concat([evaluation, train.head(1)])
+    assert not check_disjoint(train, leaked).passed
 
 
-def test_a_split_without_eval_rows_is_a_clear_error():
-    with pytest.raises(DataError, match=r"1 rows give .* training and .* held-out"):
-        format_alpaca(_frame([{"instruction": "only", "output": "one"}]), "</s>", 0.1, "rows")
+def test_the_formatted_check_catches_missing_eos_and_too_much_truncation(tokenizer):
+    from lora_pipeline.ml.quality import check_formatted
+
+    formatted = format_rows(tokenizer, dataset_settings(max_rows=80), eval_fraction=0.2)
+    train, evaluation = formatted.train.to_pandas(), formatted.eval.to_pandas()
+    assert check_formatted(train, evaluation, 0.05).passed
+    broken = train.copy()
+    broken.loc[0, "ends_with_eos"] = False
+    assert "EOS" in check_formatted(broken, evaluation, 0.05).description
+    long = train.copy()
+    long["truncated"] = True
+    outcome = check_formatted(long, evaluation, 0.05)
+    assert not outcome.passed and "longer than training.max_length" in outcome.description
 
 
-def test_real_world_alpaca_data_loads_and_formats():
+def test_split_sizes_agree_with_the_split_and_refuse_an_empty_side(tokenizer, tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(200)]))
+    cleaned = clean_rows(load_dataset(dataset_settings(source=str(path))))
+    formatted = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2)
+    assert split_sizes(cleaned, 0.2) == (formatted.counts["train_rows"], formatted.counts["eval_rows"])
+    path.write_text(json.dumps([{"instruction": "only", "output": "one"}]))
+    with pytest.raises(DataError, match=r"rows.json: 1 rows give"):
+        split_sizes(clean_rows(load_dataset(dataset_settings(source=str(path)))), 0.01)
+
+
+def test_real_world_alpaca_data_loads_and_formats(tokenizer):
     if not SHARED_DATA.exists():
         pytest.fail(f"{SHARED_DATA} is missing: the shared data folder must sit beside the project checkout")
-    frame = load_alpaca(str(SHARED_DATA))
-    splits = format_alpaca(frame, "</s>", 0.1, str(SHARED_DATA))
-    assert len(frame) == 999
-    assert len(splits.train) + len(splits.eval) == 999
-    assert json.dumps(list(splits.train["text"][:3]), ensure_ascii=False)
+    formatted = format_rows(tokenizer, dataset_settings(source=str(SHARED_DATA)), max_length=512)
+    assert formatted.format == "alpaca" and formatted.counts["rows_in"] == 999
+    assert formatted.counts["train_rows"] + formatted.counts["eval_rows"] + sum(
+        formatted.counts[k] for k in ("empty", "exact_duplicates", "normalized_duplicates", "no_trainable_tokens")
+    ) == 999
 
 
-def test_split_sizes_agree_with_the_split_and_refuse_an_empty_side():
-    from lora_pipeline.ml.data import split_sizes
+# --- bad input: one line naming the file, line/row and field ----------------------------------------
 
-    frame = _frame([{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(200)])
-    splits = format_alpaca(frame, "</s>", 0.2, "rows")
-    assert split_sizes(frame, 0.2, "rows") == (len(splits.train), len(splits.eval))
-    with pytest.raises(DataError, match="rows: 1 rows give"):
-        split_sizes(frame.head(1), 0.01, "rows")
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}\n]',
+         r"bad.json: line 3, column \d+: invalid JSON"),
+        ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n', r"bad.jsonl: line 2, column \d+: invalid JSON"),
+        ("empty.json", "  \n", "empty.json: the dataset file is empty"),
+        ("empty.jsonl", "", "empty.jsonl: the dataset file is empty"),
+        ("missing.json", '[{"instruction": "a", "output": "b"}, {"instruction": "c", "response": "d"}]',
+         r"missing.json: row 1: missing field 'output' \(alpaca rows need instruction, output; found instruction, output, response\)"),
+        ("columns.jsonl", '{"question": "a", "answer": "b"}\n',
+         r"columns.jsonl: cannot tell the format from the columns question, answer \(expected one of alpaca: instruction, output"),
+        ("type.json", '[{"instruction": "a", "output": 3}]', r"type.json: row 0: field 'output' must be a string, found int"),
+        ("roles.jsonl", '{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}\n',
+         r"roles.jsonl: line 1: field 'conversations' turn 1: unknown role 'bot' in 'from'"),
+        ("parts.jsonl", '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}\n',
+         r"parts.jsonl: line 1: field 'messages' message 0: content part 0: only text parts"),
+        ("object.json", '[{"instruction": "a", "output": "b"}, 7]', r"object.json: row 1: expected an object, found int"),
+        ("blank.json", '[{"instruction": " ", "output": "b"}, {"instruction": "c", "output": ""}]',
+         r"blank.json: cleaning removed every row \(2 empty"),
+        ("broken.csv", 'instruction,output\n"a,b\n', r"broken.csv: invalid CSV"),
+        ("notes.docx", "x", r"notes.docx: unknown file type '.docx'"),
+    ],
+)
+def test_bad_input_is_one_clear_error_naming_file_and_place(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as error:
+        clean_rows(load_dataset(dataset_settings(source=str(path))))
+    assert "\n" not in str(error.value)
+
+
+def test_missing_columns_of_a_declared_format_list_expected_and_found(tmp_path):
+    path = _write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "a", "answer": "b"}])
+    with pytest.raises(DataError, match=r"missing column 'completion' \(prompt_completion rows need prompt, completion; optional system; found prompt, answer\)"):
+        load_dataset(dataset_settings(source=str(path), format="prompt_completion"))
+
+
+def test_non_utf8_bytes_and_missing_files_are_named(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"instruction": "ok", "output": "x"}\n{"instruction": "caf\xe9", "output": "x"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl: line 2: bytes that are not UTF-8"):
+        load_dataset(dataset_settings(source=str(latin)))
+    with pytest.raises(DataError, match=r"nope.json: dataset not found"):
+        load_dataset(dataset_settings(source=str(tmp_path / "nope.json")))
+
+
+def test_an_unknown_format_name_is_a_config_error_naming_the_key(tmp_path):
+    from lora_pipeline.config.registry import validate_config
+
+    with pytest.raises(ConfigError, match=r"'dataset.format'.*'alpaca', 'sharegpt'"):
+        validate_config({"base_model": "builtin:micro-llama", "dataset": {"source": "x.json", "format": "vicuna"}}, "x.yaml")

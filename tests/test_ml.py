@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
 import torch
 
-from lora_pipeline.ml.data import format_alpaca, load_alpaca
-from lora_pipeline.ml.evaluate import IGNORE_INDEX, completion_batches, logits_of, max_relative_difference
+from lora_pipeline.ml.evaluate import IGNORE_INDEX, example_batches, logits_of, max_relative_difference, pad_id_of
 from lora_pipeline.ml.merge import StaleQuantStateError, assert_dequantizable, load_dequantized, load_full_precision, merge_adapter
 from lora_pipeline.ml.precision import DeviceInfo
 from lora_pipeline.ml.quantize import quantize_base
 
-from conftest import SAMPLE_DATA
+from conftest import dataset_settings, format_rows, sample_corpus
 
 CPU = DeviceInfo(device="cpu")
 
@@ -26,7 +27,8 @@ def tokenizer(micro_base):
 
 @pytest.fixture(scope="module")
 def splits(tokenizer):
-    return format_alpaca(load_alpaca(str(SAMPLE_DATA), max_rows=160), tokenizer.eos_token, 0.15, "sample")
+    formatted = format_rows(tokenizer, dataset_settings(max_rows=160), eval_fraction=0.15, max_length=96)
+    return SimpleNamespace(train=formatted.train.to_pandas(), eval=formatted.eval.to_pandas())
 
 
 @pytest.fixture(scope="module")
@@ -42,42 +44,48 @@ def test_builtin_tokenizer_pads_with_a_token_that_is_not_eos(tokenizer):
 
 
 def test_builtin_model_is_deterministic(micro_base, tmp_path):
-    from lora_pipeline.ml.data import training_texts
     from lora_pipeline.ml.tiny import BUILTIN_MODELS, build_tiny_llama
 
-    again = build_tiny_llama(
-        training_texts(load_alpaca(str(SAMPLE_DATA), max_rows=160), 0.15), tmp_path / "again", BUILTIN_MODELS["micro-llama"]
-    )
+    again = build_tiny_llama(sample_corpus(), tmp_path / "again", BUILTIN_MODELS["micro-llama"])
     for name in ("model.safetensors", "tokenizer.json"):
         assert (again / name).read_bytes() == (micro_base / name).read_bytes()
 
 
 def test_eval_labels_mask_the_prompt_and_keep_eos(tokenizer, splits):
-    batch = completion_batches(tokenizer, splits.eval.head(4), max_length=512, batch_size=4)[0]
-    for row, (prompt, completion) in enumerate(zip(splits.eval["prompt"][:4], splits.eval["completion"][:4])):
-        prompt_len = len(tokenizer(prompt)["input_ids"])
+    batch = example_batches(splits.eval.head(4), pad_id_of(tokenizer), batch_size=4)[0]
+    for row, (prompt_tokens, tokens) in enumerate(zip(splits.eval["prompt_tokens"][:4], splits.eval["tokens"][:4])):
         length = int(batch.attention_mask[row].sum())
         labels = batch.labels[row]
-        assert (labels[:prompt_len] == IGNORE_INDEX).all()
-        assert (labels[prompt_len:length] == batch.input_ids[row, prompt_len:length]).all()
+        assert length == tokens
+        assert (labels[:prompt_tokens] == IGNORE_INDEX).all()
+        assert (labels[prompt_tokens:length] == batch.input_ids[row, prompt_tokens:length]).all()
         assert int(labels[length - 1]) == tokenizer.eos_token_id
         assert (labels[length:] == IGNORE_INDEX).all()
 
 
-def test_trl_training_batches_keep_eos_in_the_labels_and_mask_prompt_and_padding(micro_base, tokenizer, splits, tmp_path):
-    """The anchors' "never stops" bug: pad == EOS with a collator that masks pad drops EOS from the labels."""
+@pytest.mark.parametrize("pad", ["distinct", "eos"])
+def test_trl_training_batches_keep_eos_in_the_labels_and_mask_prompt_and_padding(micro_base, splits, tmp_path, pad):
+    """The anchors' "never stops" bug: pad == EOS with a collator that masks pad drops EOS from the labels.
+
+    Our labels come from the loss mask, so EOS keeps its label even when a tokenizer pads with EOS.
+    """
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(
-        output_dir=str(tmp_path), max_length=96, completion_only_loss=True, use_cpu=True, report_to=[],
-        per_device_train_batch_size=3,
-    )
+    from lora_pipeline.ml.train import training_labels
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_base)
+    if pad == "eos":
+        tokenizer.pad_token = tokenizer.eos_token
+    head = splits.train.head(3)
+    args = SFTConfig(output_dir=str(tmp_path), max_length=96, use_cpu=True, report_to=[], per_device_train_batch_size=3)
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(micro_base),
         args=args,
-        train_dataset=Dataset.from_pandas(splits.train[["prompt", "completion"]].head(3), preserve_index=False),
+        train_dataset=Dataset.from_dict(
+            {"input_ids": [list(map(int, ids)) for ids in head["input_ids"]], "labels": training_labels(head)}
+        ),
         processing_class=tokenizer,
     )
     examples = [trainer.train_dataset[i] for i in range(3)]
@@ -155,7 +163,7 @@ def _random_adapter(base_dir, out_dir):
 @pytest.mark.parametrize("weights", ["dequantized", "original"])
 def test_merged_logits_equal_the_adapter_on_the_same_weights(micro_base, nf4_dir, tokenizer, splits, tmp_path, weights):
     adapter_dir = _random_adapter(micro_base, tmp_path / "adapter")
-    probes = completion_batches(tokenizer, splits.eval.head(6), max_length=96, batch_size=3)
+    probes = example_batches(splits.eval.head(6), pad_id_of(tokenizer), batch_size=3)
     base = load_dequantized(nf4_dir) if weights == "dequantized" else load_full_precision(micro_base)
     base_logits = logits_of(base, probes)
     merged, fidelity = merge_adapter(base, adapter_dir, probes)

@@ -9,14 +9,14 @@ import dagster as dg
 import pytest
 import torch
 
-from lora_pipeline.assets import PIPELINE_ASSETS
+from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
 from lora_pipeline.definitions import defs
 
 
 def _materialize(fake_resources, partition="micro"):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("models", [partition])
-    result = dg.materialize(PIPELINE_ASSETS, partition_key=partition, instance=instance, resources=fake_resources)
+    result = dg.materialize([*PIPELINE_ASSETS, *PIPELINE_CHECKS], partition_key=partition, instance=instance, resources=fake_resources)
     assert result.success
     refs = {
         name: result.asset_materializations_for_node(name)[0].metadata["uri"].value

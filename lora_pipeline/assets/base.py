@@ -14,7 +14,7 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.data import load_alpaca, training_texts
+from lora_pipeline.ml.data import clean_rows, load_dataset, tokenizer_corpus
 from lora_pipeline.ml.precision import compute_dtype_name
 from lora_pipeline.ml.quantize import quantize_base
 from lora_pipeline.ml.tiny import BUILTIN_PREFIX
@@ -94,8 +94,9 @@ def source_dtype(quantized_dir: Path) -> str:
 
 
 def _builtin_corpus(model_config: ModelConfig) -> list[str]:
-    frame = load_alpaca(model_config.dataset.source, model_config.dataset.max_rows)
-    return training_texts(frame, model_config.dataset.eval_fraction)
+    # The same corpus formatted_dataset gives the built-in tokenizer, so both resolve one model.
+    cleaned = clean_rows(load_dataset(model_config.dataset), model_config.dataset.dedupe)
+    return tokenizer_corpus(cleaned, model_config.dataset.eval_fraction)
 
 
 def _source_dtype(model_dir: Path) -> str:

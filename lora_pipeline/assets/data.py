@@ -1,4 +1,4 @@
-"""Data stages: the rows as loaded, and the formatted train/eval splits."""
+"""Data stages: the rows as loaded, and the cleaned, templated, tokenized train/eval splits; their checks."""
 
 import dagster as dg
 import pandas as pd
@@ -6,45 +6,102 @@ import pandas as pd
 from lora_pipeline.assets.common import (
     config_metadata,
     pipeline_asset,
+    read_json,
     ref_metadata,
     resolve_model_config,
+    write_json,
 )
-from lora_pipeline.config.schema import TuningRunConfig
-from lora_pipeline.ml.data import fingerprint, format_alpaca, load_alpaca, training_texts
+from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
+from lora_pipeline.ml.data import (
+    FormatSettings,
+    LoadedDataset,
+    clean_rows,
+    fingerprint,
+    format_dataset,
+    load_dataset,
+    tokenizer_corpus,
+)
+from lora_pipeline.ml.formats import storable, validate_rows
 from lora_pipeline.ml.plots import bar_chart_png, markdown_image
+from lora_pipeline.ml.quality import CheckOutcome, check_disjoint, check_formatted
+from lora_pipeline.ml.sources import SourceRows
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
+ROWS_FILE = "rows.parquet"
+DATASET_INFO = "dataset_info.json"
+FORMAT_SUMMARY = "format_summary.json"
 
-@pipeline_asset(kinds={"parquet"}, group="data")
+
+@pipeline_asset(kinds={"parquet", "pandera"}, group="data")
 def raw_dataset(
     context: dg.AssetExecutionContext, config: TuningRunConfig, registry: ModelRegistry, storage: ArtifactStore
 ) -> dg.Output[ArtifactRef]:
-    """Rows of the configured dataset source, checked against the declared format, stored as Parquet."""
+    """Rows of the configured source (file, folder, glob, URL or hub dataset), checked against their format with pandera, stored as Parquet."""
     model_config = resolve_model_config(context, config, registry)
-    frame = load_alpaca(model_config.dataset.source, model_config.dataset.max_rows)
-    content_hash = fingerprint(frame)
+    loaded = load_dataset(model_config.dataset)
+    content_hash = fingerprint(loaded.frame)
+    stored, nested = storable(loaded.frame)
+    info = {
+        "source": loaded.source,
+        "source_kind": loaded.rows.kind,
+        "files": [part.path for part in loaded.rows.parts],
+        "format": loaded.format,
+        "format_detected": loaded.detected,
+        "nested_columns": nested,
+        "rows": len(stored),
+        "fingerprint": content_hash,
+    }
     with storage.staging_dir() as staging:
-        frame.to_parquet(staging / "rows.parquet", index=False)
+        stored.to_parquet(staging / ROWS_FILE, index=False)
+        write_json(staging / DATASET_INFO, info)
         ref = storage.publish(staging, context.partition_key, "raw_dataset")
+    context.log.info(f"{len(stored)} {loaded.format} rows from {loaded.source}"
+                     + (" (format detected)" if loaded.detected else ""))
     return dg.Output(
         ref,
         data_version=dg.DataVersion(content_hash[:16]),
         metadata={
             **ref_metadata(ref),
             **config_metadata(model_config),
-            "source": dg.MetadataValue.text(model_config.dataset.source),
-            "format": dg.MetadataValue.text(model_config.dataset.format),
+            "source": dg.MetadataValue.text(loaded.source),
+            "source_kind": dg.MetadataValue.text(loaded.rows.kind),
+            "source_files": dg.MetadataValue.int(len(loaded.rows.parts)),
+            "format": dg.MetadataValue.text(loaded.format),
+            "format_detected": dg.MetadataValue.bool(loaded.detected),
             "fingerprint": dg.MetadataValue.text(content_hash),
-            "rows": dg.MetadataValue.int(len(frame)),
-            "columns": dg.MetadataValue.text(", ".join(frame.columns)),
-            "preview": dg.MetadataValue.md(_preview(frame)),
+            "rows": dg.MetadataValue.int(len(stored)),
+            "columns": dg.MetadataValue.text(", ".join(map(str, stored.columns))),
+            "preview": dg.MetadataValue.md(_preview(stored)),
         },
     )
 
 
-@pipeline_asset(kinds={"parquet"}, group="data")
+def stored_rows(storage: ArtifactStore, ref: ArtifactRef) -> LoadedDataset:
+    """The raw_dataset artifact as loaded rows again (nested values stay JSON text; the format readers parse it)."""
+    folder = storage.local_path(ref)
+    info = read_json(folder / DATASET_INFO)
+    frame = pd.read_parquet(folder / ROWS_FILE)
+    label = f"{info['source']} (raw_dataset)"
+    rows = SourceRows(frame=frame, source=label, kind=info["source_kind"])
+    return LoadedDataset(rows=rows, format=info["format"], detected=info["format_detected"])
+
+
+def format_settings(model_config: ModelConfig) -> FormatSettings:
+    """The parts of the config that decide how rows become training examples."""
+    dataset, training = model_config.dataset, model_config.training
+    return FormatSettings(
+        template=dataset.template,
+        system_prompt=dataset.system_prompt,
+        max_length=training.max_length,
+        overlong=dataset.overlong,
+        eval_fraction=dataset.eval_fraction,
+        loss_on_responses_only=training.completion_only_loss,
+    )
+
+
+@pipeline_asset(kinds={"parquet", "pandera"}, group="data")
 def formatted_dataset(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -53,44 +110,135 @@ def formatted_dataset(
     hub: ModelHub,
     raw_dataset: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
-    """Training examples after the prompt template, with EOS appended once, split train/eval by content hash."""
+    """Training examples: empty rows and duplicates dropped, the template applied with one EOS, tokenized with the base's tokenizer, over-long ones truncated or dropped, split train/eval by content hash."""
     from transformers import AutoTokenizer
 
     model_config = resolve_model_config(context, config, registry)
-    rows = pd.read_parquet(storage.local_path(raw_dataset) / "rows.parquet").astype("string")
-    eval_fraction = model_config.dataset.eval_fraction
+    settings = format_settings(model_config)
+    cleaned = clean_rows(stored_rows(storage, raw_dataset), model_config.dataset.dedupe)
     tokenizer_dir = hub.resolve(
         model_config.base_model,
         model_config.base_revision,
-        lambda: training_texts(rows, eval_fraction),
+        lambda: tokenizer_corpus(cleaned, settings.eval_fraction),
         tokenizer_only=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    splits = format_alpaca(rows, tokenizer.eos_token, eval_fraction, model_config.dataset.source)
-    lengths = [len(ids) for ids in tokenizer(list(splits.train["text"]))["input_ids"]]
-    max_length = model_config.training.max_length
-    truncated = sum(length > max_length for length in lengths)
+    formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info)
+    lengths = formatted.token_lengths
+    counts = formatted.counts
+    truncation_rate = float((lengths > settings.max_length).mean())
     with storage.staging_dir() as staging:
-        splits.train.to_parquet(staging / "train.parquet", index=False)
-        splits.eval.to_parquet(staging / "eval.parquet", index=False)
+        import pyarrow.parquet as pq
+
+        pq.write_table(formatted.train, staging / "train.parquet")
+        pq.write_table(formatted.eval, staging / "eval.parquet")
+        write_json(
+            staging / FORMAT_SUMMARY,
+            {"format": formatted.format, "template": formatted.template, "eos_token": formatted.eos_token,
+             "pad_token": formatted.pad_token, "counts": counts, "max_length": settings.max_length,
+             "max_truncation_rate": model_config.dataset.max_truncation_rate},
+        )
         ref = storage.publish(staging, context.partition_key, "formatted_dataset")
+    context.log.info(_rows_per_step_line(counts))
+    train_preview = formatted.train.select(["prompt", "completion", "tokens"]).slice(0, 5).to_pandas()
     return dg.Output(
         ref,
         metadata={
             **ref_metadata(ref),
             **config_metadata(model_config),
-            "template": dg.MetadataValue.text(splits.template),
-            "eos_token": dg.MetadataValue.text(tokenizer.eos_token),
-            "rows_in": dg.MetadataValue.int(len(rows)),
-            "train_rows": dg.MetadataValue.int(len(splits.train)),
-            "eval_rows": dg.MetadataValue.int(len(splits.eval)),
-            "train_tokens": dg.MetadataValue.int(sum(lengths)),
-            "max_tokens": dg.MetadataValue.int(max(lengths)),
-            "truncation_rate": dg.MetadataValue.float(truncated / len(lengths)),
-            "token_lengths": dg.MetadataValue.md(markdown_image(_length_histogram(lengths), "token lengths")),
-            "preview": dg.MetadataValue.md(_preview(splits.train[["prompt", "completion"]])),
+            "format": dg.MetadataValue.text(formatted.format),
+            "template": dg.MetadataValue.text(formatted.template),
+            "eos_token": dg.MetadataValue.text(formatted.eos_token),
+            "pad_token": dg.MetadataValue.text(str(formatted.pad_token)),
+            "rows_in": dg.MetadataValue.int(counts["rows_in"]),
+            **{f"dropped_{name}": dg.MetadataValue.int(counts[name])
+               for name in ("empty", "exact_duplicates", "normalized_duplicates", "too_long_dropped",
+                            "no_trainable_tokens")},
+            "truncated": dg.MetadataValue.int(counts["truncated"]),
+            "train_rows": dg.MetadataValue.int(counts["train_rows"]),
+            "eval_rows": dg.MetadataValue.int(counts["eval_rows"]),
+            "rows_per_step": dg.MetadataValue.md(_rows_per_step_table(counts)),
+            "train_tokens": dg.MetadataValue.int(int(formatted.train.column("tokens").to_numpy().sum())),
+            "max_tokens": dg.MetadataValue.int(int(lengths.max())),
+            "truncation_rate": dg.MetadataValue.float(truncation_rate),
+            "token_lengths": dg.MetadataValue.md(
+                markdown_image(_length_histogram(lengths, settings.max_length), "token lengths")
+            ),
+            "preview": dg.MetadataValue.md(_preview(train_preview)),
         },
     )
+
+
+@dg.asset_check(asset=raw_dataset, blocking=True)
+def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
+                      raw_dataset: ArtifactRef) -> dg.AssetCheckResult:
+    """The stored rows pass the pandera schema of their format (required columns, types, roles, turns)."""
+    loaded = stored_rows(storage, raw_dataset)
+    validate_rows(loaded.frame, loaded.format, loaded.rows.where, loaded.source)
+    return dg.AssetCheckResult(
+        passed=True,
+        description=f"{len(loaded.frame)} rows match the {loaded.format} schema",
+        metadata={"format": loaded.format, "rows": len(loaded.frame)},
+    )
+
+
+@dg.asset_check(asset=formatted_dataset, blocking=True)
+def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
+                           formatted_dataset: ArtifactRef) -> dg.AssetCheckResult:
+    """Each example has text, tokens, at least one trained token and ends with one EOS unless truncated; the truncation rate is within dataset.max_truncation_rate."""
+    folder = storage.local_path(formatted_dataset)
+    summary = read_json(folder / FORMAT_SUMMARY)
+    outcome = check_formatted(
+        pd.read_parquet(folder / "train.parquet"),
+        pd.read_parquet(folder / "eval.parquet"),
+        summary["max_truncation_rate"],
+        summary["counts"]["too_long_dropped"],
+    )
+    return _check_result(outcome)
+
+
+@dg.asset_check(asset=formatted_dataset, blocking=True)
+def train_eval_disjoint(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
+                        formatted_dataset: ArtifactRef) -> dg.AssetCheckResult:
+    """No example (compared case- and whitespace-insensitively) is in both the training and the held-out split."""
+    folder = storage.local_path(formatted_dataset)
+    columns = ["content_hash"]
+    outcome = check_disjoint(pd.read_parquet(folder / "train.parquet", columns=columns),
+                             pd.read_parquet(folder / "eval.parquet", columns=columns))
+    return _check_result(outcome)
+
+
+DATA_CHECKS = [rows_match_format, examples_are_trainable, train_eval_disjoint]
+
+
+def _check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=outcome.passed, description=outcome.description, metadata=outcome.figures)
+
+
+STEP_LABELS = {
+    "rows_in": "rows read",
+    "empty": "empty (dropped)",
+    "exact_duplicates": "exact duplicates (dropped)",
+    "normalized_duplicates": "case/whitespace duplicates (dropped)",
+    "too_long_dropped": "longer than max_length (dropped)",
+    "no_trainable_tokens": "no response tokens within max_length (dropped)",
+    "truncated": "truncated to max_length (kept)",
+    "train_rows": "train",
+    "eval_rows": "eval",
+}
+
+
+def _rows_per_step_table(counts: dict) -> str:
+    frame = pd.DataFrame({"step": [STEP_LABELS[k] for k in STEP_LABELS], "rows": [counts[k] for k in STEP_LABELS]})
+    return frame.to_markdown(index=False)
+
+
+def _rows_per_step_line(counts: dict) -> str:
+    dropped = {k: counts[k] for k in ("empty", "exact_duplicates", "normalized_duplicates", "too_long_dropped",
+                                      "no_trainable_tokens") if counts[k]}
+    dropped_text = ", ".join(f"{v} {STEP_LABELS[k].split(' (')[0]}" for k, v in dropped.items()) or "none"
+    return (f"{counts['rows_in']} rows -> {counts['train_rows']} train + {counts['eval_rows']} eval; dropped: "
+            f"{dropped_text}; truncated: {counts['truncated']}")
 
 
 def _preview(frame: pd.DataFrame, rows: int = 5) -> str:
@@ -98,10 +246,12 @@ def _preview(frame: pd.DataFrame, rows: int = 5) -> str:
     return shortened.replace({"\n": " "}, regex=True).to_markdown(index=False)
 
 
-def _length_histogram(lengths: list[int]) -> bytes:
-    edges = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+def _length_histogram(lengths, max_length: int) -> bytes:
+    edges = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
     counts: dict[str, float] = {}
     for low, high in zip(edges, edges[1:]):
-        counts[f"{low}-{high}"] = sum(low < length <= high for length in lengths)
-    counts[f">{edges[-1]}"] = sum(length > edges[-1] for length in lengths)
-    return bar_chart_png({k: v for k, v in counts.items() if v}, "examples", "tokens per training example")
+        counts[f"{low}-{high}"] = int(((lengths > low) & (lengths <= high)).sum())
+    counts[f">{edges[-1]}"] = int((lengths > edges[-1]).sum())
+    return bar_chart_png(
+        {k: v for k, v in counts.items() if v}, "examples", f"tokens per example (max_length {max_length})"
+    )

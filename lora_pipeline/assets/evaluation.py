@@ -47,7 +47,6 @@ def eval_report(
         storage.local_path(trained_adapter),
         storage.local_path(merged_model),
         eval_frame,
-        max_length=model_config.training.max_length,
         batch_size=settings.batch_size,
         sample_count=settings.samples,
         max_new_tokens=settings.max_new_tokens,

@@ -47,7 +47,6 @@ def merged_model(
             probe_frame=probe,
             out_dir=staging,
             dtype=dtype,
-            max_length=model_config.training.max_length,
         )
         ref = storage.publish(staging, context.partition_key, "merged_model")
     context.log.info(

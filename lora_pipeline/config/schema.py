@@ -24,23 +24,72 @@ class _Strict(dg.Config):
 
 
 class DatasetSettings(_Strict):
-    """Where the training data comes from and how it is split."""
+    """Where the training data comes from, what shape its rows have, how they are templated, cleaned and split."""
 
     source: str = Field(
-        description="Path or URI of the dataset: a local JSON/JSONL file (relative paths are "
-        "resolved against the working directory) or any fsspec URL such as s3://bucket/data.json."
+        description="The data: a local JSON, JSONL, CSV, Parquet or TXT file, a folder or glob of them "
+        "(relative paths are resolved against the working directory), a folder written by datasets' "
+        "save_to_disk, any fsspec URL (s3://bucket/train.jsonl, s3://bucket/prefix/), or a Hugging "
+        "Face hub dataset as 'hf:owner/name' (a bare 'owner/name' that is not a local path works too)."
     )
-    format: Literal["alpaca"] = Field(
-        default="alpaca",
-        description="Row format of the source. 'alpaca': objects with instruction, input (optional) "
-        "and output.",
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = Field(
+        default="auto",
+        description="Row format. 'auto' detects it from the columns and records which. 'alpaca': "
+        "instruction, input (optional), output, system (optional). 'sharegpt': conversations = "
+        "[{from, value}] with from human/gpt/system/function_call/observation/tool. 'messages': "
+        "OpenAI-style [{role, content}], content a string or a list of text parts. "
+        "'prompt_completion': prompt, completion. 'text': text (a TXT file gives one row per line).",
+    )
+    columns: dict[str, str] = Field(
+        default={},
+        description="Column mapping for data whose columns have other names: the format's column "
+        "name to the data's, e.g. {instruction: question, output: answer}.",
+    )
+    split: str = Field(
+        default="train", description="Split to read from a hub dataset or a save_to_disk DatasetDict."
+    )
+    subset: Optional[str] = Field(
+        default=None, description="Hub dataset configuration (subset) name, if it has several."
+    )
+    revision: Optional[str] = Field(
+        default=None, description="Hub dataset revision (branch, tag or commit) to read."
+    )
+    template: str = Field(
+        default="auto",
+        description="How rows become text. 'auto': the alpaca template for alpaca rows, plain "
+        "concatenation for prompt_completion and text, and for conversations the tokenizer's own "
+        "chat template, or ChatML when it has none. Named: 'alpaca', 'chatml', 'tokenizer', 'plain'. "
+        "Anything containing '{{' or '{%' is used as an inline Jinja chat template.",
+    )
+    system_prompt: Optional[str] = Field(
+        default=None,
+        description="System prompt added to every example that has none of its own.",
+    )
+    dedupe: Literal["normalized", "exact", "none"] = Field(
+        default="normalized",
+        description="Duplicate removal: 'normalized' drops exact duplicates and rows equal up to case "
+        "and whitespace; 'exact' only identical rows; 'none' keeps them (they still never straddle "
+        "the train/eval split).",
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        default="truncate",
+        description="Examples longer than training.max_length tokens (counted with the real tokenizer): "
+        "'truncate' keeps their first max_length tokens, 'drop' removes them. Either way an example "
+        "left with no response tokens is removed, and every count is recorded.",
+    )
+    max_truncation_rate: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="Largest share of examples that may exceed training.max_length; above it the "
+        "formatted_dataset check fails and training does not start (raise max_length or clean the data).",
     )
     eval_fraction: float = Field(
         default=0.1,
         gt=0.0,
         lt=1.0,
         description="Share of rows held out for evaluation. Rows are assigned by a hash of their "
-        "content, so the split is stable across runs and identical rows never straddle it.",
+        "normalised content, so the split is stable across runs and duplicates never straddle it.",
     )
     max_rows: Optional[int] = Field(
         default=None,
@@ -143,7 +192,8 @@ class TrainingSettings(_Strict):
     )
     completion_only_loss: bool = Field(
         default=True,
-        description="Compute the loss on the response tokens only, not on the prompt.",
+        description="Compute the loss on the response tokens only: the output of single-turn rows, "
+        "every assistant turn (with its end-of-turn marker) of conversations. Off: on every token.",
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         default="auto",

@@ -23,18 +23,18 @@ class Batch:
     labels: "object"
 
 
-def completion_batches(tokenizer, frame: "pd.DataFrame", max_length: int, batch_size: int) -> list[Batch]:
-    """Tokenize prompt + completion; the prompt's tokens get label -100, the completion's (EOS included) keep theirs."""
+def example_batches(frame: "pd.DataFrame", pad_id: int, batch_size: int) -> list[Batch]:
+    """Right-padded batches of formatted examples; tokens outside the loss mask get label -100, as in training."""
+    import numpy as np
     import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = []
-    for prompt, completion in zip(frame["prompt"], frame["completion"]):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        full_ids = tokenizer(prompt + completion, add_special_tokens=True)["input_ids"][:max_length]
-        labels = [IGNORE_INDEX] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids):]
-        if any(label != IGNORE_INDEX for label in labels[1:]):
-            examples.append((full_ids, labels))
+    for ids, mask in zip(frame["input_ids"], frame["loss_mask"]):
+        ids = np.asarray(ids, dtype=np.int64)
+        labels = np.where(np.asarray(mask) == 1, ids, IGNORE_INDEX)
+        # The first position predicts nothing, so an example needs a trained token after it.
+        if (labels[1:] != IGNORE_INDEX).any():
+            examples.append((ids, labels))
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -43,11 +43,16 @@ def completion_batches(tokenizer, frame: "pd.DataFrame", max_length: int, batch_
         labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (ids, labs) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(labs)] = torch.tensor(labs)
+            input_ids[row, : len(ids)] = torch.from_numpy(ids)
+            labels[row, : len(labs)] = torch.from_numpy(labs)
             mask[row, : len(ids)] = 1
         batches.append(Batch(input_ids=input_ids, attention_mask=mask, labels=labels))
     return batches
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id batches are padded with (any id works: padded positions are masked and unlabelled)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def completion_metrics(model, batches: list[Batch]) -> dict[str, float]:
@@ -111,26 +116,37 @@ def max_relative_difference(reference: list, candidate: list) -> float:
     return worst / scale if scale else worst
 
 
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers to each prompt, decoded without special tokens."""
+def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int) -> list[str]:
+    """Greedy answers to each prompt (token ids, exactly as in training), decoded without special tokens."""
     import torch
 
     device = next(model.parameters()).device
     answers = []
     model.eval()
     with torch.no_grad():
-        for prompt in prompts:
-            encoded = tokenizer(prompt, return_tensors="pt").to(device)
+        for prompt_ids in prompts:
+            input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
             generated = model.generate(
-                **encoded,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                pad_token_id=pad_id_of(tokenizer),
             )
-            new_tokens = generated[0, encoded["input_ids"].shape[1] :]
+            new_tokens = generated[0, input_ids.shape[1] :]
             answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     return answers
+
+
+def sample_rows(eval_frame: "pd.DataFrame", count: int) -> "pd.DataFrame":
+    """Held-out rows to answer in the report: ones with a prompt, one per distinct task line first."""
+    import pandas as pd
+
+    answerable = eval_frame[(eval_frame["prompt_tokens"] > 0) & (eval_frame["prompt_tokens"] < eval_frame["tokens"])]
+    task_lines = answerable["prompt"].str.split("\n").str[1].fillna(answerable["prompt"])
+    distinct = answerable.loc[task_lines.drop_duplicates().index]
+    return pd.concat([distinct, answerable.drop(distinct.index)]).head(count)
 
 
 @dataclass
@@ -147,7 +163,6 @@ def evaluate_pipeline(
     adapter_dir,
     merged_dir,
     eval_frame: "pd.DataFrame",
-    max_length: int,
     batch_size: int,
     sample_count: int,
     max_new_tokens: int,
@@ -160,7 +175,6 @@ def evaluate_pipeline(
     With original_dir, a merge into those (unquantized) weights is evaluated too, in memory, so
     the report shows what merging into the original weights would cost.
     """
-    import pandas as pd
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,12 +183,9 @@ def evaluate_pipeline(
 
     log = log or (lambda message: None)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    batches = completion_batches(tokenizer, eval_frame, max_length=max_length, batch_size=batch_size)
-    # One sample per distinct instruction line first, so the report shows different tasks.
-    instruction_lines = eval_frame["prompt"].str.split("\n").str[1]
-    distinct = eval_frame.loc[instruction_lines.drop_duplicates().index]
-    sample_rows = pd.concat([distinct, eval_frame.drop(distinct.index)]).head(sample_count)
-    prompts = list(sample_rows["prompt"])
+    batches = example_batches(eval_frame, pad_id_of(tokenizer), batch_size)
+    samples_frame = sample_rows(eval_frame, sample_count)
+    prompts = [ids[:length] for ids, length in zip(samples_frame["input_ids"], samples_frame["prompt_tokens"])]
     metrics: dict[str, dict[str, float]] = {}
     answers: dict[str, list[str]] = {}
 
@@ -194,6 +205,6 @@ def evaluate_pipeline(
         measure("merged_into_original", merged_original.to(device.device))
     samples = [
         {"prompt": prompt, "reference": reference, **{name: answers[name][i] for name in answers}}
-        for i, (prompt, reference) in enumerate(zip(prompts, sample_rows["completion"]))
+        for i, (prompt, reference) in enumerate(zip(samples_frame["prompt"], samples_frame["completion"]))
     ]
     return EvaluationResult(metrics=metrics, samples=samples, examples=len(eval_frame))

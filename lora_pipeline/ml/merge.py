@@ -108,15 +108,14 @@ def merge_to_dir(
     probe_frame,
     out_dir: Path,
     dtype: str,
-    max_length: int,
 ) -> MergeFidelity:
     """Load the base weights in float32, merge the adapter, check fidelity and save in dtype."""
     from transformers import AutoTokenizer
 
-    from lora_pipeline.ml.evaluate import completion_batches
+    from lora_pipeline.ml.evaluate import example_batches, pad_id_of
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    probes = completion_batches(tokenizer, probe_frame, max_length=max_length, batch_size=4)
+    probes = example_batches(probe_frame, pad_id_of(tokenizer), batch_size=4)
     base = load_dequantized(weights_dir) if dequantize else load_full_precision(weights_dir)
     merged, fidelity = merge_adapter(base, adapter_dir, probes)
     save_merged(merged, adapter_dir, out_dir, dtype)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from lora_pipeline.ml.data import ensure_distinct_pad
+from lora_pipeline.ml.evaluate import IGNORE_INDEX
 from lora_pipeline.ml.modules import resolve_target_modules
 from lora_pipeline.ml.precision import DeviceInfo, device_map_for, gradient_checkpointing_enabled, mixed_precision
 
@@ -40,6 +42,16 @@ class TrainResult:
     gradient_checkpointing: bool
     precision: str
     target_modules: list[str] | str = field(default_factory=list)
+
+
+def training_labels(train: "pd.DataFrame") -> list[list[int]]:
+    """Per example, its token ids where the loss mask is set and -100 (ignored) elsewhere."""
+    import numpy as np
+
+    return [
+        np.where(np.asarray(mask) == 1, np.asarray(ids), IGNORE_INDEX).tolist()
+        for ids, mask in zip(train["input_ids"], train["loss_mask"])
+    ]
 
 
 def lora_config(settings: "LoraSettings", model_type: str):
@@ -108,7 +120,8 @@ def train_adapter(
 ) -> TrainResult:
     """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
 
-    The training split needs 'prompt' and 'completion' columns (response + EOS) and 'text'.
+    The training split is formatted_dataset's: token ids and a loss mask per example (which
+    tokens to learn: the response, or everything when the config says so).
     """
     import torch
     from datasets import Dataset
@@ -127,8 +140,10 @@ def train_adapter(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     peft_config = lora_config(lora, model.config.model_type)
 
-    columns = ["prompt", "completion"] if training.completion_only_loss else ["text"]
-    dataset = Dataset.from_pandas(train[columns], preserve_index=False)
+    ensure_distinct_pad(tokenizer)
+    dataset = Dataset.from_dict(
+        {"input_ids": [list(map(int, ids)) for ids in train["input_ids"]], "labels": training_labels(train)}
+    )
     args = SFTConfig(
         output_dir=str(out_dir / "_trainer"),
         num_train_epochs=training.epochs,
@@ -146,8 +161,6 @@ def train_adapter(
         fp16=precision == "fp16",
         max_length=training.max_length,
         packing=training.packing,
-        completion_only_loss=training.completion_only_loss or None,
-        dataset_text_field="text",
         logging_steps=training.logging_steps,
         save_strategy="no",
         report_to=[],

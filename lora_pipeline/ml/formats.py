@@ -1,0 +1,338 @@
+"""The row formats users bring, their pandera schemas, detection, and conversion to chat messages.
+
+Dagster-free. Formats:
+
+- ``alpaca``: instruction, input (optional), output, system (optional)
+- ``sharegpt``: conversations = [{from, value}] with from in human/gpt/system/function_call/
+  observation/tool; optional system and tools columns
+- ``messages``: messages = [{role, content}] (OpenAI style; content a string or a list of typed
+  text parts; assistant tool_calls allowed); optional tools column
+- ``prompt_completion``: prompt, completion
+- ``text``: text
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import pandas as pd
+
+from lora_pipeline.errors import DataError
+
+FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+CONVERSATIONAL = ("sharegpt", "messages")
+REQUIRED_COLUMNS = {
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+OPTIONAL_COLUMNS = {
+    "alpaca": ("input", "system"),
+    "sharegpt": ("system", "tools"),
+    "messages": ("tools",),
+    "prompt_completion": ("system",),
+    "text": (),
+}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
+# --- detection ------------------------------------------------------------------------------------
+
+def detect_format(frame: pd.DataFrame, source: str) -> str:
+    """The format the columns (and, for conversations, the first row's keys) say the rows are in."""
+    columns = set(frame.columns)
+    for column, fmt in (("conversations", None), ("messages", None)):
+        if column in columns:
+            first = _first_list_item(frame[column])
+            if isinstance(first, dict) and "from" in first and "value" in first:
+                return "sharegpt"
+            if isinstance(first, dict) and "role" in first:
+                return "messages"
+            return "sharegpt" if column == "conversations" else "messages"
+    for fmt in ("alpaca", "prompt_completion", "text"):
+        if set(REQUIRED_COLUMNS[fmt]) <= columns:
+            return fmt
+    expected = "; ".join(f"{fmt}: {', '.join(REQUIRED_COLUMNS[fmt])}" for fmt in FORMATS)
+    raise DataError(
+        f"{source}: cannot tell the format from the columns {', '.join(map(str, frame.columns))} "
+        f"(expected one of {expected}); set dataset.format, or map your columns with dataset.columns"
+    )
+
+
+def _first_list_item(column: pd.Series) -> Any:
+    for value in column.head(20):
+        value = _maybe_json(value)
+        if isinstance(value, list) and value:
+            return value[0]
+    return None
+
+
+def _maybe_json(value: Any) -> Any:
+    """Nested columns arrive as JSON text from CSV and from our own Parquet: parse them."""
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+# --- element problems (one sentence each, used by the pandera checks and the error message) -------
+
+def _string_problem(value: Any) -> str | None:
+    return None if isinstance(value, str) else f"must be a string, found {type(value).__name__}"
+
+
+def _tools_problem(value: Any) -> str | None:
+    value = _maybe_json(value)
+    if value is None or (isinstance(value, float) and value != value) or value == "":
+        return None
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        return "must be a list of tool (function) schemas, as objects or JSON text"
+    return None
+
+
+def sharegpt_problem(value: Any) -> str | None:
+    """Why a ShareGPT conversation is malformed, or None."""
+    value = _maybe_json(value)
+    if not isinstance(value, list):
+        return f"must be a list of {{from, value}} turns, found {type(value).__name__}"
+    if not value:
+        return None  # an empty conversation is cleaned away (counted), not a format error
+    for index, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            return f"turn {index}: must be an object with from and value, found {type(turn).__name__}"
+        if "from" not in turn or "value" not in turn:
+            return f"turn {index}: needs 'from' and 'value' (found {', '.join(turn) or 'nothing'})"
+        if turn["from"] not in SHAREGPT_ROLES:
+            return (f"turn {index}: unknown role {turn['from']!r} in 'from' "
+                    f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+        if not isinstance(turn["value"], str):
+            return f"turn {index}: 'value' must be a string, found {type(turn['value']).__name__}"
+    return None
+
+
+def messages_problem(value: Any) -> str | None:
+    """Why an OpenAI-style messages list is malformed, or None."""
+    value = _maybe_json(value)
+    if not isinstance(value, list):
+        return f"must be a list of {{role, content}} messages, found {type(value).__name__}"
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            return f"message {index}: must be an object with role and content, found {type(message).__name__}"
+        if "role" not in message:
+            return f"message {index}: needs 'role' (found {', '.join(message) or 'nothing'})"
+        if message["role"] not in MESSAGE_ROLES:
+            return f"message {index}: unknown role {message['role']!r} (expected one of {', '.join(MESSAGE_ROLES)})"
+        content = message.get("content")
+        if content is None:
+            if message["role"] == "assistant" and message.get("tool_calls"):
+                continue
+            return f"message {index}: needs 'content'"
+        if isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    return (f"message {index}: content part {part_index}: only text parts "
+                            "({\"type\": \"text\", \"text\": ...}) are supported")
+        elif not isinstance(content, str):
+            return f"message {index}: 'content' must be a string or a list of text parts, found {type(content).__name__}"
+        if "tool_calls" in message and message["tool_calls"] is not None and not isinstance(message["tool_calls"], list):
+            return f"message {index}: 'tool_calls' must be a list"
+    return None
+
+
+# --- pandera schemas ------------------------------------------------------------------------------
+
+def _column(problem: Callable[[Any], str | None], label: str, required: bool = True):
+    import pandera.pandas as pa
+
+    return pa.Column(
+        checks=pa.Check(lambda value: problem(value) is None, element_wise=True, error=label),
+        nullable=not required,
+        required=required,
+        coerce=False,
+    )
+
+
+def raw_schema(fmt: str):
+    """The pandera schema rows of a format must satisfy."""
+    import pandera.pandas as pa
+
+    string = _string_problem
+    columns = {
+        "alpaca": {"instruction": _column(string, "string"), "output": _column(string, "string"),
+                   "input": _column(string, "string", required=False),
+                   "system": _column(string, "string", required=False)},
+        "sharegpt": {"conversations": _column(sharegpt_problem, "sharegpt_turns"),
+                     "system": _column(string, "string", required=False),
+                     "tools": _column(_tools_problem, "tool_schemas", required=False)},
+        "messages": {"messages": _column(messages_problem, "chat_messages"),
+                     "tools": _column(_tools_problem, "tool_schemas", required=False)},
+        "prompt_completion": {"prompt": _column(string, "string"), "completion": _column(string, "string"),
+                              "system": _column(string, "string", required=False)},
+        "text": {"text": _column(string, "string")},
+    }[fmt]
+    return pa.DataFrameSchema(columns, name=f"raw_{fmt}", strict=False)
+
+
+PROBLEM_OF = {"string": _string_problem, "sharegpt_turns": sharegpt_problem, "chat_messages": messages_problem,
+              "tool_schemas": _tools_problem}
+
+
+def validate_rows(frame: pd.DataFrame, fmt: str, where: Callable[[int], str], source: str) -> None:
+    """Check the rows against the format's pandera schema; raise one DataError naming the first problem."""
+    import pandera.pandas as pa
+
+    if fmt not in FORMATS:
+        raise DataError(f"{source}: unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+    try:
+        raw_schema(fmt).validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as errors:
+        raise DataError(describe_failures(errors.failure_cases, frame, fmt, where, source)) from None
+
+
+def describe_failures(failures: pd.DataFrame, frame: pd.DataFrame, fmt: str, where: Callable[[int], str],
+                      source: str) -> str:
+    """One line for the first of pandera's failure cases, plus how many more there are."""
+    expected = ", ".join(REQUIRED_COLUMNS[fmt])
+    optional = ", ".join(OPTIONAL_COLUMNS[fmt])
+    found = ", ".join(map(str, frame.columns))
+    missing = failures[failures["check"] == "column_in_dataframe"]
+    if len(missing):
+        names = ", ".join(repr(name) for name in missing["failure_case"])
+        return (f"{source}: missing column {names} ({fmt} rows need {expected}"
+                f"{'; optional ' + optional if optional else ''}; found {found}); rename the columns or map "
+                "them with dataset.columns")
+    failures = failures.assign(_row=pd.to_numeric(failures["index"], errors="coerce")).sort_values("_row")
+    first = failures.iloc[0]
+    row = int(first["_row"])
+    column = first["column"]
+    if first["check"] == "not_nullable":
+        detail = f"missing field '{column}' ({fmt} rows need {expected}; found {found})"
+    else:
+        problem = PROBLEM_OF.get(str(first["check"]), _string_problem)(frame[column].iloc[row])
+        detail = f"field '{column}' {problem or 'is invalid'}"
+    more = len(failures) - 1
+    return f"{where(row)}: {detail}" + (f" ({more} more problem{'s' if more > 1 else ''} in other rows)" if more else "")
+
+
+# --- conversion to chat messages ------------------------------------------------------------------
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content or ""
+
+
+def _tool_call_from(value: str) -> dict | None:
+    """A ShareGPT function_call value ({"name", "arguments"} JSON) as an OpenAI tool call."""
+    parsed = _maybe_json(value)
+    if isinstance(parsed, dict) and "name" in parsed:
+        arguments = parsed.get("arguments", {})
+        if isinstance(arguments, str):
+            arguments = _maybe_json(arguments)
+        return {"type": "function", "function": {"name": parsed["name"], "arguments": arguments}}
+    return None
+
+
+def sharegpt_messages(turns: Any, system: Any = None) -> list[dict]:
+    """ShareGPT turns as role/content messages; function_call turns become assistant tool calls."""
+    messages = []
+    if isinstance(system, str) and system.strip():
+        messages.append({"role": "system", "content": system})
+    for turn in _maybe_json(turns):
+        role = SHAREGPT_ROLES[turn["from"]]
+        if turn["from"] == "function_call" and (call := _tool_call_from(turn["value"])) is not None:
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def openai_messages(messages: Any) -> list[dict]:
+    """Messages with content flattened to a string; tool calls kept."""
+    result = []
+    for message in _maybe_json(messages):
+        converted = {"role": message["role"], "content": _text_of(message.get("content"))}
+        if message.get("tool_calls"):
+            converted["tool_calls"] = [_plain_tool_call(call) for call in message["tool_calls"]]
+        if message.get("name"):
+            converted["name"] = message["name"]
+        result.append(converted)
+    return result
+
+
+def _plain_tool_call(call: dict) -> dict:
+    function = dict(call.get("function", call))
+    if isinstance(function.get("arguments"), str):
+        function["arguments"] = _maybe_json(function["arguments"])
+    return {"type": "function", "function": function}
+
+
+def conversations_of(frame: pd.DataFrame, fmt: str, system_prompt: str | None) -> list[list[dict]]:
+    """Every row as a chat, whatever its format (text rows excepted), with the default system prompt added."""
+    if fmt == "sharegpt":
+        systems = frame["system"] if "system" in frame.columns else [None] * len(frame)
+        chats = [sharegpt_messages(turns, system) for turns, system in zip(frame["conversations"], systems)]
+    elif fmt == "messages":
+        chats = [openai_messages(messages) for messages in frame["messages"]]
+    elif fmt == "alpaca":
+        inputs = frame["input"] if "input" in frame.columns else [""] * len(frame)
+        systems = frame["system"] if "system" in frame.columns else [None] * len(frame)
+        chats = [
+            ([{"role": "system", "content": s}] if isinstance(s, str) and s.strip() else [])
+            + [{"role": "user", "content": i + ("\n\n" + x if isinstance(x, str) and x.strip() else "")},
+               {"role": "assistant", "content": o}]
+            for i, x, o, s in zip(frame["instruction"], inputs, frame["output"], systems)
+        ]
+    elif fmt == "prompt_completion":
+        systems = frame["system"] if "system" in frame.columns else [None] * len(frame)
+        chats = [
+            ([{"role": "system", "content": s}] if isinstance(s, str) and s.strip() else [])
+            + [{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+            for p, c, s in zip(frame["prompt"], frame["completion"], systems)
+        ]
+    else:
+        raise DataError(f"format {fmt!r} has no turns to put in a chat template; use template 'plain'")
+    if system_prompt:
+        chats = [chat if chat and chat[0]["role"] == "system" else [{"role": "system", "content": system_prompt}] + chat
+                 for chat in chats]
+    return chats
+
+
+def tools_of(frame: pd.DataFrame) -> list[list[dict] | None]:
+    """Each row's tool schemas, if the rows have a tools column."""
+    if "tools" not in frame.columns:
+        return [None] * len(frame)
+    tools = []
+    for value in frame["tools"]:
+        parsed = _maybe_json(value)
+        tools.append(parsed if isinstance(parsed, list) and parsed else None)
+    return tools
+
+
+def storable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The rows with nested values as JSON text, so one Parquet column type holds them all."""
+    nested = []
+    stored = frame.copy()
+    for column in stored.columns:
+        values = stored[column]
+        if values.dtype == object and values.map(lambda v: isinstance(v, (list, dict))).any():
+            stored[column] = values.map(
+                lambda v: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v
+            )
+            nested.append(str(column))
+    return stored, nested

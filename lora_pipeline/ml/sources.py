@@ -1,0 +1,399 @@
+"""Reading a dataset source into a table: local files, folders and globs, fsspec URLs, HF hub datasets.
+
+Dagster-free. Every reader returns rows as a pandas table plus where each row came from, so that
+the format checks downstream can name the file and the line or row of a bad value.
+"""
+
+from __future__ import annotations
+
+import glob as globbing
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable
+
+import pandas as pd
+
+from lora_pipeline.errors import DataError
+
+FILE_KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
+              ".txt": "txt"}
+HUB_PREFIX = "hf:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class SourcePart:
+    """One file's rows in the combined table: rows [start, stop), and for line-based files each row's line."""
+
+    path: str
+    kind: str
+    start: int
+    stop: int
+    lines: tuple[int, ...] | None = None
+
+    def where(self, row: int) -> str:
+        """'file: line N' or 'file: row N' for a row of the combined table."""
+        local = row - self.start
+        if self.lines is not None:
+            return f"{self.path}: line {self.lines[local]}"
+        return f"{self.path}: row {local}"
+
+
+@dataclass
+class SourceRows:
+    """A dataset source read into one table, with the origin of every row."""
+
+    frame: pd.DataFrame
+    source: str
+    kind: str
+    parts: list[SourcePart] = field(default_factory=list)
+
+    def where(self, row: int) -> str:
+        """The file and line/row of a row of the combined table."""
+        for part in self.parts:
+            if part.start <= row < part.stop:
+                return part.where(row)
+        return f"{self.source}: row {row}"
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """What to read: the source string and the options that apply to hub datasets and column names."""
+
+    source: str
+    split: str = "train"
+    subset: str | None = None
+    revision: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    max_rows: int | None = None
+
+
+def read_source(request: SourceRequest) -> SourceRows:
+    """Read the source, rename mapped columns and keep at most max_rows rows."""
+    source = request.source.strip()
+    if source.startswith(HUB_PREFIX):
+        rows = _read_hub_dataset(source.removeprefix(HUB_PREFIX), request)
+    elif "://" in source and not source.startswith("file://"):
+        rows = _read_files(source, _expand_remote(source))
+    else:
+        local = source.removeprefix("file://")
+        files = _expand_local(local)
+        if files is None:
+            if _HUB_ID.match(local):
+                rows = _read_hub_dataset(local, request)
+            else:
+                raise DataError(
+                    f"{source}: dataset not found (no such file or folder; relative paths are resolved "
+                    f"against {Path.cwd()}; hub datasets are written 'hf:owner/name')"
+                )
+        elif files == "saved":
+            rows = _read_saved_dataset(local, request)
+        else:
+            rows = _read_files(source, files)
+    rows.frame = _map_columns(rows.frame, request.columns, source)
+    if request.max_rows is not None and len(rows.frame) > request.max_rows:
+        rows.frame = rows.frame.iloc[: request.max_rows].reset_index(drop=True)
+    if rows.frame.empty:
+        raise DataError(f"{source}: the dataset has no rows")
+    return rows
+
+
+def _map_columns(frame: pd.DataFrame, columns: dict[str, str], source: str) -> pd.DataFrame:
+    if not columns:
+        return frame
+    missing = [column for column in columns.values() if column not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{source}: dataset.columns maps to {', '.join(repr(c) for c in missing)}, which the data does "
+            f"not have (found {', '.join(map(str, frame.columns))})"
+        )
+    return frame.rename(columns={theirs: ours for ours, theirs in columns.items()})
+
+
+# --- finding files --------------------------------------------------------------------------------
+
+def _kind_of(path: str) -> str | None:
+    suffix = PurePosixPath(path).suffix.lower()
+    return FILE_KINDS.get(suffix)
+
+
+def _only_data_files(paths: Iterable[str], source: str) -> list[str]:
+    files = sorted(p for p in paths if _kind_of(p) is not None and not PurePosixPath(p).name.startswith("."))
+    if not files:
+        raise DataError(
+            f"{source}: no dataset files found (looked for {', '.join(sorted(FILE_KINDS))})"
+        )
+    return files
+
+
+def _expand_local(path: str) -> list[str] | str | None:
+    """Files of a local path, folder or glob; 'saved' for a datasets save_to_disk folder; None if nothing is there."""
+    if _GLOB_CHARS & set(path):
+        matches = [p for p in globbing.glob(path, recursive=True) if Path(p).is_file()]
+        return _only_data_files(matches, path) if matches else None
+    target = Path(path)
+    if target.is_file():
+        if _kind_of(path) is None:
+            raise DataError(
+                f"{path}: unknown file type {target.suffix or '(no extension)'!r}; use one of "
+                f"{', '.join(sorted(FILE_KINDS))}"
+            )
+        return [path]
+    if target.is_dir():
+        if (target / "dataset_info.json").exists() or (target / "dataset_dict.json").exists():
+            return "saved"
+        return _only_data_files((str(p) for p in target.rglob("*") if p.is_file()), path)
+    return None
+
+
+def _expand_remote(url: str) -> list[str]:
+    import fsspec
+
+    try:
+        fs, _, paths = fsspec.get_fs_token_paths(url)
+    except Exception as exc:  # fsspec raises many types (missing driver, bad URL, credentials)
+        raise DataError(f"{url}: cannot open: {exc}") from None
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    try:
+        if _GLOB_CHARS & set(url):
+            found = list(paths)
+        elif fs.isdir(paths[0]):
+            found = [p for p in fs.find(paths[0])]
+        elif fs.exists(paths[0]):
+            found = [paths[0]]
+        else:
+            raise DataError(f"{url}: dataset not found")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{url}: cannot list: {exc}") from None
+    if not found:
+        raise DataError(f"{url}: dataset not found")
+    files = _only_data_files(found, url)
+    return [f"{protocol}://{p}" if "://" not in p else p for p in files]
+
+
+# --- reading files --------------------------------------------------------------------------------
+
+def _read_bytes(path: str) -> bytes:
+    if "://" in path:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise DataError(f"{path}: dataset not found") from None
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read: {exc}") from None
+    return Path(path).read_bytes()
+
+
+def _decode(payload: bytes, path: str) -> str:
+    try:
+        return payload.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = payload[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: bytes that are not UTF-8 (at byte {exc.start})") from None
+
+
+def _read_files(source: str, files: list[str]) -> SourceRows:
+    frames: list[pd.DataFrame] = []
+    parts: list[SourcePart] = []
+    start = 0
+    for path in files:
+        kind = _kind_of(path)
+        frame, lines = READERS[kind](path)
+        parts.append(SourcePart(path, kind, start, start + len(frame), lines))
+        start += len(frame)
+        frames.append(frame)
+    if len(frames) > 1:
+        _require_same_columns(frames, files)
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    kinds = sorted({part.kind for part in parts})
+    return SourceRows(frame=frame, source=source, kind="+".join(kinds), parts=parts)
+
+
+def _require_same_columns(frames: list[pd.DataFrame], files: list[str]) -> None:
+    first = set(frames[0].columns)
+    for frame, path in zip(frames[1:], files[1:]):
+        if set(frame.columns) != first and len(frame):
+            raise DataError(
+                f"{path}: columns {', '.join(map(str, frame.columns))} differ from {files[0]}'s "
+                f"({', '.join(map(str, frames[0].columns))}); every file of a dataset needs the same columns"
+            )
+
+
+def _records_frame(records: list, path: str, numbering: str, lines: list[int] | None = None) -> pd.DataFrame:
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            place = f"line {lines[index]}" if lines else f"{numbering} {index}"
+            raise DataError(f"{path}: {place}: expected an object, found {type(record).__name__}")
+    return pd.DataFrame.from_records(records) if records else pd.DataFrame()
+
+
+def _read_json(path: str) -> tuple[pd.DataFrame, None]:
+    text = _decode(_read_bytes(path), path)
+    if not text.strip():
+        raise DataError(f"{path}: the dataset file is empty")
+    if not text.lstrip().startswith("["):
+        return _read_jsonl_text(text, path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {exc.lineno}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+    return _records_frame(records, path, "row"), None
+
+
+def _read_jsonl(path: str) -> tuple[pd.DataFrame, tuple[int, ...] | None]:
+    payload = _read_bytes(path)
+    text = _decode(payload, path)
+    if not text.strip():
+        raise DataError(f"{path}: the dataset file is empty")
+    return _read_jsonl_text(text, path)
+
+
+def _read_jsonl_text(text: str, path: str) -> tuple[pd.DataFrame, tuple[int, ...]]:
+    records, lines = [], []
+    decode = json.JSONDecoder().decode
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(decode(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number}, column {exc.colno}: invalid JSON: {exc.msg}") from None
+        lines.append(number)
+    return _records_frame(records, path, "line", lines), tuple(lines)
+
+
+def _read_csv(path: str) -> tuple[pd.DataFrame, None]:
+    import io
+
+    text = _decode(_read_bytes(path), path)
+    if not text.strip():
+        raise DataError(f"{path}: the dataset file is empty")
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: invalid CSV: {str(exc).strip()}") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the dataset file is empty") from None
+    return frame, None
+
+
+def _read_parquet(path: str) -> tuple[pd.DataFrame, None]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    payload = _read_bytes(path)
+    try:
+        table = pq.read_table(io.BytesIO(payload))
+    except Exception as exc:  # pyarrow raises ArrowInvalid and OSError variants
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    return _plain_objects(table.to_pandas(types_mapper=_strings_as_python)), None
+
+
+def _strings_as_python(arrow_type):
+    return None  # numpy object columns of Python values, like the JSON readers give
+
+
+def _plain_objects(frame: pd.DataFrame) -> pd.DataFrame:
+    """Nested Parquet values as Python lists/dicts (pyarrow gives numpy arrays for lists)."""
+    import numpy as np
+
+    def plain(value):
+        if isinstance(value, np.ndarray):
+            return [plain(v) for v in value.tolist()]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    for column in frame.columns:
+        if frame[column].dtype == object and len(frame) and not isinstance(frame[column].iloc[0], str):
+            frame[column] = frame[column].map(plain)
+    return frame
+
+
+def _read_txt(path: str) -> tuple[pd.DataFrame, tuple[int, ...]]:
+    text = _decode(_read_bytes(path), path)
+    if not text.strip():
+        raise DataError(f"{path}: the dataset file is empty")
+    texts, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            texts.append(line)
+            lines.append(number)
+    return pd.DataFrame({"text": texts}), tuple(lines)
+
+
+READERS: dict[str, Callable[[str], tuple[pd.DataFrame, tuple[int, ...] | None]]] = {
+    "json": _read_json,
+    "jsonl": _read_jsonl,
+    "csv": _read_csv,
+    "parquet": _read_parquet,
+    "txt": _read_txt,
+}
+
+
+# --- datasets library -----------------------------------------------------------------------------
+
+def _read_saved_dataset(path: str, request: SourceRequest) -> SourceRows:
+    from datasets import DatasetDict, load_from_disk
+
+    loaded = load_from_disk(path)
+    if isinstance(loaded, DatasetDict):
+        if request.split not in loaded:
+            raise DataError(f"{path}: no split {request.split!r} (has {', '.join(loaded)}); set dataset.split")
+        loaded = loaded[request.split]
+    return SourceRows(frame=_plain_objects(loaded.to_pandas()), source=path, kind="saved_dataset",
+                      parts=[SourcePart(path, "saved_dataset", 0, len(loaded))])
+
+
+def _read_hub_dataset(name: str, request: SourceRequest) -> SourceRows:
+    """A Hugging Face hub dataset: downloaded by datasets, or read from the local HF cache when offline.
+
+    Offline (HF_HUB_OFFLINE=1, or no network), the files of a cached snapshot (from an earlier
+    download or `hf download --repo-type dataset`) are loaded, and failing that datasets' own cache.
+    """
+    import datasets
+
+    label = f"hf:{name}[{request.split}]"
+    try:
+        loaded = _load_hub_dataset(name, request)
+    except Exception as exc:  # network, missing repo, missing split, missing cache: all user-facing
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"hf:{name}: cannot load the hub dataset (split {request.split!r}"
+            f"{', subset ' + repr(request.subset) if request.subset else ''}"
+            f"{', revision ' + repr(request.revision) if request.revision else ''}): {reason}"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = loaded[request.split]
+    return SourceRows(frame=_plain_objects(loaded.to_pandas()), source=label, kind="hub_dataset",
+                      parts=[SourcePart(label, "hub_dataset", 0, len(loaded))])
+
+
+def _load_hub_dataset(name: str, request: SourceRequest):
+    import datasets
+    from huggingface_hub import constants, snapshot_download
+
+    def cached_snapshot():
+        folder = snapshot_download(name, repo_type="dataset", revision=request.revision, local_files_only=True)
+        return datasets.load_dataset(folder, request.subset, split=request.split)
+
+    if constants.HF_HUB_OFFLINE:
+        try:
+            return cached_snapshot()
+        except Exception:
+            pass  # not in the hub cache: datasets' own cache may still have it
+    try:
+        return datasets.load_dataset(name, request.subset, split=request.split, revision=request.revision)
+    except ConnectionError:
+        return cached_snapshot()
