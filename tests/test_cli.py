@@ -128,3 +128,45 @@ def test_debug_is_honoured_before_or_after_the_command():
     assert parser.parse_args(["--debug", "list"]).debug
     assert parser.parse_args(["list", "--debug"]).debug
     assert not parser.parse_args(["list"]).debug
+
+
+FORMAT_SAMPLES = {
+    "alpaca.json": json.dumps([{"instruction": f"Name {i}", "input": "", "output": f"Number {i}"} for i in range(40)]),
+    "sharegpt.jsonl": "".join(json.dumps({"conversations": [{"from": "human", "value": f"Hi {i}"},
+                                                            {"from": "gpt", "value": f"Hello {i}"}]}) + "\n"
+                              for i in range(40)),
+    "messages.jsonl": "".join(json.dumps({"messages": [{"role": "user", "content": f"Hi {i}"},
+                                                       {"role": "assistant", "content": f"Hello {i}"}]}) + "\n"
+                              for i in range(40)),
+    "prompt_completion.csv": "prompt,completion\n" + "".join(f"Count to {i}:, {i}\n" for i in range(40)),
+    "text.txt": "".join(f"Plain line number {i}.\n" for i in range(40)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FORMAT_SAMPLES))
+def test_the_data_stages_accept_each_format_a_user_brings(tmp_path, write_config, name):
+    """`run CONFIG --select raw_dataset,formatted_dataset --set dataset.source=X --set dataset.format=auto`."""
+    data = tmp_path / name
+    data.write_text(FORMAT_SAMPLES[name])
+    result = _cli(
+        ["run", str(write_config("micro")), "--select", "raw_dataset,formatted_dataset", "--json",
+         "--set", f"dataset.source={data}", "--set", "dataset.format=auto", "--set", "dataset.max_rows=null"],
+        tmp_path, check_rc=0,
+    )
+    assets = json.loads(result.stdout.strip().splitlines()[-1])["assets"]
+    expected = name.split(".")[0]
+    assert assets["raw_dataset"]["metadata"]["format"] == expected
+    assert assets["raw_dataset"]["metadata"]["format_detected"] is True
+    formatted = assets["formatted_dataset"]["metadata"]
+    assert formatted["format"] == expected and formatted["train_rows"] + formatted["eval_rows"] == 40
+    assert "40 rows -> " in result.stderr  # the rows-per-step line reaches the terminal
+
+
+def test_a_failed_data_check_is_one_line_and_stops_the_run(tmp_path, write_config):
+    path = write_config("micro", training={"max_length": 16})
+    result = _cli(["run", str(path), "--select", "raw_dataset,formatted_dataset,quantized_base"], tmp_path, check_rc=2)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: formatted_dataset check examples_are_trainable:")
+    assert "longer than training.max_length" in error and "dataset.max_truncation_rate" in error
+    assert "Traceback" not in result.stderr

@@ -76,6 +76,15 @@ def _write_jsonl(path, rows):
 
 # --- sources ------------------------------------------------------------------------------------
 
+def test_vectorised_normalisation_matches_python_split_and_lower():
+    import pyarrow as pa
+
+    from lora_pipeline.ml.data import normalise
+
+    texts = [" a  b ", "\tA\nB\r\n", "x", "", "   ", "Caf\u00e9\u2003\u2003Bar\x1c", "x\xa0y\x85z"]
+    assert normalise(pa.array(texts)).to_pylist() == [" ".join(t.split()).lower() for t in texts]
+
+
 def test_bundled_sample_is_detected_as_alpaca_with_hundreds_of_rows():
     loaded = load_dataset(dataset_settings())
     assert loaded.format == "alpaca" and loaded.detected
@@ -304,14 +313,21 @@ def test_split_is_deterministic_disjoint_and_duplicates_never_straddle_it(tokeni
 def test_the_formatted_check_catches_missing_eos_and_too_much_truncation(tokenizer):
     from lora_pipeline.ml.quality import check_formatted
 
+    import pyarrow as pa
+
     formatted = format_rows(tokenizer, dataset_settings(max_rows=80), eval_fraction=0.2)
-    train, evaluation = formatted.train.to_pandas(), formatted.eval.to_pandas()
+    train, evaluation = formatted.train, formatted.eval
     assert check_formatted(train, evaluation, 0.05).passed
-    broken = train.copy()
-    broken.loc[0, "ends_with_eos"] = False
-    assert "EOS" in check_formatted(broken, evaluation, 0.05).description
-    long = train.copy()
-    long["truncated"] = True
+
+    def replaced(table, column, values):
+        return table.set_column(table.schema.get_field_index(column), column, values)
+
+    no_eos = replaced(train, "ends_with_eos", pa.array([False] + [True] * (len(train) - 1)))
+    outcome = check_formatted(no_eos, evaluation, 0.05)
+    assert not outcome.passed and "train: 1 example(s) fail, first at row 0: ends with exactly one EOS" in outcome.description
+    masked = replaced(train, "loss_mask", pa.array([[0] * len(ids) for ids in train.column("input_ids").to_pylist()]))
+    assert "has at least one trained token" in check_formatted(masked, evaluation, 0.05).description
+    long = replaced(train, "truncated", pa.array([True] * len(train)))
     outcome = check_formatted(long, evaluation, 0.05)
     assert not outcome.passed and "longer than training.max_length" in outcome.description
 

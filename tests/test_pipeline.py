@@ -54,11 +54,16 @@ def test_whole_graph_materializes_and_outputs_load_with_plain_hf_code(write_conf
     assert not list(merged.named_modules()) or all("lora" not in n for n, _ in merged.named_modules())
 
 
-def test_definitions_load_with_the_six_assets_the_job_and_the_sensor():
+def test_definitions_load_with_the_six_assets_the_checks_the_job_and_the_sensor():
     dg.Definitions.validate_loadable(defs)
-    names = {key.path[-1] for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    graph = defs.resolve_asset_graph()
+    names = {key.path[-1] for key in graph.get_all_asset_keys()}
     assert names == {"raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"}
-    assert defs.resolve_job_def("tune") is not None
+    checks = {(key.asset_key.path[-1], key.name) for key in graph.asset_check_keys}
+    assert checks == {("raw_dataset", "rows_match_format"), ("formatted_dataset", "examples_are_trainable"),
+                      ("formatted_dataset", "train_eval_disjoint")}
+    job = defs.resolve_job_def("tune")
+    assert {key.name for key in job.asset_layer.asset_graph.asset_check_keys} >= {name for _, name in checks}
     assert defs.resolve_sensor_def("model_configs") is not None
 
 
@@ -87,3 +92,39 @@ def test_a_hub_id_base_resolves_through_the_hub_and_merges_into_its_originals(wr
     assert not (Path(uris["quantized_base"]) / "original").exists()  # hub bases stay in the hub cache
     adapter_config = json.loads((Path(uris["trained_adapter"]) / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "acme/micro"
+
+
+@pytest.mark.slow
+def test_the_real_alpaca_sample_runs_through_the_whole_graph(write_config, fake_resources):
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: the shared data folder must sit beside the project checkout")
+    write_config("micro", dataset={"source": str(SHARED_DATA), "format": "auto", "max_rows": None},
+                 training={"max_length": 256})
+    result, uris = _materialize(fake_resources)
+    formatted = result.asset_materializations_for_node("formatted_dataset")[0].metadata
+    assert formatted["rows_in"].value == 999 and formatted["format"].value == "alpaca"
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+    metrics = json.loads(open(f"{uris['eval_report']}/metrics.json").read())
+    assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
+
+
+@pytest.mark.slow
+def test_a_multi_turn_chat_dataset_trains_and_is_evaluated_with_its_template(tmp_path, write_config, fake_resources):
+    rows = [
+        {"conversations": [{"from": "system", "value": "Answer with a number."},
+                           {"from": "human", "value": f"What is {i} plus {i}?"}, {"from": "gpt", "value": f"{2 * i}"},
+                           {"from": "human", "value": "And times two?"}, {"from": "gpt", "value": f"{4 * i}"}]}
+        for i in range(120)
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_config("micro", dataset={"source": str(data), "format": "auto", "max_rows": None, "eval_fraction": 0.2},
+                 training={"max_length": 256})
+    result, uris = _materialize(fake_resources)
+    formatted = result.asset_materializations_for_node("formatted_dataset")[0].metadata
+    assert (formatted["format"].value, formatted["template"].value) == ("sharegpt", "chatml")
+    samples = json.loads(open(f"{uris['eval_report']}/samples.json").read())
+    assert samples and all(s["prompt"].endswith("<|im_start|>assistant\n") for s in samples)
+    assert all(s["reference"].endswith("<|im_end|></s>") for s in samples)

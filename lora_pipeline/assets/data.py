@@ -2,6 +2,7 @@
 
 import dagster as dg
 import pandas as pd
+import pyarrow.parquet as pq
 
 from lora_pipeline.assets.common import (
     config_metadata,
@@ -123,15 +124,9 @@ def formatted_dataset(
         tokenizer_only=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info)
-    lengths = formatted.token_lengths
-    counts = formatted.counts
-    truncation_rate = float((lengths > settings.max_length).mean())
     with storage.staging_dir() as staging:
-        import pyarrow.parquet as pq
-
-        pq.write_table(formatted.train, staging / "train.parquet")
-        pq.write_table(formatted.eval, staging / "eval.parquet")
+        formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info, folder=staging)
+        counts = formatted.counts
         write_json(
             staging / FORMAT_SUMMARY,
             {"format": formatted.format, "template": formatted.template, "eos_token": formatted.eos_token,
@@ -140,7 +135,7 @@ def formatted_dataset(
         )
         ref = storage.publish(staging, context.partition_key, "formatted_dataset")
     context.log.info(_rows_per_step_line(counts))
-    train_preview = formatted.train.select(["prompt", "completion", "tokens"]).slice(0, 5).to_pandas()
+    lengths = formatted.token_lengths
     return dg.Output(
         ref,
         metadata={
@@ -158,13 +153,13 @@ def formatted_dataset(
             "train_rows": dg.MetadataValue.int(counts["train_rows"]),
             "eval_rows": dg.MetadataValue.int(counts["eval_rows"]),
             "rows_per_step": dg.MetadataValue.md(_rows_per_step_table(counts)),
-            "train_tokens": dg.MetadataValue.int(int(formatted.train.column("tokens").to_numpy().sum())),
+            "train_tokens": dg.MetadataValue.int(counts["train_tokens"]),
             "max_tokens": dg.MetadataValue.int(int(lengths.max())),
-            "truncation_rate": dg.MetadataValue.float(truncation_rate),
+            "truncation_rate": dg.MetadataValue.float(float((lengths > settings.max_length).mean())),
             "token_lengths": dg.MetadataValue.md(
                 markdown_image(_length_histogram(lengths, settings.max_length), "token lengths")
             ),
-            "preview": dg.MetadataValue.md(_preview(train_preview)),
+            "preview": dg.MetadataValue.md(_preview(formatted.preview)),
         },
     )
 
@@ -189,8 +184,8 @@ def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: Arti
     folder = storage.local_path(formatted_dataset)
     summary = read_json(folder / FORMAT_SUMMARY)
     outcome = check_formatted(
-        pd.read_parquet(folder / "train.parquet"),
-        pd.read_parquet(folder / "eval.parquet"),
+        pq.read_table(folder / "train.parquet"),
+        pq.read_table(folder / "eval.parquet"),
         summary["max_truncation_rate"],
         summary["counts"]["too_long_dropped"],
     )

@@ -90,34 +90,63 @@ def _text(value) -> str:
     return value if isinstance(value, str) else ""
 
 
-def content_parts(loaded: LoadedDataset) -> list[tuple[str, ...]]:
-    """What makes two rows the same example: the texts the model sees, in order, per row."""
+def _strings(frame: pd.DataFrame, column: str) -> "pa.Array":
+    """A text column as an Arrow string array, missing values as ''."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column not in frame.columns:
+        return pa.array([""] * len(frame), pa.string())
+    values = frame[column]
+    array = pa.array(values.where(values.map(lambda v: isinstance(v, str)), "") if values.dtype == object else values,
+                     pa.string(), from_pandas=True)
+    return pc.fill_null(array, "")
+
+
+def content_parts(loaded: LoadedDataset) -> list["pa.Array"]:
+    """What makes two rows the same example, as string columns: the texts the model sees, in order."""
+    import pyarrow as pa
+
     frame, fmt = loaded.frame, loaded.format
     if fmt == "alpaca":
-        inputs = frame["input"] if "input" in frame.columns else [""] * len(frame)
-        parts = [(_text(i), _text(x), _text(o)) for i, x, o in zip(frame["instruction"], inputs, frame["output"])]
-        if "system" in frame.columns:
-            parts = [p + (_text(s),) if _text(s) else p for p, s in zip(parts, frame["system"])]
-        return parts
+        return [_strings(frame, "instruction"), _strings(frame, "input"), _strings(frame, "output"),
+                _strings(frame, "system")]
     if fmt == "prompt_completion":
-        return [(_text(p), _text(c)) for p, c in zip(frame["prompt"], frame["completion"])]
+        return [_strings(frame, "prompt"), _strings(frame, "completion"), _strings(frame, "system")]
     if fmt == "text":
-        return [(_text(t),) for t in frame["text"]]
-    return [
-        tuple(f"{m['role']}\x1e{m['content']}\x1e{m.get('tool_calls', '')}" for m in chat)
-        for chat in conversations_of(frame, fmt, None)
-    ]
+        return [_strings(frame, "text")]
+    return [pa.array(
+        ["\x1d".join(f"{m['role']}\x1e{m['content']}\x1e{m.get('tool_calls', '')}" for m in chat)
+         for chat in conversations_of(frame, fmt, None)],
+        pa.string(),
+    )]
 
 
-def normalise(part: str) -> str:
-    """Case- and whitespace-insensitive form of a text, for duplicate detection and the split."""
-    return " ".join(part.split()).lower()
+def normalise(part: "pa.Array") -> "pa.Array":
+    """Case- and whitespace-insensitive form of texts: Python's ' '.join(text.split()).lower(), vectorised."""
+    import pyarrow.compute as pc
+
+    return pc.utf8_lower(pc.utf8_trim(pc.binary_join(pc.utf8_split_whitespace(part), " "), " "))
 
 
-def content_hash(parts: tuple[str, ...]) -> int:
-    """64-bit hash of the normalised content (stable across runs, machines and Python versions)."""
-    normalised = "\x1f".join(normalise(part) for part in parts)
-    return int.from_bytes(hashlib.sha256(normalised.encode()).digest()[:8], "big")
+def _joined(parts: list["pa.Array"]) -> "pa.Array":
+    """Parts joined with a unit separator; a trailing optional part (a system prompt) only where it is set."""
+    import pyarrow.compute as pc
+
+    *required, optional = parts if len(parts) > 1 else (parts + [None])
+    joined = pc.binary_join_element_wise(*required, "\x1f") if len(required) > 1 else required[0]
+    if optional is None:
+        return joined
+    return pc.if_else(pc.equal(optional, ""), joined, pc.binary_join_element_wise(joined, optional, "\x1f"))
+
+
+def content_hashes(parts: list["pa.Array"]) -> np.ndarray:
+    """64-bit hash of each row's normalised content: sha256, so stable across runs, machines and versions."""
+    keys = _joined([normalise(part) for part in parts]).to_pylist()
+    sha256 = hashlib.sha256
+    return np.fromiter(
+        (int.from_bytes(sha256(key.encode()).digest()[:8], "big") for key in keys), dtype=np.uint64, count=len(keys)
+    )
 
 
 def is_eval_bucket(bucket: int, eval_fraction: float) -> bool:
@@ -126,14 +155,19 @@ def is_eval_bucket(bucket: int, eval_fraction: float) -> bool:
 
 
 def _is_empty(loaded: LoadedDataset) -> np.ndarray:
+    import pyarrow.compute as pc
+
     frame, fmt = loaded.frame, loaded.format
-    blank = lambda values: np.array([not _text(v).strip() for v in values], dtype=bool)  # noqa: E731
+
+    def blank(column: str) -> np.ndarray:
+        return pc.equal(pc.utf8_trim_whitespace(_strings(frame, column)), "").to_numpy(zero_copy_only=False)
+
     if fmt == "alpaca":
-        return blank(frame["instruction"]) | blank(frame["output"])
+        return blank("instruction") | blank("output")
     if fmt == "prompt_completion":
-        return blank(frame["completion"])
+        return blank("completion")
     if fmt == "text":
-        return blank(frame["text"])
+        return blank("text")
     return np.array(
         [not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in chat)
          for chat in conversations_of(frame, fmt, None)],
@@ -164,20 +198,21 @@ def clean_rows(loaded: LoadedDataset, dedupe: str = "normalized") -> CleanedRows
     keep = ~_is_empty(loaded)
     counts["empty"] = int((~keep).sum())
     parts = content_parts(loaded)
-    exact = pd.Series(["\x1f".join(p) for p in parts])
+    exact = pd.Series(_joined(parts).to_pandas(types_mapper=pd.ArrowDtype))
     exact_duplicate = exact.duplicated().to_numpy() & keep
     if dedupe != "none":
         keep &= ~exact_duplicate
     counts["exact_duplicates"] = int(exact_duplicate.sum()) if dedupe != "none" else 0
-    hashes = np.fromiter((content_hash(p) for p in parts), dtype=np.uint64, count=len(parts))
-    normalised_duplicate = np.zeros(len(parts), dtype=bool)
+    hashes = content_hashes(parts)
+    normalised_duplicate = np.zeros(len(hashes), dtype=bool)
     if dedupe == "normalized":
         surviving = np.flatnonzero(keep)
         normalised_duplicate[surviving] = pd.Series(hashes[surviving]).duplicated().to_numpy()
         keep &= ~normalised_duplicate
     counts["normalized_duplicates"] = int(normalised_duplicate.sum())
     kept = LoadedDataset(
-        rows=SourceRows(loaded.frame[keep].reset_index(drop=True), loaded.source, loaded.rows.kind, []),
+        rows=SourceRows(loaded.frame if keep.all() else loaded.frame[keep].reset_index(drop=True), loaded.source,
+                        loaded.rows.kind, []),
         format=loaded.format,
         detected=loaded.detected,
     )
@@ -243,16 +278,45 @@ class FormatSettings:
 
 @dataclass
 class FormattedDataset:
-    """Tokenized train/eval tables and what happened on the way."""
+    """What formatting produced: counts per step, token lengths, the template; the splits when kept in memory."""
 
-    train: "pa.Table"
-    eval: "pa.Table"
     template: str
     format: str
     counts: dict[str, int]
     token_lengths: np.ndarray  # before truncation, every example that was tokenized
     eos_token: str
     pad_token: str | None
+    preview: pd.DataFrame  # the first training examples
+    train: "pa.Table | None" = None
+    eval: "pa.Table | None" = None
+
+
+class SplitSink:
+    """Where formatted chunks go: kept in memory (tests, small data) or streamed to Parquet files."""
+
+    def __init__(self, folder=None):
+        self.folder = folder
+        self.writers: dict = {}
+        self.chunks: dict[str, list] = {"train": [], "eval": []}
+
+    def write(self, split: str, table: "pa.Table") -> None:
+        if self.folder is None:
+            self.chunks[split].append(table)
+            return
+        import pyarrow.parquet as pq
+
+        if split not in self.writers:
+            self.writers[split] = pq.ParquetWriter(str(self.folder / f"{split}.parquet"), table.schema)
+        self.writers[split].write_table(table)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def table(self, split: str) -> "pa.Table | None":
+        import pyarrow as pa
+
+        return pa.concat_tables(self.chunks[split]) if self.folder is None else None
 
 
 def ensure_distinct_pad(tokenizer) -> None:
@@ -329,23 +393,31 @@ def _render_chunk(tokenizer, loaded: LoadedDataset, template, settings: FormatSe
         chats = conversations_of(frame, fmt, settings.system_prompt)
         offset = rows.start or 0
         return render_chats(tokenizer, template, chats, tools_of(frame), lambda i: loaded.rows.where(offset + i))
+    column = lambda name: _strings(frame, name).to_pylist()  # noqa: E731  (Arrow to Python in one call)
     if fmt == "alpaca":
-        inputs = frame["input"] if "input" in frame.columns else [""] * len(frame)
-        systems = frame["system"] if "system" in frame.columns else [settings.system_prompt] * len(frame)
+        systems = column("system") if "system" in frame.columns else [""] * len(frame)
         prompts = [
-            alpaca_prompt(i, _text(x), _text(s) or settings.system_prompt)
-            for i, x, s in zip(frame["instruction"], inputs, systems)
+            alpaca_prompt(i, x, s or settings.system_prompt)
+            for i, x, s in zip(column("instruction"), column("input"), systems)
         ]
-        return render_single_turn(prompts, list(frame["output"]), eos)
+        return render_single_turn(prompts, column("output"), eos)
     if fmt == "prompt_completion":
-        return render_single_turn(list(frame["prompt"]), list(frame["completion"]), eos)
-    return render_single_turn([""] * len(frame), list(frame["text"]), eos)
+        return render_single_turn(column("prompt"), column("completion"), eos)
+    return render_single_turn([""] * len(frame), column("text"), eos)
 
 
 def format_dataset(
-    cleaned: CleanedRows, tokenizer, settings: FormatSettings, progress: ProgressFn | None = None
+    cleaned: CleanedRows,
+    tokenizer,
+    settings: FormatSettings,
+    progress: ProgressFn | None = None,
+    folder=None,
 ) -> FormattedDataset:
-    """Render, tokenize (batched, in chunks), apply the over-long policy and split train/eval by content hash."""
+    """Render, tokenize (batched, in chunks), apply the over-long policy and split train/eval by content hash.
+
+    With folder, the splits stream to folder/train.parquet and folder/eval.parquet chunk by chunk,
+    so memory stays flat however many rows there are; without, they are returned in memory.
+    """
     import pyarrow as pa
 
     if not getattr(tokenizer, "is_fast", False):
@@ -355,76 +427,96 @@ def format_dataset(
     ensure_distinct_pad(tokenizer)
     # Chat templates write their own BOS (e.g. Llama 3's <|begin_of_text|>); adding one would double it.
     add_special_tokens = not template.is_chat
-    eos_id = tokenizer.eos_token_id
-    max_length = settings.max_length
     total = len(loaded.frame)
-    held_out_all = cleaned.held_out(settings.eval_fraction)
-    tables, keep_rows, all_lengths = [], [], []
-    counts = dict(cleaned.counts, too_long_dropped=0, truncated=0, no_trainable_tokens=0)
-    for start in range(0, total, TOKENIZE_CHUNK_ROWS):
-        rows = slice(start, min(start + TOKENIZE_CHUNK_ROWS, total))
-        rendered = _render_chunk(tokenizer, loaded, template, settings, rows)
-        flat, mask, lengths, starts, prompt_tokens = _tokenize_chunk(
-            tokenizer, rendered, add_special_tokens, settings.loss_on_responses_only
-        )
-        all_lengths.append(lengths)
-        over = lengths > max_length
-        position = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, lengths)
-        within = position < max_length
-        trained = np.add.reduceat(mask * within, starts) if len(flat) else np.zeros(0)
-        keep = trained > 0
-        if settings.overlong == "drop":
-            counts["too_long_dropped"] += int((over & keep).sum())
-            keep &= ~over
-        else:
-            counts["truncated"] += int((over & keep).sum())
-        counts["no_trainable_tokens"] += int((trained == 0).sum())
-        token_keep = within & np.repeat(keep, lengths)
-        kept_lengths = np.minimum(lengths, max_length)[keep]
-        offsets = np.concatenate([[0], np.cumsum(kept_lengths)]).astype(np.int32)
-        chunk_hashes = cleaned.hashes[rows][keep]
-        index = np.flatnonzero(keep)
-        tables.append(
-            pa.table(
-                {
-                    "prompt": pa.array([rendered.prompt[i] for i in index], pa.string()),
-                    "completion": pa.array([rendered.completion[i] for i in index], pa.string()),
-                    "text": pa.array([rendered.text[i] for i in index], pa.string()),
-                    "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat[token_keep])),
-                    "loss_mask": pa.ListArray.from_arrays(pa.array(offsets), pa.array(mask[token_keep])),
-                    "tokens": pa.array(kept_lengths.astype(np.int32)),
-                    "prompt_tokens": pa.array(np.minimum(prompt_tokens[keep], kept_lengths).astype(np.int32)),
-                    "truncated": pa.array(over[keep]),
-                    "ends_with_eos": pa.array(_ends_with_single_eos(flat, starts, lengths, eos_id)[keep]),
-                    "content_hash": pa.array(chunk_hashes.view(np.int64)),
-                    "split_bucket": pa.array((chunk_hashes % SPLIT_BUCKETS).astype(np.int32)),
-                }
+    held_out = cleaned.held_out(settings.eval_fraction)
+    sink = SplitSink(folder)
+    all_lengths, preview = [], []
+    counts = dict(cleaned.counts, too_long_dropped=0, truncated=0, no_trainable_tokens=0, train_rows=0,
+                  eval_rows=0, train_tokens=0)
+    try:
+        for start in range(0, total, TOKENIZE_CHUNK_ROWS):
+            rows = slice(start, min(start + TOKENIZE_CHUNK_ROWS, total))
+            rendered = _render_chunk(tokenizer, loaded, template, settings, rows)
+            table, lengths = _examples_table(
+                tokenizer, rendered, cleaned.hashes[rows], held_out[rows], add_special_tokens, settings, counts
             )
-        )
-        keep_rows.append(held_out_all[rows][keep])
-        if progress is not None and total > TOKENIZE_CHUNK_ROWS:
-            progress(f"formatted {rows.stop:,}/{total:,} rows")
-    table = pa.concat_tables(tables)
-    held_out = np.concatenate(keep_rows)
-    counts["train_rows"] = int((~held_out).sum())
-    counts["eval_rows"] = int(held_out.sum())
-    if not len(table):
+            all_lengths.append(lengths)
+            in_eval = table.column("held_out")
+            for split, selected in (("train", pa.compute.invert(in_eval)), ("eval", in_eval)):
+                part = table.filter(selected).drop_columns(["held_out"])
+                counts[f"{split}_rows"] += len(part)
+                if len(part):
+                    sink.write(split, part)
+                if split == "train":
+                    counts["train_tokens"] += int(pa.compute.sum(part.column("tokens")).as_py() or 0)
+                    if len(preview) < 5:
+                        preview.append(part.select(["prompt", "completion", "tokens"]).slice(0, 5).to_pandas())
+            if progress is not None and total > TOKENIZE_CHUNK_ROWS:
+                progress(f"formatted {rows.stop:,}/{total:,} rows")
+    finally:
+        sink.close()
+    if not counts["train_rows"] + counts["eval_rows"]:
         raise DataError(
             f"{loaded.source}: no example is left with tokens to train on within training.max_length="
-            f"{max_length} ({counts['too_long_dropped']} too long, {counts['no_trainable_tokens']} with the "
-            "response cut off); raise training.max_length"
+            f"{settings.max_length} ({counts['too_long_dropped']} too long, {counts['no_trainable_tokens']} with "
+            "the response cut off); raise training.max_length"
         )
     require_both_splits(counts["train_rows"], counts["eval_rows"], settings.eval_fraction, loaded.source)
     return FormattedDataset(
-        train=table.filter(pa.array(~held_out)),
-        eval=table.filter(pa.array(held_out)),
         template=template.name,
         format=loaded.format,
         counts=counts,
         token_lengths=np.concatenate(all_lengths),
         eos_token=tokenizer.eos_token,
         pad_token=tokenizer.pad_token,
+        preview=pd.concat(preview).head(5) if preview else pd.DataFrame(),
+        train=sink.table("train"),
+        eval=sink.table("eval"),
     )
+
+
+def _examples_table(tokenizer, rendered: Rendered, hashes: np.ndarray, held_out: np.ndarray,
+                    add_special_tokens: bool, settings: FormatSettings, counts: dict) -> tuple["pa.Table", np.ndarray]:
+    """One chunk tokenized, with the over-long policy applied (counted); returns the table and untruncated lengths."""
+    import pyarrow as pa
+
+    max_length = settings.max_length
+    flat, mask, lengths, starts, prompt_tokens = _tokenize_chunk(
+        tokenizer, rendered, add_special_tokens, settings.loss_on_responses_only
+    )
+    over = lengths > max_length
+    position = np.arange(len(flat), dtype=np.int64) - np.repeat(starts, lengths)
+    within = position < max_length
+    trained = np.add.reduceat(mask * within, starts) if len(flat) else np.zeros(0)
+    keep = trained > 0
+    if settings.overlong == "drop":
+        counts["too_long_dropped"] += int((over & keep).sum())
+        keep &= ~over
+    else:
+        counts["truncated"] += int((over & keep).sum())
+    counts["no_trainable_tokens"] += int((trained == 0).sum())
+    token_keep = within & np.repeat(keep, lengths)
+    kept_lengths = np.minimum(lengths, max_length)[keep]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(kept_lengths)]).astype(np.int32))
+    kept_hashes = hashes[keep]
+    keep_array = pa.array(keep)
+    table = pa.table(
+        {
+            "prompt": pa.array(rendered.prompt, pa.string()).filter(keep_array),
+            "completion": pa.array(rendered.completion, pa.string()).filter(keep_array),
+            "text": pa.array(rendered.text, pa.string()).filter(keep_array),
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat[token_keep])),
+            "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(mask[token_keep])),
+            "tokens": pa.array(kept_lengths.astype(np.int32)),
+            "prompt_tokens": pa.array(np.minimum(prompt_tokens[keep], kept_lengths).astype(np.int32)),
+            "truncated": pa.array(over[keep]),
+            "ends_with_eos": pa.array(_ends_with_single_eos(flat, starts, lengths, tokenizer.eos_token_id)[keep]),
+            "content_hash": pa.array(kept_hashes.view(np.int64)),
+            "split_bucket": pa.array((kept_hashes % SPLIT_BUCKETS).astype(np.int32)),
+            "held_out": pa.array(held_out[keep]),
+        }
+    )
+    return table, lengths
 
 
 def _ends_with_single_eos(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, eos_id: int | None) -> np.ndarray:

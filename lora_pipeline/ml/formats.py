@@ -159,8 +159,13 @@ def messages_problem(value: Any) -> str | None:
 def _column(problem: Callable[[Any], str | None], label: str, required: bool = True):
     import pandera.pandas as pa
 
+    def valid(series: pd.Series) -> pd.Series:
+        if problem is _string_problem and isinstance(series.dtype, pd.StringDtype):
+            return pd.Series(True, index=series.index)  # a string column holds strings (or nulls) only
+        return series.map(lambda value: value is None or value != value or problem(value) is None)
+
     return pa.Column(
-        checks=pa.Check(lambda value: problem(value) is None, element_wise=True, error=label),
+        checks=pa.Check(valid, error=label),
         nullable=not required,
         required=required,
         coerce=False,
