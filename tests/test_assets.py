@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import dagster as dg
 import pandas as pd
@@ -100,3 +101,33 @@ def test_a_partition_without_a_file_needs_its_config_in_the_run(write_config, fa
     write_config("micro")
     with pytest.raises(ConfigError, match="model 'elsewhere' has no config file"):
         raw_dataset(context_for("elsewhere"), config=TuningRunConfig(), **_resources(fake_resources, "registry", "storage"))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"instruction": "a", "output": "b"}, {"instruction": "c"}]', r"bad.json: row 1: missing field 'output'"),
+        ('[{"instruction": "a", "output": 7}]', r"bad.json: row 0: field 'output' must be a string"),
+        ('[{"instruction": " ", "output": ""}]', r"bad.json.*: cleaning removed every row"),
+        ("", r"bad.json: the dataset file is empty"),
+    ],
+)
+def test_a_data_error_publishes_nothing(write_config, fake_resources, context_for, tmp_path, content, message):
+    """raw_dataset and formatted_dataset fail with the error and leave no artifact, no staging folder."""
+    write_config("micro")
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    override = TuningRunConfig(dataset={"source": str(bad)})
+    try:
+        raw = raw_dataset(context_for(), config=override, **_resources(fake_resources, "registry", "storage"))
+    except DataError as error:
+        assert re.search(message, str(error))
+    else:  # rows that only cleaning rejects pass raw_dataset and fail in formatted_dataset
+        with pytest.raises(DataError, match=message):
+            formatted_dataset(context_for(), config=override, raw_dataset=raw.value,
+                              **_resources(fake_resources, "registry", "storage", "hub"))
+        assert not (tmp_path / "store" / "micro" / "formatted_dataset").exists()
+        return
+    store = tmp_path / "store"
+    assert not (store / "micro").exists()
+    assert not any((store / ".staging").iterdir()) if (store / ".staging").exists() else True

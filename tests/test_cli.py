@@ -164,7 +164,7 @@ def test_the_data_stages_accept_each_format_a_user_brings(tmp_path, write_config
 
 
 def test_a_failed_data_check_is_one_line_and_stops_the_run(tmp_path, write_config):
-    path = write_config("micro", training={"max_length": 16})
+    path = write_config("micro", training={"max_length": 30})  # the sample's examples have 23-50 tokens
     result = _cli(["run", str(path), "--select", "raw_dataset,formatted_dataset,quantized_base"], tmp_path, check_rc=2)
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: formatted_dataset check examples_are_trainable:")

@@ -407,3 +407,36 @@ def test_an_unknown_format_name_is_a_config_error_naming_the_key(tmp_path):
 
     with pytest.raises(ConfigError, match=r"'dataset.format'.*'alpaca', 'sharegpt'"):
         validate_config({"base_model": "builtin:micro-llama", "dataset": {"source": "x.json", "format": "vicuna"}}, "x.yaml")
+
+
+def test_training_labels_are_minus_100_exactly_off_the_assistant_turns(tmp_path, tokenizer):
+    from lora_pipeline.ml.evaluate import IGNORE_INDEX
+    from lora_pipeline.ml.train import training_labels
+
+    path = _write_jsonl(tmp_path / "chat.jsonl", SHAREGPT)
+    frame = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=2048).train.to_pandas()
+    for ids, mask, labels in zip(frame["input_ids"], frame["loss_mask"], training_labels(frame)):
+        ids, mask, labels = np.asarray(ids), np.asarray(mask), np.asarray(labels)
+        assert (labels[mask == 0] == IGNORE_INDEX).all()
+        assert (labels[mask == 1] == ids[mask == 1]).all()
+        assert 0 < mask.sum() < len(mask)  # prompts and user turns exist and are excluded
+
+
+def test_chatml_renders_the_standard_layout_with_tools_and_tool_calls(tokenizer):
+    from lora_pipeline.ml.templates import CHATML
+
+    chat = [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+        {"role": "tool", "content": "R"}, {"role": "assistant", "content": "B"},
+    ]
+    render = lambda messages, **kw: tokenizer.apply_chat_template(messages, chat_template=CHATML, tokenize=False, **kw)  # noqa: E731
+    assert render(chat) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>\n<|im_start|>tool\nR<|im_end|>\n'
+        "<|im_start|>assistant\nB<|im_end|>\n"
+    )
+    assert render(chat[:2], add_generation_prompt=True).endswith("<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n")
+    assert render(chat, tools=[{"name": "f"}]).startswith(
+        '<|im_start|>system\nS\n\n# Tools\n<tools>\n{"name": "f"}\n</tools><|im_end|>\n<|im_start|>user\n'
+    )

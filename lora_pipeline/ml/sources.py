@@ -198,8 +198,27 @@ def _decode(payload: bytes, path: str) -> str:
     try:
         return payload.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = payload[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: bytes that are not UTF-8 (at byte {exc.start})") from None
+        _raise_not_utf8(payload, exc.start, path)
+
+
+def _check_utf8(payload: bytes, path: str, block: int = 16 << 20) -> None:
+    """Refuse bytes that are not UTF-8, decoding block by block so no second copy of a big file is held."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(payload)
+    for start in range(0, len(payload), block):
+        try:
+            decoder.decode(view[start : start + block], final=start + block >= len(payload))
+        except UnicodeDecodeError as exc:
+            _raise_not_utf8(payload, max(start + exc.start, 0), path)
+    if not payload:
+        decoder.decode(b"", final=True)
+
+
+def _raise_not_utf8(payload: bytes, position: int, path: str):
+    line = payload[:position].count(b"\n") + 1
+    raise DataError(f"{path}: line {line}: bytes that are not UTF-8 (at byte {position})") from None
 
 
 def _read_files(source: str, files: list[str]) -> SourceRows:
@@ -252,7 +271,7 @@ def _read_json(path: str) -> tuple[pd.DataFrame, None]:
 
 def _read_jsonl(path: str) -> tuple[pd.DataFrame, tuple[int, ...] | None]:
     payload = _read_bytes(path)
-    _decode(payload, path)  # Arrow's reader does not reject bytes that are not UTF-8
+    _check_utf8(payload, path)  # Arrow's reader does not reject bytes that are not UTF-8
     fast = _read_jsonl_arrow(payload)
     if fast is not None:
         return fast, None

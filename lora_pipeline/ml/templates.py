@@ -16,20 +16,24 @@ NAMED_TEMPLATES = ("auto", "alpaca", "chatml", "tokenizer", "plain")
 # ChatML (the OpenAI/Qwen/Hermes convention), with tool schemas in the system turn and tool calls
 # as <tool_call> JSON, so conversations with function calls render on any tokenizer.
 CHATML = (
-    "{%- if tools %}<|im_start|>system\n"
-    "{%- if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
-    "# Tools\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools><|im_end|>\n"
+    "{%- if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{ messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{ '# Tools\\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{ '\\n</tools><|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
     "{%- if not (tools and loop.first and message.role == 'system') %}"
-    "<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{{ '<|im_start|>' + message.role + '\\n' + message.content }}"
     "{%- if message.tool_calls %}{%- for call in message.tool_calls %}"
-    "{%- if message.content or not loop.first %}\n{% endif %}"
-    "<tool_call>\n{{ call.function | tojson }}\n</tool_call>"
-    "{%- endfor %}{%- endif %}<|im_end|>\n"
+    "{%- if message.content or not loop.first %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_call>\\n' + (call.function | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor %}{%- endif %}"
+    "{{ '<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
