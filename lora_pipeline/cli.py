@@ -249,6 +249,9 @@ def command_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--select {args.select!r} matches no asset")
     if "raw_dataset" in selected:
         _check_data_early(model_config)
+        from lora_pipeline.ml.data import release_unused_memory
+
+        release_unused_memory()
     instance = _instance()
     _register_partition(instance, key, args.config)
     config_data = model_config.model_dump(mode="json")

@@ -311,24 +311,25 @@ def test_split_is_deterministic_disjoint_and_duplicates_never_straddle_it(tokeni
 
 
 def test_the_formatted_check_catches_missing_eos_and_too_much_truncation(tokenizer):
-    from lora_pipeline.ml.quality import check_formatted
+    from lora_pipeline.ml.quality import check_formatted, example_summary
 
     import pyarrow as pa
 
     formatted = format_rows(tokenizer, dataset_settings(max_rows=80), eval_fraction=0.2)
     train, evaluation = formatted.train, formatted.eval
-    assert check_formatted(train, evaluation, 0.05).passed
+    check = lambda t, e, limit: check_formatted(example_summary(t), example_summary(e), limit)  # noqa: E731
+    assert check(train, evaluation, 0.05).passed
 
     def replaced(table, column, values):
         return table.set_column(table.schema.get_field_index(column), column, values)
 
     no_eos = replaced(train, "ends_with_eos", pa.array([False] + [True] * (len(train) - 1)))
-    outcome = check_formatted(no_eos, evaluation, 0.05)
+    outcome = check(no_eos, evaluation, 0.05)
     assert not outcome.passed and "train: 1 example(s) fail, first at row 0: ends with exactly one EOS" in outcome.description
     masked = replaced(train, "loss_mask", pa.array([[0] * len(ids) for ids in train.column("input_ids").to_pylist()]))
-    assert "has at least one trained token" in check_formatted(masked, evaluation, 0.05).description
+    assert "has at least one trained token" in check(masked, evaluation, 0.05).description
     long = replaced(train, "truncated", pa.array([True] * len(train)))
-    outcome = check_formatted(long, evaluation, 0.05)
+    outcome = check(long, evaluation, 0.05)
     assert not outcome.passed and "longer than training.max_length" in outcome.description
 
 
@@ -440,3 +441,13 @@ def test_chatml_renders_the_standard_layout_with_tools_and_tool_calls(tokenizer)
     assert render(chat, tools=[{"name": "f"}]).startswith(
         '<|im_start|>system\nS\n\n# Tools\n<tools>\n{"name": "f"}\n</tools><|im_end|>\n<|im_start|>user\n'
     )
+
+
+def test_conversation_columns_under_the_other_name_are_recognised(tmp_path):
+    turns = [{"messages": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"yo {i}"}]} for i in range(10)]
+    loaded = load_dataset(dataset_settings(source=str(_write_jsonl(tmp_path / "lf.jsonl", turns))))
+    assert loaded.format == "sharegpt" and "conversations" in loaded.frame.columns
+    chats = [{"conversations": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "yo"}]}
+             for i in range(10)]
+    loaded = load_dataset(dataset_settings(source=str(_write_jsonl(tmp_path / "oa.jsonl", chats))))
+    assert loaded.format == "messages" and "messages" in loaded.frame.columns

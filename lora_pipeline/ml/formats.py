@@ -21,7 +21,6 @@ import pandas as pd
 from lora_pipeline.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
-CONVERSATIONAL = ("sharegpt", "messages")
 REQUIRED_COLUMNS = {
     "alpaca": ("instruction", "output"),
     "sharegpt": ("conversations",),
@@ -54,7 +53,7 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 def detect_format(frame: pd.DataFrame, source: str) -> str:
     """The format the columns (and, for conversations, the first row's keys) say the rows are in."""
     columns = set(frame.columns)
-    for column, fmt in (("conversations", None), ("messages", None)):
+    for column in ("conversations", "messages"):
         if column in columns:
             first = _first_list_item(frame[column])
             if isinstance(first, dict) and "from" in first and "value" in first:
@@ -70,6 +69,19 @@ def detect_format(frame: pd.DataFrame, source: str) -> str:
         f"{source}: cannot tell the format from the columns {', '.join(map(str, frame.columns))} "
         f"(expected one of {expected}); set dataset.format, or map your columns with dataset.columns"
     )
+
+
+def with_format_columns(frame: pd.DataFrame, fmt: str) -> pd.DataFrame:
+    """The rows with a conversation column under the name its format uses.
+
+    Exports mix the names: ShareGPT turns under 'messages' (LLaMA-Factory), role/content
+    messages under 'conversations'.
+    """
+    wanted = {"sharegpt": "conversations", "messages": "messages"}.get(fmt)
+    other = {"conversations": "messages", "messages": "conversations"}.get(wanted or "")
+    if wanted and wanted not in frame.columns and other in frame.columns:
+        return frame.rename(columns={other: wanted})
+    return frame
 
 
 def _first_list_item(column: pd.Series) -> Any:

@@ -22,6 +22,19 @@ class CheckOutcome:
     figures: dict
 
 
+SUMMARY_COLUMNS = ["text", "input_ids", "loss_mask", "truncated", "ends_with_eos"]
+
+
+def split_summary(path) -> pd.DataFrame:
+    """example_summary of a formatted split's Parquet file, read batch by batch (memory stays small)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [example_summary(pa.Table.from_batches([batch]))
+             for batch in pq.ParquetFile(path).iter_batches(batch_size=50_000, columns=SUMMARY_COLUMNS)]
+    return pd.concat(parts, ignore_index=True) if parts else example_summary(pq.read_table(path, columns=SUMMARY_COLUMNS))
+
+
 def example_summary(table: "pa.Table") -> pd.DataFrame:
     """Per example, the figures the checks need, computed column-wise from a formatted split (no row loop)."""
     import pyarrow.compute as pc
@@ -67,13 +80,14 @@ def formatted_schema():
 
 
 def check_formatted(
-    train: "pa.Table", evaluation: "pa.Table", max_truncation_rate: float, too_long_dropped: int = 0
+    train: pd.DataFrame, evaluation: pd.DataFrame, max_truncation_rate: float, too_long_dropped: int = 0
 ) -> CheckOutcome:
-    """The pandera schema on both splits, and the share of over-long examples (truncated or dropped) against the limit."""
+    """The pandera schema on both splits' example summaries, and the share of over-long examples (truncated or
+    dropped) against the limit."""
     import pandera.pandas as pa
 
     problems = []
-    summaries = {"train": example_summary(train), "eval": example_summary(evaluation)}
+    summaries = {"train": train, "eval": evaluation}
     for name, summary in summaries.items():
         try:
             formatted_schema().validate(summary, lazy=True)
