@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install demo test test-fast ui lock bench clean
+.PHONY: install demo test test-fast ui lock bench bench-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ lock:  ## re-pin constraints.txt to what is installed in .venv
 
 bench: $(STAMP)  ## pipeline vs the reference QLoRA recipe (needs ../shared/bench)
 	$(BIN)/python bench/recipe_parity.py
+
+bench-data: $(STAMP)  ## data-stage rows/s and peak memory on 100k and 1M synthetic Alpaca rows
+	$(BIN)/python bench/data_throughput.py
 
 clean:  ## remove artifacts, the Dagster instance and caches (not .venv)
 	rm -rf artifacts .dagster .cache

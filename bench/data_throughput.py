@@ -11,6 +11,8 @@ and reads the wall time of the two steps from the run's events and the process's
 
     python bench/data_throughput.py                # 100k and 1M rows
     python bench/data_throughput.py --rows 20000   # quick look
+
+It also times the tokenizer alone on the same texts: formatting cannot be faster than that.
 """
 
 from __future__ import annotations
@@ -97,6 +99,25 @@ def run_pipeline(config: Path, data: Path, base: Path, work: Path) -> dict:
     }
 
 
+def tokenizer_ceiling(data: Path, base: Path, rows: int = 100_000) -> dict:
+    """Rows/s of the tokenizer alone (batched, with offsets, as formatted_dataset calls it) on the same texts."""
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.ml.templates import alpaca_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    texts = []
+    with data.open(encoding="utf-8") as handle:
+        for line, _ in zip(handle, range(rows)):
+            row = json.loads(line)
+            texts.append(alpaca_prompt(row["instruction"], row["input"]) + row["output"] + tokenizer.eos_token)
+    started = time.perf_counter()
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(encoding.ids) for encoding in encodings)
+    return {"rows_per_s": round(len(texts) / seconds), "tokens_per_s": round(tokens / seconds)}
+
+
 def _step_seconds(log: str) -> dict[str, float]:
     seconds = {}
     for step, minutes, value, unit in re.findall(r'Finished execution of step "(\w+)" in (?:(\d+)m)?([\d.]+)(ms|s)', log):
@@ -141,6 +162,9 @@ def main() -> None:
                 "peak_rss_mb": round(result["peak_rss_mb"]),
             })
             print(json.dumps(results[-1]), flush=True)
+        ceiling = tokenizer_ceiling(work / f"alpaca_{args.rows[0]}.jsonl", work / f"base_{args.rows[0]}")
+    print(f"\ntokenizer alone (encode_batch with offsets, {os.cpu_count()} cores): {ceiling['rows_per_s']:,} rows/s, "
+          f"{ceiling['tokens_per_s']:,} tokens/s")
     print("\n| rows | file MB | tokens/row | raw_dataset s | formatted_dataset s | checks s | rows/s (assets) | rows/s (whole process) | peak RSS MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
