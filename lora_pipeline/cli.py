@@ -26,6 +26,7 @@ examples:
   lora-pipeline run configs/tiny-demo.yaml
   lora-pipeline run configs/tiny-demo.yaml --select +trained_adapter --set lora.r=8
   lora-pipeline run my-model.yaml --storage s3://bucket/lora --json
+  lora-pipeline run configs/tiny-demo.yaml --select raw_dataset,formatted_dataset --set dataset.source=chats.jsonl
   lora-pipeline validate configs/llama-3.1-8b-qlora.yaml
   lora-pipeline list
 

@@ -107,6 +107,8 @@ def test_the_real_alpaca_sample_runs_through_the_whole_graph(write_config, fake_
     result, uris = _materialize(fake_resources)
     formatted = result.asset_materializations_for_node("formatted_dataset")[0].metadata
     assert formatted["rows_in"].value == 999 and formatted["format"].value == "alpaca"
+    started = [event.step_key for event in result.all_events if event.event_type_value == "STEP_START"]
+    assert started.index("formatted_dataset") < started.index("quantized_base")  # bad data fails before any model loads
     assert all(check.passed for check in result.get_asset_check_evaluations())
     metrics = json.loads(open(f"{uris['eval_report']}/metrics.json").read())
     assert metrics["adapter"]["loss"] < metrics["base"]["loss"]

@@ -19,13 +19,19 @@ ARTIFACT_IO = "artifact_io"
 GPU_POOL = "gpu"
 
 
+# Data stages and their checks run before the model stages of the same run, so bad data fails
+# first instead of after the base model has been downloaded and quantized.
+DATA_FIRST = {"dagster/priority": "10"}
+
+
 def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False, code_version: str = "1"):
     """The decorator of every stage: one partition per model, ArtifactRef pointers, versioned code.
 
     Stages that put a model on the accelerator run in the `gpu` pool, so an instance never runs
-    more of them at once than its pool limit (the number of GPUs).
+    more of them at once than its pool limit (the number of GPUs). Data stages run first.
     """
     return dg.asset(
+        op_tags=DATA_FIRST if group == "data" else None,
         partitions_def=MODEL_PARTITIONS,
         io_manager_key=ARTIFACT_IO,
         kinds=kinds,
