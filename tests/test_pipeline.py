@@ -132,3 +132,21 @@ def test_a_multi_turn_chat_dataset_trains_and_is_evaluated_with_its_template(tmp
     samples = json.loads(open(f"{uris['eval_report']}/samples.json").read())
     assert samples and all(s["prompt"].endswith("<|im_start|>assistant\n") for s in samples)
     assert all(s["reference"].endswith("<|im_end|></s>") for s in samples)
+
+
+@pytest.mark.slow
+def test_the_whole_graph_runs_on_an_s3_store(s3_bucket, write_config, fake_resources, tmp_path):
+    """The artifact store on S3 (moto's server on 127.0.0.1): every artifact published there with its manifest."""
+    from lora_pipeline.assets.common import ARTIFACT_IO
+    from lora_pipeline.resources import ArtifactRefIOManager, ArtifactStore
+
+    bucket, fs = s3_bucket
+    store = ArtifactStore(root=f"s3://{bucket}/lora", cache_dir=str(tmp_path / "s3-cache"))
+    fake_resources.update({"storage": store, ARTIFACT_IO: ArtifactRefIOManager(store=store)})
+    write_config("micro", quantization={"mode": "none"}, training={"max_steps": 4})
+    _, uris = _materialize(fake_resources)
+    for name, uri in uris.items():
+        assert uri.startswith(f"s3://{bucket}/lora/micro/{name}/")
+        assert fs.exists(f"{uri.removeprefix('s3://')}/MANIFEST.json")
+    metrics = json.loads((store.local_path(store.current("micro", "eval_report")) / "metrics.json").read_text())
+    assert metrics["adapter"]["loss"] < metrics["base"]["loss"]

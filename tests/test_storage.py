@@ -71,3 +71,104 @@ def test_remote_filesystem_roundtrip_through_the_local_cache(tmp_path):
     local = store.local_path(ref)
     assert local.is_relative_to(tmp_path / "cache")
     assert (local / "nested" / "x.json").read_text() == "{}"
+
+
+def test_a_corrupted_file_of_the_same_size_is_detected(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    with store.staging_dir() as staging:
+        _write(staging, {"weights.bin": "0123456789"})
+        ref = store.publish(staging, "micro", "quantized_base")
+    folder = tmp_path / "store" / "micro" / "quantized_base" / ref.sha256[:16]
+    (folder / "weights.bin").write_text("0123456780")  # one flipped byte, same size
+    with pytest.raises(ArtifactIntegrityError, match="weights.bin does not match its sha256"):
+        store.local_path(ref)
+
+
+def test_stale_staging_folders_of_killed_writers_are_removed(tmp_path):
+    import os
+    import time
+
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    with store.staging_dir():
+        pass
+    stale = tmp_path / "store" / ".staging" / "dead-writer"
+    stale.mkdir()
+    day_ago = time.time() - 25 * 3600
+    os.utime(stale, (day_ago, day_ago))
+    fresh = tmp_path / "store" / ".staging" / "running-writer"
+    fresh.mkdir()
+    with store.staging_dir():
+        pass
+    assert not stale.exists() and fresh.exists()
+
+
+def test_on_s3_the_manifest_is_uploaded_last_and_a_partial_upload_is_not_published(s3_bucket, tmp_path):
+    """A writer that dies after some files: the version has no manifest, readers refuse it, a retry completes it."""
+    bucket, fs = s3_bucket
+    store = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "cache"))
+    with store.staging_dir() as staging:
+        _write(staging, {"a.bin": "A" * 1000, "b.bin": "B" * 1000})
+        ref = store.publish(staging, "micro", "merged_model")
+    version = f"{bucket}/store/micro/merged_model/{ref.sha256[:16]}"
+    fs.rm(f"{version}/MANIFEST.json")
+    fs.rm(f"{version}/b.bin")  # as if the writer died after a.bin
+    fs.invalidate_cache()
+    with pytest.raises(ArtifactIntegrityError, match="never fully published"):
+        store.local_path(ref)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    with store.staging_dir() as staging:
+        _write(staging, {"a.bin": "A" * 1000, "b.bin": "B" * 1000})
+        assert store.publish(staging, "micro", "merged_model") == ref
+    assert (store.local_path(ref) / "b.bin").read_text() == "B" * 1000
+
+
+def test_a_corrupted_object_in_s3_is_refused_on_download(s3_bucket, tmp_path):
+    bucket, fs = s3_bucket
+    store = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "cache"))
+    with store.staging_dir() as staging:
+        _write(staging, {"weights.bin": "0123456789"})
+        ref = store.publish(staging, "micro", "trained_adapter")
+    fs.pipe(f"{bucket}/store/micro/trained_adapter/{ref.sha256[:16]}/weights.bin", b"9123456789")
+    with pytest.raises(ArtifactIntegrityError, match="weights.bin does not match its sha256"):
+        store.local_path(ref)
+    assert not any((tmp_path / "cache").iterdir())  # nothing corrupted entered the cache
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from lora_pipeline.resources.storage import ArtifactStore
+store = ArtifactStore(root=sys.argv[1], cache_dir=sys.argv[2])
+with store.staging_dir() as staging:
+    for index in range(6):
+        (staging / f"shard-{index}.bin").write_bytes(bytes([index]) * (16 << 20))
+    store.publish(staging, "micro", "merged_model")
+"""
+
+
+def test_a_writer_killed_mid_upload_leaves_no_published_artifact(s3_bucket, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bucket, fs = s3_bucket
+    root = f"s3://{bucket}/store"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, root, str(tmp_path / "writer-cache")])
+    deadline = time.time() + 120
+    uploaded = []
+    while time.time() < deadline and writer.poll() is None:
+        fs.invalidate_cache()
+        uploaded = [p for p in fs.find(f"{bucket}/store/micro/merged_model") if p.endswith(".bin")]
+        if uploaded:
+            break
+        time.sleep(0.02)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert uploaded, "the writer finished or failed before the test could kill it mid-upload"
+    fs.invalidate_cache()
+    left = fs.find(f"{bucket}/store/micro/merged_model")
+    assert left and not any(p.endswith("MANIFEST.json") or p.endswith("CURRENT.json") for p in left)
+    store = ArtifactStore(root=root, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ArtifactIntegrityError, match="materialize it first"):
+        store.current("micro", "merged_model")

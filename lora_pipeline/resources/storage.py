@@ -3,9 +3,13 @@
 Layout under the store's root:
     <partition>/<asset>/<version>/...       an immutable artifact; MANIFEST.json is written last
     <partition>/<asset>/CURRENT.json        pointer to the newest published version (ArtifactRef)
-    .staging/<uuid>/                        work in progress; never read
+    .staging/<uuid>/                        work in progress of a local store; never read
 A version is the first 16 hex digits of the manifest's sha256, so publishing identical content
-twice yields the same artifact.
+twice yields the same artifact. A version folder counts as published only once its MANIFEST.json
+exists, and readers check every file against it (size and sha256): on a local store the folder
+appears by an atomic rename; on an object store (S3 has no rename) the files are uploaded to the
+version's prefix first and the manifest last, so a writer killed mid-upload leaves files that
+nothing reads and the next publish of the same content overwrites.
 """
 
 import contextlib
@@ -56,6 +60,24 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Folders whose files were hashed against their manifest in this process.
+_HASHED: set[tuple[str, str]] = set()
+STALE_STAGING_SECONDS = 24 * 3600
+
+
+def _remove_stale(staging_parent: Path) -> None:
+    """Remove staging folders left by writers that were killed (older than a day: none is still running)."""
+    import time
+
+    cutoff = time.time() - STALE_STAGING_SECONDS
+    for entry in staging_parent.iterdir():
+        try:
+            if entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another writer removed it first
 
 
 def build_manifest(local_dir: Path) -> dict:
@@ -110,6 +132,7 @@ class ArtifactStore(dg.ConfigurableResource):
             _, root = self._fs_and_root()
             staging_parent = Path(root) / ".staging"
             staging_parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(staging_parent)
             path = staging_parent / uuid.uuid4().hex
             path.mkdir()
         else:
@@ -133,11 +156,9 @@ class ArtifactStore(dg.ConfigurableResource):
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 local_dir.rename(target)
             else:
-                staging = f"{root}/.staging/{uuid.uuid4().hex}"
                 for entry in manifest["files"]:
-                    fs.put_file(str(local_dir / entry["path"]), f"{staging}/{entry['path']}")
-                fs.put_file(str(local_dir / MANIFEST), f"{staging}/{MANIFEST}")
-                fs.mv(staging, target, recursive=True)
+                    fs.put_file(str(local_dir / entry["path"]), f"{target}/{entry['path']}")
+                fs.put_file(str(local_dir / MANIFEST), f"{target}/{MANIFEST}")  # last: this publishes
         ref = ArtifactRef(
             uri=self._uri(target),
             sha256=digest,
@@ -166,13 +187,21 @@ class ArtifactStore(dg.ConfigurableResource):
             local = Path(self.cache_dir).resolve() / ref.sha256[:16]
             if not (local / MANIFEST).exists():
                 partial = local.with_name(local.name + f".partial-{uuid.uuid4().hex[:8]}")
-                fs.get(ref.uri.rstrip("/") + "/", str(partial), recursive=True)
-                partial.rename(local)
+                try:
+                    fs.get(ref.uri.rstrip("/") + "/", str(partial), recursive=True)
+                    self.verify(partial, ref)  # before it enters the cache
+                    partial.rename(local)
+                finally:
+                    shutil.rmtree(partial, ignore_errors=True)
         self.verify(local, ref)
         return local
 
     def verify(self, local: Path, ref: ArtifactRef) -> None:
-        """Check sizes (and the manifest's own digest) so a truncated or swapped artifact is refused."""
+        """Check every file's size and sha256 against the manifest, and the manifest against the reference.
+
+        A folder is hashed once per process (a version never changes once published); sizes are
+        checked on every read.
+        """
         manifest_path = local / MANIFEST
         if not manifest_path.exists():
             raise ArtifactIntegrityError(f"{ref.uri}: no {MANIFEST}; the artifact was never fully published")
@@ -183,6 +212,15 @@ class ArtifactStore(dg.ConfigurableResource):
             path = local / entry["path"]
             if not path.exists() or path.stat().st_size != entry["size"]:
                 raise ArtifactIntegrityError(f"{ref.uri}: file {entry['path']} is missing or has the wrong size")
+        key = (str(local.resolve()), ref.sha256)
+        if key in _HASHED:
+            return
+        for entry in manifest["files"]:
+            if _sha256_file(local / entry["path"]) != entry["sha256"]:
+                raise ArtifactIntegrityError(
+                    f"{ref.uri}: file {entry['path']} does not match its sha256 in {MANIFEST} (corrupted)"
+                )
+        _HASHED.add(key)
 
 
 class ArtifactRefIOManager(dg.ConfigurableIOManager):
