@@ -187,3 +187,14 @@ def test_4bit_on_cpu_refuses_layer_widths_the_kernel_cannot_run(micro_base, tmp_
     with pytest.raises(ModelError, match=r"down_proj has 160 input features"):
         quantize_base(odd, tmp_path / "out", "nf4", True, "float32", CPU)
     assert quantize_base(odd, tmp_path / "int8", "int8", True, "float32", CPU).quantized_modules == 14
+
+
+def test_a_nan_loss_stops_training_with_the_step_and_saves_nothing(micro_base, splits, tmp_path):
+    from lora_pipeline.config.schema import LoraSettings, TrainingSettings
+    from lora_pipeline.ml.train import TrainingDivergedError, train_adapter
+
+    diverging = TrainingSettings(max_steps=6, batch_size=8, learning_rate=1e30, max_grad_norm=1e30, warmup=0.0)
+    with pytest.raises(TrainingDivergedError, match=r"the training loss is (nan|inf|-inf) at step \d+"):
+        train_adapter(micro_base, splits.train, tmp_path / "out", LoraSettings(r=8, alpha=16, dropout=0.0),
+                      diverging, CPU, "micro")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

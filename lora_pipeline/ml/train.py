@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.ml.data import ensure_distinct_pad
 from lora_pipeline.ml.evaluate import IGNORE_INDEX
 from lora_pipeline.ml.modules import resolve_target_modules
@@ -52,6 +53,27 @@ def training_labels(train: "pd.DataFrame") -> list[list[int]]:
         np.where(np.asarray(mask) == 1, np.asarray(ids), IGNORE_INDEX).tolist()
         for ids, mask in zip(train["input_ids"], train["loss_mask"])
     ]
+
+
+class TrainingDivergedError(LoraPipelineError):
+    """The loss became NaN or infinite: training stopped instead of saving a broken adapter."""
+
+
+def _guarded(trainer_class):
+    """The trainer class with a check after every micro-batch that the loss is finite."""
+
+    class GuardedTrainer(trainer_class):
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            value = float(loss.detach().float().mean())
+            if value != value or value in (float("inf"), float("-inf")):
+                raise TrainingDivergedError(
+                    f"the training loss is {value} at step {self.state.global_step + 1}: training stopped and no "
+                    "adapter was saved; lower training.learning_rate or training.max_grad_norm, or check the data"
+                )
+            return loss
+
+    return GuardedTrainer
 
 
 def lora_config(settings: "LoraSettings", model_type: str):
@@ -169,7 +191,7 @@ def train_adapter(
         seed=training.seed,
         data_seed=training.seed,
     )
-    trainer = SFTTrainer(
+    trainer = _guarded(SFTTrainer)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     # Progress goes through the callback below (and so to the Dagster run log), not raw prints.
