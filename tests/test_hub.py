@@ -24,6 +24,9 @@ def test_data_stages_download_only_tokenizer_files(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     hub = ModelHub(cache_dir=str(tmp_path / "cache"))
     hub.resolve("acme/model", "v1", _never_called, tokenizer_only=True)
+    with pytest.raises(ModelError, match="no safetensors weights"):  # a repo with only pickles downloads none
+        hub.resolve("acme/model", None, _never_called)
+    (tmp_path / "model.safetensors").write_bytes(b"")
     hub.resolve("acme/model", None, _never_called)
     assert not any("safetensors" in p for p in calls[0][2])
     assert "*.safetensors" in calls[1][2] and calls[0][1] == "v1"
@@ -50,3 +53,34 @@ def test_a_local_folder_without_config_is_refused(tmp_path):
 def test_unknown_builtin_names_the_available_ones(tmp_path):
     with pytest.raises(ModelError, match="builtin:tiny-llama"):
         ModelHub(cache_dir=str(tmp_path)).resolve("builtin:giant-llama", None, lambda: ["text"])
+
+
+def test_a_model_with_only_pickle_weights_is_refused_unless_allowed(micro_base, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.errors import ModelError
+    from lora_pipeline.resources import LocalModelHub
+
+    import shutil
+
+    import torch
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(micro_base).state_dict(), pickled / "pytorch_model.bin")
+    shutil.copy(micro_base / "config.json", pickled / "config.json")
+    AutoTokenizer.from_pretrained(micro_base).save_pretrained(pickled)
+    assert (pickled / "pytorch_model.bin").exists() and not list(pickled.glob("*.safetensors"))
+    hub = LocalModelHub(cache_dir=str(tmp_path / "cache"), models={"acme/pickled": str(pickled)})
+    for name in (str(pickled), "acme/pickled"):
+        with pytest.raises(ModelError, match=r"only pickle weights \(pytorch_model.bin\).*allow_pickle: true"):
+            hub.resolve(name, None, lambda: [])
+        assert hub.resolve(name, None, lambda: [], allow_pickle=True) == pickled.resolve()
+        assert hub.resolve(name, None, lambda: [], tokenizer_only=True) == pickled.resolve()  # tokenizers are not pickles
+
+
+def test_allow_pickle_is_a_config_key_that_defaults_to_off(write_config):
+    from lora_pipeline.config.registry import load_config_file
+
+    assert load_config_file(write_config("micro"), []).allow_pickle is False
+    assert load_config_file(write_config("micro"), ["allow_pickle=true"]).allow_pickle is True

@@ -39,7 +39,12 @@ def quantized_base(
     """The base model loaded with bitsandbytes quantization (NF4/FP4/int8, or none) and saved, so retraining does not re-quantize."""
     model_config = resolve_model_config(context, config, registry)
     device = compute.info()
-    source_dir = hub.resolve(model_config.base_model, model_config.base_revision, lambda: _builtin_corpus(model_config))
+    source_dir = hub.resolve(
+        model_config.base_model,
+        model_config.base_revision,
+        lambda: _builtin_corpus(model_config),
+        allow_pickle=model_config.allow_pickle,
+    )
     settings = model_config.quantization
     compute_dtype = compute_dtype_name(settings.compute_dtype, device)
     with storage.staging_dir() as staging:

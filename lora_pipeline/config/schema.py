@@ -260,6 +260,11 @@ class ModelConfig(_Strict):
     base_revision: Optional[str] = Field(
         default=None, description="Hub revision (branch, tag or commit) of the base model."
     )
+    allow_pickle: bool = Field(
+        default=False,
+        description="Allow a base model that only has pickle weights (.bin, .pt, .pth). Off: such a "
+        "model is refused (unpickling can run code); only safetensors weights are loaded.",
+    )
     dataset: DatasetSettings = Field(description="The training data.")
     lora: LoraSettings = Field(default=LoraSettings(), description="The LoRA adapter.")
     quantization: QuantizationSettings = Field(
@@ -287,6 +292,9 @@ class TuningRunConfig(dg.Config):
     base_model: Optional[str] = Field(default=None, description=ModelConfig.model_fields["base_model"].description)
     base_revision: Optional[str] = Field(
         default=None, description=ModelConfig.model_fields["base_revision"].description
+    )
+    allow_pickle: Optional[bool] = Field(
+        default=None, description=ModelConfig.model_fields["allow_pickle"].description
     )
     dataset: Optional[DatasetSettings] = Field(default=None, description="The training data.")
     lora: Optional[LoraSettings] = Field(default=None, description="The LoRA adapter.")

@@ -14,9 +14,22 @@ from lora_pipeline.ml.tiny import BUILTIN_PREFIX, build_tiny_llama, builtin_shap
 
 CorpusFn = Callable[[], list[str]]
 
-# Only what a causal LM needs to load; never pickled weights.
+# Only what a causal LM needs to load; pickled weights only when the config allows them.
 TOKENIZER_FILE_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
 HUB_FILE_PATTERNS = [*TOKENIZER_FILE_PATTERNS, "*.safetensors"]
+PICKLE_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def refuse_pickle_only(folder: Path, name: str) -> None:
+    """Refuse a model folder whose weights exist only as pickles (loading them can run arbitrary code)."""
+    has_safetensors = any(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and "tokenizer" not in p.name)
+    if pickles and not has_safetensors:
+        raise ModelError(
+            f"base_model {name!r}: only pickle weights ({', '.join(pickles[:3])}); unpickling can run code, so "
+            "they are refused. Convert them to safetensors, or set allow_pickle: true if you trust the source"
+        )
 
 
 class ModelHub(dg.ConfigurableResource):
@@ -27,11 +40,19 @@ class ModelHub(dg.ConfigurableResource):
         description="Folder where built-in models are built and cached.",
     )
 
-    def resolve(self, base_model: str, revision: str | None, corpus: CorpusFn, tokenizer_only: bool = False) -> Path:
+    def resolve(
+        self,
+        base_model: str,
+        revision: str | None,
+        corpus: CorpusFn,
+        tokenizer_only: bool = False,
+        allow_pickle: bool = False,
+    ) -> Path:
         """A local folder holding config.json, safetensors weights and the tokenizer.
 
         corpus is called only for built-in models, whose tokenizer is trained on it. With
         tokenizer_only, a hub download skips the weights (the data stages need only the tokenizer).
+        Models with only pickle weights are refused unless allow_pickle.
         """
         if base_model.startswith(BUILTIN_PREFIX):
             return self._build_builtin(base_model, corpus())
@@ -39,8 +60,19 @@ class ModelHub(dg.ConfigurableResource):
         if local.exists():
             if not (local / "config.json").is_file():
                 raise ModelError(f"base_model {base_model!r}: the folder has no config.json")
-            return local.resolve()
-        return self._download(base_model, revision, tokenizer_only)
+            folder = local.resolve()
+        else:
+            folder = self._download(base_model, revision, tokenizer_only, allow_pickle)
+        if not tokenizer_only and not allow_pickle:
+            refuse_pickle_only(folder, base_model)
+        if not tokenizer_only and not any(folder.glob("*.safetensors")) and not any(
+            p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()
+        ):
+            raise ModelError(
+                f"base_model {base_model!r}: no safetensors weights in {folder} (a hub repo with only pickle "
+                "weights is downloaded without them; set allow_pickle: true if you trust the source)"
+            )
+        return folder
 
     def _build_builtin(self, base_model: str, corpus: list[str]) -> Path:
         shape = builtin_shape(base_model)
@@ -56,10 +88,13 @@ class ModelHub(dg.ConfigurableResource):
                 shutil.rmtree(partial, ignore_errors=True)
         return target
 
-    def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False) -> Path:
+    def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False,
+                  allow_pickle: bool = False) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = TOKENIZER_FILE_PATTERNS if tokenizer_only else HUB_FILE_PATTERNS
+        if allow_pickle and not tokenizer_only:
+            patterns = [*patterns, *PICKLE_WEIGHT_PATTERNS]
         try:
             return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns))
         except Exception as exc:  # the hub client raises many types; all mean "cannot get the model"
@@ -76,7 +111,8 @@ class LocalModelHub(ModelHub):
         default={}, description="Hub id -> local model folder that stands in for it."
     )
 
-    def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False) -> Path:
+    def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False,
+                  allow_pickle: bool = False) -> Path:
         if repo_id not in self.models:
             raise ModelError(
                 f"base_model {repo_id!r}: not available offline; known: {', '.join(sorted(self.models)) or 'none'}"
