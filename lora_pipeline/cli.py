@@ -130,6 +130,41 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
+PID_TAG = "lora_pipeline/pid"
+HOST_TAG = "lora_pipeline/host"
+
+
+def _reclaim_dead_runs(instance) -> None:
+    """Mark runs of this machine whose process was killed as failed and free their pool slots.
+
+    A run killed with SIGKILL cannot report its end, so it would hold its `gpu` pool slot forever
+    and the next run would wait for it; no daemon watches in-process CLI runs.
+    """
+    import socket
+
+    import dagster as dg
+
+    host = socket.gethostname()
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        pid = run.tags.get(PID_TAG)
+        if run.tags.get(HOST_TAG) != host or not pid or _process_alive(int(pid)):
+            continue
+        instance.report_run_failed(run, message=f"the lora-pipeline process running it (pid {pid}) is gone")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        print(f"note: run {run.run_id} was killed (pid {pid} is gone); marked failed, its pool slot freed",
+              file=sys.stderr)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _selection(text: str):
     """Parse --select: comma-separated names with dbt-style '+' edges, or Dagster selection strings."""
     import dagster as dg
@@ -235,6 +270,8 @@ def _user_error_in(exc: BaseException) -> LoraPipelineError | None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    import socket
+
     import dagster as dg
 
     from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
@@ -254,6 +291,7 @@ def command_run(args: argparse.Namespace) -> int:
 
         release_unused_memory()
     instance = _instance()
+    _reclaim_dead_runs(instance)
     _register_partition(instance, key, args.config)
     config_data = model_config.model_dump(mode="json")
     run_config = {
@@ -274,7 +312,8 @@ def command_run(args: argparse.Namespace) -> int:
             partition_key=key,
             run_config=run_config,
             instance=instance,
-            tags={"lora_pipeline/config": str(args.config)},
+            tags={"lora_pipeline/config": str(args.config), PID_TAG: str(os.getpid()),
+                  HOST_TAG: socket.gethostname()},
         )
     except Exception:
         latest = instance.get_runs(limit=1)

@@ -170,3 +170,40 @@ def test_a_failed_data_check_is_one_line_and_stops_the_run(tmp_path, write_confi
     assert error.startswith("error: formatted_dataset check examples_are_trainable:")
     assert "longer than training.max_length" in error and "dataset.max_truncation_rate" in error
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_sigkilled_training_run_resumes_from_its_last_checkpoint(tmp_path, write_config):
+    """Kill -9 after the first checkpoint, launch again: same number of optimizer steps, a loadable adapter."""
+    import signal
+    import time
+
+    path = write_config("micro", quantization={"mode": "nf4"},
+                        training={"max_steps": 40, "checkpoint_every": 5, "logging_steps": 5})
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store")}
+    command = [sys.executable, "-m", "lora_pipeline.cli", "run", str(path), "--select", "+trained_adapter", "--json"]
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "store" / "micro" / "trained_adapter" / ".checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not list(checkpoints.glob("*/step-*/MANIFEST.json")):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    saved = list(checkpoints.glob("*/step-*/MANIFEST.json"))
+    assert saved and first.returncode == -signal.SIGKILL, "the first run ended before its first checkpoint"
+    assert not (tmp_path / "store" / "micro" / "trained_adapter" / "CURRENT.json").exists()
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    meta = json.loads(second.stdout.strip().splitlines()[-1])["assets"]["trained_adapter"]["metadata"]
+    assert meta["resumed_from_step"] >= 5 and meta["steps"] == 40
+    assert "resuming from the checkpoint at step" in second.stderr
+    assert "was killed" in second.stderr  # its gpu pool slot was freed, or this run would wait forever
+    assert not list(checkpoints.glob("*/step-*"))  # dropped once the adapter is published
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(json.loads(second.stdout.strip().splitlines()[-1])["assets"]
+                                                ["quantized_base"]["uri"])
+    PeftModel.from_pretrained(base, meta["uri"])

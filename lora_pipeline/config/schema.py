@@ -212,6 +212,13 @@ class TrainingSettings(_Strict):
         "fp16 on older GPUs, fp32 on CPU.",
     )
     logging_steps: int = Field(default=5, ge=1, description="Log loss and throughput every N steps.")
+    checkpoint_every: int = Field(
+        default=100,
+        ge=0,
+        description="Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, step) to the store "
+        "every N optimizer steps; a killed run relaunched with the same config and data resumes from "
+        "the newest one. 0: no checkpoints.",
+    )
     seed: int = Field(default=0, description="Seed for adapter initialisation, dropout and data order.")
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[dict], None]
+CheckpointFn = Callable[[Path, int], None]
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainResult:
     peak_memory_kind: str
     gradient_checkpointing: bool
     precision: str
+    resumed_from_step: int = 0
     target_modules: list[str] | str = field(default_factory=list)
 
 
@@ -74,6 +76,27 @@ def _guarded(trainer_class):
             return loss
 
     return GuardedTrainer
+
+
+def _checkpoint_callback(on_checkpoint: CheckpointFn):
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):
+        """Hands each checkpoint the Trainer has just written (complete on disk) to on_checkpoint."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                on_checkpoint(folder, state.global_step)
+
+    return CheckpointCallback()
+
+
+def _checkpoint_step(folder: Path) -> int:
+    """The optimizer step a Trainer checkpoint was written at."""
+    import json
+
+    return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
 
 
 def lora_config(settings: "LoraSettings", model_type: str):
@@ -139,11 +162,17 @@ def train_adapter(
     device: DeviceInfo,
     base_model_name: str,
     progress: ProgressFn | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
 
     The training split is formatted_dataset's: token ids and a loss mask per example (which
     tokens to learn: the response, or everything when the config says so).
+
+    Every training.checkpoint_every optimizer steps the Trainer's checkpoint (adapter, optimizer,
+    scheduler, RNG states, step) is handed to on_checkpoint(folder, step); resume_from is such a
+    folder to continue from, so a killed run ends with the same steps as an uninterrupted one.
     """
     import torch
     from datasets import Dataset
@@ -184,7 +213,9 @@ def train_adapter(
         max_length=training.max_length,
         packing=training.packing,
         logging_steps=training.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if training.checkpoint_every else "no",
+        save_steps=training.checkpoint_every or 500,
+        save_total_limit=1,  # the store keeps the published ones
         report_to=[],
         disable_tqdm=True,
         use_cpu=device.device == "cpu",
@@ -201,10 +232,13 @@ def train_adapter(
     tokens_per_step = tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
     if progress is not None:
         trainer.add_callback(_progress_callback(progress, tokens_per_step))
+    if on_checkpoint is not None:
+        trainer.add_callback(_checkpoint_callback(on_checkpoint))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     logger.info("training %s trainable of %s parameters", trainable, total)
 
-    result = trainer.train()
+    resumed_step = _checkpoint_step(resume_from) if resume_from is not None else 0
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     train_seconds = float(result.metrics["train_runtime"])
     steps = int(trainer.state.global_step)
     trained_tokens = int(tokens_per_epoch * float(trainer.state.epoch or 0.0))
@@ -230,6 +264,7 @@ def train_adapter(
         peak_memory_kind=peak_kind,
         gradient_checkpointing=checkpointing,
         precision=precision,
+        resumed_from_step=resumed_step,
         target_modules=sorted(peft_config.target_modules)
         if not isinstance(peft_config.target_modules, str)
         else peft_config.target_modules,

@@ -223,6 +223,74 @@ class ArtifactStore(dg.ConfigurableResource):
         _HASHED.add(key)
 
 
+    # --- training checkpoints: <partition>/<asset>/.checkpoints/<run_key>/step-<N>/, manifest last ---
+
+    def _checkpoints_dir(self, partition: str, asset: str) -> str:
+        _, root = self._fs_and_root()
+        return f"{root}/{partition}/{asset}/.checkpoints"
+
+    def publish_checkpoint(self, folder: Path, partition: str, asset: str, run_key: str, step: int,
+                           keep: int = 2) -> str:
+        """Publish a training checkpoint folder (manifest last) and drop all but the newest `keep` of its run."""
+        fs, _ = self._fs_and_root()
+        base = f"{self._checkpoints_dir(partition, asset)}/{run_key}"
+        target = f"{base}/step-{step:09d}"
+        manifest = build_manifest(folder)
+        if self.is_local:
+            partial = Path(f"{target}.partial-{uuid.uuid4().hex[:8]}")
+            shutil.copytree(folder, partial)
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+        else:
+            for entry in manifest["files"]:
+                fs.put_file(str(folder / entry["path"]), f"{target}/{entry['path']}")
+            fs.pipe_file(f"{target}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for old in self._complete_checkpoints(base)[keep:]:
+            fs.rm(old, recursive=True)
+        return self._uri(target)
+
+    def _complete_checkpoints(self, base: str) -> list[str]:
+        """Checkpoint folders of a run that have a manifest, newest first."""
+        fs, _ = self._fs_and_root()
+        if not fs.exists(base):
+            return []
+        fs.invalidate_cache(base)
+        folders = [entry for entry in fs.ls(base, detail=False) if entry.rstrip("/").split("/")[-1].startswith("step-")
+                   and ".partial-" not in entry]
+        complete = [folder for folder in folders if fs.exists(f"{folder}/{MANIFEST}")]
+        return sorted(complete, key=lambda folder: folder.rstrip("/").split("/")[-1], reverse=True)
+
+    def latest_checkpoint(self, partition: str, asset: str, run_key: str) -> tuple[int, Path] | None:
+        """The newest checkpoint of a run whose files match its manifest, as (step, local folder)."""
+        fs, _ = self._fs_and_root()
+        for folder in self._complete_checkpoints(f"{self._checkpoints_dir(partition, asset)}/{run_key}"):
+            manifest = json.loads(fs.cat_file(f"{folder}/{MANIFEST}").decode())
+            ref = ArtifactRef(uri=self._uri(folder), sha256=_manifest_digest(manifest),
+                              size_bytes=sum(entry["size"] for entry in manifest["files"]), files=len(manifest["files"]))
+            try:
+                local = self.local_path(ref)
+            except ArtifactIntegrityError:
+                continue  # damaged: fall back to the one before
+            return int(folder.rstrip("/").split("step-")[-1]), local
+        return None
+
+    def checkpoint_runs(self, partition: str, asset: str) -> list[str]:
+        """The run keys that have checkpoints for an asset partition."""
+        fs, _ = self._fs_and_root()
+        base = self._checkpoints_dir(partition, asset)
+        if not fs.exists(base):
+            return []
+        return sorted(entry.rstrip("/").split("/")[-1] for entry in fs.ls(base, detail=False))
+
+    def drop_checkpoints(self, partition: str, asset: str, run_key: str) -> None:
+        """Remove a run's checkpoints (once its artifact is published they are not needed)."""
+        fs, _ = self._fs_and_root()
+        base = f"{self._checkpoints_dir(partition, asset)}/{run_key}"
+        if fs.exists(base):
+            fs.rm(base, recursive=True)
+
+
 class ArtifactRefIOManager(dg.ConfigurableIOManager):
     """Passes ArtifactRef pointers between assets; the data itself stays in the artifact store."""
 
