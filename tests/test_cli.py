@@ -207,3 +207,27 @@ def test_a_sigkilled_training_run_resumes_from_its_last_checkpoint(tmp_path, wri
     base = AutoModelForCausalLM.from_pretrained(json.loads(second.stdout.strip().splitlines()[-1])["assets"]
                                                 ["quantized_base"]["uri"])
     PeftModel.from_pretrained(base, meta["uri"])
+
+
+@pytest.mark.slow
+def test_a_canary_secret_appears_nowhere(tmp_path, write_config, s3_bucket):
+    """Credentials come from the AWS variables and never reach logs, the event log, the store or the output."""
+    bucket, fs = s3_bucket
+    canary = "canary-secret-7f3a9c21e5"
+    path = write_config("micro", quantization={"mode": "none"}, training={"max_steps": 4, "checkpoint_every": 2})
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "AWS_SECRET_ACCESS_KEY": canary,
+           "AWS_ACCESS_KEY_ID": "canary-key-id"}
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_pipeline.cli", "run", str(path), "--storage", f"s3://{bucket}/lora", "--json",
+         "--debug"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert canary not in result.stdout and canary not in result.stderr
+    for file in (tmp_path / "dagster_home").rglob("*"):
+        if file.is_file():
+            assert canary.encode() not in file.read_bytes(), file
+    objects = fs.find(f"{bucket}/lora")
+    assert any(name.endswith("MANIFEST.json") for name in objects)
+    for name in objects:
+        assert canary.encode() not in fs.cat_file(name), name

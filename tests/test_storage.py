@@ -172,3 +172,33 @@ def test_a_writer_killed_mid_upload_leaves_no_published_artifact(s3_bucket, tmp_
     store = ArtifactStore(root=root, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ArtifactIntegrityError, match="materialize it first"):
         store.current("micro", "merged_model")
+
+
+@pytest.mark.parametrize("partition", ["../escape", "a/b", "/abs", ".hidden", ""])
+def test_names_that_could_leave_the_store_are_refused(tmp_path, partition):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    with store.staging_dir() as staging:
+        _write(staging, {"a.txt": "x"})
+        with pytest.raises(ArtifactIntegrityError, match="refusing a path outside the store"):
+            store.publish(staging, partition, "raw_dataset")
+    with pytest.raises(ArtifactIntegrityError, match="refusing a path outside the store"):
+        store.current(partition, "raw_dataset")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "a").exists()
+
+
+def test_a_manifest_naming_a_file_outside_the_artifact_is_refused(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    (tmp_path / "secret.txt").write_text("x")
+    with store.staging_dir() as staging:
+        _write(staging, {"a.txt": "x"})
+        ref = store.publish(staging, "micro", "raw_dataset")
+    folder = tmp_path / "store" / "micro" / "raw_dataset" / ref.sha256[:16]
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"].append({"path": "../../../../secret.txt", "size": 1, "sha256": "0" * 64})
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+    import hashlib
+
+    forged = ref.__class__(uri=ref.uri, sha256=hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+                           size_bytes=ref.size_bytes, files=2)
+    with pytest.raises(ArtifactIntegrityError, match="outside the artifact"):
+        store.local_path(forged)

@@ -15,6 +15,7 @@ nothing reads and the next publish of the same content overwrites.
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import uuid
@@ -78,6 +79,16 @@ def _remove_stale(staging_parent: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
         except FileNotFoundError:
             pass  # another writer removed it first
+
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _segment(name: str, what: str) -> str:
+    """A path segment under the store root: refuse anything that could point outside it."""
+    if not _SEGMENT.fullmatch(name) or ".." in name:
+        raise ArtifactIntegrityError(f"{what} {name!r} is not a plain name; refusing a path outside the store")
+    return name
 
 
 def build_manifest(local_dir: Path) -> dict:
@@ -147,7 +158,7 @@ class ArtifactStore(dg.ConfigurableResource):
         fs, root = self._fs_and_root()
         manifest = build_manifest(local_dir)
         digest = _manifest_digest(manifest)
-        target = f"{root}/{partition}/{asset}/{digest[:16]}"
+        target = f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}/{digest[:16]}"
         if not fs.exists(f"{target}/{MANIFEST}"):
             (local_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             if self.is_local:
@@ -171,7 +182,7 @@ class ArtifactStore(dg.ConfigurableResource):
     def current(self, partition: str, asset: str) -> ArtifactRef:
         """The newest published artifact of an asset partition."""
         fs, root = self._fs_and_root()
-        pointer = f"{root}/{partition}/{asset}/{POINTER}"
+        pointer = f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}/{POINTER}"
         if not fs.exists(pointer):
             raise ArtifactIntegrityError(
                 f"{asset} has no published artifact for model {partition!r} in {self.root}; materialize it first"
@@ -208,8 +219,11 @@ class ArtifactStore(dg.ConfigurableResource):
         manifest = json.loads(manifest_path.read_text())
         if _manifest_digest(manifest) != ref.sha256:
             raise ArtifactIntegrityError(f"{ref.uri}: {MANIFEST} does not match the reference's sha256")
+        inside = local.resolve()
         for entry in manifest["files"]:
             path = local / entry["path"]
+            if not path.resolve().is_relative_to(inside):
+                raise ArtifactIntegrityError(f"{ref.uri}: {MANIFEST} names {entry['path']!r}, outside the artifact")
             if not path.exists() or path.stat().st_size != entry["size"]:
                 raise ArtifactIntegrityError(f"{ref.uri}: file {entry['path']} is missing or has the wrong size")
         key = (str(local.resolve()), ref.sha256)
@@ -227,13 +241,13 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def _checkpoints_dir(self, partition: str, asset: str) -> str:
         _, root = self._fs_and_root()
-        return f"{root}/{partition}/{asset}/.checkpoints"
+        return f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}/.checkpoints"
 
     def publish_checkpoint(self, folder: Path, partition: str, asset: str, run_key: str, step: int,
                            keep: int = 2) -> str:
         """Publish a training checkpoint folder (manifest last) and drop all but the newest `keep` of its run."""
         fs, _ = self._fs_and_root()
-        base = f"{self._checkpoints_dir(partition, asset)}/{run_key}"
+        base = f"{self._checkpoints_dir(partition, asset)}/{_segment(run_key, 'run key')}"
         target = f"{base}/step-{step:09d}"
         manifest = build_manifest(folder)
         if self.is_local:
