@@ -43,8 +43,8 @@ def raw_dataset(
     """Rows of the configured source (file, folder, glob, URL or hub dataset), checked against their format with pandera, stored as Parquet."""
     model_config = resolve_model_config(context, config, registry)
     loaded = load_dataset(model_config.dataset)
-    content_hash = fingerprint(loaded.frame)
     stored, nested = storable(loaded.frame)
+    content_hash = fingerprint(stored)
     info = {
         "source": loaded.source,
         "source_kind": loaded.rows.kind,

@@ -20,7 +20,6 @@ from lora_pipeline.errors import DataError
 from lora_pipeline.ml.formats import (
     conversations_of,
     detect_format,
-    storable,
     tools_of,
     validate_rows,
     with_format_columns,
@@ -87,12 +86,11 @@ def release_unused_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
-def fingerprint(frame: pd.DataFrame) -> str:
-    """Content hash of a table: equal rows in equal order give an equal fingerprint."""
+def fingerprint(stored: pd.DataFrame) -> str:
+    """Content hash of a table as storable() returns it: equal rows in equal order give an equal fingerprint."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    stored, _ = storable(frame)
     digest = hashlib.sha256()
     digest.update("\x1f".join(map(str, stored.columns)).encode())
     for column in stored.columns:
@@ -124,8 +122,11 @@ def _strings(frame: pd.DataFrame, column: str) -> "pa.Array":
     return pc.fill_null(array, "")
 
 
-def content_parts(loaded: LoadedDataset) -> list["pa.Array"]:
-    """What makes two rows the same example, as string columns: the texts the model sees, in order."""
+def content_parts(loaded: LoadedDataset, chats: list[list[dict]] | None = None) -> list["pa.Array"]:
+    """What makes two rows the same example, as string columns: the texts the model sees, in order.
+
+    chats: the rows as conversations_of gives them, for conversational formats (parsed once by the caller).
+    """
     import pyarrow as pa
 
     frame, fmt = loaded.frame, loaded.format
@@ -138,7 +139,7 @@ def content_parts(loaded: LoadedDataset) -> list["pa.Array"]:
         return [_strings(frame, "text")]
     return [pa.array(
         ["\x1d".join(f"{m['role']}\x1e{m['content']}\x1e{m.get('tool_calls', '')}" for m in chat)
-         for chat in conversations_of(frame, fmt, None)],
+         for chat in (chats if chats is not None else conversations_of(frame, fmt, None))],
         pa.string(),
     )]
 
@@ -196,7 +197,7 @@ def content_hashes(parts: list["pa.Array"]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(exact), np.concatenate(normalised)
 
 
-def _is_empty(loaded: LoadedDataset) -> np.ndarray:
+def _is_empty(loaded: LoadedDataset, chats: list[list[dict]] | None = None) -> np.ndarray:
     import pyarrow.compute as pc
 
     frame, fmt = loaded.frame, loaded.format
@@ -212,7 +213,7 @@ def _is_empty(loaded: LoadedDataset) -> np.ndarray:
         return blank("text")
     return np.array(
         [not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in chat)
-         for chat in conversations_of(frame, fmt, None)],
+         for chat in (chats if chats is not None else conversations_of(frame, fmt, None))],
         dtype=bool,
     )
 
@@ -237,10 +238,11 @@ class CleanedRows:
 def clean_rows(loaded: LoadedDataset, dedupe: str = "normalized") -> CleanedRows:
     """Drop empty rows and duplicates (exact, then case/whitespace-normalised), counting each step."""
     counts = {"rows_in": len(loaded.frame)}
-    keep = ~_is_empty(loaded)
+    chats = conversations_of(loaded.frame, loaded.format, None) if loaded.format in ("sharegpt", "messages") else None
+    keep = ~_is_empty(loaded, chats)
     counts["empty"] = int((~keep).sum())
     # Duplicates are found by 64-bit content hash: a chance collision among a million rows is ~3e-8.
-    exact_hashes, hashes = content_hashes(content_parts(loaded))
+    exact_hashes, hashes = content_hashes(content_parts(loaded, chats))
     exact_duplicate = pd.Series(exact_hashes).duplicated().to_numpy() & keep
     if dedupe != "none":
         keep &= ~exact_duplicate

@@ -271,9 +271,9 @@ def _read_json(path: str) -> tuple[pd.DataFrame, None]:
 
 def _read_jsonl(path: str) -> tuple[pd.DataFrame, tuple[int, ...] | None]:
     payload = _read_bytes(path)
-    _check_utf8(payload, path)  # Arrow's reader does not reject bytes that are not UTF-8
     fast = _read_jsonl_arrow(payload)
     if fast is not None:
+        _check_utf8(payload, path)  # Arrow's reader does not reject bytes that are not UTF-8
         return fast, None
     # The slow path parses line by line, so that an error names the exact line and reason.
     text = _decode(payload, path)

@@ -101,6 +101,13 @@ def build_manifest(local_dir: Path) -> dict:
     return {"format": 1, "files": files}
 
 
+def _upload_manifest_last(fs, local_dir: Path, target: str, manifest: dict) -> None:
+    """Upload a folder's files to an object-store prefix, the manifest last: only then does it count."""
+    for entry in manifest["files"]:
+        fs.put_file(str(local_dir / entry["path"]), f"{target}/{entry['path']}")
+    fs.pipe_file(f"{target}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
 def _manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
@@ -128,6 +135,15 @@ class ArtifactStore(dg.ConfigurableResource):
     def is_local(self) -> bool:
         """Whether the store is a folder on this machine (publishing is then a rename)."""
         return isinstance(self._fs_and_root()[0], LocalFileSystem)
+
+    def _ref_for(self, path: str, manifest: dict) -> ArtifactRef:
+        """The reference to the folder at path holding the files of manifest."""
+        return ArtifactRef(
+            uri=self._uri(path),
+            sha256=_manifest_digest(manifest),
+            size_bytes=sum(entry["size"] for entry in manifest["files"]),
+            files=len(manifest["files"]),
+        )
 
     def _uri(self, path: str) -> str:
         fs, _ = self._fs_and_root()
@@ -167,15 +183,8 @@ class ArtifactStore(dg.ConfigurableResource):
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 local_dir.rename(target)
             else:
-                for entry in manifest["files"]:
-                    fs.put_file(str(local_dir / entry["path"]), f"{target}/{entry['path']}")
-                fs.put_file(str(local_dir / MANIFEST), f"{target}/{MANIFEST}")  # last: this publishes
-        ref = ArtifactRef(
-            uri=self._uri(target),
-            sha256=digest,
-            size_bytes=sum(entry["size"] for entry in manifest["files"]),
-            files=len(manifest["files"]),
-        )
+                _upload_manifest_last(fs, local_dir, target, manifest)
+        ref = self._ref_for(target, manifest)
         fs.pipe_file(f"{root}/{partition}/{asset}/{POINTER}", ref.to_json().encode())
         return ref
 
@@ -257,9 +266,7 @@ class ArtifactStore(dg.ConfigurableResource):
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
         else:
-            for entry in manifest["files"]:
-                fs.put_file(str(folder / entry["path"]), f"{target}/{entry['path']}")
-            fs.pipe_file(f"{target}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
+            _upload_manifest_last(fs, folder, target, manifest)
         for old in self._complete_checkpoints(base)[keep:]:
             fs.rm(old, recursive=True)
         return self._uri(target)
@@ -280,10 +287,8 @@ class ArtifactStore(dg.ConfigurableResource):
         fs, _ = self._fs_and_root()
         for folder in self._complete_checkpoints(f"{self._checkpoints_dir(partition, asset)}/{run_key}"):
             manifest = json.loads(fs.cat_file(f"{folder}/{MANIFEST}").decode())
-            ref = ArtifactRef(uri=self._uri(folder), sha256=_manifest_digest(manifest),
-                              size_bytes=sum(entry["size"] for entry in manifest["files"]), files=len(manifest["files"]))
             try:
-                local = self.local_path(ref)
+                local = self.local_path(self._ref_for(folder, manifest))
             except ArtifactIntegrityError:
                 continue  # damaged: fall back to the one before
             return int(folder.rstrip("/").split("step-")[-1]), local
