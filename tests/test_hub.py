@@ -84,3 +84,77 @@ def test_allow_pickle_is_a_config_key_that_defaults_to_off(write_config):
 
     assert load_config_file(write_config("micro"), []).allow_pickle is False
     assert load_config_file(write_config("micro"), ["allow_pickle=true"]).allow_pickle is True
+
+
+def _model_with_its_own_code(micro_base, folder):
+    """The micro model re-badged as an architecture whose classes live in .py files beside the weights."""
+    import json
+    import shutil
+
+    shutil.copytree(micro_base, folder)
+    (folder / "configuration_acme.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass AcmeConfig(LlamaConfig):\n    model_type = 'acme_llama'\n"
+    )
+    (folder / "modeling_acme.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_acme import AcmeConfig\n\n\n"
+        "class AcmeForCausalLM(LlamaForCausalLM):\n    config_class = AcmeConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="acme_llama",
+        architectures=["AcmeForCausalLM"],
+        auto_map={"AutoConfig": "configuration_acme.AcmeConfig", "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"},
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_model_that_ships_code_is_refused_before_loading_unless_trusted(micro_base, tmp_path):
+    from lora_pipeline.resources import LocalModelHub
+
+    custom = _model_with_its_own_code(micro_base, tmp_path / "custom")
+    hub = LocalModelHub(cache_dir=str(tmp_path / "cache"), models={"acme/custom": str(custom)})
+    for name in (str(custom), "acme/custom"):
+        for tokenizer_only in (True, False):  # the data stage, which runs first, refuses it already
+            with pytest.raises(ModelError, match=r"config.json has an auto_map \(configuration_acme.AcmeConfig, "
+                               r"modeling_acme.AcmeForCausalLM\).*trust_remote_code: true"):
+                hub.resolve(name, None, _never_called, tokenizer_only=tokenizer_only)
+        assert hub.resolve(name, None, _never_called, trust_remote_code=True) == custom.resolve()
+
+
+def test_hub_downloads_python_files_only_when_code_is_trusted(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    patterns = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download",
+        lambda repo_id, revision, allow_patterns: patterns.append(allow_patterns) or str(tmp_path),
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    hub = ModelHub(cache_dir=str(tmp_path / "cache"))
+    hub.resolve("acme/model", None, _never_called)
+    hub.resolve("acme/model", None, _never_called, trust_remote_code=True)
+    assert "*.py" not in patterns[0] and "*.py" in patterns[1]
+
+
+def test_a_trusted_model_with_its_own_code_runs_through_the_whole_graph(micro_base, tmp_path, write_config,
+                                                                      fake_resources):
+    import json
+
+    import dagster as dg
+
+    from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
+    from lora_pipeline.assets.common import MODEL_PARTITIONS
+    from lora_pipeline.resources import LocalModelHub
+
+    custom = _model_with_its_own_code(micro_base, tmp_path / "custom")
+    fake_resources["hub"] = LocalModelHub(cache_dir=str(tmp_path / "models"), models={"acme/custom": str(custom)})
+    write_config("custom", base_model="acme/custom", trust_remote_code=True)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(MODEL_PARTITIONS.name, ["custom"])
+    result = dg.materialize([*PIPELINE_ASSETS, *PIPELINE_CHECKS], partition_key="custom", instance=instance,
+                            resources=fake_resources)
+    assert result.success
+    merged = fake_resources["storage"].local_path(fake_resources["storage"].current("custom", "merged_model"))
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "acme_llama"
+    assert (merged / "modeling_acme.py").exists()  # the code travels with the model that needs it

@@ -44,11 +44,15 @@ def quantized_base(
         model_config.base_revision,
         lambda: _builtin_corpus(model_config),
         allow_pickle=model_config.allow_pickle,
+        trust_remote_code=model_config.trust_remote_code,
     )
     settings = model_config.quantization
     compute_dtype = compute_dtype_name(settings.compute_dtype, device)
     with storage.staging_dir() as staging:
-        result = quantize_base(source_dir, staging, settings.mode, settings.double_quant, compute_dtype, device)
+        result = quantize_base(
+            source_dir, staging, settings.mode, settings.double_quant, compute_dtype, device,
+            trust_remote_code=model_config.trust_remote_code,
+        )
         if model_config.base_model.startswith(BUILTIN_PREFIX) and settings.mode != "none":
             # Built-in models exist nowhere else; keep the originals for merging into them.
             shutil.copytree(source_dir, staging / ORIGINAL_SUBDIR)
@@ -83,14 +87,14 @@ def quantized_base(
     )
 
 
-def original_weights_dir(quantized_dir: Path, hub: ModelHub) -> Path:
+def original_weights_dir(quantized_dir: Path, hub: ModelHub, trust_remote_code: bool = False) -> Path:
     """Where the unquantized weights of a quantized base are: kept beside it for built-in models, else the hub."""
     info = read_json(quantized_dir / BASE_INFO)
     if info["quantization"] == "none":
         return quantized_dir
     if (quantized_dir / ORIGINAL_SUBDIR).is_dir():
         return quantized_dir / ORIGINAL_SUBDIR
-    return hub.resolve(info["base_model"], info["revision"], lambda: [])
+    return hub.resolve(info["base_model"], info["revision"], lambda: [], trust_remote_code=trust_remote_code)
 
 
 def source_dtype(quantized_dir: Path) -> str:

@@ -127,8 +127,9 @@ def formatted_dataset(
         model_config.base_revision,
         lambda: tokenizer_corpus(cleaned, settings.eval_fraction),
         tokenizer_only=True,
+        trust_remote_code=model_config.trust_remote_code,
     )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=model_config.trust_remote_code)
     with storage.staging_dir() as staging:
         formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info, folder=staging)
         counts = formatted.counts

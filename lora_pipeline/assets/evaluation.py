@@ -51,8 +51,9 @@ def eval_report(
         sample_count=settings.samples,
         max_new_tokens=settings.max_new_tokens,
         device=compute.info(),
-        original_dir=original_weights_dir(quantized_dir, hub) if compare_original else None,
+        original_dir=original_weights_dir(quantized_dir, hub, model_config.trust_remote_code) if compare_original else None,
         log=context.log.info,
+        trust_remote_code=model_config.trust_remote_code,
     )
     with storage.staging_dir() as staging:
         document = write_report(result, staging, merge_weights, f"Evaluation: {context.partition_key}")

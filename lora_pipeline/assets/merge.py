@@ -36,7 +36,9 @@ def merged_model(
     quantized_dir = storage.local_path(quantized_base)
     quantized = is_quantized_dir(quantized_dir)
     weights = merge_weights_kind(model_config.merge.base_weights, quantized)
-    weights_dir = quantized_dir if weights == "dequantized" else original_weights_dir(quantized_dir, hub)
+    weights_dir = quantized_dir if weights == "dequantized" else original_weights_dir(
+        quantized_dir, hub, model_config.trust_remote_code
+    )
     dtype = model_config.merge.dtype if model_config.merge.dtype != "auto" else source_dtype(quantized_dir)
     probe = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(PROBE_EXAMPLES)
     with storage.staging_dir() as staging:
@@ -47,6 +49,7 @@ def merged_model(
             probe_frame=probe,
             out_dir=staging,
             dtype=dtype,
+            trust_remote_code=model_config.trust_remote_code,
         )
         ref = storage.publish(staging, context.partition_key, "merged_model")
     context.log.info(

@@ -78,6 +78,7 @@ def trained_adapter(
         result = train_adapter(
             base_dir, train, staging, model_config.lora, model_config.training, compute.info(), base_name, report,
             on_checkpoint=publish_checkpoint, resume_from=latest[1] if latest is not None else None,
+            trust_remote_code=model_config.trust_remote_code,
         )
         loss_png = loss_curve_png(result.loss_history)
         (staging / "loss_curve.png").write_bytes(loss_png)

@@ -272,6 +272,11 @@ class ModelConfig(_Strict):
         description="Allow a base model that only has pickle weights (.bin, .pt, .pth). Off: such a "
         "model is refused (unpickling can run code); only safetensors weights are loaded.",
     )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run Python code shipped with the base model or its tokenizer (an auto_map in its "
+        "config). Off: such a model is refused before anything is loaded, and no .py file is downloaded.",
+    )
     dataset: DatasetSettings = Field(description="The training data.")
     lora: LoraSettings = Field(default=LoraSettings(), description="The LoRA adapter.")
     quantization: QuantizationSettings = Field(
@@ -302,6 +307,9 @@ class TuningRunConfig(dg.Config):
     )
     allow_pickle: Optional[bool] = Field(
         default=None, description=ModelConfig.model_fields["allow_pickle"].description
+    )
+    trust_remote_code: Optional[bool] = Field(
+        default=None, description=ModelConfig.model_fields["trust_remote_code"].description
     )
     dataset: Optional[DatasetSettings] = Field(default=None, description="The training data.")
     lora: Optional[LoraSettings] = Field(default=None, description="The LoRA adapter.")

@@ -169,6 +169,7 @@ def evaluate_pipeline(
     device: "DeviceInfo",
     original_dir=None,
     log=None,
+    trust_remote_code: bool = False,
 ) -> EvaluationResult:
     """Compare the base, the base with the adapter and the merged model on held-out examples.
 
@@ -182,7 +183,7 @@ def evaluate_pipeline(
     from lora_pipeline.ml.precision import device_map_for
 
     log = log or (lambda message: None)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
     batches = example_batches(eval_frame, pad_id_of(tokenizer), batch_size)
     samples_frame = sample_rows(eval_frame, sample_count)
     prompts = [ids[:length] for ids, length in zip(samples_frame["input_ids"], samples_frame["prompt_tokens"])]
@@ -195,13 +196,14 @@ def evaluate_pipeline(
         log(f"{name}: held-out loss {metrics[name]['loss']:.4f}, token accuracy {metrics[name]['token_accuracy']:.3f}")
 
     placement = device_map_for(device)
-    base = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map=placement)
+    base = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map=placement, trust_remote_code=trust_remote_code)
     measure("base", base)
     measure("adapter", PeftModel.from_pretrained(base, adapter_dir))
     del base
-    measure("merged", AutoModelForCausalLM.from_pretrained(merged_dir, device_map=placement))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, device_map=placement, trust_remote_code=trust_remote_code)
+    measure("merged", merged)
     if original_dir is not None:
-        merged_original = PeftModel.from_pretrained(load_full_precision(original_dir), adapter_dir).merge_and_unload()
+        merged_original = PeftModel.from_pretrained(load_full_precision(original_dir, trust_remote_code), adapter_dir).merge_and_unload()
         measure("merged_into_original", merged_original.to(device.device))
     samples = [
         {"prompt": prompt, "reference": reference, **{name: answers[name][i] for name in answers}}

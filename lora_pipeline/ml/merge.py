@@ -40,23 +40,27 @@ def assert_dequantizable(model) -> None:
             )
 
 
-def load_dequantized(quantized_dir: Path):
+def load_dequantized(quantized_dir: Path, trust_remote_code: bool = False):
     """Reload a saved quantized model and dequantize it to float32 before it runs anything."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(quantized_dir, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        quantized_dir, device_map={"": "cpu"}, trust_remote_code=trust_remote_code
+    )
     assert_dequantizable(model)
     model = model.dequantize(dtype=torch.float32)
     return model.to(torch.float32)
 
 
-def load_full_precision(model_dir: Path):
+def load_full_precision(model_dir: Path, trust_remote_code: bool = False):
     """Load an unquantized model folder in float32 (merging happens in float32, then is cast)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map={"": "cpu"})
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, device_map={"": "cpu"}, trust_remote_code=trust_remote_code
+    )
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def merge_adapter(base_model, adapter_dir: Path, probe_batches: list):
     return merged, fidelity
 
 
-def save_merged(model, tokenizer_dir: Path, out_dir: Path, dtype: str) -> None:
+def save_merged(model, tokenizer_dir: Path, out_dir: Path, dtype: str, trust_remote_code: bool = False) -> None:
     """Save a merged model in dtype as safetensors, with the tokenizer, loadable by plain transformers."""
     from transformers import AutoTokenizer
 
@@ -98,7 +102,7 @@ def save_merged(model, tokenizer_dir: Path, out_dir: Path, dtype: str) -> None:
     model.config.dtype = dtype
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
 
 
 def merge_to_dir(
@@ -108,15 +112,17 @@ def merge_to_dir(
     probe_frame,
     out_dir: Path,
     dtype: str,
+    trust_remote_code: bool = False,
 ) -> MergeFidelity:
     """Load the base weights in float32, merge the adapter, check fidelity and save in dtype."""
     from transformers import AutoTokenizer
 
     from lora_pipeline.ml.evaluate import example_batches, pad_id_of
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
     probes = example_batches(probe_frame, pad_id_of(tokenizer), batch_size=4)
-    base = load_dequantized(weights_dir) if dequantize else load_full_precision(weights_dir)
+    load = load_dequantized if dequantize else load_full_precision
+    base = load(weights_dir, trust_remote_code)
     merged, fidelity = merge_adapter(base, adapter_dir, probes)
-    save_merged(merged, adapter_dir, out_dir, dtype)
+    save_merged(merged, adapter_dir, out_dir, dtype, trust_remote_code)
     return fidelity

@@ -43,6 +43,7 @@ def quantize_base(
     double_quant: bool,
     compute_dtype: str,
     device: DeviceInfo,
+    trust_remote_code: bool = False,
 ) -> QuantizedBase:
     """Load the base model with bitsandbytes quantization and save it (safetensors) with its tokenizer.
 
@@ -58,11 +59,12 @@ def quantize_base(
         quantization_config=quantization,
         dtype="auto" if quantization is None else torch_dtype(compute_dtype),
         device_map=device_map_for(device),
+        trust_remote_code=trust_remote_code,
     )
     load_seconds = time.perf_counter() - started
     if device.device == "cpu" and mode in ("nf4", "fp4"):
         check_cpu_4bit_widths(model)
-    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, trust_remote_code=trust_remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -164,6 +164,7 @@ def train_adapter(
     progress: ProgressFn | None = None,
     on_checkpoint: CheckpointFn | None = None,
     resume_from: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> TrainResult:
     """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
 
@@ -183,8 +184,10 @@ def train_adapter(
     torch.manual_seed(training.seed)
     checkpointing = gradient_checkpointing_enabled(training.gradient_checkpointing, device)
     precision = mixed_precision(training.precision, device)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device))
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, device_map=device_map_for(device), trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     if quantized:

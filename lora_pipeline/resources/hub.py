@@ -1,6 +1,7 @@
 """Where base models come from: the built-in tiny model, a local folder, or the Hugging Face hub."""
 
 import hashlib
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -19,6 +20,9 @@ TOKENIZER_FILE_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktok
 HUB_FILE_PATTERNS = [*TOKENIZER_FILE_PATTERNS, "*.safetensors"]
 PICKLE_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+REMOTE_CODE_PATTERNS = ["*.py"]
+# Files whose auto_map names Python classes that transformers would import from the model's folder.
+CODE_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 
 
 def refuse_pickle_only(folder: Path, name: str) -> None:
@@ -30,6 +34,25 @@ def refuse_pickle_only(folder: Path, name: str) -> None:
             f"base_model {name!r}: only pickle weights ({', '.join(pickles[:3])}); unpickling can run code, so "
             "they are refused. Convert them to safetensors, or set allow_pickle: true if you trust the source"
         )
+
+
+def refuse_remote_code(folder: Path, name: str) -> None:
+    """Refuse a model folder that asks transformers to import its own Python code (an auto_map)."""
+    for file_name in CODE_MAP_FILES:
+        path = folder / file_name
+        if not path.is_file():
+            continue
+        try:
+            auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
+        except (ValueError, AttributeError):
+            continue  # not this check's business; loading reports a broken file
+        if auto_map:
+            classes = auto_map.values() if isinstance(auto_map, dict) else auto_map
+            shown = ", ".join(sorted({str(c if isinstance(c, str) else c[0]) for c in classes})[:3])
+            raise ModelError(
+                f"base_model {name!r}: {file_name} has an auto_map ({shown}), so loading it runs Python code "
+                "shipped with the model. Set trust_remote_code: true if you trust the source"
+            )
 
 
 class ModelHub(dg.ConfigurableResource):
@@ -47,12 +70,14 @@ class ModelHub(dg.ConfigurableResource):
         corpus: CorpusFn,
         tokenizer_only: bool = False,
         allow_pickle: bool = False,
+        trust_remote_code: bool = False,
     ) -> Path:
         """A local folder holding config.json, safetensors weights and the tokenizer.
 
         corpus is called only for built-in models, whose tokenizer is trained on it. With
         tokenizer_only, a hub download skips the weights (the data stages need only the tokenizer).
-        Models with only pickle weights are refused unless allow_pickle.
+        Models with only pickle weights are refused unless allow_pickle, and models that ship their
+        own code unless trust_remote_code (then their .py files are downloaded too).
         """
         if base_model.startswith(BUILTIN_PREFIX):
             return self._build_builtin(base_model, corpus())
@@ -62,7 +87,9 @@ class ModelHub(dg.ConfigurableResource):
                 raise ModelError(f"base_model {base_model!r}: the folder has no config.json")
             folder = local.resolve()
         else:
-            folder = self._download(base_model, revision, tokenizer_only, allow_pickle)
+            folder = self._download(base_model, revision, tokenizer_only, allow_pickle, trust_remote_code)
+        if not trust_remote_code:
+            refuse_remote_code(folder, base_model)
         if not tokenizer_only and not allow_pickle:
             refuse_pickle_only(folder, base_model)
         if not tokenizer_only and not any(folder.glob("*.safetensors")) and not any(
@@ -89,12 +116,14 @@ class ModelHub(dg.ConfigurableResource):
         return target
 
     def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False,
-                  allow_pickle: bool = False) -> Path:
+                  allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = TOKENIZER_FILE_PATTERNS if tokenizer_only else HUB_FILE_PATTERNS
         if allow_pickle and not tokenizer_only:
             patterns = [*patterns, *PICKLE_WEIGHT_PATTERNS]
+        if trust_remote_code:
+            patterns = [*patterns, *REMOTE_CODE_PATTERNS]
         try:
             return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns))
         except Exception as exc:  # the hub client raises many types; all mean "cannot get the model"
@@ -112,7 +141,7 @@ class LocalModelHub(ModelHub):
     )
 
     def _download(self, repo_id: str, revision: str | None, tokenizer_only: bool = False,
-                  allow_pickle: bool = False) -> Path:
+                  allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
         if repo_id not in self.models:
             raise ModelError(
                 f"base_model {repo_id!r}: not available offline; known: {', '.join(sorted(self.models)) or 'none'}"
