@@ -144,25 +144,17 @@ def _reclaim_dead_runs(instance) -> None:
 
     import dagster as dg
 
+    from lora_pipeline.resources.locks import process_alive
+
     host = socket.gethostname()
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
         pid = run.tags.get(PID_TAG)
-        if run.tags.get(HOST_TAG) != host or not pid or _process_alive(int(pid)):
+        if run.tags.get(HOST_TAG) != host or not pid or process_alive(int(pid)):
             continue
         instance.report_run_failed(run, message=f"the lora-pipeline process running it (pid {pid}) is gone")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         print(f"note: run {run.run_id} was killed (pid {pid} is gone); marked failed, its pool slot freed",
               file=sys.stderr)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _selection(text: str):

@@ -131,3 +131,18 @@ def test_a_data_error_publishes_nothing(write_config, fake_resources, context_fo
     store = tmp_path / "store"
     assert not (store / "micro").exists()
     assert not any((store / ".staging").iterdir()) if (store / ".staging").exists() else True
+
+
+def test_the_data_checks_run_for_one_model_while_others_exist(write_config, fake_resources):
+    """Checks are partitioned like their assets: other registered models do not break them."""
+    from lora_pipeline.assets import PIPELINE_CHECKS, formatted_dataset, raw_dataset
+    from lora_pipeline.assets.common import MODEL_PARTITIONS
+
+    write_config("micro")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(MODEL_PARTITIONS.name, ["micro", "another-model"])
+    result = dg.materialize([raw_dataset, formatted_dataset, *PIPELINE_CHECKS], partition_key="micro",
+                            instance=instance, resources=fake_resources, selection=["raw_dataset", "formatted_dataset"])
+    assert result.success
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 3 and all(evaluation.passed for evaluation in evaluations)

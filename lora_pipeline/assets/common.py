@@ -1,5 +1,6 @@
 """What every stage shares: the model partitions, config resolution and metadata helpers."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -28,9 +29,11 @@ def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False, code_
     """The decorator of every stage: one partition per model, ArtifactRef pointers, versioned code.
 
     Stages that put a model on the accelerator run in the `gpu` pool, so an instance never runs
-    more of them at once than its pool limit (the number of GPUs). Data stages run first.
+    more of them at once than its pool limit (the number of GPUs). Data stages run first. A stage
+    runs holding its partition's writer lock in the store, so two runs of one model never
+    interleave their writes: the second stops with the first one named.
     """
-    return dg.asset(
+    define = dg.asset(
         op_tags=DATA_FIRST if group == "data" else None,
         partitions_def=MODEL_PARTITIONS,
         io_manager_key=ARTIFACT_IO,
@@ -39,6 +42,17 @@ def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False, code_
         code_version=code_version,
         pool=GPU_POOL if uses_gpu else None,
     )
+
+    def decorate(compute):
+        @functools.wraps(compute)  # Dagster reads the parameters and docstring through the wrapper
+        def as_sole_writer(context: dg.AssetExecutionContext, **inputs):
+            storage = inputs["storage"]
+            with storage.writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
+                return compute(context, **inputs)
+
+        return define(as_sole_writer)
+
+    return decorate
 
 
 def merge_weights_kind(setting: str, quantized: bool) -> str:

@@ -5,6 +5,7 @@ import pandas as pd
 
 from lora_pipeline.assets.common import (
     DATA_FIRST,
+    MODEL_PARTITIONS,
     config_metadata,
     pipeline_asset,
     read_json,
@@ -172,7 +173,7 @@ def formatted_dataset(
     )
 
 
-@dg.asset_check(asset=raw_dataset, blocking=True, op_tags=DATA_FIRST)
+@dg.asset_check(asset=raw_dataset, blocking=True, op_tags=DATA_FIRST, partitions_def=MODEL_PARTITIONS)
 def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                       raw_dataset: ArtifactRef) -> dg.AssetCheckResult:
     """The stored rows pass the pandera schema of their format (required columns, types, roles, turns)."""
@@ -185,7 +186,7 @@ def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactS
     )
 
 
-@dg.asset_check(asset=formatted_dataset, blocking=True, op_tags=DATA_FIRST)
+@dg.asset_check(asset=formatted_dataset, blocking=True, op_tags=DATA_FIRST, partitions_def=MODEL_PARTITIONS)
 def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                            formatted_dataset: ArtifactRef) -> dg.AssetCheckResult:
     """Each example has text, tokens, at least one trained token and ends with one EOS unless truncated; the truncation rate is within dataset.max_truncation_rate."""
@@ -200,7 +201,7 @@ def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: Arti
     return _check_result(outcome)
 
 
-@dg.asset_check(asset=formatted_dataset, blocking=True, op_tags=DATA_FIRST)
+@dg.asset_check(asset=formatted_dataset, blocking=True, op_tags=DATA_FIRST, partitions_def=MODEL_PARTITIONS)
 def train_eval_disjoint(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                         formatted_dataset: ArtifactRef) -> dg.AssetCheckResult:
     """No example (compared case- and whitespace-insensitively) is in both the training and the held-out split."""

@@ -3,6 +3,7 @@
 Layout under the store's root:
     <partition>/<asset>/<version>/...       an immutable artifact; MANIFEST.json is written last
     <partition>/<asset>/CURRENT.json        pointer to the newest published version (ArtifactRef)
+    .locks/<partition>/<asset>.lock         held by the one run writing the asset partition (locks.py)
     .staging/<uuid>/                        work in progress of a local store; never read
 A version is the first 16 hex digits of the manifest's sha256, so publishing identical content
 twice yields the same artifact. A version folder counts as published only once its MANIFEST.json
@@ -29,6 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
 from lora_pipeline.errors import LoraPipelineError
+from lora_pipeline.resources.locks import local_writer_lock, s3_writer_lock
 
 MANIFEST = "MANIFEST.json"
 POINTER = "CURRENT.json"
@@ -168,6 +170,21 @@ class ArtifactStore(dg.ConfigurableResource):
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    def writer_lock(self, partition: str, asset: str, run_id: str) -> contextlib.AbstractContextManager:
+        """Be the only run writing an asset partition, or raise ConcurrentWriteError naming the one that is.
+
+        Locks work on local stores and S3 (and S3-compatible servers with conditional writes);
+        other object stores are not locked.
+        """
+        fs, root = self._fs_and_root()
+        path = f"{root}/.locks/{_segment(partition, 'model')}/{_segment(asset, 'asset')}.lock"
+        what = f"{asset} of model {partition!r}"
+        if self.is_local:
+            return local_writer_lock(Path(path), what, run_id)
+        if "s3" in fs.protocol:
+            return s3_writer_lock(fs, path, what, run_id)
+        return contextlib.nullcontext()
 
     def publish(self, local_dir: Path, partition: str, asset: str) -> ArtifactRef:
         """Publish a finished folder as an immutable artifact and point CURRENT.json at it."""
