@@ -107,6 +107,8 @@ def _quiet_libraries() -> None:
     import dagster as dg
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    # Partitioned asset checks (the data checks run per model) are marked preview in dagster 1.13.
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning, message="Specifying a partitions_def")
 
 
 DEFAULT_INSTANCE_YAML = """\
@@ -121,13 +123,20 @@ concurrency:
 
 
 def _instance():
+    import fcntl
+
     import dagster as dg
 
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster").resolve())))
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML)
-    return dg.DagsterInstance.get()
+    # Two runs launched at once on a fresh home would both create the instance's SQLite schema.
+    with (home / ".lora-pipeline-instance.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / "dagster.yaml").exists():
+            (home / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML)
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # creates the run storage's schema while we hold the lock
+        return instance
 
 
 PID_TAG = "lora_pipeline/pid"

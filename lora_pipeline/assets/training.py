@@ -1,5 +1,6 @@
 """Training the LoRA adapter."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -9,6 +10,7 @@ import pandas as pd
 from lora_pipeline.assets.common import (
     config_metadata,
     pipeline_asset,
+    read_json,
     ref_metadata,
     resolve_model_config,
     write_json,
@@ -17,26 +19,80 @@ from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.modelcard import adapter_card
 from lora_pipeline.ml.plots import loss_curve_png, markdown_image
 from lora_pipeline.ml.tiny import BUILTIN_PREFIX
-from lora_pipeline.ml.train import train_adapter
+from lora_pipeline.ml.train import TrainingDivergedError, TrainResult, train_adapter
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
+TRAINING_SUMMARY = "training_summary.json"
+LOSS_CURVE = "loss_curve.png"
 
-def resume_key(model_config: ModelConfig, formatted_dataset: ArtifactRef, quantized_base: ArtifactRef) -> str:
-    """What a checkpoint must match to be resumed: the data and base versions and the training-relevant config."""
+
+# Settings that change how often the run saves or logs, not what it learns.
+RESULT_NEUTRAL_SETTINGS = ("checkpoint_every", "logging_steps")
+TRAINING_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+TRAINING_CODE_VERSION = "1"
+
+
+def training_inputs(model_config: ModelConfig, formatted_dataset: ArtifactRef, quantized_base: ArtifactRef) -> dict:
+    """Everything an adapter depends on: data and base versions, the settings that change the result,
+    this stage's code version and the versions of the libraries that train (a checkpoint from another
+    version of them may not load, or not continue the same way)."""
+    from importlib.metadata import version
+
     training = model_config.training.model_dump(mode="json")
-    for setting in ("checkpoint_every", "logging_steps"):  # how often to save or log does not change the result
+    for setting in RESULT_NEUTRAL_SETTINGS:
         training.pop(setting)
-    payload = json.dumps(
-        {"data": formatted_dataset.sha256, "base": quantized_base.sha256, "training": training,
-         "lora": model_config.lora.model_dump(mode="json")},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return {
+        "data": formatted_dataset.sha256,
+        "base": quantized_base.sha256,
+        "training": training,
+        "lora": model_config.lora.model_dump(mode="json"),
+        "code_version": TRAINING_CODE_VERSION,
+        "libraries": {name: version(name) for name in TRAINING_LIBRARIES},
+    }
 
 
-@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
+def inputs_key(inputs: dict) -> str:
+    """A short name for a set of training inputs: equal inputs, equal key."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def what_changed(before: dict, after: dict) -> list[str]:
+    """The differences between two sets of training inputs, as 'key: old -> new', data and base named."""
+    names = {"data": "formatted_dataset", "base": "quantized_base"}
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{key}.{change}" for change in what_changed(old, new)]
+        elif old != new:
+            if key in names:
+                changes.append(f"{names[key]} is another version ({str(old)[:12]} -> {str(new)[:12]})")
+            else:
+                changes.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return changes
+
+
+def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, inputs: dict) -> str | None:
+    """Why checkpoints in the store are not resumed (they were made from other inputs), or None if there are none."""
+    reasons = []
+    for other in storage.checkpoint_runs(partition, "trained_adapter"):
+        if other == run_key:
+            continue
+        latest = storage.latest_checkpoint(partition, "trained_adapter", other)
+        if latest is None:
+            continue
+        before = storage.checkpoint_inputs(partition, "trained_adapter", other) or {}
+        changes = what_changed(before, inputs) if before else ["their inputs were not recorded"]
+        reasons.append(f"step {latest[0]} of run {other}: " + "; ".join(changes))
+    if not reasons:
+        return None
+    return ("not resuming the checkpoints in the store, which were made from other inputs (" + " | ".join(reasons)
+            + "); training starts at step 0")
+
+
+@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version=TRAINING_CODE_VERSION)
 def trained_adapter(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -46,10 +102,31 @@ def trained_adapter(
     formatted_dataset: ArtifactRef,
     quantized_base: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
-    """The LoRA adapter trained with TRL's SFTTrainer and PEFT on the quantized base (QLoRA when quantized)."""
+    """The LoRA adapter trained with TRL's SFTTrainer and PEFT on the quantized base (QLoRA when quantized).
+
+    Training checkpoints go to the store; a relaunch after a crash resumes from the newest one made
+    from the same inputs, and an adapter already made from the same inputs is reused, not retrained.
+    """
     model_config = resolve_model_config(context, config, registry)
-    train = pd.read_parquet(storage.local_path(formatted_dataset) / "train.parquet")
-    base_dir = storage.local_path(quantized_base)
+    partition = context.partition_key
+    inputs = training_inputs(model_config, formatted_dataset, quantized_base)
+    run_key = inputs_key(inputs)
+    finished = storage.remembered(partition, "trained_adapter", run_key)
+    if finished is not None:
+        context.log.info(f"an adapter made from these inputs (run {run_key}) is published at {finished.uri}; "
+                         "reusing it instead of training again")
+        storage.point_current(partition, "trained_adapter", finished)
+        folder = storage.local_path(finished)
+        summary = read_json(folder / TRAINING_SUMMARY)
+        result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
+        return _adapter_output(finished, model_config, result, (folder / LOSS_CURVE).read_bytes(), reused=True)
+
+    latest = storage.latest_checkpoint(partition, "trained_adapter", run_key)
+    if latest is not None:
+        context.log.info(f"resuming from the checkpoint at step {latest[0]} (run {run_key})")
+    elif (explanation := _explain_fresh_start(storage, partition, run_key, inputs)) is not None:
+        context.log.warning(explanation)
+    storage.record_checkpoint_inputs(partition, "trained_adapter", run_key, inputs)
 
     def report(progress: dict) -> None:
         context.log.info(
@@ -58,40 +135,44 @@ def trained_adapter(
             f"eta {progress['eta_seconds']:.0f}s"
         )
 
-    partition = context.partition_key
-    run_key = resume_key(model_config, formatted_dataset, quantized_base)
-    latest = storage.latest_checkpoint(partition, "trained_adapter", run_key)
-    if latest is not None:
-        context.log.info(f"resuming from the checkpoint at step {latest[0]} (run {run_key})")
-    elif any(key != run_key for key in storage.checkpoint_runs(partition, "trained_adapter")):
-        context.log.warning(
-            "not resuming: the checkpoints in the store were made with another config, data or base model "
-            f"(this run is {run_key}); training starts at step 0"
-        )
-
     def publish_checkpoint(folder, step: int) -> None:
         uri = storage.publish_checkpoint(folder, partition, "trained_adapter", run_key, step)
         context.log.info(f"checkpoint at step {step}: {uri}")
 
+    train = pd.read_parquet(storage.local_path(formatted_dataset) / "train.parquet")
+    base_dir = storage.local_path(quantized_base)
     base_name = model_config.base_model if not model_config.base_model.startswith(BUILTIN_PREFIX) else quantized_base.uri
     with storage.staging_dir() as staging:
-        result = train_adapter(
-            base_dir, train, staging, model_config.lora, model_config.training, compute.info(), base_name, report,
-            on_checkpoint=publish_checkpoint, resume_from=latest[1] if latest is not None else None,
-            trust_remote_code=model_config.trust_remote_code,
-        )
+        try:
+            result = train_adapter(
+                base_dir, train, staging, model_config.lora, model_config.training, compute.info(), base_name,
+                report, on_checkpoint=publish_checkpoint, resume_from=latest[1] if latest is not None else None,
+                trust_remote_code=model_config.trust_remote_code,
+            )
+        except TrainingDivergedError as diverged:
+            kept = storage.latest_checkpoint(partition, "trained_adapter", run_key)
+            if kept is None:
+                raise
+            raise TrainingDivergedError(f"{diverged}. The last good checkpoint, step {kept[0]}, is kept in the "
+                                        "store (a relaunch with unchanged settings and data resumes from it)") from None
         loss_png = loss_curve_png(result.loss_history)
-        (staging / "loss_curve.png").write_bytes(loss_png)
-        summary = {k: v for k, v in vars(result).items() if k != "loss_history"}
-        write_json(staging / "training_summary.json", {**summary, "loss_history": result.loss_history})
+        (staging / LOSS_CURVE).write_bytes(loss_png)
+        write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": run_key})
         (staging / "README.md").write_text(adapter_card(model_config, result, base_name), encoding="utf-8")
-        ref = storage.publish(staging, context.partition_key, "trained_adapter")
-    storage.drop_checkpoints(partition, "trained_adapter", run_key)
+        ref = storage.publish(staging, partition, "trained_adapter")
+    storage.remember(partition, "trained_adapter", run_key, ref)
+    storage.drop_checkpoints(partition, "trained_adapter")
+    return _adapter_output(ref, model_config, result, loss_png, reused=False)
+
+
+def _adapter_output(ref: ArtifactRef, model_config: ModelConfig, result: TrainResult, loss_png: bytes,
+                    reused: bool) -> dg.Output[ArtifactRef]:
     return dg.Output(
         ref,
         metadata={
             **ref_metadata(ref),
             **config_metadata(model_config),
+            "reused": dg.MetadataValue.bool(reused),
             "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "training loss")),
             "train_loss": dg.MetadataValue.float(result.train_loss),
             "final_logged_loss": dg.MetadataValue.float(result.final_loss),

@@ -3,6 +3,8 @@
 Layout under the store's root:
     <partition>/<asset>/<version>/...       an immutable artifact; MANIFEST.json is written last
     <partition>/<asset>/CURRENT.json        pointer to the newest published version (ArtifactRef)
+    <partition>/<asset>/.by-inputs/<key>.json  the artifact made from given inputs (reused on retries)
+    <partition>/<asset>/.checkpoints/<key>/ training checkpoints of one set of inputs (INPUTS.json, step-N/)
     .locks/<partition>/<asset>.lock         held by the one run writing the asset partition (locks.py)
     .staging/<uuid>/                        work in progress of a local store; never read
 A version is the first 16 hex digits of the manifest's sha256, so publishing identical content
@@ -34,6 +36,7 @@ from lora_pipeline.resources.locks import local_writer_lock, s3_writer_lock
 
 MANIFEST = "MANIFEST.json"
 POINTER = "CURRENT.json"
+INPUTS = "INPUTS.json"
 
 
 class ArtifactIntegrityError(LoraPipelineError):
@@ -202,18 +205,65 @@ class ArtifactStore(dg.ConfigurableResource):
             else:
                 _upload_manifest_last(fs, local_dir, target, manifest)
         ref = self._ref_for(target, manifest)
-        fs.pipe_file(f"{root}/{partition}/{asset}/{POINTER}", ref.to_json().encode())
+        self.point_current(partition, asset, ref)
+        return ref
+
+    def point_current(self, partition: str, asset: str, ref: ArtifactRef) -> None:
+        """Make ref the asset partition's current artifact (what downstream stages read)."""
+        self._put_small(f"{self._asset_dir(partition, asset)}/{POINTER}", ref.to_json().encode())
+
+    def _asset_dir(self, partition: str, asset: str) -> str:
+        _, root = self._fs_and_root()
+        return f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}"
+
+    def _put_small(self, path: str, payload: bytes) -> None:
+        """Write a small file whole or not at all, and not at all when it already says this (retries rewrite nothing)."""
+        fs, _ = self._fs_and_root()
+        if self._get_small(path) == payload:
+            return
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(f"{path}.partial-{uuid.uuid4().hex[:8]}")
+            partial.write_bytes(payload)
+            partial.replace(path)
+        else:
+            fs.pipe_file(path, payload)  # an object store PUT is atomic
+
+    def _get_small(self, path: str) -> bytes | None:
+        fs, _ = self._fs_and_root()
+        fs.invalidate_cache(path)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def remember(self, partition: str, asset: str, inputs_key: str, ref: ArtifactRef) -> None:
+        """Record that ref was made from the inputs with this key."""
+        self._put_small(f"{self._asset_dir(partition, asset)}/.by-inputs/{_segment(inputs_key, 'inputs key')}.json",
+                        ref.to_json().encode())
+
+    def remembered(self, partition: str, asset: str, inputs_key: str) -> ArtifactRef | None:
+        """The artifact made from the inputs with this key, if one was published and still matches its manifest."""
+        payload = self._get_small(
+            f"{self._asset_dir(partition, asset)}/.by-inputs/{_segment(inputs_key, 'inputs key')}.json"
+        )
+        if payload is None:
+            return None
+        ref = ArtifactRef.from_json(payload.decode())
+        try:
+            self.local_path(ref)
+        except (ArtifactIntegrityError, FileNotFoundError):
+            return None  # removed or damaged since: make it again
         return ref
 
     def current(self, partition: str, asset: str) -> ArtifactRef:
         """The newest published artifact of an asset partition."""
-        fs, root = self._fs_and_root()
-        pointer = f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}/{POINTER}"
-        if not fs.exists(pointer):
+        payload = self._get_small(f"{self._asset_dir(partition, asset)}/{POINTER}")
+        if payload is None:
             raise ArtifactIntegrityError(
                 f"{asset} has no published artifact for model {partition!r} in {self.root}; materialize it first"
             )
-        return ArtifactRef.from_json(fs.cat_file(pointer).decode())
+        return ArtifactRef.from_json(payload.decode())
 
     def local_path(self, ref: ArtifactRef) -> Path:
         """A local folder with the artifact's files, verified against its manifest."""
@@ -266,8 +316,17 @@ class ArtifactStore(dg.ConfigurableResource):
     # --- training checkpoints: <partition>/<asset>/.checkpoints/<run_key>/step-<N>/, manifest last ---
 
     def _checkpoints_dir(self, partition: str, asset: str) -> str:
-        _, root = self._fs_and_root()
-        return f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}/.checkpoints"
+        return f"{self._asset_dir(partition, asset)}/.checkpoints"
+
+    def record_checkpoint_inputs(self, partition: str, asset: str, run_key: str, inputs: dict) -> None:
+        """Keep what a run's checkpoints were made from, so a later run can say what changed."""
+        path = f"{self._checkpoints_dir(partition, asset)}/{_segment(run_key, 'run key')}/{INPUTS}"
+        self._put_small(path, json.dumps(inputs, indent=1, sort_keys=True).encode())
+
+    def checkpoint_inputs(self, partition: str, asset: str, run_key: str) -> dict | None:
+        """What a run's checkpoints were made from (None when not recorded)."""
+        payload = self._get_small(f"{self._checkpoints_dir(partition, asset)}/{_segment(run_key, 'run key')}/{INPUTS}")
+        return json.loads(payload) if payload is not None else None
 
     def publish_checkpoint(self, folder: Path, partition: str, asset: str, run_key: str, step: int,
                            keep: int = 2) -> str:
@@ -319,10 +378,10 @@ class ArtifactStore(dg.ConfigurableResource):
             return []
         return sorted(entry.rstrip("/").split("/")[-1] for entry in fs.ls(base, detail=False))
 
-    def drop_checkpoints(self, partition: str, asset: str, run_key: str) -> None:
-        """Remove a run's checkpoints (once its artifact is published they are not needed)."""
+    def drop_checkpoints(self, partition: str, asset: str) -> None:
+        """Remove all checkpoints of an asset partition (once an artifact is published they are superseded)."""
         fs, _ = self._fs_and_root()
-        base = f"{self._checkpoints_dir(partition, asset)}/{run_key}"
+        base = self._checkpoints_dir(partition, asset)
         if fs.exists(base):
             fs.rm(base, recursive=True)
 
