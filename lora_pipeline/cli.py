@@ -107,8 +107,6 @@ def _quiet_libraries() -> None:
     import dagster as dg
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    # Partitioned asset checks (the data checks run per model) are marked preview in dagster 1.13.
-    warnings.filterwarnings("ignore", category=dg.PreviewWarning, message="Specifying a partitions_def")
 
 
 DEFAULT_INSTANCE_YAML = """\

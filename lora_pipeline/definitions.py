@@ -3,14 +3,12 @@
 import dagster as dg
 
 from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
-from lora_pipeline.assets.common import MODEL_PARTITIONS
 from lora_pipeline.resources.factory import default_resources
 from lora_pipeline.sensors import model_configs
 
 tune = dg.define_asset_job(
     "tune",
     selection=PIPELINE_ASSETS,
-    partitions_def=MODEL_PARTITIONS,
     description="The whole pipeline for one model: data, quantized base, adapter, merged model, report.",
 )
 

@@ -202,3 +202,26 @@ def test_a_manifest_naming_a_file_outside_the_artifact_is_refused(tmp_path):
                            size_bytes=ref.size_bytes, files=2)
     with pytest.raises(ArtifactIntegrityError, match="outside the artifact"):
         store.local_path(forged)
+
+
+def test_s3_credentials_come_from_the_aws_variables_through_envvar_and_never_show(s3_bucket, tmp_path, monkeypatch):
+    import dagster as dg
+
+    from lora_pipeline.resources.factory import default_resources
+
+    bucket, _ = s3_bucket
+    endpoint = __import__("os").environ["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    store = default_resources(storage_root=f"s3://{bucket}/store")["storage"]
+    assert store.aws_secret_access_key == dg.EnvVar("AWS_SECRET_ACCESS_KEY")  # a name, resolved at run time
+    assert store.aws_session_token is None  # unset variables are left to s3fs, not passed as EnvVars that fail
+    # The fields reach s3fs: with the variables gone, only they can find the server and sign requests.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    explicit = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "cache"),
+                             aws_access_key_id="testing", aws_secret_access_key="testing", endpoint_url=endpoint)
+    with explicit.staging_dir() as staging:
+        _write(staging, {"a.txt": "hello"})
+        ref = explicit.publish(staging, "micro", "raw_dataset")
+    assert (explicit.local_path(ref) / "a.txt").read_text() == "hello"
+    assert "testing" not in repr(explicit)

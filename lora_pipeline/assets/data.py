@@ -1,5 +1,7 @@
 """Data stages: the rows as loaded, and the cleaned, templated, tokenized train/eval splits; their checks."""
 
+import warnings
+
 import dagster as dg
 import pandas as pd
 
@@ -173,7 +175,19 @@ def formatted_dataset(
     )
 
 
-@dg.asset_check(asset=raw_dataset, blocking=True, op_tags=DATA_FIRST, partitions_def=MODEL_PARTITIONS)
+def data_check(asset: dg.AssetsDefinition):
+    """A blocking check of one model's data (partitioned like its asset), run before the model stages."""
+
+    def decorate(check):
+        with warnings.catch_warnings():
+            # Partitioned asset checks are marked preview in dagster 1.13; they are the right model here.
+            warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+            return dg.asset_check(asset=asset, blocking=True, op_tags=DATA_FIRST, partitions_def=MODEL_PARTITIONS)(check)
+
+    return decorate
+
+
+@data_check(raw_dataset)
 def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                       raw_dataset: ArtifactRef) -> dg.AssetCheckResult:
     """The stored rows pass the pandera schema of their format (required columns, types, roles, turns)."""
@@ -186,7 +200,7 @@ def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactS
     )
 
 
-@dg.asset_check(asset=formatted_dataset, blocking=True, op_tags=DATA_FIRST, partitions_def=MODEL_PARTITIONS)
+@data_check(formatted_dataset)
 def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                            formatted_dataset: ArtifactRef) -> dg.AssetCheckResult:
     """Each example has text, tokens, at least one trained token and ends with one EOS unless truncated; the truncation rate is within dataset.max_truncation_rate."""
@@ -201,7 +215,7 @@ def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: Arti
     return _check_result(outcome)
 
 
-@dg.asset_check(asset=formatted_dataset, blocking=True, op_tags=DATA_FIRST, partitions_def=MODEL_PARTITIONS)
+@data_check(formatted_dataset)
 def train_eval_disjoint(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                         formatted_dataset: ArtifactRef) -> dg.AssetCheckResult:
     """No example (compared case- and whitespace-insensitively) is in both the training and the held-out split."""

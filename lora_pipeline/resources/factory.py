@@ -12,13 +12,25 @@ from lora_pipeline.resources.storage import ArtifactRefIOManager, ArtifactStore
 
 STORAGE_ENV = "LORA_PIPELINE_STORAGE"
 CONFIG_DIR_ENV = "LORA_PIPELINE_CONFIG_DIR"
+# ArtifactStore field <- the standard AWS variable it is read from.
+AWS_VARIABLES = {
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+    "endpoint_url": "AWS_ENDPOINT_URL",
+}
 
 
 def default_resources(storage_root: str | None = None, config_dir: str | None = None) -> dict:
-    """Real resources: the store from --storage or LORA_PIPELINE_STORAGE (default ./artifacts)."""
+    """Real resources: the store from --storage or LORA_PIPELINE_STORAGE (default ./artifacts).
+
+    S3 credentials come from the AWS variables through dg.EnvVar (only those set: an EnvVar of an
+    unset variable fails the run), so no secret is ever part of the code or the run config.
+    """
     import os
 
-    storage = ArtifactStore(root=storage_root or os.environ.get(STORAGE_ENV, "artifacts"))
+    credentials = {field: dg.EnvVar(variable) for field, variable in AWS_VARIABLES.items() if os.environ.get(variable)}
+    storage = ArtifactStore(root=storage_root or os.environ.get(STORAGE_ENV, "artifacts"), **credentials)
     return {
         "storage": storage,
         ARTIFACT_IO: ArtifactRefIOManager(store=storage),

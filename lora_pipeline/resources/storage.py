@@ -24,7 +24,7 @@ import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import dagster as dg
 import fsspec
@@ -129,9 +129,32 @@ class ArtifactStore(dg.ConfigurableResource):
         default=".cache/lora_pipeline/artifacts",
         description="Local folder where artifacts of a remote store are downloaded for reading.",
     )
+    # Credentials for an s3:// root. Deployments set them with dg.EnvVar (the UI then shows the
+    # variable's name, never its value); left unset, s3fs finds them itself (AWS variables,
+    # ~/.aws, instance roles). Never shown in a repr.
+    aws_access_key_id: Optional[str] = Field(
+        default=None, repr=False, description="S3 access key id (from dg.EnvVar('AWS_ACCESS_KEY_ID'))."
+    )
+    aws_secret_access_key: Optional[str] = Field(
+        default=None, repr=False, description="S3 secret key (from dg.EnvVar('AWS_SECRET_ACCESS_KEY'))."
+    )
+    aws_session_token: Optional[str] = Field(
+        default=None, repr=False, description="S3 session token (from dg.EnvVar('AWS_SESSION_TOKEN'))."
+    )
+    endpoint_url: Optional[str] = Field(
+        default=None,
+        description="S3-compatible server such as MinIO (from dg.EnvVar('AWS_ENDPOINT_URL')); unset: AWS.",
+    )
+
+    def _storage_options(self) -> dict:
+        if not self.root.startswith(("s3://", "s3a://")):
+            return {}
+        given = {"key": self.aws_access_key_id, "secret": self.aws_secret_access_key,
+                 "token": self.aws_session_token, "endpoint_url": self.endpoint_url}
+        return {name: value for name, value in given.items() if value}
 
     def _fs_and_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        fs, path = fsspec.core.url_to_fs(self.root)
+        fs, path = fsspec.core.url_to_fs(self.root, **self._storage_options())
         if isinstance(fs, LocalFileSystem):
             path = str(Path(path).resolve())
         return fs, path.rstrip("/")
