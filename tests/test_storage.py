@@ -225,3 +225,27 @@ def test_s3_credentials_come_from_the_aws_variables_through_envvar_and_never_sho
         ref = explicit.publish(staging, "micro", "raw_dataset")
     assert (explicit.local_path(ref) / "a.txt").read_text() == "hello"
     assert "testing" not in repr(explicit)
+
+
+def test_on_s3_uploads_abandoned_by_killed_writers_are_removed_by_the_next_publish(s3_bucket, tmp_path, monkeypatch):
+    from lora_pipeline.resources import storage as storage_module
+
+    bucket, fs = s3_bucket
+    store = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "cache"))
+    with store.staging_dir() as staging:
+        _write(staging, {"kept.txt": "published"})
+        kept = store.publish(staging, "micro", "merged_model")
+    abandoned = f"{bucket}/store/micro/merged_model/0123456789abcdef"
+    fs.pipe_file(f"{abandoned}/model.safetensors", b"half an upload")
+    with store.staging_dir() as staging:  # a recent leftover may be a writer still at work: kept
+        _write(staging, {"next.txt": "one"})
+        store.publish(staging, "micro", "merged_model")
+    fs.invalidate_cache()
+    assert fs.exists(abandoned)
+    monkeypatch.setattr(storage_module, "STALE_STAGING_SECONDS", -60)  # as if a day had passed
+    with store.staging_dir() as staging:
+        _write(staging, {"next.txt": "two"})
+        store.publish(staging, "micro", "merged_model")
+    fs.invalidate_cache()
+    assert not fs.exists(abandoned)
+    assert (store.local_path(kept) / "kept.txt").read_text() == "published"  # published versions stay

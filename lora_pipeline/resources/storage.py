@@ -86,6 +86,7 @@ def _remove_stale(staging_parent: Path) -> None:
             pass  # another writer removed it first
 
 
+_VERSION = re.compile(r"^[0-9a-f]{16}$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -226,10 +227,30 @@ class ArtifactStore(dg.ConfigurableResource):
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 local_dir.rename(target)
             else:
+                self._remove_abandoned_uploads(self._asset_dir(partition, asset))
                 _upload_manifest_last(fs, local_dir, target, manifest)
         ref = self._ref_for(target, manifest)
         self.point_current(partition, asset, ref)
         return ref
+
+    def _remove_abandoned_uploads(self, asset_dir: str) -> None:
+        """Remove version prefixes without a manifest and untouched for a day: uploads of killed writers."""
+        import time
+
+        fs, _ = self._fs_and_root()
+        cutoff = time.time() - STALE_STAGING_SECONDS
+        fs.invalidate_cache(asset_dir)
+        try:
+            entries = fs.ls(asset_dir, detail=False)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if not _VERSION.fullmatch(entry.rstrip("/").split("/")[-1]) or fs.exists(f"{entry}/{MANIFEST}"):
+                continue
+            modified = [info.get("LastModified") for info in fs.find(entry, detail=True).values()]
+            newest = max((stamp.timestamp() for stamp in modified if stamp is not None), default=0.0)
+            if newest < cutoff:
+                fs.rm(entry, recursive=True)
 
     def point_current(self, partition: str, asset: str, ref: ArtifactRef) -> None:
         """Make ref the asset partition's current artifact (what downstream stages read)."""
