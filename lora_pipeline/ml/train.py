@@ -210,7 +210,7 @@ def train_adapter(
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
         optim=training.optimizer,
-        gradient_checkpointing=checkpointing,
+        activation_checkpointing=checkpointing,  # transformers 5 name of gradient_checkpointing
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         max_length=training.max_length,
