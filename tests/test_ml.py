@@ -198,3 +198,36 @@ def test_a_nan_loss_stops_training_with_the_step_and_saves_nothing(micro_base, s
         train_adapter(micro_base, splits.train, tmp_path / "out", LoraSettings(r=8, alpha=16, dropout=0.0),
                       diverging, CPU, "micro")
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_training_resumed_from_a_checkpoint_ends_with_the_same_adapter_bit_for_bit(micro_base, splits, tmp_path):
+    """Optimizer, scheduler, RNG and data position all come back: the resumed run is the uninterrupted one.
+
+    On an unquantized base; with bitsandbytes' CPU 4-bit layers a resumed run drifts by about 1e-4 in
+    the loss (see the issue-4 note), so QLoRA resumes are checked for step counts, not bits.
+    """
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lora_pipeline.config.schema import LoraSettings, TrainingSettings
+    from lora_pipeline.ml.train import train_adapter
+
+    lora = LoraSettings(r=8, alpha=16, dropout=0.1)  # dropout draws from the RNG, which must be restored too
+    settings = TrainingSettings(max_steps=8, batch_size=4, learning_rate=3e-3, max_length=96, warmup=0.25,
+                                checkpoint_every=4, logging_steps=1)
+    kept = tmp_path / "step-4"
+
+    def keep_step_4(folder, step):
+        if step == 4:
+            shutil.copytree(folder, kept)
+
+    whole = train_adapter(micro_base, splits.train, tmp_path / "whole", lora, settings, CPU, "micro",
+                          on_checkpoint=keep_step_4)
+    resumed = train_adapter(micro_base, splits.train, tmp_path / "resumed", lora, settings, CPU, "micro",
+                            resume_from=kept)
+    assert (whole.steps, resumed.steps, resumed.resumed_from_step) == (8, 8, 4)
+    assert resumed.loss_history[-1] == whole.loss_history[-1]
+    weights = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert weights.keys() == again.keys() and all(weights[name].equal(again[name]) for name in weights)
