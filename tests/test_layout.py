@@ -29,3 +29,14 @@ def test_every_asset_and_config_field_describes_itself():
                 schema.QuantizationSettings, schema.TrainingSettings, schema.MergeSettings, schema.EvalSettings):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
+
+
+def test_the_production_instance_config_is_valid_and_recovers_crashed_runs():
+    """deploy/dagster.yaml passes Dagster's own schema; dead pods are noticed, their slots freed, their runs retried."""
+    from dagster._core.instance.config import dagster_instance_config
+
+    config, _ = dagster_instance_config(str(REPO / "deploy"), "dagster.yaml")
+    assert config["run_monitoring"]["enabled"] and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    assert config["run_retries"]["max_retries"] >= 1
+    assert config["run_retries"]["retry_on_asset_or_op_failure"] is False  # a bad config fails once, not thrice
+    assert config["concurrency"]["pools"]["default_limit"] >= 1
