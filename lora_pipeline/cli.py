@@ -93,12 +93,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
+    import logging
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+    # On CPUs with AVX512-BF16, bitsandbytes warns that it could not fetch an optional 4-bit kernel
+    # from the hub (the `kernels` package); its built-in CPU path, the one tested here, is used instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import datasets
     from transformers.utils import logging as hf_logging
 
