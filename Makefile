@@ -6,8 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
+# Debian's Chromium, driven by Playwright in tests/test_ui.py (Playwright's own browser download is
+# not used: `playwright install` fetches from a CDN).
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install demo test test-fast ui lock bench bench-data clean
+.PHONY: install browser demo test test-fast ui lock bench bench-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,12 +19,24 @@ $(STAMP): pyproject.toml constraints.txt
 	mkdir -p $(DAGSTER_HOME)
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the pinned dependencies
+install: $(STAMP) browser  ## create .venv and install the pinned dependencies (and Chromium for the UI test)
+
+browser:  ## Chromium for the UI screenshot test: apt-get when root, a hint otherwise
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium with apt-get (for tests/test_ui.py)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; } || \
+	  echo "warning: apt-get could not install chromium; tests/test_ui.py's browser test will fail"; \
+	else \
+	  echo "hint: tests/test_ui.py needs Chromium at $(CHROMIUM): apt-get install -y --no-install-recommends chromium (as root)"; \
+	fi
 
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (tiny model, bundled data)
 	$(BIN)/lora-pipeline run configs/tiny-demo.yaml
 
-test: $(STAMP)  ## the whole test suite, slow end-to-end tests included
+test: $(STAMP) browser  ## the whole test suite, slow end-to-end tests included (the UI ones too)
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)  ## everything but the slow end-to-end tests

@@ -53,7 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "run",
         help="materialize the pipeline for one model config",
         description="Materialize the selected assets (all six by default) for the model in CONFIG. "
-        "The partition key is CONFIG's file name without .yaml.",
+        "The partition key is CONFIG's file name without .yaml. Assets whose newest artifact was made "
+        "from the same code, libraries, config and data are up to date and skipped.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -68,6 +69,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="artifact store root: a folder or s3://bucket/prefix (default: $LORA_PIPELINE_STORAGE or ./artifacts)",
     )
     run.add_argument("--json", action="store_true", help="print a machine-readable summary as the last stdout line")
+    run.add_argument("--force", action="store_true",
+                     help="run the selected assets even when they are up to date (an adapter already trained "
+                     "from the same inputs is still reused; change training.seed to train another)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     validate = commands.add_parser(
@@ -288,30 +292,42 @@ def command_run(args: argparse.Namespace) -> int:
     selected = _selected_asset_names(_selection(args.select))
     if not selected:
         raise ConfigError(f"--select {args.select!r} matches no asset")
-    if "raw_dataset" in selected:
+    instance = _instance()
+    _reclaim_dead_runs(instance)
+    _register_partition(instance, key, args.config)
+    resources = default_resources(storage_root=args.storage)
+    started = time.perf_counter()
+    current = {} if args.force else _up_to_date(instance, key, selected, model_config, resources["storage"])
+    to_run = [name for name in selected if name not in current]
+    if current:
+        print(f"up to date, not run: {', '.join(current)}", file=sys.stderr)
+    if not to_run:
+        assets = {name: current[name] for name in selected}
+        _print_run_summary(key, None, assets, time.perf_counter() - started, sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps({"partition": key, "run_id": None, "wall_seconds": round(time.perf_counter() - started, 2),
+                              "assets": assets, "up_to_date": list(current)}))
+        return 0
+    if "raw_dataset" in to_run:
         _check_data_early(model_config)
         from lora_pipeline.ml.data import release_unused_memory
 
         release_unused_memory()
-    instance = _instance()
-    _reclaim_dead_runs(instance)
-    _register_partition(instance, key, args.config)
     config_data = model_config.model_dump(mode="json")
     run_config = {
-        "ops": {name: {"config": config_data} for name in selected},
+        "ops": {name: {"config": config_data} for name in to_run},
         "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO", "tracebacks": args.debug}}},
     }
     definitions = dg.Definitions(
         assets=PIPELINE_ASSETS,
         asset_checks=PIPELINE_CHECKS,
         jobs=[tune],
-        resources=default_resources(storage_root=args.storage),
+        resources=resources,
         loggers={"console": terminal_logger},
     )
-    started = time.perf_counter()
     try:
         result = definitions.resolve_job_def(tune.name).execute_in_process(
-            asset_selection=[dg.AssetKey(name) for name in selected],
+            asset_selection=[dg.AssetKey(name) for name in to_run],
             partition_key=key,
             run_config=run_config,
             instance=instance,
@@ -327,19 +343,59 @@ def command_run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     assets = {}
     for name in selected:
+        if name in current:
+            assets[name] = current[name]
         for event in result.asset_materializations_for_node(name):
             metadata = _jsonable_metadata(event.metadata)
             assets[name] = {"uri": metadata.get("uri"), "metadata": metadata}
-    _print_run_summary(key, result.run_id, assets, wall, sys.stderr if args.json else sys.stdout)
+    _print_run_summary(key, result.run_id, assets, wall, sys.stderr if args.json else sys.stdout, set(current))
     if args.json:
-        print(json.dumps({"partition": key, "run_id": result.run_id, "wall_seconds": round(wall, 2), "assets": assets}))
+        print(json.dumps({"partition": key, "run_id": result.run_id, "wall_seconds": round(wall, 2), "assets": assets,
+                          "up_to_date": list(current)}))
     return 0
 
 
-def _print_run_summary(key: str, run_id: str, assets: dict, wall: float, stream) -> None:
-    print(f"\nmodel {key}: run {run_id} finished in {wall:.0f}s", file=stream)
+def _up_to_date(instance, key: str, selected: list[str], model_config, storage) -> dict[str, dict]:
+    """The selected assets whose newest materialization has the version they would get now, and whose
+    artifact is still the current one in the store and intact: {name: summary entry}."""
+    import dagster as dg
+
+    from lora_pipeline.assets.provenance import stage_versions
+    from lora_pipeline.ml.data import dataset_source_version
+    from lora_pipeline.resources.storage import ArtifactIntegrityError
+
+    try:
+        versions = stage_versions(model_config, dataset_source_version(model_config.dataset))
+    except (DataError, OSError):
+        return {}  # the source cannot be read now: let raw_dataset say why
+    current = {}
+    for name in selected:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
+        ).records
+        if not records:
+            continue
+        materialization = records[0].asset_materialization
+        if materialization is None or materialization.tags.get("dagster/data_version") != versions[name]:
+            continue
+        metadata = _jsonable_metadata(materialization.metadata)
+        try:
+            ref = storage.current(key, name)
+            if ref.sha256 != metadata.get("sha256"):
+                continue  # another run published since
+            storage.local_path(ref)
+        except ArtifactIntegrityError:
+            continue
+        current[name] = {"uri": metadata.get("uri"), "metadata": metadata, "up_to_date": True}
+    return current
+
+
+def _print_run_summary(key: str, run_id: str | None, assets: dict, wall: float, stream,
+                       up_to_date: set[str] = frozenset()) -> None:
+    ran = f"run {run_id} finished" if run_id else "everything up to date, nothing run,"
+    print(f"\nmodel {key}: {ran} in {wall:.0f}s", file=stream)
     for name, entry in assets.items():
-        print(f"  {name:<18} {entry['uri']}", file=stream)
+        print(f"  {name:<18} {entry['uri']}{'  (up to date)' if name in up_to_date else ''}", file=stream)
     report = assets.get("eval_report")
     if report:
         meta = report["metadata"]

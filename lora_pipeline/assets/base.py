@@ -6,15 +6,16 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.assets.common import (
-    config_metadata,
     pipeline_asset,
+    provenance,
+    publish_stage,
     read_json,
-    ref_metadata,
     resolve_model_config,
+    stage_output,
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.data import clean_rows, load_dataset, tokenizer_corpus
+from lora_pipeline.ml.data import clean_rows, dataset_source_version, load_dataset, tokenizer_corpus
 from lora_pipeline.ml.precision import compute_dtype_name
 from lora_pipeline.ml.quantize import quantize_base
 from lora_pipeline.ml.tiny import BUILTIN_PREFIX
@@ -68,13 +69,15 @@ def quantized_base(
                 "model_type": result.model_type,
             },
         )
-        ref = storage.publish(staging, context.partition_key, "quantized_base")
+        built_in = model_config.base_model.startswith(BUILTIN_PREFIX)
+        record = provenance(context, model_config, storage, {}, device=device,
+                            source_version=dataset_source_version(model_config.dataset) if built_in else "",
+                            parameters=result.parameter_count)
+        ref = publish_stage(context, storage, staging, record)
     context.log.info(f"quantized {result.quantized_modules} linear layers to {settings.mode} in {result.load_seconds:.1f}s")
-    return dg.Output(
-        ref,
-        metadata={
-            **ref_metadata(ref),
-            **config_metadata(model_config),
+    return stage_output(
+        ref, record, model_config,
+        {
             "base_revision": dg.MetadataValue.text(model_config.base_revision or "default"),
             "quantization": dg.MetadataValue.text(settings.mode),
             "double_quant": dg.MetadataValue.bool(settings.double_quant),

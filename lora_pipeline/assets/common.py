@@ -6,11 +6,19 @@ from pathlib import Path
 
 import dagster as dg
 
+from lora_pipeline.assets.provenance import (
+    CODE_VERSIONS,
+    LINEAGE_FILE,
+    lineage_record,
+    mark_stage_start,
+    parent_lineage,
+    stage_versions,
+)
 from lora_pipeline.config.registry import PARTITION_KEY_PATTERN, validate_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.resources.registry import ModelRegistry
-from lora_pipeline.resources.storage import ArtifactRef
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 # Dynamic, so that any YAML file can become a model: the files under configs/ are added by the
 # model_configs sensor and by the CLI, and `lora-pipeline run` adds a file from anywhere.
@@ -25,7 +33,7 @@ GPU_POOL = "gpu"
 DATA_FIRST = {"dagster/priority": "10"}
 
 
-def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False, code_version: str = "1"):
+def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False):
     """The decorator of every stage: one partition per model, ArtifactRef pointers, versioned code.
 
     Stages that put a model on the accelerator run in the `gpu` pool, so an instance never runs
@@ -33,26 +41,81 @@ def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False, code_
     runs holding its partition's writer lock in the store, so two runs of one model never
     interleave their writes: the second stops with the first one named.
     """
-    define = dg.asset(
-        op_tags=DATA_FIRST if group == "data" else None,
-        partitions_def=MODEL_PARTITIONS,
-        io_manager_key=ARTIFACT_IO,
-        kinds=kinds,
-        group_name=group,
-        code_version=code_version,
-        pool=GPU_POOL if uses_gpu else None,
-    )
 
     def decorate(compute):
         @functools.wraps(compute)  # Dagster reads the parameters and docstring through the wrapper
         def as_sole_writer(context: dg.AssetExecutionContext, **inputs):
             storage = inputs["storage"]
+            mark_stage_start()
             with storage.writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
                 return compute(context, **inputs)
 
-        return define(as_sole_writer)
+        return dg.asset(
+            op_tags=DATA_FIRST if group == "data" else None,
+            partitions_def=MODEL_PARTITIONS,
+            io_manager_key=ARTIFACT_IO,
+            kinds=kinds,
+            group_name=group,
+            code_version=CODE_VERSIONS[compute.__name__],
+            pool=GPU_POOL if uses_gpu else None,
+        )(as_sole_writer)
 
     return decorate
+
+
+def provenance(
+    context: dg.AssetExecutionContext,
+    model_config: ModelConfig,
+    storage: ArtifactStore,
+    parents: dict[str, ArtifactRef],
+    source_version: str | None = None,
+    device=None,
+    **facts,
+) -> dict:
+    """This stage's lineage record (LINEAGE.json), whose 'version' is the stage's data version.
+
+    The source's content version comes from the parents' lineage unless given (raw_dataset).
+    """
+    stage = context.asset_key.path[-1]
+    parent_records = {name: parent_lineage(storage.local_path(ref)) for name, ref in parents.items()}
+    if source_version is None:
+        source_version = next((r["source_version"] for r in parent_records.values() if r.get("source_version")), "")
+    for inherited in ("dataset_fingerprint",):
+        known = next((r[inherited] for r in parent_records.values() if r.get(inherited)), None)
+        if known is not None:
+            facts.setdefault(inherited, known)
+    versions = stage_versions(model_config, source_version)
+    return lineage_record(
+        stage, context.partition_key, model_config, versions, source_version,
+        {name: {"uri": ref.uri, "sha256": ref.sha256, "version": parent_records[name].get("version")}
+         for name, ref in parents.items()},
+        context.run_id, device, **facts,
+    )
+
+
+def publish_stage(context: dg.AssetExecutionContext, storage: ArtifactStore, staging: Path, record: dict) -> ArtifactRef:
+    """Write the stage's lineage into its staged artifact and publish it."""
+    write_json(staging / LINEAGE_FILE, record)
+    return storage.publish(staging, context.partition_key, context.asset_key.path[-1])
+
+
+def stage_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, metadata: dict) -> dg.Output[ArtifactRef]:
+    """The stage's output: the pointer, its version as the Dagster data version, and its metadata."""
+    return dg.Output(
+        ref,
+        data_version=dg.DataVersion(record["version"]),
+        metadata={**ref_metadata(ref), **config_metadata(model_config), **lineage_metadata(record), **metadata},
+    )
+
+
+def lineage_metadata(record: dict) -> dict[str, dg.MetadataValue]:
+    """The lineage facts worth a glance in the UI (the whole record is LINEAGE.json in the artifact)."""
+    return {
+        "version": dg.MetadataValue.text(record["version"]),
+        "git_commit": dg.MetadataValue.text(record["git_commit"]),
+        "libraries": dg.MetadataValue.text(", ".join(f"{k} {v}" for k, v in record["libraries"].items())),
+        "wall_seconds": dg.MetadataValue.float(record["wall_seconds"]),
+    }
 
 
 def merge_weights_kind(setting: str, quantized: bool) -> str:

@@ -8,11 +8,12 @@ import pandas as pd
 from lora_pipeline.assets.common import (
     DATA_FIRST,
     MODEL_PARTITIONS,
-    config_metadata,
     pipeline_asset,
+    provenance,
+    publish_stage,
     read_json,
-    ref_metadata,
     resolve_model_config,
+    stage_output,
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
@@ -20,6 +21,7 @@ from lora_pipeline.ml.data import (
     FormatSettings,
     LoadedDataset,
     clean_rows,
+    dataset_source_version,
     fingerprint,
     format_dataset,
     load_dataset,
@@ -45,6 +47,7 @@ def raw_dataset(
 ) -> dg.Output[ArtifactRef]:
     """Rows of the configured source (file, folder, glob, URL or hub dataset), checked against their format with pandera, stored as Parquet."""
     model_config = resolve_model_config(context, config, registry)
+    source_version = dataset_source_version(model_config.dataset)  # before reading: a change after is seen next time
     loaded = load_dataset(model_config.dataset)
     stored, nested = storable(loaded.frame)
     content_hash = fingerprint(stored)
@@ -62,18 +65,17 @@ def raw_dataset(
     with storage.staging_dir() as staging:
         stored.to_parquet(staging / ROWS_FILE, index=False)
         write_json(staging / DATASET_INFO, info)
-        ref = storage.publish(staging, context.partition_key, "raw_dataset")
+        record = provenance(context, model_config, storage, {}, source_version=source_version,
+                            dataset_fingerprint=content_hash, rows=len(stored))
+        ref = publish_stage(context, storage, staging, record)
     context.log.info(f"{len(stored)} {loaded.format} rows from {loaded.source}"
                      + (" (format detected)" if loaded.detected else ""))
     preview = _preview(stored)
     del loaded, stored
     release_unused_memory()
-    return dg.Output(
-        ref,
-        data_version=dg.DataVersion(content_hash[:16]),
-        metadata={
-            **ref_metadata(ref),
-            **config_metadata(model_config),
+    return stage_output(
+        ref, record, model_config,
+        {
             "source": dg.MetadataValue.text(info["source"]),
             "source_kind": dg.MetadataValue.text(info["source_kind"]),
             "source_files": dg.MetadataValue.int(len(info["files"])),
@@ -142,16 +144,16 @@ def formatted_dataset(
              "pad_token": formatted.pad_token, "counts": counts, "max_length": settings.max_length,
              "max_truncation_rate": model_config.dataset.max_truncation_rate},
         )
-        ref = storage.publish(staging, context.partition_key, "formatted_dataset")
+        record = provenance(context, model_config, storage, {"raw_dataset": raw_dataset},
+                            train_rows=counts["train_rows"], eval_rows=counts["eval_rows"])
+        ref = publish_stage(context, storage, staging, record)
     context.log.info(_rows_per_step_line(counts))
     lengths = formatted.token_lengths
     del cleaned
     release_unused_memory()
-    return dg.Output(
-        ref,
-        metadata={
-            **ref_metadata(ref),
-            **config_metadata(model_config),
+    return stage_output(
+        ref, record, model_config,
+        {
             "format": dg.MetadataValue.text(formatted.format),
             "template": dg.MetadataValue.text(formatted.template),
             "eos_token": dg.MetadataValue.text(formatted.eos_token),

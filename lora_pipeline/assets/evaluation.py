@@ -5,11 +5,12 @@ import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir
 from lora_pipeline.assets.common import (
-    config_metadata,
     merge_weights_kind,
     pipeline_asset,
-    ref_metadata,
+    provenance,
+    publish_stage,
     resolve_model_config,
+    stage_output,
 )
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.ml.evaluate import evaluate_pipeline
@@ -58,7 +59,10 @@ def eval_report(
     with storage.staging_dir() as staging:
         document = write_report(result, staging, merge_weights, f"Evaluation: {context.partition_key}")
         report = (staging / "report.md").read_text(encoding="utf-8")
-        ref = storage.publish(staging, context.partition_key, "eval_report")
+        record = provenance(context, model_config, storage, {"formatted_dataset": formatted_dataset,
+                            "quantized_base": quantized_base, "trained_adapter": trained_adapter,
+                            "merged_model": merged_model}, device=compute.info())
+        ref = publish_stage(context, storage, staging, record)
     comparison = document["comparison"]
     metrics = {
         f"{model}_{name}": dg.MetadataValue.float(float(value))
@@ -67,11 +71,9 @@ def eval_report(
         for name, value in values.items()
         if name in ("loss", "perplexity", "token_accuracy")
     }
-    return dg.Output(
-        ref,
-        metadata={
-            **ref_metadata(ref),
-            **config_metadata(model_config),
+    return stage_output(
+        ref, record, model_config,
+        {
             **metrics,
             "adapter_vs_base_loss_change": dg.MetadataValue.float(comparison["adapter_vs_base_loss_change"]),
             "merged_vs_adapter_loss_change": dg.MetadataValue.float(comparison["merged_vs_adapter_loss_change"]),

@@ -5,14 +5,16 @@ import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir, source_dtype
 from lora_pipeline.assets.common import (
-    config_metadata,
     merge_weights_kind,
     pipeline_asset,
-    ref_metadata,
+    provenance,
+    publish_stage,
     resolve_model_config,
+    stage_output,
 )
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.ml.merge import is_quantized_dir, merge_to_dir
+from lora_pipeline.ml.modelcard import merged_card
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -51,16 +53,19 @@ def merged_model(
             dtype=dtype,
             trust_remote_code=model_config.trust_remote_code,
         )
-        ref = storage.publish(staging, context.partition_key, "merged_model")
+        record = provenance(context, model_config, storage, {"formatted_dataset": formatted_dataset,
+                            "quantized_base": quantized_base, "trained_adapter": trained_adapter},
+                            merged_into=weights, dtype=dtype)
+        (staging / "README.md").write_text(merged_card(model_config, record, weights, dtype, fidelity),
+                                           encoding="utf-8")
+        ref = publish_stage(context, storage, staging, record)
     context.log.info(
         f"merged into {weights} weights; max relative logit difference vs adapter "
         f"{fidelity.max_relative_logit_difference:.2e}"
     )
-    return dg.Output(
-        ref,
-        metadata={
-            **ref_metadata(ref),
-            **config_metadata(model_config),
+    return stage_output(
+        ref, record, model_config,
+        {
             "merged_into": dg.MetadataValue.text(weights),
             "dtype": dg.MetadataValue.text(dtype),
             "merge_fidelity_max_relative_logit_difference": dg.MetadataValue.float(

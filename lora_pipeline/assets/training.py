@@ -8,13 +8,15 @@ import dagster as dg
 import pandas as pd
 
 from lora_pipeline.assets.common import (
-    config_metadata,
     pipeline_asset,
+    provenance,
+    publish_stage,
     read_json,
-    ref_metadata,
     resolve_model_config,
+    stage_output,
     write_json,
 )
+from lora_pipeline.assets.provenance import CODE_VERSIONS, library_versions, stage_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.modelcard import adapter_card
 from lora_pipeline.ml.plots import loss_curve_png, markdown_image
@@ -28,28 +30,16 @@ TRAINING_SUMMARY = "training_summary.json"
 LOSS_CURVE = "loss_curve.png"
 
 
-# Settings that change how often the run saves or logs, not what it learns.
-RESULT_NEUTRAL_SETTINGS = ("checkpoint_every", "logging_steps")
-TRAINING_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
-TRAINING_CODE_VERSION = "1"
-
-
 def training_inputs(model_config: ModelConfig, formatted_dataset: ArtifactRef, quantized_base: ArtifactRef) -> dict:
     """Everything an adapter depends on: data and base versions, the settings that change the result,
     this stage's code version and the versions of the libraries that train (a checkpoint from another
     version of them may not load, or not continue the same way)."""
-    from importlib.metadata import version
-
-    training = model_config.training.model_dump(mode="json")
-    for setting in RESULT_NEUTRAL_SETTINGS:
-        training.pop(setting)
     return {
         "data": formatted_dataset.sha256,
         "base": quantized_base.sha256,
-        "training": training,
-        "lora": model_config.lora.model_dump(mode="json"),
-        "code_version": TRAINING_CODE_VERSION,
-        "libraries": {name: version(name) for name in TRAINING_LIBRARIES},
+        **stage_config(model_config, "trained_adapter"),
+        "code_version": CODE_VERSIONS["trained_adapter"],
+        "libraries": library_versions(),
     }
 
 
@@ -92,7 +82,7 @@ def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, i
             + "); training starts at step 0")
 
 
-@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version=TRAINING_CODE_VERSION)
+@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
 def trained_adapter(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -109,6 +99,8 @@ def trained_adapter(
     """
     model_config = resolve_model_config(context, config, registry)
     partition = context.partition_key
+    device = compute.info()
+    parents = {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base}
     inputs = training_inputs(model_config, formatted_dataset, quantized_base)
     run_key = inputs_key(inputs)
     finished = storage.remembered(partition, "trained_adapter", run_key)
@@ -119,7 +111,9 @@ def trained_adapter(
         folder = storage.local_path(finished)
         summary = read_json(folder / TRAINING_SUMMARY)
         result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
-        return _adapter_output(finished, model_config, result, (folder / LOSS_CURVE).read_bytes(), reused=True)
+        record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key)
+        return _adapter_output(finished, record, model_config, result, (folder / LOSS_CURVE).read_bytes(),
+                               reused=True)
 
     latest = storage.latest_checkpoint(partition, "trained_adapter", run_key)
     if latest is not None:
@@ -145,7 +139,7 @@ def trained_adapter(
     with storage.staging_dir() as staging:
         try:
             result = train_adapter(
-                base_dir, train, staging, model_config.lora, model_config.training, compute.info(), base_name,
+                base_dir, train, staging, model_config.lora, model_config.training, device, base_name,
                 report, on_checkpoint=publish_checkpoint, resume_from=latest[1] if latest is not None else None,
                 trust_remote_code=model_config.trust_remote_code,
             )
@@ -158,20 +152,20 @@ def trained_adapter(
         loss_png = loss_curve_png(result.loss_history)
         (staging / LOSS_CURVE).write_bytes(loss_png)
         write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": run_key})
-        (staging / "README.md").write_text(adapter_card(model_config, result, base_name), encoding="utf-8")
-        ref = storage.publish(staging, partition, "trained_adapter")
+        record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key,
+                            steps=result.steps, train_loss=result.train_loss)
+        (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
+        ref = publish_stage(context, storage, staging, record)
     storage.remember(partition, "trained_adapter", run_key, ref)
     storage.drop_checkpoints(partition, "trained_adapter")
-    return _adapter_output(ref, model_config, result, loss_png, reused=False)
+    return _adapter_output(ref, record, model_config, result, loss_png, reused=False)
 
 
-def _adapter_output(ref: ArtifactRef, model_config: ModelConfig, result: TrainResult, loss_png: bytes,
-                    reused: bool) -> dg.Output[ArtifactRef]:
-    return dg.Output(
-        ref,
-        metadata={
-            **ref_metadata(ref),
-            **config_metadata(model_config),
+def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, result: TrainResult,
+                    loss_png: bytes, reused: bool) -> dg.Output[ArtifactRef]:
+    return stage_output(
+        ref, record, model_config,
+        {
             "reused": dg.MetadataValue.bool(reused),
             "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "training loss")),
             "train_loss": dg.MetadataValue.float(result.train_loss),

@@ -24,7 +24,7 @@ from lora_pipeline.ml.formats import (
     validate_rows,
     with_format_columns,
 )
-from lora_pipeline.ml.sources import SourceRequest, SourceRows, read_source
+from lora_pipeline.ml.sources import SourceRequest, SourceRows, read_source, source_version
 from lora_pipeline.ml.templates import Rendered, alpaca_prompt, render_chats, render_single_turn, resolve_template
 
 if TYPE_CHECKING:
@@ -54,9 +54,9 @@ class LoadedDataset:
         return self.rows.source
 
 
-def load_dataset(settings) -> LoadedDataset:
-    """Read dataset.source and check every row against dataset.format ('auto' detects it)."""
-    request = SourceRequest(
+def source_request(settings) -> SourceRequest:
+    """What the dataset section asks to read."""
+    return SourceRequest(
         source=settings.source,
         split=settings.split,
         subset=settings.subset,
@@ -64,7 +64,16 @@ def load_dataset(settings) -> LoadedDataset:
         columns=dict(settings.columns),
         max_rows=settings.max_rows,
     )
-    rows = read_source(request)
+
+
+def dataset_source_version(settings) -> str:
+    """The content version of the dataset section's source (changes when its data can have changed)."""
+    return source_version(source_request(settings))
+
+
+def load_dataset(settings) -> LoadedDataset:
+    """Read dataset.source and check every row against dataset.format ('auto' detects it)."""
+    rows = read_source(source_request(settings))
     detected = settings.format == "auto"
     fmt = detect_format(rows.frame, rows.source) if detected else settings.format
     rows.frame = with_format_columns(rows.frame, fmt)

@@ -7,6 +7,7 @@ the format checks downstream can name the file and the line or row of a bad valu
 from __future__ import annotations
 
 import glob as globbing
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -440,3 +441,54 @@ def _load_hub_dataset(name: str, request: SourceRequest):
         return datasets.load_dataset(name, request.subset, split=request.split, revision=request.revision)
     except ConnectionError:
         return cached_snapshot()
+
+
+# --- versions: has the data changed? -------------------------------------------------------------
+
+def source_version(request: SourceRequest) -> str:
+    """A short version of the source's content, cheap enough to compute on every sensor tick.
+
+    Local files: sha256 of their bytes. Object stores: each object's ETag (size and modification
+    time where there is none), with no download. Hub datasets: the commit of the requested revision
+    (offline, the cached snapshot's).
+    """
+    source = request.source.strip()
+    digest = hashlib.sha256()
+    if source.startswith(HUB_PREFIX) or (_HUB_ID.match(source) and _expand_local(source) is None):
+        digest.update(_hub_commit(source.removeprefix(HUB_PREFIX), request).encode())
+    elif "://" in source and not source.startswith("file://"):
+        import fsspec
+
+        fs, _, _ = fsspec.get_fs_token_paths(source)
+        for path in _expand_remote(source):
+            info = fs.info(path)
+            token = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified') or info.get('mtime')}"
+            digest.update(f"{path}\0{token}\0".encode())
+    else:
+        local = source.removeprefix("file://")
+        files = _expand_local(local)
+        if files is None:
+            raise DataError(f"{source}: dataset not found (no such file or folder)")
+        if files == "saved":
+            files = sorted(str(p) for p in Path(local).rglob("*") if p.is_file())
+        for path in files:
+            digest.update(f"{path}\0".encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _hub_commit(name: str, request: SourceRequest) -> str:
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().dataset_info(name, revision=request.revision).sha
+        except Exception:  # no network or no such repo: the cache may know
+            pass
+    try:
+        folder = snapshot_download(name, repo_type="dataset", revision=request.revision, local_files_only=True)
+    except Exception as exc:
+        raise DataError(f"hf:{name}: cannot find its current revision (no network and not in the hub cache)") from exc
+    return Path(folder).name  # snapshot folders are named by commit

@@ -1,0 +1,183 @@
+"""What made each artifact: versions computed before anything runs, and the lineage every artifact carries.
+
+A stage's version hashes its code version, the library stack, the config it reads and its parents'
+versions; raw_dataset's also hashes the source's content version (file bytes, object ETags, hub
+commit). Equal versions mean an equal output, so a run can skip a stage whose newest
+materialization has the version it would produce now, and a change (a LoRA rank, a new data file)
+re-runs exactly the stages that read it and those after them. Each version is the stage's Dagster
+data version, so the UI marks what is stale.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from contextvars import ContextVar
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from lora_pipeline.config.schema import ModelConfig
+from lora_pipeline.ml.tiny import BUILTIN_PREFIX
+
+LINEAGE_FILE = "LINEAGE.json"
+
+# Bump a stage's version when its code changes what it produces.
+CODE_VERSIONS = {
+    "raw_dataset": "1",
+    "formatted_dataset": "1",
+    "quantized_base": "1",
+    "trained_adapter": "1",
+    "merged_model": "1",
+    "eval_report": "1",
+}
+
+PARENTS = {
+    "raw_dataset": [],
+    "formatted_dataset": ["raw_dataset"],
+    "quantized_base": [],
+    "trained_adapter": ["formatted_dataset", "quantized_base"],
+    "merged_model": ["formatted_dataset", "quantized_base", "trained_adapter"],
+    "eval_report": ["formatted_dataset", "quantized_base", "trained_adapter", "merged_model"],
+}
+
+# The libraries whose upgrade can change an output; part of every version.
+STACK = ("torch", "transformers", "tokenizers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
+         "pyarrow", "pandas")
+
+# Settings that change how often a run saves or logs, not what it produces.
+RESULT_NEUTRAL_TRAINING = ("checkpoint_every", "logging_steps")
+SOURCE_FIELDS = ("source", "format", "columns", "split", "subset", "revision", "max_rows")
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that produce the artifacts."""
+    found = {}
+    for name in STACK:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def stage_config(model_config: ModelConfig, stage: str) -> dict:
+    """The part of the config a stage reads (so a change elsewhere leaves its version alone)."""
+    config = model_config.model_dump(mode="json")
+    base = {key: config[key] for key in ("base_model", "base_revision", "allow_pickle", "trust_remote_code")}
+    training = {k: v for k, v in config["training"].items() if k not in RESULT_NEUTRAL_TRAINING}
+    if stage == "raw_dataset":
+        return {key: config["dataset"][key] for key in SOURCE_FIELDS}
+    if stage == "formatted_dataset":
+        return {"dataset": config["dataset"], **base, "max_length": training["max_length"],
+                "completion_only_loss": training["completion_only_loss"]}
+    if stage == "quantized_base":
+        built_in = model_config.base_model.startswith(BUILTIN_PREFIX)
+        # A built-in model's tokenizer is trained on the cleaned training split.
+        data = {"dataset": config["dataset"]} if built_in else {}
+        return {**base, "quantization": config["quantization"], **data}
+    if stage == "trained_adapter":
+        return {"training": training, "lora": config["lora"], "trust_remote_code": config["trust_remote_code"]}
+    if stage == "merged_model":
+        return {"merge": config["merge"], "trust_remote_code": config["trust_remote_code"]}
+    if stage == "eval_report":
+        return {"eval": config["eval"], "merge": config["merge"], "trust_remote_code": config["trust_remote_code"]}
+    raise KeyError(stage)
+
+
+def stage_versions(model_config: ModelConfig, source_version: str) -> dict[str, str]:
+    """The version every stage would produce for this config and source content, in pipeline order."""
+    versions: dict[str, str] = {}
+    for stage, parents in PARENTS.items():
+        payload = {
+            "code": CODE_VERSIONS[stage],
+            "libraries": library_versions(),
+            "config": stage_config(model_config, stage),
+            "parents": {parent: versions[parent] for parent in parents},
+        }
+        if stage == "raw_dataset" or (stage == "quantized_base" and "dataset" in payload["config"]):
+            payload["source"] = source_version
+        versions[stage] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return versions
+
+
+# --- lineage ----------------------------------------------------------------------------------------
+
+_STAGE_STARTED: ContextVar[float] = ContextVar("stage_started", default=0.0)
+
+
+def mark_stage_start() -> None:
+    """Note when the running stage started (its lineage records the wall time)."""
+    _STAGE_STARTED.set(time.time())
+
+
+@functools.cache
+def code_commit() -> str:
+    """The git commit of the pipeline's code (LORA_PIPELINE_GIT_COMMIT in images built without .git)."""
+    if os.environ.get("LORA_PIPELINE_GIT_COMMIT"):
+        return os.environ["LORA_PIPELINE_GIT_COMMIT"]
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def hardware(device=None) -> dict:
+    """The machine a stage ran on."""
+    described = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    if device is not None:
+        described.update(device=device.device, gpu_count=device.gpu_count,
+                         gpu_memory_gib=round(device.gpu_memory_bytes / 2**30, 1), bf16=device.bf16_supported)
+    return described
+
+
+def lineage_record(
+    stage: str,
+    partition: str,
+    model_config: ModelConfig,
+    versions: dict[str, str],
+    source_version: str,
+    parents: dict[str, dict],
+    run_id: str,
+    device=None,
+    **facts,
+) -> dict:
+    """Everything needed to say what made an artifact, written into it as LINEAGE.json."""
+    started = _STAGE_STARTED.get() or time.time()
+    return {
+        "asset": stage,
+        "model": partition,
+        "version": versions[stage],
+        "code_version": CODE_VERSIONS[stage],
+        "source_version": source_version,
+        "parents": parents,
+        "base_model": model_config.base_model,
+        "base_revision": model_config.base_revision,
+        "config_hash": model_config.canonical_hash(),
+        "config": model_config.model_dump(mode="json"),
+        "seed": model_config.training.seed,
+        "libraries": library_versions(),
+        "git_commit": code_commit(),
+        "hardware": hardware(device),
+        "dagster_run_id": run_id,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "wall_seconds": round(time.time() - started, 3),
+        **facts,
+    }
+
+
+def parent_lineage(folder: Path) -> dict:
+    """The lineage of an input artifact (its folder), or {} for artifacts made before lineage existed."""
+    path = folder / LINEAGE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}

@@ -1,0 +1,134 @@
+"""Versioned caching: nothing changed recomputes nothing; a change re-runs what reads it and what follows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from conftest import REPO, micro_config_data
+from lora_pipeline.assets.provenance import PARENTS, stage_versions
+from lora_pipeline.config.registry import validate_config
+
+STAGES = list(PARENTS)
+
+
+def _versions(source="s1", **sections):
+    return stage_versions(validate_config(micro_config_data(**sections), "test"), source)
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    return [stage for stage in STAGES if before[stage] != after[stage]]
+
+
+def test_each_change_moves_exactly_the_stages_that_read_it_and_those_after():
+    hub = {"base_model": "acme/model"}
+    base = _versions(**hub)
+    assert _versions(**hub) == base  # deterministic
+    assert _changed(base, _versions(lora={"r": 4}, **hub)) == ["trained_adapter", "merged_model", "eval_report"]
+    assert _changed(base, _versions(training={"learning_rate": 1e-3}, **hub)) == [
+        "trained_adapter", "merged_model", "eval_report"]
+    assert _changed(base, _versions(training={"checkpoint_every": 7, "logging_steps": 1}, **hub)) == []
+    assert _changed(base, _versions(eval={"samples": 3}, **hub)) == ["eval_report"]
+    assert _changed(base, _versions(merge={"dtype": "float32"}, **hub)) == ["merged_model", "eval_report"]
+    assert _changed(base, _versions(quantization={"mode": "int8"}, **hub)) == [
+        "quantized_base", "trained_adapter", "merged_model", "eval_report"]
+    assert _changed(base, _versions(source="s2", **hub)) == [
+        "raw_dataset", "formatted_dataset", "trained_adapter", "merged_model", "eval_report"]
+    assert _changed(base, _versions(dataset={"template": "chatml"}, **hub)) == [
+        "formatted_dataset", "trained_adapter", "merged_model", "eval_report"]
+    # A built-in model's tokenizer is trained on the data: new data, new base.
+    assert "quantized_base" in _changed(_versions(), _versions(source="s2"))
+
+
+def test_new_data_in_the_source_file_changes_its_version(tmp_path):
+    from conftest import dataset_settings
+    from lora_pipeline.ml.data import dataset_source_version
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    before = dataset_source_version(dataset_settings(source=str(data)))
+    assert dataset_source_version(dataset_settings(source=str(data))) == before
+    data.write_text('{"instruction": "a", "output": "c"}\n')
+    assert dataset_source_version(dataset_settings(source=str(data))) != before
+
+
+def test_the_ui_marks_downstream_assets_stale_when_the_data_changes(tmp_path, write_config, fake_resources):
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
+    from lora_pipeline.assets.common import MODEL_PARTITIONS
+
+    data = tmp_path / "data.json"
+    rows = json.loads((REPO / "lora_pipeline" / "data" / "sample_instructions.json").read_text())[:60]
+    data.write_text(json.dumps(rows))
+    write_config("micro", dataset={"source": str(data), "max_rows": None})
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(MODEL_PARTITIONS.name, ["micro"])
+    data_assets = [asset for asset in PIPELINE_ASSETS if asset.key.path[-1] in ("raw_dataset", "formatted_dataset")]
+    definitions = dg.Definitions(assets=PIPELINE_ASSETS, asset_checks=PIPELINE_CHECKS, resources=fake_resources)
+
+    def status(name):
+        resolver = CachingStaleStatusResolver(instance, definitions.resolve_asset_graph(), LoadingContextForTest(instance))
+        return resolver.get_status(dg.AssetKey(name), "micro")
+
+    assert dg.materialize(data_assets, partition_key="micro", instance=instance, resources=fake_resources).success
+    assert status("formatted_dataset") == StaleStatus.FRESH
+    data.write_text(json.dumps(rows[:50]))
+    assert dg.materialize(data_assets[:1], partition_key="micro", instance=instance, resources=fake_resources).success
+    assert status("formatted_dataset") == StaleStatus.STALE
+
+
+def _run(tmp_path, config, *extra):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_pipeline.cli", "run", str(config), "--storage", str(tmp_path / "store"), "--json",
+         *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.slow
+def test_a_rerun_with_nothing_changed_runs_nothing_and_a_new_rank_reruns_training_onward(tmp_path, write_config):
+    config = write_config("micro")
+    first, _ = _run(tmp_path, config)
+    assert first["up_to_date"] == [] and first["run_id"]
+
+    again, stderr = _run(tmp_path, config)
+    assert again["run_id"] is None and again["up_to_date"] == STAGES
+    assert "up to date, not run" in stderr
+    assert {name: entry["uri"] for name, entry in again["assets"].items()} == {
+        name: entry["uri"] for name, entry in first["assets"].items()}
+
+    ranked, _ = _run(tmp_path, config, "--set", "lora.r=4")
+    assert ranked["up_to_date"] == ["raw_dataset", "formatted_dataset", "quantized_base"]
+    assert ranked["assets"]["trained_adapter"]["uri"] != first["assets"]["trained_adapter"]["uri"]
+    assert ranked["assets"]["eval_report"]["metadata"]["version"] != first["assets"]["eval_report"]["metadata"]["version"]
+
+    forced, _ = _run(tmp_path, config, "--set", "lora.r=4", "--select", "eval_report", "--force")
+    assert forced["up_to_date"] == [] and forced["run_id"]
+
+
+@pytest.mark.slow
+def test_every_artifact_carries_its_lineage_and_the_models_their_cards(tmp_path, write_config):
+    first, _ = _run(tmp_path, write_config("micro"))
+    for name, entry in first["assets"].items():
+        lineage = json.loads((tmp_path / "store" / "micro" / name / entry["uri"].rsplit("/", 1)[-1] / "LINEAGE.json")
+                             .read_text())
+        assert lineage["asset"] == name and lineage["version"] == entry["metadata"]["version"]
+        assert lineage["config"]["base_model"] == "builtin:micro-llama" and lineage["seed"] == 0
+        assert lineage["libraries"]["transformers"] and lineage["git_commit"] and lineage["wall_seconds"] >= 0
+        assert lineage["hardware"]["cpus"] and (lineage.get("dataset_fingerprint") or name == "quantized_base")
+        for parent, fact in lineage["parents"].items():
+            assert fact["version"] == first["assets"][parent]["metadata"]["version"]
+    for name in ("trained_adapter", "merged_model"):
+        card = (tmp_path / "store" / "micro" / name / first["assets"][name]["uri"].rsplit("/", 1)[-1] / "README.md")
+        text = card.read_text()
+        assert "## Lineage" in text and "dataset fingerprint" in text and "libraries: torch" in text
