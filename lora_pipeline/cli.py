@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from lora_pipeline.errors import ConfigError, DataError, LoraPipelineError
 
@@ -211,19 +211,6 @@ def _selected_asset_names(selection) -> list[str]:
     return [name for name in ASSET_ORDER if name in names]
 
 
-def _jsonable_metadata(metadata: dict) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, entry in metadata.items():
-        value = getattr(entry, "value", entry)
-        if isinstance(value, str) and "data:image" in value:
-            continue  # inlined plots are for the UI; the files sit beside the artifact
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            result[key] = value
-        else:
-            result[key] = str(value)
-    return result
-
-
 def _check_data_early(model_config):
     """Read, check and clean the dataset before any model is loaded; return the cleaned rows and the split sizes."""
     from lora_pipeline.ml.data import clean_rows, load_dataset, split_sizes
@@ -282,6 +269,7 @@ def command_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
+    from lora_pipeline.assets.provenance import plain_metadata, up_to_date_assets
     from lora_pipeline.config.registry import load_config_file, partition_key_for
     from lora_pipeline.definitions import tune
     from lora_pipeline.resources.factory import default_resources
@@ -297,7 +285,7 @@ def command_run(args: argparse.Namespace) -> int:
     _register_partition(instance, key, args.config)
     resources = default_resources(storage_root=args.storage)
     started = time.perf_counter()
-    current = {} if args.force else _up_to_date(instance, key, selected, model_config, resources["storage"])
+    current = {} if args.force else up_to_date_assets(instance, key, selected, model_config, resources["storage"])
     to_run = [name for name in selected if name not in current]
     if current:
         print(f"up to date, not run: {', '.join(current)}", file=sys.stderr)
@@ -346,48 +334,13 @@ def command_run(args: argparse.Namespace) -> int:
         if name in current:
             assets[name] = current[name]
         for event in result.asset_materializations_for_node(name):
-            metadata = _jsonable_metadata(event.metadata)
+            metadata = plain_metadata(event.metadata)
             assets[name] = {"uri": metadata.get("uri"), "metadata": metadata}
     _print_run_summary(key, result.run_id, assets, wall, sys.stderr if args.json else sys.stdout, set(current))
     if args.json:
         print(json.dumps({"partition": key, "run_id": result.run_id, "wall_seconds": round(wall, 2), "assets": assets,
                           "up_to_date": list(current)}))
     return 0
-
-
-def _up_to_date(instance, key: str, selected: list[str], model_config, storage) -> dict[str, dict]:
-    """The selected assets whose newest materialization has the version they would get now, and whose
-    artifact is still the current one in the store and intact: {name: summary entry}."""
-    import dagster as dg
-
-    from lora_pipeline.assets.provenance import stage_versions
-    from lora_pipeline.ml.data import dataset_source_version
-    from lora_pipeline.resources.storage import ArtifactIntegrityError
-
-    try:
-        versions = stage_versions(model_config, dataset_source_version(model_config.dataset))
-    except (DataError, OSError):
-        return {}  # the source cannot be read now: let raw_dataset say why
-    current = {}
-    for name in selected:
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
-        ).records
-        if not records:
-            continue
-        materialization = records[0].asset_materialization
-        if materialization is None or materialization.tags.get("dagster/data_version") != versions[name]:
-            continue
-        metadata = _jsonable_metadata(materialization.metadata)
-        try:
-            ref = storage.current(key, name)
-            if ref.sha256 != metadata.get("sha256"):
-                continue  # another run published since
-            storage.local_path(ref)
-        except ArtifactIntegrityError:
-            continue
-        current[name] = {"uri": metadata.get("uri"), "metadata": metadata, "up_to_date": True}
-    return current
 
 
 def _print_run_summary(key: str, run_id: str | None, assets: dict, wall: float, stream,

@@ -1,13 +1,13 @@
-"""The Dagster code location: assets, the tune job, the config sensor and the resources."""
+"""The Dagster code location: assets and checks, the tune job, sensors, per-model schedules, resources."""
 
 import dagster as dg
 
 from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
 from lora_pipeline.resources.factory import default_resources
-from lora_pipeline.sensors import model_configs
+from lora_pipeline.sensors import TUNE_JOB, dataset_changes, model_configs, model_schedules
 
 tune = dg.define_asset_job(
-    "tune",
+    TUNE_JOB,
     selection=PIPELINE_ASSETS,
     description="The whole pipeline for one model: data, quantized base, adapter, merged model, report.",
 )
@@ -16,6 +16,7 @@ defs = dg.Definitions(
     assets=PIPELINE_ASSETS,
     asset_checks=PIPELINE_CHECKS,
     jobs=[tune],
-    sensors=[model_configs],
+    sensors=[model_configs, dataset_changes],
+    schedules=model_schedules(),
     resources=default_resources(),
 )

@@ -1,9 +1,19 @@
-"""Keeps the model partitions in step with the config folder."""
+"""What starts runs without a person: new config files, changed datasets, and each model's schedule."""
+
+import json
+import re
+from pathlib import Path
 
 import dagster as dg
 
 from lora_pipeline.assets.common import MODEL_PARTITIONS
+from lora_pipeline.assets.provenance import PARENTS, up_to_date_assets
+from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactStore
+
+TUNE_JOB = "tune"
+STAGES = list(PARENTS)
 
 
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
@@ -15,3 +25,86 @@ def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) 
         dynamic_partitions_requests=[MODEL_PARTITIONS.build_add_request(new_keys)] if new_keys else [],
         skip_reason=None if new_keys else "no new model configs",
     )
+
+
+def _stale_run(instance, key: str, model_config, storage: ArtifactStore, run_key: str, trigger: str):
+    """A run of the model's assets that are not up to date, or None when all are."""
+    stale = [name for name in STAGES if name not in up_to_date_assets(instance, key, STAGES, model_config, storage)]
+    if not stale:
+        return None
+    return dg.RunRequest(partition_key=key, run_key=run_key, asset_selection=[dg.AssetKey(name) for name in stale],
+                         tags={"lora_pipeline/trigger": trigger})
+
+
+@dg.sensor(job_name=TUNE_JOB, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def dataset_changes(context: dg.SensorEvaluationContext, registry: ModelRegistry,
+                    storage: ArtifactStore) -> dg.SensorResult:
+    """Re-runs a model's pipeline when its dataset source changes (file content, S3 ETag, hub revision).
+
+    The cursor keeps each model's last seen source version; a model seen for the first time is
+    recorded, not run. The run key is the model and the new version, so one change launches
+    exactly one run, of the assets that the change made stale.
+    """
+    from lora_pipeline.ml.data import dataset_source_version
+
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    known = registry.registry()
+    requests, notes = [], []
+    for key in known.keys:
+        try:
+            model_config = known.load(key)
+            if not model_config.retrain.on_data_change:
+                continue
+            version = dataset_source_version(model_config.dataset)
+        except (LoraPipelineError, OSError) as exc:  # one unreadable source must not stop the others
+            notes.append(f"{key}: {exc}")
+            continue
+        if key in seen and seen[key] != version:
+            request = _stale_run(context.instance, key, model_config, storage, f"{key}:{version}", "dataset changed")
+            if request is not None:
+                requests.append(request)
+        seen[key] = version
+    for note in notes:
+        context.log.warning(f"dataset not checked: {note}")
+    return dg.SensorResult(
+        run_requests=requests,
+        cursor=json.dumps(seen, sort_keys=True),
+        skip_reason=None if requests else "no dataset changed",
+    )
+
+
+def model_schedules(config_dir: str | None = None) -> list[dg.ScheduleDefinition]:
+    """One schedule per model whose config sets retrain.schedule, running that model's stale assets.
+
+    Built when the code location loads (reload it after adding a schedule to a config); configs
+    that do not validate get no schedule here and fail loudly when they run.
+    """
+    from lora_pipeline.config.registry import ConfigRegistry
+
+    registry = ConfigRegistry(Path(config_dir) if config_dir else None)
+    schedules = []
+    for key in registry.keys:
+        try:
+            cron = registry.load(key).retrain.schedule
+        except LoraPipelineError:
+            continue
+        if cron is not None:
+            schedules.append(_model_schedule(key, cron, registry.path_of(key).name))
+    return schedules
+
+
+def _model_schedule(key: str, cron: str, file_name: str) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name="retrain_" + re.sub(r"[^A-Za-z0-9_]", "_", key),
+        cron_schedule=cron,
+        job_name=TUNE_JOB,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Re-runs the stale assets of model {key} ({cron}, from {file_name}).",
+    )
+    def retrain(context: dg.ScheduleEvaluationContext, registry: ModelRegistry, storage: ArtifactStore):
+        model_config = registry.registry().load(key)  # as the file says now
+        request = _stale_run(context.instance, key, model_config, storage,
+                             f"{key}:{context.scheduled_execution_time.isoformat()}", "schedule")
+        return request if request is not None else dg.SkipReason(f"model {key} is up to date")
+
+    return retrain

@@ -181,3 +181,51 @@ def parent_lineage(folder: Path) -> dict:
     """The lineage of an input artifact (its folder), or {} for artifacts made before lineage existed."""
     path = folder / LINEAGE_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+# --- what is up to date -----------------------------------------------------------------------------
+
+def plain_metadata(metadata: dict) -> dict:
+    """Metadata values as JSON-friendly Python values (inlined plots left out: their files sit in the artifact)."""
+    result = {}
+    for key, entry in metadata.items():
+        value = getattr(entry, "value", entry)
+        if isinstance(value, str) and "data:image" in value:
+            continue
+        result[key] = value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+    return result
+
+
+def up_to_date_assets(instance, key: str, selected: list[str], model_config, storage) -> dict[str, dict]:
+    """The selected assets whose newest materialization has the version they would get now, and whose
+    artifact is still the current one in the store and intact: {name: summary entry}."""
+    import dagster as dg
+
+    from lora_pipeline.errors import DataError
+    from lora_pipeline.ml.data import dataset_source_version
+    from lora_pipeline.resources.storage import ArtifactIntegrityError
+
+    try:
+        versions = stage_versions(model_config, dataset_source_version(model_config.dataset))
+    except (DataError, OSError):
+        return {}  # the source cannot be read now: let raw_dataset say why
+    current = {}
+    for name in selected:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
+        ).records
+        if not records:
+            continue
+        materialization = records[0].asset_materialization
+        if materialization is None or materialization.tags.get("dagster/data_version") != versions[name]:
+            continue
+        metadata = plain_metadata(materialization.metadata)
+        try:
+            ref = storage.current(key, name)
+            if ref.sha256 != metadata.get("sha256"):
+                continue  # another run published since
+            storage.local_path(ref)
+        except ArtifactIntegrityError:
+            continue
+        current[name] = {"uri": metadata.get("uri"), "metadata": metadata, "up_to_date": True}
+    return current

@@ -257,6 +257,30 @@ class EvalSettings(_Strict):
     )
 
 
+class RetrainSettings(_Strict):
+    """When the model is trained again without anyone launching it."""
+
+    schedule: Optional[str] = Field(
+        default=None,
+        description="Cron expression (e.g. '0 3 * * 1', Mondays 03:00 UTC) of a schedule that re-runs the "
+        "pipeline for this model; unset: no schedule. Unchanged assets are skipped.",
+    )
+    on_data_change: bool = Field(
+        default=True,
+        description="Re-run the pipeline when the dataset source changes (file content, S3 ETag or hub "
+        "revision), noticed by the dataset_changes sensor.",
+    )
+
+    @pydantic.field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: Optional[str]) -> Optional[str]:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if value is not None and not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a cron expression (five fields, e.g. '0 3 * * 1', or @daily)")
+        return value
+
+
 class ModelConfig(_Strict):
     """One model to fine-tune: a YAML file under configs/ is one of these, and one partition."""
 
@@ -285,6 +309,7 @@ class ModelConfig(_Strict):
     training: TrainingSettings = Field(default=TrainingSettings(), description="Training.")
     merge: MergeSettings = Field(default=MergeSettings(), description="Merging.")
     eval: EvalSettings = Field(default=EvalSettings(), description="Evaluation.")
+    retrain: RetrainSettings = Field(default=RetrainSettings(), description="Scheduled and data-triggered retraining.")
 
     def canonical_hash(self) -> str:
         """sha256 of the config as canonical JSON: equal configs hash equally, whatever the YAML layout."""
@@ -319,6 +344,7 @@ class TuningRunConfig(dg.Config):
     training: Optional[TrainingSettings] = Field(default=None, description="Training.")
     merge: Optional[MergeSettings] = Field(default=None, description="Merging.")
     eval: Optional[EvalSettings] = Field(default=None, description="Evaluation.")
+    retrain: Optional[RetrainSettings] = Field(default=None, description="Scheduled and data-triggered retraining.")
 
     def sections_given(self) -> dict:
         """The sections this run sets explicitly, as plain data."""
