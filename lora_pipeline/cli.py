@@ -121,10 +121,11 @@ DEFAULT_INSTANCE_YAML = """\
 # Written by lora-pipeline on first use; edit freely.
 telemetry:
   enabled: false
-# quantized_base, trained_adapter, merged_model and eval_report run in the `gpu` pool: at most this many at once.
+# quantized_base, trained_adapter, merged_model and eval_report run in the `gpu` pool: at most this many
+# at once (the number of GPUs found when this file was written; 1 without a GPU).
 concurrency:
   pools:
-    default_limit: 1
+    default_limit: {gpu_limit}
 """
 
 
@@ -139,7 +140,10 @@ def _instance():
     with (home / ".lora-pipeline-instance.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (home / "dagster.yaml").exists():
-            (home / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML)
+            from lora_pipeline.ml.precision import detect_device
+
+            gpu_limit = max(1, detect_device().gpu_count)
+            (home / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML.format(gpu_limit=gpu_limit))
         instance = dg.DagsterInstance.get()
         instance.get_runs(limit=1)  # creates the run storage's schema while we hold the lock
         return instance

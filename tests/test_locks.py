@@ -121,7 +121,8 @@ def test_a_run_finding_its_asset_partition_locked_fails_clearly_and_publishes_no
 
 @pytest.mark.slow
 def test_two_partitions_run_at_the_same_time_without_touching_each_other(tmp_path, write_config):
-    """Two CLI runs of different models on one store and one Dagster instance, started together."""
+    """Two CLI runs of different models on one store and one Dagster instance, started together:
+    separate files, and the `gpu` pool makes their model stages take turns."""
     configs = {
         "alpha": write_config("alpha", training={"max_steps": 6, "seed": 1}),
         "beta": write_config("beta", training={"max_steps": 6, "seed": 2}, lora={"r": 4}),
@@ -149,3 +150,36 @@ def test_two_partitions_run_at_the_same_time_without_touching_each_other(tmp_pat
     adapters = [json.loads((tmp_path / "store" / name / "trained_adapter" / "CURRENT.json").read_text())["sha256"]
                 for name in configs]
     assert adapters[0] != adapters[1]
+    # Without a GPU the instance's `gpu` pool has one slot: the two runs took turns on the model stages.
+    assert "default_limit: 1" in (tmp_path / "dagster_home" / "dagster.yaml").read_text()
+    busy = _gpu_stage_intervals(tmp_path / "dagster_home", [summary["run_id"] for summary in summaries.values()])
+    (first_run, first), (second_run, second) = sorted(busy.items())
+    assert all(end <= other_start or other_end <= start
+               for start, end, _ in first for other_start, other_end, _ in second), busy
+
+
+def _gpu_stage_intervals(home: Path, run_ids: list[str]) -> dict[str, list[tuple[float, float, str]]]:
+    """When each run's gpu-pool stages ran: from the instance's event log."""
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
+
+    from lora_pipeline.assets.common import GPU_POOL
+    from lora_pipeline.assets import PIPELINE_ASSETS
+
+    gpu_steps = {asset.key.path[-1] for asset in PIPELINE_ASSETS if asset.op.pool == GPU_POOL}
+    assert gpu_steps == {"quantized_base", "trained_adapter", "merged_model", "eval_report"}
+    intervals = {}
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        for run_id in run_ids:
+            started, ended = {}, {}
+            for entry in instance.all_logs(run_id):
+                event = entry.dagster_event
+                if event is None or event.step_key not in gpu_steps:
+                    continue
+                if event.event_type_value == "STEP_START":
+                    started[event.step_key] = entry.timestamp
+                elif event.event_type_value == "STEP_SUCCESS":
+                    ended[event.step_key] = entry.timestamp
+            assert set(started) == set(ended) == gpu_steps
+            intervals[run_id] = [(round(started[step], 2), round(ended[step], 2), step) for step in gpu_steps]
+    return intervals
