@@ -72,7 +72,7 @@ def quantized_base(
         built_in = model_config.base_model.startswith(BUILTIN_PREFIX)
         record = provenance(context, model_config, storage, {}, device=device,
                             source_version=dataset_source_version(model_config.dataset) if built_in else "",
-                            parameters=result.parameter_count)
+                            parameters=result.parameter_count, compute=compute.choices(model_config))
         ref = publish_stage(context, storage, staging, record)
     context.log.info(f"quantized {result.quantized_modules} linear layers to {settings.mode} in {result.load_seconds:.1f}s")
     return stage_output(

@@ -110,7 +110,9 @@ def stage_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, meta
 
 def lineage_metadata(record: dict) -> dict[str, dg.MetadataValue]:
     """The lineage facts worth a glance in the UI (the whole record is LINEAGE.json in the artifact)."""
+    compute = {"compute": dg.MetadataValue.json(record["compute"])} if "compute" in record else {}
     return {
+        **compute,
         "version": dg.MetadataValue.text(record["version"]),
         "git_commit": dg.MetadataValue.text(record["git_commit"]),
         "libraries": dg.MetadataValue.text(", ".join(f"{k} {v}" for k, v in record["libraries"].items())),

@@ -111,7 +111,8 @@ def trained_adapter(
         folder = storage.local_path(finished)
         summary = read_json(folder / TRAINING_SUMMARY)
         result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
-        record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key)
+        record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key,
+                            compute=compute.choices(model_config))
         return _adapter_output(finished, record, model_config, result, (folder / LOSS_CURVE).read_bytes(),
                                reused=True)
 
@@ -153,7 +154,7 @@ def trained_adapter(
         (staging / LOSS_CURVE).write_bytes(loss_png)
         write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": run_key})
         record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key,
-                            steps=result.steps, train_loss=result.train_loss)
+                            steps=result.steps, train_loss=result.train_loss, compute=compute.choices(model_config))
         (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
         ref = publish_stage(context, storage, staging, record)
     storage.remember(partition, "trained_adapter", run_key, ref)

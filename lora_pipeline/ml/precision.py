@@ -71,3 +71,17 @@ def torch_dtype(name: str):
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def compute_choices(device: DeviceInfo, compute_dtype: str, precision: str, gradient_checkpointing: str) -> dict:
+    """What the run will use on this device for the config's settings ('auto' resolved), as plain data."""
+    return {
+        "device": device.device,
+        "gpu_count": device.gpu_count,
+        "gpu_memory_gib": round(device.gpu_memory_bytes / 2**30, 1),
+        "bf16_supported": device.bf16_supported,
+        "compute_dtype": compute_dtype_name(compute_dtype, device),
+        "precision": mixed_precision(precision, device),
+        "gradient_checkpointing": gradient_checkpointing_enabled(gradient_checkpointing, device),
+        "device_map": device_map_for(device),
+    }

@@ -1,11 +1,14 @@
 """The compute resource: which device trains, and what it supports."""
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 from pydantic import Field
 
-from lora_pipeline.ml.precision import DeviceInfo, detect_device
+from lora_pipeline.ml.precision import DeviceInfo, compute_choices, detect_device
+
+if TYPE_CHECKING:
+    from lora_pipeline.config.schema import ModelConfig
 
 
 class Compute(dg.ConfigurableResource):
@@ -23,6 +26,11 @@ class Compute(dg.ConfigurableResource):
         if self.device == "cpu":
             return DeviceInfo(device="cpu")
         raise dg.Failure(f"compute.device is {self.device!r} but this machine offers {detected.device!r}")
+
+    def choices(self, model_config: "ModelConfig") -> dict:
+        """The device, precision, compute dtype, gradient checkpointing and placement this config gets here."""
+        return compute_choices(self.info(), model_config.quantization.compute_dtype, model_config.training.precision,
+                               model_config.training.gradient_checkpointing)
 
 
 class FixedCompute(Compute):
