@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.cli import DEFAULT_INSTANCE_YAML
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG_DIR = REPO / "configs"
@@ -190,8 +188,6 @@ def webserver(tmp_path_factory):
     webserver_bin = BIN / "dagster-webserver"
     assert webserver_bin.exists(), f"{webserver_bin} missing: `make install` installs dagster-webserver"
     home = tmp_path_factory.mktemp("dagster_home")
-    # The instance `lora-pipeline` writes, without the UI's first-visit newsletter dialog.
-    (home / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML + "nux:\n  enabled: false\n")
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -207,6 +203,12 @@ def webserver(tmp_path_factory):
     assert listed.returncode == 0, listed.stderr[-4000:]
     partitions = sorted(model["model"] for model in json.loads(listed.stdout.strip().splitlines()[-1]))
     assert partitions == sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+    # The instance `lora-pipeline` wrote (as for `make ui`), without the UI's first-visit newsletter dialog.
+    instance_yaml = home / "dagster.yaml"
+    assert instance_yaml.exists(), "lora-pipeline list did not write dagster.yaml"
+    if "nux:" not in instance_yaml.read_text():
+        with instance_yaml.open("a") as file:
+            file.write("nux:\n  enabled: false\n")
 
     port = _free_port()
     log = home / "webserver.log"
@@ -236,6 +238,13 @@ def _field(types: dict[str, dict], type_key: str, name: str) -> dict:
     fields = {field["name"]: field for field in config_type.get("fields") or []}
     assert name in fields, f"{type_key} has no field {name!r}: {sorted(fields)}"
     return fields[name]
+
+
+def _path(types: dict[str, dict], field: dict, *names: str) -> dict:
+    """The field reached from `field` through the nested fields `names`."""
+    for name in names:
+        field = _field(types, field["configTypeKey"], name)
+    return field
 
 
 def _fields(types: dict[str, dict], type_key: str) -> list[dict]:
@@ -305,17 +314,11 @@ def test_graphql_lists_assets_partitions_checks_and_config(webserver):
         for section in CONFIG_SECTIONS:
             for field in _fields(types, sections[section]["configTypeKey"]):
                 assert field["description"], f"ops.{name}.config.{section}.{field['name']} has no description"
-    dataset = _field(types, _field(types, _field(types, ops["configTypeKey"], "raw_dataset")["configTypeKey"],
-                                   "config")["configTypeKey"], "dataset")
-    assert "data" in dataset["description"].lower()
-    source = _field(types, dataset["configTypeKey"], "source")
+    dataset = _path(types, ops, "raw_dataset", "config", "dataset")
+    assert "data" in dataset["description"].lower(), dataset
+    source = _path(types, dataset, "source")
     assert "jsonl" in source["description"].lower(), source
-    learning_rate = _field(
-        types,
-        _field(types, _field(types, _field(types, ops["configTypeKey"], "trained_adapter")["configTypeKey"],
-                             "config")["configTypeKey"], "training")["configTypeKey"],
-        "learning_rate",
-    )
+    learning_rate = _path(types, ops, "trained_adapter", "config", "training", "learning_rate")
     assert learning_rate["description"], learning_rate
 
 
@@ -345,6 +348,7 @@ def chromium() -> str:
 
 @pytest.mark.slow
 def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import expect, sync_playwright
 
     out_dir = Path(os.environ.get("UI_SCREENSHOT_DIR") or tmp_path)
@@ -356,7 +360,7 @@ def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             # A large viewport: the graph zooms to fit, and only above a certain zoom level are the
-            # nodes drawn in full (description-less names otherwise).
+            # nodes drawn in full (checks, partitions, kinds; bare names below it).
             page = browser.new_page(viewport={"width": 2400, "height": 1500})
             page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(f"{webserver.url}/asset-groups", timeout=60_000)  # "Global asset lineage"
@@ -377,7 +381,7 @@ def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
                 page.keyboard.press("Alt+KeyE")
                 try:
                     node.wait_for(state="visible", timeout=10_000)
-                except Exception:
+                except PlaywrightTimeoutError:
                     continue
             for name in ASSETS:
                 expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
