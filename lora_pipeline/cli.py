@@ -121,6 +121,8 @@ DEFAULT_INSTANCE_YAML = """\
 # Written by lora-pipeline on first use; edit freely.
 telemetry:
   enabled: false
+nux:
+  enabled: false
 # quantized_base, trained_adapter, merged_model and eval_report run in the `gpu` pool: at most this many
 # at once (the number of GPUs found when this file was written; 1 without a GPU).
 concurrency:

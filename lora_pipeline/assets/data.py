@@ -29,7 +29,7 @@ from lora_pipeline.ml.data import (
     tokenizer_corpus,
 )
 from lora_pipeline.ml.formats import storable, validate_rows
-from lora_pipeline.ml.plots import bar_chart_png, markdown_image
+from lora_pipeline.ml.plots import length_histogram_png, markdown_image
 from lora_pipeline.ml.quality import CheckOutcome, check_disjoint, check_formatted, split_summary
 from lora_pipeline.ml.sources import SourceRows
 from lora_pipeline.resources.hub import ModelHub
@@ -170,7 +170,7 @@ def formatted_dataset(
             "max_tokens": dg.MetadataValue.int(int(lengths.max())),
             "truncation_rate": dg.MetadataValue.float(float((lengths > settings.max_length).mean())),
             "token_lengths": dg.MetadataValue.md(
-                markdown_image(_length_histogram(lengths, settings.max_length), "token lengths")
+                markdown_image(length_histogram_png(lengths, settings.max_length), "token lengths")
             ),
             "preview": dg.MetadataValue.md(_preview(formatted.preview)),
         },
@@ -264,14 +264,3 @@ def _rows_per_step_line(counts: dict) -> str:
 def _preview(frame: pd.DataFrame, rows: int = 5) -> str:
     shortened = frame.head(rows).map(lambda value: (str(value)[:80] + "…") if len(str(value)) > 80 else str(value))
     return shortened.replace({"\n": " "}, regex=True).to_markdown(index=False)
-
-
-def _length_histogram(lengths, max_length: int) -> bytes:
-    edges = [0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-    counts: dict[str, float] = {}
-    for low, high in zip(edges, edges[1:]):
-        counts[f"{low}-{high}"] = int(((lengths > low) & (lengths <= high)).sum())
-    counts[f">{edges[-1]}"] = int((lengths > edges[-1]).sum())
-    return bar_chart_png(
-        {k: v for k, v in counts.items() if v}, "examples", f"tokens per example (max_length {max_length})"
-    )

@@ -8,6 +8,7 @@ Launchpad shows. Unknown keys are rejected everywhere.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from typing import Literal, Optional
 
@@ -349,3 +350,9 @@ class TuningRunConfig(dg.Config):
     def sections_given(self) -> dict:
         """The sections this run sets explicitly, as plain data."""
         return {name: value for name, value in self.model_dump(mode="json").items() if value is not None}
+
+
+# Dagster shows these docstrings as descriptions, some as Markdown: without the source's indentation.
+for _config_class in (DatasetSettings, LoraSettings, QuantizationSettings, TrainingSettings, MergeSettings,
+                      EvalSettings, RetrainSettings, ModelConfig, TuningRunConfig):
+    _config_class.__doc__ = inspect.cleandoc(_config_class.__doc__ or "")

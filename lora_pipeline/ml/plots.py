@@ -52,3 +52,15 @@ def bar_chart_png(values: dict[str, float], ylabel: str, title: str) -> bytes:
 def markdown_image(png: bytes, alt: str) -> str:
     """A Markdown image with the PNG inlined, which the Dagster UI renders."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def length_histogram_png(lengths, max_length: int, bins: int = 40) -> bytes:
+    """Histogram of tokens per example, with training.max_length marked (what lies right of it is cut)."""
+    plt, (fig, ax) = _figure()
+    ax.hist(list(lengths), bins=bins, color="#3b7dd8")
+    ax.axvline(max_length, color="#d8893b", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.set_title("token lengths")
+    ax.legend()
+    return _png(plt, fig)
