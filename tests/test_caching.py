@@ -100,6 +100,7 @@ def test_a_rerun_with_nothing_changed_runs_nothing_and_a_new_rank_reruns_trainin
     config = write_config("micro")
     first, _ = _run(tmp_path, config)
     assert first["up_to_date"] == [] and first["run_id"]
+    _assert_every_artifact_carries_its_lineage(tmp_path, first)
 
     again, stderr = _run(tmp_path, config)
     assert again["run_id"] is None and again["up_to_date"] == STAGES
@@ -116,9 +117,8 @@ def test_a_rerun_with_nothing_changed_runs_nothing_and_a_new_rank_reruns_trainin
     assert forced["up_to_date"] == [] and forced["run_id"]
 
 
-@pytest.mark.slow
-def test_every_artifact_carries_its_lineage_and_the_models_their_cards(tmp_path, write_config):
-    first, _ = _run(tmp_path, write_config("micro"))
+def _assert_every_artifact_carries_its_lineage(tmp_path, first):
+    """LINEAGE.json in every artifact, consistent with the run's metadata; the models' cards carry it."""
     for name, entry in first["assets"].items():
         lineage = json.loads((tmp_path / "store" / "micro" / name / entry["uri"].rsplit("/", 1)[-1] / "LINEAGE.json")
                              .read_text())
