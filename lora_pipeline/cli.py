@@ -302,6 +302,10 @@ def command_run(args: argparse.Namespace) -> int:
             print(json.dumps({"partition": key, "run_id": None, "wall_seconds": round(time.perf_counter() - started, 2),
                               "assets": assets, "up_to_date": list(current)}))
         return 0
+    if "trained_adapter" in to_run:
+        from lora_pipeline.ml.fit import check_fits
+
+        check_fits(model_config, resources["compute"].info(), _local_model_folder(model_config.base_model))
     if "raw_dataset" in to_run:
         _check_data_early(model_config)
         from lora_pipeline.ml.data import release_unused_memory
@@ -367,6 +371,31 @@ def _print_run_summary(key: str, run_id: str | None, assets: dict, wall: float, 
         print(f"report: {Path(report['uri']) / 'report.md'}", file=stream)
 
 
+def _local_model_folder(base_model: str) -> Path | None:
+    folder = Path(base_model).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _memory_summary(model_config) -> tuple[dict | None, list[str]]:
+    """The training's memory plan on this machine's device, as JSON and as lines to print."""
+    from lora_pipeline.ml.memory import GIB, fits, knobs, plan_for_config, usable_memory_bytes
+    from lora_pipeline.ml.precision import detect_device
+
+    device = detect_device()
+    plan = plan_for_config(model_config, device, _local_model_folder(model_config.base_model))
+    if plan is None:
+        return None, ["  memory      unknown here: the base model's config.json is not shipped or local"]
+    available = usable_memory_bytes(device)
+    fit = fits(plan, available)
+    lines = ["  " + line for line in plan.render().splitlines()]
+    lines.append(f"  {'fits' if fit else 'does NOT fit'} on this {device.device} ({available / GIB:.1f} GiB available)")
+    options = [] if fit else knobs(plan, available)
+    lines += [f"    {knob}" for knob in options[:4]]
+    summary = {"device": device.device, "terms": plan.terms(), "total": plan.total, "available": available,
+               "fits": fit, "knobs": [str(knob) for knob in options]}
+    return summary, lines
+
+
 def command_validate(args: argparse.Namespace) -> int:
     from lora_pipeline.config.registry import load_config_file, partition_key_for
     from lora_pipeline.ml.tiny import BUILTIN_PREFIX
@@ -390,6 +419,7 @@ def command_validate(args: argparse.Namespace) -> int:
         "train_rows": train_rows,
         "eval_rows": eval_rows,
     }
+    summary["memory_plan"], memory_lines = _memory_summary(model_config)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -407,6 +437,7 @@ def command_validate(args: argparse.Namespace) -> int:
                       "checked when formatted_dataset runs)")
         else:
             print(f"  dataset     {source}: remote, read when raw_dataset runs")
+        print("\n".join(memory_lines))
     return 0
 
 

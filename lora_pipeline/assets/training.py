@@ -18,6 +18,7 @@ from lora_pipeline.assets.common import (
 )
 from lora_pipeline.assets.provenance import CODE_VERSIONS, library_versions, stage_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
+from lora_pipeline.ml.fit import check_fits
 from lora_pipeline.ml.modelcard import adapter_card
 from lora_pipeline.ml.plots import loss_curve_png, markdown_image
 from lora_pipeline.ml.tiny import BUILTIN_PREFIX
@@ -136,6 +137,7 @@ def trained_adapter(
 
     train = pd.read_parquet(storage.local_path(formatted_dataset) / "train.parquet")
     base_dir = storage.local_path(quantized_base)
+    plan = check_fits(model_config, device, base_dir)  # before the model is loaded
     base_name = model_config.base_model if not model_config.base_model.startswith(BUILTIN_PREFIX) else quantized_base.uri
     with storage.staging_dir() as staging:
         try:
@@ -154,7 +156,8 @@ def trained_adapter(
         (staging / LOSS_CURVE).write_bytes(loss_png)
         write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": run_key})
         record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key,
-                            steps=result.steps, train_loss=result.train_loss, compute=compute.choices(model_config))
+                            steps=result.steps, train_loss=result.train_loss, compute=compute.choices(model_config),
+                            memory_plan=plan.terms() if plan is not None else None)
         (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
         ref = publish_stage(context, storage, staging, record)
     storage.remember(partition, "trained_adapter", run_key, ref)
@@ -181,6 +184,7 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
             "train_seconds": dg.MetadataValue.float(round(result.train_seconds, 2)),
             "train_tokens": dg.MetadataValue.int(result.train_tokens),
             "peak_memory_mb": dg.MetadataValue.float(round(result.peak_memory_bytes / 2**20, 1)),
+            **_estimate_metadata(record.get("memory_plan"), result.peak_memory_bytes),
             "peak_memory_kind": dg.MetadataValue.text(result.peak_memory_kind),
             "precision": dg.MetadataValue.text(result.precision),
             "gradient_checkpointing": dg.MetadataValue.bool(result.gradient_checkpointing),
@@ -189,3 +193,15 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
             ),
         },
     )
+
+
+def _estimate_metadata(terms: dict | None, measured: int) -> dict[str, dg.MetadataValue]:
+    """The memory planner's estimate next to the measured peak."""
+    if not terms:
+        return {}
+    estimate = sum(terms.values())
+    return {
+        "memory_estimate_mb": dg.MetadataValue.float(round(estimate / 2**20, 1)),
+        "memory_estimate_error": dg.MetadataValue.float(round(estimate / measured - 1, 4) if measured else 0.0),
+        "memory_plan": dg.MetadataValue.json({name: round(value / 2**20, 1) for name, value in terms.items()}),
+    }
