@@ -1,11 +1,19 @@
-"""The shape fields of the hub models the shipped configs name, so memory can be planned offline.
+"""Model shapes from config.json: the shipped hub models' fields, reading a model's config, counting parameters.
 
-Each entry holds the config.json fields the memory planner reads (nothing else), copied from the
-model's config.json as published on the Hugging Face hub; the comment above each says where the
-values were read. Dagster-free, no imports: a plain table.
+HUB_ARCHITECTURES holds, for the hub models the shipped configs name, the config.json fields the memory
+planner reads (nothing else), copied from the model's config.json as published on the Hugging Face hub;
+the comment above each says where the values were read, so memory can be planned offline. Dagster-free,
+no torch.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TIED_BY_DEFAULT = {"gpt2", "falcon", "gemma", "gemma2", "gemma3_text"}  # tie_word_embeddings when config.json is silent
 
 HUB_ARCHITECTURES: dict[str, dict] = {
     # configs/llama-3.1-8b-qlora.yaml. config.json of meta-llama/Llama-3.1-8B as re-uploaded with
@@ -74,8 +82,8 @@ HUB_ARCHITECTURES: dict[str, dict] = {
         "torch_dtype": "bfloat16",
     },
     # configs/gpt2-lora.yaml. transformers' GPT2Config defaults (models/gpt2/configuration_gpt2.py,
-    # checkpoint="openai-community/gpt2"), the same as https://huggingface.co/Enderchef/JarvisAI/blob/main/config.json;
-    # the hub config.json has no dtype, so it loads in float32.
+    # checkpoint="openai-community/gpt2"), the same as https://huggingface.co/Enderchef/JarvisAI/blob/main/config.json
+    # (dropouts 0.1 included); the hub config.json has no dtype, so it loads in float32.
     "openai-community/gpt2": {
         "model_type": "gpt2",
         "n_embd": 768,
@@ -83,6 +91,9 @@ HUB_ARCHITECTURES: dict[str, dict] = {
         "n_head": 12,
         "n_positions": 1024,
         "vocab_size": 50257,
+        "activation_function": "gelu_new",
+        "attn_pdrop": 0.1,
+        "resid_pdrop": 0.1,
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
     },
@@ -90,3 +101,103 @@ HUB_ARCHITECTURES: dict[str, dict] = {
 
 # Old names the hub still redirects.
 HUB_ARCHITECTURES["gpt2"] = HUB_ARCHITECTURES["openai-community/gpt2"]
+
+
+def architecture_config(base_model: str, local_folder: Path | None = None) -> dict | None:
+    """config.json of a model: from local_folder or a local base_model folder, the built-in shapes, the
+    shipped table of hub models, or the local Hugging Face cache (no network). None when unknown."""
+    for folder in (local_folder, Path(base_model)):
+        if folder is not None and (Path(folder) / "config.json").is_file():
+            return json.loads((Path(folder) / "config.json").read_text())
+    if base_model.startswith("builtin:"):
+        from lora_pipeline.ml.tiny import builtin_shape
+
+        # What build_tiny_llama builds; its vocabulary, trained on the data, is at most the shape's.
+        shape = builtin_shape(base_model)
+        heads = max(1, shape.hidden_size // 64)
+        return {"model_type": "llama", "hidden_size": shape.hidden_size, "num_hidden_layers": shape.layers,
+                "intermediate_size": -(-(shape.hidden_size * 5 // 2) // 64) * 64, "num_attention_heads": heads,
+                "num_key_value_heads": heads, "vocab_size": shape.vocab_size, "tie_word_embeddings": False,
+                "max_position_embeddings": shape.max_positions, "torch_dtype": "float32"}
+    if base_model in HUB_ARCHITECTURES:
+        return dict(HUB_ARCHITECTURES[base_model])
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base_model, "config.json")
+    except Exception:  # not a repo id: nothing cached to read
+        return None
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shape fields of a config.json, under one naming (GPT-2's n_embd/n_layer/n_head included)."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    positions: int  # learned position embeddings (GPT-2); 0 for rotary models
+    dtype_bytes: int
+    config: dict = field(repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Architecture":
+        """Read the shape from config.json contents."""
+        def get(*names, default=None):
+            return next((config[name] for name in names if config.get(name) is not None), default)
+
+        model_type = config.get("model_type", "llama")
+        hidden, heads = get("hidden_size", "n_embd"), get("num_attention_heads", "n_head")
+        kv_heads = get("num_key_value_heads", "num_kv_heads", default=heads)
+        if model_type == "falcon" and not config.get("new_decoder_architecture") and config.get("multi_query", True):
+            kv_heads = 1
+        dtype = get("torch_dtype", "dtype", default="float32")
+        return cls(model_type, hidden, get("num_hidden_layers", "n_layer"), heads, kv_heads,
+                   get("head_dim", default=hidden // heads),
+                   get("intermediate_size", "n_inner", "ffn_hidden_size", default=4 * hidden), config["vocab_size"],
+                   get("tie_word_embeddings", default=model_type in TIED_BY_DEFAULT),
+                   get("n_positions", default=0) if model_type == "gpt2" else 0, DTYPE_BYTES.get(dtype, 4), config)
+
+    def block_linears(self) -> list[tuple[str, int, int, bool, str]]:
+        """Each decoder block's linear layers: (name, in, out, bias, what feeds it)."""
+        h, i, c = self.hidden, self.intermediate, self.config
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.model_type == "gpt2":
+            return [("c_attn", h, 3 * h, True, "attn_in"), ("c_proj", h, h, True, "attn_out"),
+                    ("c_fc", h, i, True, "mlp_in"), ("c_proj", i, h, True, "mlp_mid")]
+        if self.model_type == "falcon":
+            bias = bool(c.get("bias", False))
+            return [("query_key_value", h, q + 2 * kv, bias, "attn_in"), ("dense", q, h, bias, "attn_out"),
+                    ("dense_h_to_4h", h, i, bias, "mlp_in"), ("dense_4h_to_h", i, h, bias, "mlp_mid")]
+        if self.model_type == "phi3":
+            return [("qkv_proj", h, q + 2 * kv, False, "attn_in"), ("o_proj", q, h, False, "attn_out"),
+                    ("gate_up_proj", h, 2 * i, False, "mlp_in"), ("down_proj", i, h, False, "mlp_mid")]
+        qkv_bias = self.model_type == "qwen2" or bool(c.get("attention_bias", False))
+        o_bias, mlp_bias = bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False))
+        return [("q_proj", h, q, qkv_bias, "attn_in"), ("k_proj", h, kv, qkv_bias, "attn_in"),
+                ("v_proj", h, kv, qkv_bias, "attn_in"), ("o_proj", q, h, o_bias, "attn_out"),
+                ("gate_proj", h, i, mlp_bias, "mlp_in"), ("up_proj", h, i, mlp_bias, "mlp_in"),
+                ("down_proj", i, h, mlp_bias, "mlp_mid")]
+
+    def other_parameters(self) -> int:
+        """Parameters outside the block linears: embeddings, norms, the untied LM head."""
+        h = self.hidden
+        norm = 2 * h if self.model_type in ("gpt2", "falcon") else h  # LayerNorm has a bias, RMSNorm does not
+        per_block = {"gemma2": 4, "gemma3_text": 4}.get(self.model_type, 2)
+        if self.model_type == "falcon" and not self.config.get("new_decoder_architecture"):
+            per_block = 1  # parallel attention and MLP share one input LayerNorm
+        qk_norms = 2 * self.head_dim if self.model_type in ("qwen3", "gemma3_text") else 0
+        head = 0 if self.tied else self.vocab * h
+        return (self.vocab + self.positions) * h + self.layers * (per_block * norm + qk_norms) + norm + head
+
+    def parameter_count(self) -> int:
+        """All parameters of the model, as transformers builds it."""
+        linears = sum(n_in * n_out + (n_out if bias else 0) for _, n_in, n_out, bias, _ in self.block_linears())
+        return self.layers * linears + self.other_parameters()
