@@ -115,13 +115,31 @@ def lora_config(settings: "LoraSettings", model_type: str):
     )
 
 
+def _reset_peak_memory(device: DeviceInfo) -> None:
+    """Start the peak measurement now, so earlier stages in this process (quantization) do not count."""
+    if device.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current resident size
+    except OSError:
+        pass  # elsewhere the process's lifetime peak is what there is
+
+
 def _peak_memory_bytes(device: DeviceInfo) -> tuple[int, str]:
     if device.device == "cuda":
         import torch
 
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return peak_kib * 1024, "process_peak_rss"
+    except (OSError, StopIteration, ValueError):
+        # ru_maxrss is in KiB on Linux, and starts from the parent's size in a child process.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 
 
 def _progress_callback(progress: ProgressFn, tokens_per_step: float):
@@ -182,6 +200,7 @@ def train_adapter(
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(training.seed)
+    _reset_peak_memory(device)
     checkpointing = gradient_checkpointing_enabled(training.gradient_checkpointing, device)
     precision = mixed_precision(training.precision, device)
     model = AutoModelForCausalLM.from_pretrained(
