@@ -16,7 +16,7 @@ from lora_pipeline.assets.common import (
     stage_output,
     write_json,
 )
-from lora_pipeline.assets.provenance import CODE_VERSIONS, library_versions, stage_config
+from lora_pipeline.assets.provenance import CODE_VERSIONS, library_versions, parent_lineage, stage_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.fit import check_fits
 from lora_pipeline.ml.modelcard import adapter_card
@@ -113,7 +113,8 @@ def trained_adapter(
         summary = read_json(folder / TRAINING_SUMMARY)
         result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
         record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key,
-                            compute=compute.choices(model_config))
+                            compute=compute.choices(model_config),
+                            memory_plan=parent_lineage(folder).get("memory_plan"))  # as planned when it trained
         return _adapter_output(finished, record, model_config, result, (folder / LOSS_CURVE).read_bytes(),
                                reused=True)
 
