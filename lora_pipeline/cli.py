@@ -305,7 +305,7 @@ def command_run(args: argparse.Namespace) -> int:
     if "trained_adapter" in to_run:
         from lora_pipeline.ml.fit import check_fits
 
-        check_fits(model_config, resources["compute"].info(), _local_model_folder(model_config.base_model))
+        check_fits(model_config, resources["compute"].info())
     if "raw_dataset" in to_run:
         _check_data_early(model_config)
         from lora_pipeline.ml.data import release_unused_memory
@@ -371,18 +371,13 @@ def _print_run_summary(key: str, run_id: str | None, assets: dict, wall: float, 
         print(f"report: {Path(report['uri']) / 'report.md'}", file=stream)
 
 
-def _local_model_folder(base_model: str) -> Path | None:
-    folder = Path(base_model).expanduser()
-    return folder if (folder / "config.json").is_file() else None
-
-
 def _memory_summary(model_config) -> tuple[dict | None, list[str]]:
     """The training's memory plan on this machine's device, as JSON and as lines to print."""
     from lora_pipeline.ml.memory import GIB, fits, knobs, plan_for_config, usable_memory_bytes
     from lora_pipeline.ml.precision import detect_device
 
     device = detect_device()
-    plan = plan_for_config(model_config, device, _local_model_folder(model_config.base_model))
+    plan = plan_for_config(model_config, device)  # a local base_model folder's config.json is read as is
     if plan is None:
         return None, ["  memory      unknown here: the base model's config.json is not shipped or local"]
     available = usable_memory_bytes(device)

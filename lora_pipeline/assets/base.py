@@ -48,13 +48,14 @@ def quantized_base(
         trust_remote_code=model_config.trust_remote_code,
     )
     settings = model_config.quantization
+    built_in = model_config.base_model.startswith(BUILTIN_PREFIX)
     compute_dtype = compute_dtype_name(settings.compute_dtype, device)
     with storage.staging_dir() as staging:
         result = quantize_base(
             source_dir, staging, settings.mode, settings.double_quant, compute_dtype, device,
             trust_remote_code=model_config.trust_remote_code,
         )
-        if model_config.base_model.startswith(BUILTIN_PREFIX) and settings.mode != "none":
+        if built_in and settings.mode != "none":
             # Built-in models exist nowhere else; keep the originals for merging into them.
             shutil.copytree(source_dir, staging / ORIGINAL_SUBDIR)
         write_json(
@@ -69,7 +70,6 @@ def quantized_base(
                 "model_type": result.model_type,
             },
         )
-        built_in = model_config.base_model.startswith(BUILTIN_PREFIX)
         record = provenance(context, model_config, storage, {}, device=device,
                             source_version=dataset_source_version(model_config.dataset) if built_in else "",
                             parameters=result.parameter_count, compute=compute.choices(model_config))

@@ -43,6 +43,7 @@ def eval_report(
     merge_weights = merge_weights_kind(model_config.merge.base_weights, quantized)
     compare_original = quantized and merge_weights == "dequantized" and settings.compare_merge_bases
     eval_frame = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(settings.max_examples)
+    device = compute.info()
     result = evaluate_pipeline(
         quantized_dir,
         storage.local_path(trained_adapter),
@@ -51,7 +52,7 @@ def eval_report(
         batch_size=settings.batch_size,
         sample_count=settings.samples,
         max_new_tokens=settings.max_new_tokens,
-        device=compute.info(),
+        device=device,
         original_dir=original_weights_dir(quantized_dir, hub, model_config.trust_remote_code) if compare_original else None,
         log=context.log.info,
         trust_remote_code=model_config.trust_remote_code,
@@ -61,7 +62,7 @@ def eval_report(
         report = (staging / "report.md").read_text(encoding="utf-8")
         record = provenance(context, model_config, storage, {"formatted_dataset": formatted_dataset,
                             "quantized_base": quantized_base, "trained_adapter": trained_adapter,
-                            "merged_model": merged_model}, device=compute.info())
+                            "merged_model": merged_model}, device=device)
         ref = publish_stage(context, storage, staging, record)
     comparison = document["comparison"]
     metrics = {

@@ -110,15 +110,11 @@ def architecture_config(base_model: str, local_folder: Path | None = None) -> di
         if folder is not None and (Path(folder) / "config.json").is_file():
             return json.loads((Path(folder) / "config.json").read_text())
     if base_model.startswith("builtin:"):
-        from lora_pipeline.ml.tiny import builtin_shape
+        from lora_pipeline.ml.tiny import builtin_shape, shape_config
 
         # What build_tiny_llama builds; its vocabulary, trained on the data, is at most the shape's.
         shape = builtin_shape(base_model)
-        heads = max(1, shape.hidden_size // 64)
-        return {"model_type": "llama", "hidden_size": shape.hidden_size, "num_hidden_layers": shape.layers,
-                "intermediate_size": -(-(shape.hidden_size * 5 // 2) // 64) * 64, "num_attention_heads": heads,
-                "num_key_value_heads": heads, "vocab_size": shape.vocab_size, "tie_word_embeddings": False,
-                "max_position_embeddings": shape.max_positions, "torch_dtype": "float32"}
+        return {"model_type": "llama", **shape_config(shape, shape.vocab_size), "torch_dtype": "float32"}
     if base_model in HUB_ARCHITECTURES:
         return dict(HUB_ARCHITECTURES[base_model])
     try:

@@ -47,13 +47,29 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def shape_config(shape: TinyLlamaShape, vocab_size: int) -> dict:
+    """The LlamaConfig fields of a built-in model's architecture (what the memory planner reads too)."""
+    from lora_pipeline.ml.quantize import CPU_4BIT_BLOCK
+
+    heads = max(1, shape.hidden_size // 64)
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": shape.hidden_size,
+        # Widths the CPU 4-bit kernel can run (see check_cpu_4bit_widths).
+        "intermediate_size": _round_up(shape.hidden_size * 5 // 2, CPU_4BIT_BLOCK),
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "max_position_embeddings": shape.max_positions,
+        "tie_word_embeddings": False,
+    }
+
+
 def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, seed: int = 0) -> Path:
     """Train a byte-level BPE tokenizer on the corpus and save it with a randomly initialised Llama."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from lora_pipeline.ml.quantize import CPU_4BIT_BLOCK
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,20 +85,11 @@ def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, se
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
-    heads = max(1, shape.hidden_size // 64)
     config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=shape.hidden_size,
-        # Widths the CPU 4-bit kernel can run (see check_cpu_4bit_widths).
-        intermediate_size=_round_up(shape.hidden_size * 5 // 2, CPU_4BIT_BLOCK),
-        num_hidden_layers=shape.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=shape.max_positions,
+        **shape_config(shape, len(fast)),
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=False,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
