@@ -8,6 +8,7 @@ import re
 import dagster as dg
 import pandas as pd
 import pytest
+from huggingface_hub import ModelCard
 
 from lora_pipeline.assets import (
     eval_report,
@@ -87,6 +88,15 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
     assert "<table>" in (report_dir / "report.html").read_text() and "| adapter |" in (report_dir / "report.md").read_text()
     assert {"base", "adapter", "merged", "merged_into_original"} <= set(metrics)
     assert metrics["adapter"]["loss"] < metrics["base"]["loss"]
+
+    # The evaluation's figures travel with the models, in their model cards; the artifacts keep their versions.
+    for role, ref in (("adapter", adapter), ("merged", merged_output.value)):
+        card = ModelCard.load(r["storage"].local_path(ref) / "README.md")
+        scores = {result.metric_type: result.metric_value for result in card.data.eval_results}
+        assert scores["loss"] == round(metrics[role]["loss"], 4), role
+        assert f"| {role} (this model) | {metrics[role]['loss']:.4f} |" in card.text
+        assert report_output.value.uri in card.text and "## Lineage" in card.text
+    assert r["storage"].current("micro", "trained_adapter") == adapter
 
 
 def test_run_config_sections_replace_the_files(write_config, fake_resources, context_for, tmp_path):

@@ -118,7 +118,7 @@ def test_a_rerun_with_nothing_changed_runs_nothing_and_a_new_rank_reruns_trainin
 
 
 def _assert_every_artifact_carries_its_lineage(tmp_path, first):
-    """LINEAGE.json in every artifact, consistent with the run's metadata; the models' cards carry it."""
+    """LINEAGE.json in every artifact, consistent with the run's metadata; the models' cards carry it and the eval figures."""
     for name, entry in first["assets"].items():
         lineage = json.loads((tmp_path / "store" / "micro" / name / entry["uri"].rsplit("/", 1)[-1] / "LINEAGE.json")
                              .read_text())
@@ -132,3 +132,4 @@ def _assert_every_artifact_carries_its_lineage(tmp_path, first):
         card = (tmp_path / "store" / "micro" / name / first["assets"][name]["uri"].rsplit("/", 1)[-1] / "README.md")
         text = card.read_text()
         assert "## Lineage" in text and "dataset fingerprint" in text and "libraries: torch" in text
+        assert "## Evaluation" in text and first["assets"]["eval_report"]["uri"] in text

@@ -249,3 +249,60 @@ def test_on_s3_uploads_abandoned_by_killed_writers_are_removed_by_the_next_publi
     fs.invalidate_cache()
     assert not fs.exists(abandoned)
     assert (store.local_path(kept) / "kept.txt").read_text() == "published"  # published versions stay
+
+
+def _published_model(store):
+    with store.staging_dir() as staging:
+        _write(staging, {"README.md": "# card as trained\n", "weights.bin": "0123456789"})
+        return store.publish(staging, "micro", "trained_adapter")
+
+
+def _hashed_afresh(store, ref):
+    from lora_pipeline.resources import storage
+
+    storage._HASHED.clear()  # a new process hashes every file again
+    return store.local_path(ref)
+
+
+def test_only_the_model_card_of_a_published_artifact_can_be_amended(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    ref = _published_model(store)
+    store.amend_card(ref, "# card with evaluation\n", "eval_report 0123")
+    store.amend_card(ref, "# card with a newer evaluation\n", "eval_report 4567")
+    local = _hashed_afresh(store, ref)
+    assert (local / "README.md").read_text() == "# card with a newer evaluation\n"
+    assert store.current("micro", "trained_adapter") == ref  # same version, same pointer
+    history = json.loads((local / "CARD.json").read_text())["cards"]
+    assert [card["amended_by"] for card in history] == ["eval_report 0123", "eval_report 4567"]
+
+    (local / "README.md").write_text("# card with evaluation\n")  # an earlier card is still a legitimate one
+    _hashed_afresh(store, ref)
+    (local / "README.md").write_text("# card with evaluatioN\n")  # same size, other bytes
+    with pytest.raises(ArtifactIntegrityError, match="README.md does not match its sha256"):
+        _hashed_afresh(store, ref)
+    (local / "README.md").write_text("# card as trained\n")
+    (local / "weights.bin").write_text("9123456789")  # the weights are never amendable
+    with pytest.raises(ArtifactIntegrityError, match="weights.bin does not match its sha256"):
+        _hashed_afresh(store, ref)
+
+
+def test_an_artifact_without_a_model_card_gets_none(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    with store.staging_dir() as staging:
+        _write(staging, {"metrics.json": "{}"})
+        ref = store.publish(staging, "micro", "eval_report")
+    with pytest.raises(ArtifactIntegrityError, match="has no model card"):
+        store.amend_card(ref, "# card\n", "eval_report 0123")
+    assert not (store.local_path(ref) / "README.md").exists()
+
+
+def test_an_amended_card_on_s3_reaches_new_readers_and_the_local_copy(s3_bucket, tmp_path):
+    bucket, fs = s3_bucket
+    writer = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "cache"))
+    ref = _published_model(writer)
+    writer.local_path(ref)  # cached before the amendment
+    writer.amend_card(ref, "# card with evaluation\n", "eval_report 0123")
+    assert (_hashed_afresh(writer, ref) / "README.md").read_text() == "# card with evaluation\n"
+    reader = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "elsewhere"))
+    assert (_hashed_afresh(reader, ref) / "README.md").read_text() == "# card with evaluation\n"
+    assert fs.cat(f"{bucket}/store/micro/trained_adapter/{ref.sha256[:16]}/README.md") == b"# card with evaluation\n"

@@ -15,6 +15,7 @@ from lora_pipeline.assets.common import (
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.ml.evaluate import evaluate_pipeline
 from lora_pipeline.ml.merge import is_quantized_dir
+from lora_pipeline.ml.modelcard import with_evaluation
 from lora_pipeline.ml.report import write_report
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.hub import ModelHub
@@ -35,7 +36,11 @@ def eval_report(
     trained_adapter: ArtifactRef,
     merged_model: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
-    """Held-out loss, perplexity and token accuracy of base, adapter and merged model, with generation samples: metrics.json + report.md."""
+    """Held-out loss, perplexity and token accuracy of base, adapter and merged model, with generation samples: metrics.json + report.md.
+
+    The figures are also written into the adapter's and the merged model's model cards (README.md),
+    so they travel with those files.
+    """
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.eval
     quantized_dir = storage.local_path(quantized_base)
@@ -64,6 +69,12 @@ def eval_report(
                             "quantized_base": quantized_base, "trained_adapter": trained_adapter,
                             "merged_model": merged_model}, device=device)
         ref = publish_stage(context, storage, staging, record)
+    made_by = f"the eval report {ref.uri} (data version {record['version']})"
+    for role, model_ref in (("adapter", trained_adapter), ("merged", merged_model)):
+        card = (storage.local_path(model_ref) / "README.md").read_text(encoding="utf-8")
+        storage.amend_card(model_ref, with_evaluation(card, document, role, context.partition_key,
+                                                      model_config.dataset.source, made_by), made_by)
+    context.log.info("the adapter's and the merged model's model cards now carry these figures")
     comparison = document["comparison"]
     metrics = {
         f"{model}_{name}": dg.MetadataValue.float(float(value))

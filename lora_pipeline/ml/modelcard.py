@@ -1,9 +1,16 @@
-"""Hugging Face model cards (README.md) that carry how an artifact was made. Dagster-free."""
+"""Hugging Face model cards (README.md) that carry how an artifact was made and how it scored. Dagster-free.
+
+The YAML front matter is huggingface_hub's ModelCardData, so the Hub reads the base model, the
+library and (once evaluated) the model-index results from it.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig
@@ -32,16 +39,16 @@ def lineage_section(lineage: dict) -> list[str]:
     ]
 
 
+def _card(card_data: ModelCardData, body: list[str]) -> str:
+    return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
 def merged_card(model_config: "ModelConfig", lineage: dict, merged_into: str, dtype: str, fidelity) -> str:
     """Model card of a merged model: what was merged into what, how faithfully, and its lineage."""
-    return "\n".join(
+    return _card(
+        ModelCardData(library_name="transformers", base_model=model_config.base_model,
+                      tags=["lora", "merged", "lora-pipeline"]),
         [
-            "---",
-            "library_name: transformers",
-            f"base_model: {model_config.base_model}",
-            "tags: [lora, merged, lora-pipeline]",
-            "---",
-            "",
             f"# {model_config.base_model} with its LoRA adapter merged in",
             "",
             f"The adapter was merged into the {merged_into} base weights and saved in {dtype}; it loads with "
@@ -58,14 +65,9 @@ def merged_card(model_config: "ModelConfig", lineage: dict, merged_into: str, dt
 def adapter_card(model_config: "ModelConfig", result: "TrainResult", base_name: str, lineage: dict) -> str:
     """Model card of a trained adapter: base, method, figures, lineage and the full config."""
     method = "QLoRA" if model_config.quantization.mode != "none" else "LoRA"
-    return "\n".join(
+    return _card(
+        ModelCardData(library_name="peft", base_model=base_name, tags=["lora", "lora-pipeline"]),
         [
-            "---",
-            "library_name: peft",
-            f"base_model: {base_name}",
-            "tags: [lora, lora-pipeline]",
-            "---",
-            "",
             f"# {method} adapter for {model_config.base_model}",
             "",
             "Trained by lora-pipeline with TRL's SFTTrainer and PEFT.",
@@ -87,3 +89,51 @@ def adapter_card(model_config: "ModelConfig", result: "TrainResult", base_name: 
             "",
         ]
     )
+
+
+EVALUATION_HEADING = "## Evaluation"
+_MODEL_LABELS = {"base": "base", "adapter": "adapter", "merged": "merged", "merged_into_original": "merged into the original weights"}
+
+
+def with_evaluation(card_text: str, document: dict, role: str, model_name: str, dataset: str, made_by: str) -> str:
+    """The card with the evaluation's figures: a section before the lineage and model-index results in the front matter.
+
+    role is the model the card describes ('adapter' or 'merged'); document is the eval report's
+    metrics.json; made_by names the report (version and where it lives). A card evaluated
+    before has its figures replaced.
+    """
+    card = ModelCard(card_text)
+    scores = document[role]
+    card.data.model_name = model_name
+    card.data.eval_results = [
+        EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
+                   metric_type=metric, metric_name=name, metric_value=round(float(scores[key]), 4))
+        for metric, name, key in (("loss", "held-out loss (response tokens)", "loss"),
+                                  ("perplexity", "perplexity", "perplexity"),
+                                  ("accuracy", "token accuracy", "token_accuracy"))
+    ]
+    comparison = document["comparison"]
+    rows = [
+        f"| {_MODEL_LABELS.get(name, name)}{' (this model)' if name == role else ''} | {values['loss']:.4f} | "
+        f"{values['perplexity']:.2f} | {values['token_accuracy']:.3f} |"
+        for name, values in document.items()
+        if name != "comparison"
+    ]
+    section = [
+        EVALUATION_HEADING,
+        "",
+        f"On {comparison['examples']} held-out examples of {dataset} (loss on response tokens only), by {made_by}:",
+        "",
+        "| model | loss | perplexity | token accuracy |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"- adapter vs base: loss {comparison['adapter_vs_base_loss_change']:+.1%}",
+        f"- merged ({comparison['merge_weights']} weights) vs adapter: loss {comparison['merged_vs_adapter_loss_change']:+.2%}",
+        "",
+        "",
+    ]
+    body = re.sub(rf"{EVALUATION_HEADING}\n.*?(?=^## |\Z)", "", card.text, flags=re.S | re.M)
+    anchor = body.find("## Lineage")
+    body = body[:anchor] + "\n".join(section) + body[anchor:] if anchor >= 0 else body.rstrip() + "\n\n" + "\n".join(section)
+    return f"---\n{card.data.to_yaml()}\n---\n{body}"

@@ -2,6 +2,8 @@
 
 Layout under the store's root:
     <partition>/<asset>/<version>/...       an immutable artifact; MANIFEST.json is written last
+    <partition>/<asset>/<version>/CARD.json every model card (README.md) the artifact has had, when
+                                            evaluation amended it (amend_card): the one file that changes
     <partition>/<asset>/CURRENT.json        pointer to the newest published version (ArtifactRef)
     <partition>/<asset>/.by-inputs/<key>.json  the artifact made from given inputs (reused on retries)
     <partition>/<asset>/.checkpoints/<key>/ training checkpoints of one set of inputs (INPUTS.json, step-N/)
@@ -21,6 +23,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +39,8 @@ from lora_pipeline.resources.locks import local_writer_lock, s3_writer_lock
 
 MANIFEST = "MANIFEST.json"
 POINTER = "CURRENT.json"
+CARD = "README.md"
+CARD_HISTORY = "CARD.json"
 INPUTS = "INPUTS.json"
 
 
@@ -60,6 +65,22 @@ class ArtifactRef:
         return cls(**json.loads(payload))
 
 
+def _replace_file(path: Path, payload: bytes) -> None:
+    """Write a local file whole or not at all (readers see the old content or the new, never a mix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(f"{path}.partial-{uuid.uuid4().hex[:8]}")
+    partial.write_bytes(payload)
+    partial.replace(path)
+
+
+def _accepted_cards(local: Path) -> set[tuple[int, str]]:
+    """(size, sha256) of every model card an artifact has had since publishing, from its CARD.json."""
+    path = local / CARD_HISTORY
+    if not path.exists():
+        return set()
+    return {(card["size"], card["sha256"]) for card in json.loads(path.read_text(encoding="utf-8"))["cards"]}
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -75,8 +96,6 @@ STALE_STAGING_SECONDS = 24 * 3600
 
 def _remove_stale(staging_parent: Path) -> None:
     """Remove staging folders left by writers that were killed (older than a day: none is still running)."""
-    import time
-
     cutoff = time.time() - STALE_STAGING_SECONDS
     for entry in staging_parent.iterdir():
         try:
@@ -235,8 +254,6 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def _remove_abandoned_uploads(self, asset_dir: str) -> None:
         """Remove version prefixes without a manifest and untouched for a day: uploads of killed writers."""
-        import time
-
         fs, _ = self._fs_and_root()
         cutoff = time.time() - STALE_STAGING_SECONDS
         fs.invalidate_cache(asset_dir)
@@ -266,10 +283,7 @@ class ArtifactStore(dg.ConfigurableResource):
         if self._get_small(path) == payload:
             return
         if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            partial = Path(f"{path}.partial-{uuid.uuid4().hex[:8]}")
-            partial.write_bytes(payload)
-            partial.replace(path)
+            _replace_file(Path(path), payload)
         else:
             fs.pipe_file(path, payload)  # an object store PUT is atomic
 
@@ -340,22 +354,55 @@ class ArtifactStore(dg.ConfigurableResource):
         if _manifest_digest(manifest) != ref.sha256:
             raise ArtifactIntegrityError(f"{ref.uri}: {MANIFEST} does not match the reference's sha256")
         inside = local.resolve()
+        amended_cards = _accepted_cards(local)
+        accepted = {
+            entry["path"]: {(entry["size"], entry["sha256"])} | (amended_cards if entry["path"] == CARD else set())
+            for entry in manifest["files"]
+        }
         for entry in manifest["files"]:
             path = local / entry["path"]
             if not path.resolve().is_relative_to(inside):
                 raise ArtifactIntegrityError(f"{ref.uri}: {MANIFEST} names {entry['path']!r}, outside the artifact")
-            if not path.exists() or path.stat().st_size != entry["size"]:
+            if not path.exists() or path.stat().st_size not in {size for size, _ in accepted[entry["path"]]}:
                 raise ArtifactIntegrityError(f"{ref.uri}: file {entry['path']} is missing or has the wrong size")
         key = (str(local.resolve()), ref.sha256)
         if key in _HASHED:
             return
         for entry in manifest["files"]:
-            if _sha256_file(local / entry["path"]) != entry["sha256"]:
+            if _sha256_file(local / entry["path"]) not in {digest for _, digest in accepted[entry["path"]]}:
                 raise ArtifactIntegrityError(
                     f"{ref.uri}: file {entry['path']} does not match its sha256 in {MANIFEST} (corrupted)"
                 )
         _HASHED.add(key)
 
+
+    def amend_card(self, ref: ArtifactRef, text: str, amended_by: str) -> None:
+        """Replace a published artifact's model card (README.md), the one file that may change after publishing.
+
+        The evaluation runs after the adapter and the merged model are published, and their cards
+        should carry its figures. Weights, configs, lineage and the manifest never change (nor the
+        artifact's version); CARD.json lists every card the artifact has had, so readers accept the
+        README that matches the manifest or one of those. CARD.json is written first, so a reader
+        in between sees the old card, still accepted.
+        """
+        fs, _ = self._fs_and_root()
+        version_dir = ref.uri if self.is_local else fs._strip_protocol(ref.uri)
+        local = self.local_path(ref)
+        if not any(entry["path"] == CARD for entry in json.loads((local / MANIFEST).read_text())["files"]):
+            raise ArtifactIntegrityError(f"{ref.uri}: has no model card ({CARD}) to amend")
+        payload = text.encode("utf-8")
+        digest = hashlib.sha256(payload).hexdigest()
+        history = self._get_small(f"{version_dir}/{CARD_HISTORY}")
+        cards = json.loads(history)["cards"] if history else []
+        if not any(card["sha256"] == digest for card in cards):
+            cards.append({"sha256": digest, "size": len(payload), "amended_by": amended_by,
+                          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        history_payload = json.dumps({"cards": cards}, indent=1, sort_keys=True).encode()
+        self._put_small(f"{version_dir}/{CARD_HISTORY}", history_payload)
+        self._put_small(f"{version_dir}/{CARD}", payload)
+        if not self.is_local:  # the verified local copy shows the new card too
+            _replace_file(local / CARD_HISTORY, history_payload)
+            _replace_file(local / CARD, payload)
 
     # --- training checkpoints: <partition>/<asset>/.checkpoints/<run_key>/step-<N>/, manifest last ---
 
