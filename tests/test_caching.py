@@ -57,6 +57,33 @@ def test_new_data_in_the_source_file_changes_its_version(tmp_path):
     assert dataset_source_version(dataset_settings(source=str(data))) != before
 
 
+def test_source_versions_hash_a_local_file_again_only_after_it_changes(tmp_path):
+    from conftest import dataset_settings
+    from lora_pipeline.ml import sources
+    from lora_pipeline.ml.data import dataset_source_version
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    os.utime(data, ns=(10**18, 10**18))  # long settled: files modified in the last seconds are never trusted
+    settings = dataset_settings(source=str(data))
+    before = sources._hash_file.cache_info()
+    version = dataset_source_version(settings)
+    assert dataset_source_version(settings) == version
+    after = sources._hash_file.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)  # read once, then remembered
+
+    data.write_text('{"instruction": "a", "output": "c"}\n')  # same size
+    os.utime(data, ns=(10**18 + 1, 10**18 + 1))
+    assert dataset_source_version(settings) != version
+    assert sources._hash_file.cache_info().misses - after.misses == 1
+
+    data.write_text('{"instruction": "a", "output": "d"}\n')  # just written: read each time until it settles
+    settled = sources._hash_file.cache_info()
+    recent = dataset_source_version(settings)
+    assert recent != version and dataset_source_version(settings) == recent
+    assert sources._hash_file.cache_info() == settled  # not remembered under a timestamp that may yet be reused
+
+
 def test_the_ui_marks_downstream_assets_stale_when_the_data_changes(tmp_path, write_config, fake_resources):
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._core.loader import LoadingContextForTest

@@ -6,10 +6,13 @@ the format checks downstream can name the file and the line or row of a bad valu
 
 from __future__ import annotations
 
+import functools
 import glob as globbing
 import hashlib
 import json
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
@@ -17,6 +20,7 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from lora_pipeline.errors import DataError
+from lora_pipeline.hashing import sha256_of_file
 
 FILE_KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
               ".txt": "txt"}
@@ -472,11 +476,31 @@ def source_version(request: SourceRequest) -> str:
         if files == "saved":
             files = sorted(str(p) for p in Path(local).rglob("*") if p.is_file())
         for path in files:
-            digest.update(f"{path}\0".encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
+            digest.update(f"{path}\0{file_sha256(path)}\0".encode())
     return digest.hexdigest()[:16]
+
+
+# A file written again within the file system's timestamp granularity can keep its size and mtime;
+# one modified this recently is hashed again next time instead of trusted.
+_SETTLE_SECONDS = 2.0
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a local file's bytes, memoised in this process on its path, size, mtime and inode.
+
+    Sensors version every model's dataset every few seconds: unchanged files are not read again.
+    """
+    stat = os.stat(path)
+    resolved = str(Path(path).resolve())
+    if time.time() - stat.st_mtime < _SETTLE_SECONDS:
+        return _hash_file.__wrapped__(resolved, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return _hash_file(resolved, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # sequential scans of a folder larger than this would miss every time
+def _hash_file(resolved: str, size: int, mtime_ns: int, inode: int) -> str:
+    """The hash of the file at `resolved`; the other arguments only key the memo."""
+    return sha256_of_file(resolved)
 
 
 def _hub_commit(name: str, request: SourceRequest) -> str:

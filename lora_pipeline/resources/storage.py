@@ -35,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
 from lora_pipeline.errors import LoraPipelineError
+from lora_pipeline.hashing import sha256_of_file
 from lora_pipeline.resources.locks import local_writer_lock, s3_writer_lock
 
 MANIFEST = "MANIFEST.json"
@@ -81,14 +82,6 @@ def _accepted_cards(local: Path) -> set[tuple[int, str]]:
     return {(card["size"], card["sha256"]) for card in json.loads(path.read_text(encoding="utf-8"))["cards"]}
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # Folders whose files were hashed against their manifest in this process.
 _HASHED: set[tuple[str, str]] = set()
 STALE_STAGING_SECONDS = 24 * 3600
@@ -121,7 +114,7 @@ def build_manifest(local_dir: Path) -> dict:
     files = []
     for path in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
         files.append(
-            {"path": path.relative_to(local_dir).as_posix(), "size": path.stat().st_size, "sha256": _sha256_file(path)}
+            {"path": path.relative_to(local_dir).as_posix(), "size": path.stat().st_size, "sha256": sha256_of_file(path)}
         )
     return {"format": 1, "files": files}
 
@@ -369,7 +362,7 @@ class ArtifactStore(dg.ConfigurableResource):
         if key in _HASHED:
             return
         for entry in manifest["files"]:
-            if _sha256_file(local / entry["path"]) not in {digest for _, digest in accepted[entry["path"]]}:
+            if sha256_of_file(local / entry["path"]) not in {digest for _, digest in accepted[entry["path"]]}:
                 raise ArtifactIntegrityError(
                     f"{ref.uri}: file {entry['path']} does not match its sha256 in {MANIFEST} (corrupted)"
                 )
