@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,15 @@ def micro_config_data(**sections) -> dict:
         else:
             data[name] = value
     return data
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """A small copy of the bundled sample dataset (60 rows) that a test may edit, as a user edits their data."""
+    rows = json.loads(SAMPLE_DATA.read_text())[:60]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return path
 
 
 @pytest.fixture

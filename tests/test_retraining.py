@@ -8,20 +8,11 @@ import json
 import dagster as dg
 import pytest
 
-from conftest import REPO
 from lora_pipeline.assets.common import MODEL_PARTITIONS
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.sensors import dataset_changes, model_schedules
 
 SIX = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    rows = json.loads((REPO / "lora_pipeline" / "data" / "sample_instructions.json").read_text())[:60]
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(rows))
-    return path
 
 
 def _evaluate_sensor(instance, fake_resources, cursor):
@@ -82,9 +73,12 @@ def _run_schedule(schedule, instance, fake_resources):
                                 schedules=[schedule], resources=fake_resources).get_repository_def()
 
     def evaluate():
-        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources,
-                                            repository_def=repository)
-        return schedule.evaluate_tick(context)
+        # As a context manager: the context enters an instance of its own, which sets Dagster's
+        # current defs-state storage until the context is closed (left open, later tests that build
+        # Definitions would read this test's deleted instance).
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources,
+                                       repository_def=repository) as context:
+            return schedule.evaluate_tick(context)
 
     (request,) = evaluate().run_requests
     assert request.partition_key == "micro" and request.run_key == f"micro:{when.isoformat()}"
