@@ -7,6 +7,7 @@ the working directory), so they show up in `make ui` like runs launched there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -207,13 +208,17 @@ def _selection(text: str):
 
 
 def _selected_asset_names(selection) -> list[str]:
-    from lora_pipeline.assets import PIPELINE_ASSETS
+    import dagster as dg
+
+    from lora_pipeline.assets import PIPELINE_ASSETS, SETTINGS_SPECS
 
     try:
-        keys = selection.resolve(PIPELINE_ASSETS)
+        # With the settings assets in the graph, 'key:trained_adapter_settings+' selects what that stage's
+        # settings feed; only pipeline assets are run.
+        keys = selection.resolve([*PIPELINE_ASSETS, dg.AssetsDefinition(specs=SETTINGS_SPECS)])
     except Exception as exc:  # Dagster raises several types for bad selections
         raise ConfigError(f"--select: {exc}".splitlines()[0]) from None
-    names = {key.path[-1] for key in keys}
+    names = {key.to_user_string() for key in keys}
     return [name for name in ASSET_ORDER if name in names]
 
 
@@ -270,16 +275,9 @@ def _user_error_in(exc: BaseException) -> LoraPipelineError | None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    import socket
-
-    import dagster as dg
-
-    from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
-    from lora_pipeline.assets.provenance import plain_metadata, up_to_date_assets
+    from lora_pipeline.assets.provenance import readable_source_version
     from lora_pipeline.config.registry import load_config_file, partition_key_for
-    from lora_pipeline.definitions import tune
     from lora_pipeline.resources.factory import default_resources
-    from lora_pipeline.terminal import terminal_logger
 
     model_config = load_config_file(args.config, args.overrides)
     key = partition_key_for(args.config)
@@ -291,7 +289,54 @@ def command_run(args: argparse.Namespace) -> int:
     _register_partition(instance, key, args.config)
     resources = default_resources(storage_root=args.storage)
     started = time.perf_counter()
-    current = {} if args.force else up_to_date_assets(instance, key, selected, model_config, resources["storage"])
+    source_version = readable_source_version(model_config)  # None if unreadable: raw_dataset will say why
+    with _settings_reported(instance, key, model_config, source_version, args):
+        return _run_stale_assets(args, instance, key, selected, model_config, source_version, resources, started)
+
+
+@contextlib.contextmanager
+def _settings_reported(instance, key: str, model_config, source_version: str | None, args: argparse.Namespace):
+    """Report the settings the run uses before it, and after a run with --set, the config file's again.
+
+    Reported before, so that the run's materializations record them as their inputs' versions and
+    a later edit of the file shows as stale in the UI. A run with --set made its assets from other
+    settings than the file's; reporting the file's afterwards marks them stale in the UI, as the
+    model_configs sensor, schedules and a plain `lora-pipeline run` see them.
+    """
+    from lora_pipeline.assets.provenance import readable_source_version
+    from lora_pipeline.assets.settings import report_settings
+    from lora_pipeline.config.registry import load_config_file
+
+    report_settings(instance, key, model_config, source_version)
+    try:
+        yield
+    finally:
+        file_config = None
+        if args.overrides:
+            try:
+                file_config = load_config_file(args.config)
+            except ConfigError:
+                pass  # the file alone is not a valid config: it has no settings of its own to show
+        if file_config is not None:
+            same_source = file_config.dataset == model_config.dataset
+            report_settings(instance, key, file_config,
+                            source_version if same_source else readable_source_version(file_config))
+
+
+def _run_stale_assets(args: argparse.Namespace, instance, key: str, selected: list[str], model_config,
+                      source_version: str | None, resources: dict, started: float) -> int:
+    """Run the selected assets that are not up to date (all with --force) and print the summary."""
+    import socket
+
+    import dagster as dg
+
+    from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
+    from lora_pipeline.assets.provenance import plain_metadata, up_to_date_assets
+    from lora_pipeline.definitions import tune
+    from lora_pipeline.terminal import terminal_logger
+
+    current = {} if args.force else up_to_date_assets(instance, key, selected, model_config, resources["storage"],
+                                                       source_version)
     to_run = [name for name in selected if name not in current]
     if current:
         print(f"up to date, not run: {', '.join(current)}", file=sys.stderr)
@@ -317,7 +362,7 @@ def command_run(args: argparse.Namespace) -> int:
         "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO", "tracebacks": args.debug}}},
     }
     definitions = dg.Definitions(
-        assets=PIPELINE_ASSETS,
+        assets=[*PIPELINE_ASSETS, *SETTINGS_SPECS],
         asset_checks=PIPELINE_CHECKS,
         jobs=[tune],
         resources=resources,
@@ -373,22 +418,17 @@ def _print_run_summary(key: str, run_id: str | None, assets: dict, wall: float, 
 
 def _memory_summary(model_config) -> tuple[dict | None, list[str]]:
     """The training's memory plan on this machine's device, as JSON and as lines to print."""
-    from lora_pipeline.ml.memory import GIB, fits, knobs, plan_for_config, usable_memory_bytes
+    from lora_pipeline.ml.fit import assess_fit
     from lora_pipeline.ml.precision import detect_device
 
     device = detect_device()
-    plan = plan_for_config(model_config, device)  # a local base_model folder's config.json is read as is
-    if plan is None:
+    assessment = assess_fit(model_config, device)  # a local base_model folder's config.json is read as is
+    if assessment is None:
         return None, ["  memory      unknown here: the base model's config.json is not shipped or local"]
-    available = usable_memory_bytes(device)
-    fit = fits(plan, available)
-    lines = ["  " + line for line in plan.render().splitlines()]
-    lines.append(f"  {'fits' if fit else 'does NOT fit'} on this {device.device} ({available / GIB:.1f} GiB available)")
-    options = [] if fit else knobs(plan, available)
-    lines += [f"    {knob}" for knob in options[:4]]
-    summary = {"device": device.device, "terms": plan.terms(), "total": plan.total, "available": available,
-               "fits": fit, "knobs": [str(knob) for knob in options]}
-    return summary, lines
+    lines = ["  " + line for line in assessment.plan.render().splitlines()]
+    lines.append(f"  {'fits' if assessment.fits else 'does NOT fit'} in {assessment.where()}")
+    lines += [f"    {knob}" for knob in assessment.knobs[:4]]
+    return assessment.summary(), lines
 
 
 def command_validate(args: argparse.Namespace) -> int:

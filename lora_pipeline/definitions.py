@@ -1,8 +1,9 @@
-"""The Dagster code location: assets and checks, the tune job, sensors, per-model schedules, resources."""
+"""The Dagster code location: assets and checks, the settings they read, the tune job, sensors, per-model
+schedules, resources."""
 
 import dagster as dg
 
-from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
+from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
 from lora_pipeline.resources.factory import default_resources
 from lora_pipeline.sensors import TUNE_JOB, dataset_changes, model_configs, model_schedules
 
@@ -13,7 +14,7 @@ tune = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=PIPELINE_ASSETS,
+    assets=[*PIPELINE_ASSETS, *SETTINGS_SPECS],
     asset_checks=PIPELINE_CHECKS,
     jobs=[tune],
     sensors=[model_configs, dataset_changes],

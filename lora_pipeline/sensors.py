@@ -8,6 +8,7 @@ import dagster as dg
 
 from lora_pipeline.assets.common import MODEL_PARTITIONS
 from lora_pipeline.assets.provenance import PARENTS, up_to_date_assets
+from lora_pipeline.assets.settings import settings_changes
 from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactStore
@@ -18,12 +19,42 @@ STAGES = list(PARENTS)
 
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) -> dg.SensorResult:
-    """Adds a partition for every new YAML file in the config folder (removed files keep their history)."""
-    known = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
-    new_keys = [key for key in registry.registry().keys if key not in known]
+    """Adds a partition for every new YAML file in the config folder (removed files keep their history)
+    and reports each model's settings versions that changed (observations of <stage>_settings).
+
+    The version of <stage>_settings hashes what the stage and those before it read besides assets
+    and code: their parts of the config, the library versions and the dataset source's content. A
+    new one marks the stage stale in the UI at once, before any run. Versions are compared with the
+    last ones reported to the instance (by this sensor or by `lora-pipeline run`). A config that
+    does not validate is skipped with a warning, and a source that cannot be read leaves the stages
+    whose settings cover it unreported; neither fails the tick.
+    """
+    from lora_pipeline.ml.data import dataset_source_version
+
+    known = registry.registry()
+    existing = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
+    new_keys = [key for key in known.keys if key not in existing]
+    events: list[dg.AssetObservation] = []
+    for key in known.keys:
+        try:
+            model_config = known.load(key)
+        except (LoraPipelineError, OSError) as exc:  # one bad file must not stop the others
+            context.log.warning(f"settings of {key} not reported: {exc}")
+            continue
+        try:
+            source_version = dataset_source_version(model_config.dataset)
+        except Exception as exc:  # remote file systems raise many types; the other stages are still reported
+            context.log.warning(f"{key}: dataset source not read, so the settings that cover it (raw_dataset's "
+                                f"and those after it) are not reported: {exc}")
+            source_version = None
+        events += settings_changes(context.instance, key, model_config, source_version)
+    if events:
+        context.log.info("new settings reported: " + ", ".join(
+            f"{event.partition}/{event.asset_key.path[-1]}" for event in events))
     return dg.SensorResult(
         dynamic_partitions_requests=[MODEL_PARTITIONS.build_add_request(new_keys)] if new_keys else [],
-        skip_reason=None if new_keys else "no new model configs",
+        asset_events=events,
+        skip_reason=None if new_keys or events else "no new model configs and no changed settings",
     )
 
 

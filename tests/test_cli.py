@@ -103,6 +103,9 @@ def test_the_demo_meets_its_acceptance_figures(tmp_path):
         ("trained_adapter+", ["trained_adapter", "merged_model", "eval_report"]),
         ("key:merged_model or key:eval_report", ["merged_model", "eval_report"]),
         ("1+key:trained_adapter", ["formatted_dataset", "quantized_base", "trained_adapter"]),
+        # What a change of the adapter's settings re-runs; the settings assets themselves are never run.
+        ("key:trained_adapter_settings+", ["trained_adapter", "merged_model", "eval_report"]),
+        ("key:merged_model_settings", []),
     ],
 )
 def test_selection_syntax(text, expected):

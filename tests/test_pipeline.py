@@ -57,8 +57,9 @@ def test_whole_graph_materializes_and_outputs_load_with_plain_hf_code(write_conf
 def test_definitions_load_with_the_six_assets_the_checks_the_job_and_the_sensor():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    names = {key.path[-1] for key in graph.get_all_asset_keys()}
-    assert names == {"raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"}
+    stages = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]
+    assert {key for key in graph.materializable_asset_keys} == {dg.AssetKey(stage) for stage in stages}
+    assert {key for key in graph.external_asset_keys} == {dg.AssetKey(f"{stage}_settings") for stage in stages}
     checks = {(key.asset_key.path[-1], key.name) for key in graph.asset_check_keys}
     assert checks == {("raw_dataset", "rows_match_format"), ("formatted_dataset", "examples_are_trainable"),
                       ("formatted_dataset", "train_eval_disjoint")}

@@ -43,6 +43,8 @@ EDGES = [
     ("trained_adapter", "merged_model"),
     ("merged_model", "eval_report"),
 ]
+# The settings each stage reads (<stage>_settings, observed, never run): each stage depends on its own.
+SETTINGS = [(f"{name}_settings",) for name in ASSETS]
 CONFIG_SECTIONS = ["dataset", "lora", "quantization", "training", "merge", "eval"]
 STARTUP_TIMEOUT = 120  # importing torch/transformers for the code location takes a while on 2 cores
 
@@ -85,6 +87,7 @@ query Assets {
     partitionKeysByDimension { name partitionKeys }
     dependencyKeys { path }
     jobNames
+    isMaterializable
     assetChecksOrError {
       __typename
       ... on AssetChecks { checks { name description blocking } }
@@ -267,9 +270,16 @@ def test_graphql_lists_assets_partitions_checks_and_config(webserver):
     jobs = {job["name"]: job for job in repository["jobs"]}
     assert "tune" in jobs and jobs["tune"]["description"], jobs
 
-    # Exactly the six assets, each described, in its group, partitioned by `models`.
+    # Exactly the six assets, each described, in its group, partitioned by `models`; and their settings.
     nodes = {tuple(node["assetKey"]["path"]): node for node in webserver.graphql(ASSETS_QUERY)["assetNodes"]}
-    assert sorted(nodes) == sorted((name,) for name in ASSETS)
+    assert sorted(nodes) == sorted([(name,) for name in ASSETS] + SETTINGS)
+    for path in SETTINGS:
+        node = nodes[path]
+        assert node["description"] and "model_configs sensor" in node["description"], (path, node["description"])
+        assert node["groupName"] == "settings" and not node["isMaterializable"] and not node["jobNames"], node
+        [dimension] = node["partitionKeysByDimension"]
+        assert sorted(dimension["partitionKeys"]) == webserver.partitions, (path, dimension)
+        assert list(path) in [key["path"] for key in nodes[(path[-1].removesuffix("_settings"),)]["dependencyKeys"]], path
     for name in ASSETS:
         node = nodes[(name,)]
         assert node["description"] and node["description"].strip(), f"{name} has no description"
@@ -365,7 +375,7 @@ def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
             page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(f"{webserver.url}/asset-groups", timeout=60_000)  # "Global asset lineage"
             expect(page.get_by_text("Global asset lineage").first).to_be_visible(timeout=60_000)
-            for group in set(GROUPS.values()):
+            for group in {*GROUPS.values(), "settings"}:
                 expect(page.get_by_text(group, exact=True).first).to_be_visible(timeout=60_000)
 
             # The first visit may show the community dialog (nux disabled above, but to be safe).
@@ -385,9 +395,9 @@ def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
                     continue
             for name in ASSETS:
                 expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
-            # Full nodes (not the zoomed-out labels): each shows its partition count.
+            # Full nodes (not the zoomed-out labels): each shows its partition count, the settings' too.
             expect(page.get_by_text(f"{len(webserver.partitions)} partitions", exact=True)).to_have_count(
-                len(ASSETS), timeout=30_000
+                len(ASSETS) + len(SETTINGS), timeout=30_000
             )
             _wait_stable(node)
             page.screenshot(path=str(screenshot), full_page=True)

@@ -26,6 +26,12 @@ MODEL_PARTITIONS = dg.DynamicPartitionsDefinition(name="models")
 
 ARTIFACT_IO = "artifact_io"
 GPU_POOL = "gpu"
+SETTINGS_GROUP = "settings"
+
+
+def settings_key(stage: str) -> dg.AssetKey:
+    """The key of the stage's settings asset (<stage>_settings), an input of the stage."""
+    return dg.AssetKey(f"{stage}_settings")
 
 
 # Data stages and their checks run before the model stages of the same run, so bad data fails
@@ -39,7 +45,10 @@ def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False):
     Stages that put a model on the accelerator run in the `gpu` pool, so an instance never runs
     more of them at once than its pool limit (the number of GPUs). Data stages run first. A stage
     runs holding its partition's writer lock in the store, so two runs of one model never
-    interleave their writes: the second stops with the first one named.
+    interleave their writes: the second stops with the first one named. Each stage depends on its
+    settings asset (<stage>_settings), whose observed versions are how the UI learns of config,
+    library and data changes: Dagster's staleness sees code versions and upstream data versions,
+    not run config.
     """
 
     def decorate(compute):
@@ -56,6 +65,7 @@ def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False):
             io_manager_key=ARTIFACT_IO,
             kinds=kinds,
             group_name=group,
+            deps=[settings_key(compute.__name__)],
             code_version=CODE_VERSIONS[compute.__name__],
             pool=GPU_POOL if uses_gpu else None,
         )(as_sole_writer)

@@ -1,11 +1,14 @@
 """What made each artifact: versions computed before anything runs, and the lineage every artifact carries.
 
-A stage's version hashes its code version, the library stack, the config it reads and its parents'
-versions; raw_dataset's also hashes the source's content version (file bytes, object ETags, hub
-commit). Equal versions mean an equal output, so a run can skip a stage whose newest
-materialization has the version it would produce now, and a change (a LoRA rank, a new data file)
-re-runs exactly the stages that read it and those after them. Each version is the stage's Dagster
-data version, so the UI marks what is stale.
+A stage's version hashes its code version, its settings version and its parents' versions. The
+settings version hashes what else the stage reads: the library stack, the part of the config it
+reads and, for raw_dataset (and a built-in base, whose tokenizer is trained on the data), the
+source's content version (file bytes, object ETags, hub commit). Equal versions mean an equal
+output, so a run can skip a stage whose newest materialization has the version it would produce
+now, and a change (a LoRA rank, a new data file) re-runs exactly the stages that read it and those
+after them. Each version is the stage's Dagster data version; the settings versions of a stage
+and those before it are reported as the data version of its <stage>_settings asset, so the UI
+marks those stages stale as soon as config, libraries or data change, before any run.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ CODE_VERSIONS = {
     "quantized_base": "1",
     "trained_adapter": "1",
     "merged_model": "1",
-    "eval_report": "1",
+    "eval_report": "2",  # 2: writes its figures into the adapter's and the merged model's cards
 }
 
 PARENTS = {
@@ -44,6 +47,15 @@ PARENTS = {
     "merged_model": ["formatted_dataset", "quantized_base", "trained_adapter"],
     "eval_report": ["formatted_dataset", "quantized_base", "trained_adapter", "merged_model"],
 }
+
+
+def upstream_stages(stage: str) -> list[str]:
+    """The stages before `stage` (its parents, theirs, ...), in pipeline order."""
+    found = set(PARENTS[stage])
+    for parent in PARENTS[stage]:
+        found.update(upstream_stages(parent))
+    return [name for name in PARENTS if name in found]
+
 
 # The libraries whose upgrade can change an output; part of every version.
 STACK = ("torch", "transformers", "tokenizers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
@@ -90,20 +102,64 @@ def stage_config(model_config: ModelConfig, stage: str) -> dict:
     raise KeyError(stage)
 
 
+def reads_source(model_config: ModelConfig, stage: str) -> bool:
+    """Whether the stage reads the dataset source's content itself, not only through a parent."""
+    # A built-in model's tokenizer is trained on the cleaned training split.
+    return stage == "raw_dataset" or (stage == "quantized_base" and model_config.base_model.startswith(BUILTIN_PREFIX))
+
+
+def stage_settings_versions(model_config: ModelConfig, source_version: str | None) -> dict[str, str]:
+    """Per stage, the version of what it reads besides its parents and its code, in pipeline order.
+
+    With source_version None (the source cannot be read now), the stages that read the source are
+    left out and the others are still given.
+    """
+    settings: dict[str, str] = {}
+    for stage in PARENTS:
+        payload = {"libraries": library_versions(), "config": stage_config(model_config, stage)}
+        if reads_source(model_config, stage):
+            if source_version is None:
+                continue
+            payload["source"] = source_version
+        settings[stage] = _short_hash(payload)
+    return settings
+
+
+def settings_asset_versions(model_config: ModelConfig, source_version: str | None) -> dict[str, str]:
+    """Per stage, the data version of its <stage>_settings asset: a hash of the settings versions and
+    the code versions of the stage and of every stage before it, in pipeline order.
+
+    Dagster marks a stage stale when a dependency has a new data version (or its own code version
+    changed), but not the stages after it until it is re-run; folding in the earlier stages'
+    settings and code versions marks at once every stage a run would redo. A stage whose settings,
+    or an earlier stage's, are unknown (the source cannot be read) is left out.
+    """
+    own = stage_settings_versions(model_config, source_version)
+    return {stage: _short_hash({"settings": covered, "code": {name: CODE_VERSIONS[name] for name in covered}})
+            for stage in PARENTS if (covered := settings_covered(own, stage)) is not None}
+
+
+def settings_covered(own: dict[str, str], stage: str) -> dict[str, str] | None:
+    """The settings versions of the stage and the stages before it, or None if one is unknown."""
+    stages = [*upstream_stages(stage), stage]
+    return {name: own[name] for name in stages} if all(name in own for name in stages) else None
+
+
 def stage_versions(model_config: ModelConfig, source_version: str) -> dict[str, str]:
     """The version every stage would produce for this config and source content, in pipeline order."""
+    settings = stage_settings_versions(model_config, source_version)
     versions: dict[str, str] = {}
     for stage, parents in PARENTS.items():
-        payload = {
+        versions[stage] = _short_hash({
             "code": CODE_VERSIONS[stage],
-            "libraries": library_versions(),
-            "config": stage_config(model_config, stage),
+            "settings": settings[stage],
             "parents": {parent: versions[parent] for parent in parents},
-        }
-        if stage == "raw_dataset" or (stage == "quantized_base" and "dataset" in payload["config"]):
-            payload["source"] = source_version
-        versions[stage] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        })
     return versions
+
+
+def _short_hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- lineage ----------------------------------------------------------------------------------------
@@ -196,19 +252,32 @@ def plain_metadata(metadata: dict) -> dict:
     return result
 
 
-def up_to_date_assets(instance, key: str, selected: list[str], model_config, storage) -> dict[str, dict]:
-    """The selected assets whose newest materialization has the version they would get now, and whose
-    artifact is still the current one in the store and intact: {name: summary entry}."""
-    import dagster as dg
-
+def readable_source_version(model_config: ModelConfig) -> str | None:
+    """The dataset source's content version, or None when it cannot be read now (raw_dataset will say why)."""
     from lora_pipeline.errors import DataError
     from lora_pipeline.ml.data import dataset_source_version
-    from lora_pipeline.resources.storage import ArtifactIntegrityError
 
     try:
-        versions = stage_versions(model_config, dataset_source_version(model_config.dataset))
+        return dataset_source_version(model_config.dataset)
     except (DataError, OSError):
+        return None
+
+
+def up_to_date_assets(instance, key: str, selected: list[str], model_config, storage,
+                      source_version: str | None = None) -> dict[str, dict]:
+    """The selected assets whose newest materialization has the version they would get now, and whose
+    artifact is still the current one in the store and intact: {name: summary entry}.
+
+    source_version: the source's content version when the caller has it (else it is read here).
+    """
+    import dagster as dg
+
+    from lora_pipeline.resources.storage import ArtifactIntegrityError
+
+    source_version = source_version or readable_source_version(model_config)
+    if source_version is None:
         return {}  # the source cannot be read now: let raw_dataset say why
+    versions = stage_versions(model_config, source_version)
     current = {}
     for name in selected:
         records = instance.fetch_materializations(

@@ -2,35 +2,65 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_pipeline.errors import ModelError
-from lora_pipeline.ml.memory import GIB, MemoryPlan, fits, knobs, plan_for_config, usable_memory_bytes
+from lora_pipeline.ml.memory import GIB, Knob, MemoryPlan, fits, knobs, plan_for_config, usable_memory_bytes
 from lora_pipeline.ml.precision import DeviceInfo
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig
 
 
-def check_fits(model_config: "ModelConfig", device: DeviceInfo, local_folder: Path | None = None) -> MemoryPlan | None:
-    """The training's memory plan on this device; ModelError with the numbers and the knobs if it will not fit.
+@dataclass
+class FitAssessment:
+    """A training's memory plan against a device: whether it fits and, if not, the settings that would."""
 
-    None when the base model's shapes are not known here (a hub model not shipped, offline): then
-    nothing can be said before its config.json is downloaded.
-    """
+    plan: MemoryPlan
+    device: DeviceInfo
+    available: int
+    fits: bool
+    knobs: list[Knob] = field(default_factory=list)
+
+    def where(self) -> str:
+        """The memory it was measured against, in words."""
+        if self.device.device == "cuda":
+            return f"the GPU's {self.available / GIB:.1f} GiB"
+        return f"the {self.available / GIB:.1f} GiB of memory available on this {self.device.device}"
+
+    def advice(self, count: int = 4) -> str:
+        """The first few knobs, each with the --set overrides that apply it."""
+        return "; ".join(f"{knob} (--set {' --set '.join(knob.overrides)})" for knob in self.knobs[:count]) or \
+            "no setting of this config brings it under; use a larger device"
+
+    def summary(self) -> dict:
+        """The assessment as JSON (`validate --json`'s memory_plan)."""
+        return {"device": self.device.device, "terms": self.plan.terms(), "total": self.plan.total,
+                "available": self.available, "fits": self.fits, "knobs": [str(knob) for knob in self.knobs]}
+
+
+def assess_fit(model_config: "ModelConfig", device: DeviceInfo, local_folder: Path | None = None) -> FitAssessment | None:
+    """The training's memory plan on this device, or None when the base model's shapes are not known here
+    (a hub model not shipped, offline: nothing can be said before its config.json is downloaded)."""
     plan = plan_for_config(model_config, device, local_folder)
     if plan is None:
         return None
     available = usable_memory_bytes(device)
-    if fits(plan, available):
-        return plan
-    where = f"the GPU's {available / GIB:.1f} GiB" if device.device == "cuda" else \
-        f"the {available / GIB:.1f} GiB of memory available on this {device.device}"
-    options = knobs(plan, available)
-    advice = "; ".join(f"{knob} (--set {' --set '.join(knob.overrides)})" for knob in options[:4]) or \
-        "no setting of this config brings it under; use a larger device"
+    fit = fits(plan, available)
+    return FitAssessment(plan, device, available, fit, [] if fit else knobs(plan, available))
+
+
+def check_fits(model_config: "ModelConfig", device: DeviceInfo, local_folder: Path | None = None) -> MemoryPlan | None:
+    """The training's memory plan on this device; ModelError with the numbers and the knobs if it will not fit."""
+    assessment = assess_fit(model_config, device, local_folder)
+    if assessment is None:
+        return None
+    if assessment.fits:
+        return assessment.plan
     raise ModelError(
-        f"training {model_config.base_model} needs about {plan.total / GIB:.1f} GiB, more than {where}, so it "
-        f"was refused before loading anything.\n{plan.render()}\nwhat would fit: {advice}"
+        f"training {model_config.base_model} needs about {assessment.plan.total / GIB:.1f} GiB, more than "
+        f"{assessment.where()}, so it was refused before loading anything.\n{assessment.plan.render()}\n"
+        f"what would fit: {assessment.advice()}"
     )
