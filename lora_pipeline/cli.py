@@ -89,8 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser(
         "list",
         help="list the configured models and the state of their assets",
-        description="List the model configs in the config folder and models run from elsewhere, "
-        "with when each asset was last materialized.",
+        description="List the model configs in the config folder and models run from elsewhere, with "
+        "when each asset was last materialized and which are stale: made from other settings, data, libraries "
+        "or code than the config file's now, so `lora-pipeline run` would redo them.",
     )
     listing.add_argument("--json", action="store_true", help="print the list as JSON")
     listing.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -501,6 +502,7 @@ def command_list(args: argparse.Namespace) -> int:
                 "model": key,
                 "config": str(registry.path_of(key)) if key in registry.keys else None,
                 "materialized": states,
+                "stale": _stale_in(instance, key, registry) if any(states.values()) else [],
             }
         )
     if args.json:
@@ -513,8 +515,28 @@ def command_list(args: argparse.Namespace) -> int:
         done = [name for name in ASSET_ORDER if row["materialized"][name]]
         latest = max((t for t in row["materialized"].values() if t), default=None)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(latest)) if latest else "never"
-        print(f"{row['model']:<24} {len(done)}/6 assets, last run {when:<16} {row['config'] or '(run from elsewhere)'}")
+        state = f"{len(done)}/6 assets"
+        if done and row["stale"] is not None:
+            state += f", {len(row['stale'])} stale" if row["stale"] else ", up to date"
+        print(f"{row['model']:<24} {state:<22} last run {when:<16} {row['config'] or '(run from elsewhere)'}")
+        if row["stale"]:
+            print(f"{'':<24} stale: {', '.join(row['stale'])} (`lora-pipeline run {row['config']}` re-runs them)")
     return 0
+
+
+def _stale_in(instance, key: str, registry) -> list[str] | None:
+    """The model's materialized assets that its config file, data, libraries or code have made stale;
+    None when that cannot be said here (no config file, an invalid one, a source that cannot be read)."""
+    from lora_pipeline.assets.provenance import readable_source_version, stale_assets
+
+    if key not in registry.keys:
+        return None
+    try:
+        model_config = registry.load(key)
+    except LoraPipelineError:
+        return None
+    source_version = readable_source_version(model_config)
+    return None if source_version is None else stale_assets(instance, key, model_config, source_version)
 
 
 COMMANDS = {"run": command_run, "validate": command_validate, "list": command_list}

@@ -13,11 +13,12 @@ import pytest
 from conftest import REPO
 
 
-def _cli(args, tmp_path, check_rc=None):
+def _cli(args, tmp_path, check_rc=None, env=None):
     env = {
         **os.environ,
         "DAGSTER_HOME": str(tmp_path / "dagster_home"),
         "LORA_PIPELINE_STORAGE": str(tmp_path / "store"),
+        **(env or {}),
     }
     completed = subprocess.run(
         [sys.executable, "-m", "lora_pipeline.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -81,6 +82,27 @@ def test_run_json_summary_then_list(tmp_path, write_config):
     listing = _cli(["list", "--json"], tmp_path, check_rc=0)
     rows = {row["model"]: row for row in json.loads(listing.stdout)}
     assert all(rows["micro"]["materialized"].values())
+
+
+def test_list_names_the_assets_an_edit_of_the_config_made_stale(tmp_path, write_config):
+    import yaml
+
+    path = write_config("micro")
+    env = {"LORA_PIPELINE_CONFIG_DIR": str(path.parent)}
+    _cli(["run", str(path), "--select", "raw_dataset,formatted_dataset"], tmp_path, check_rc=0, env=env)
+
+    def listed():
+        [row] = json.loads(_cli(["list", "--json"], tmp_path, check_rc=0, env=env).stdout)
+        return row
+
+    assert listed()["stale"] == []
+    data = yaml.safe_load(path.read_text())
+    data["dataset"]["template"] = "chatml"  # formatting changes, the rows read do not
+    path.write_text(yaml.safe_dump(data))
+    row = listed()
+    assert row["stale"] == ["formatted_dataset"] and row["materialized"]["raw_dataset"]
+    text = _cli(["list"], tmp_path, check_rc=0, env=env).stdout
+    assert "2/6 assets, 1 stale" in text and "stale: formatted_dataset" in text
 
 
 @pytest.mark.slow

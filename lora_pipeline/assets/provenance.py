@@ -263,6 +263,28 @@ def readable_source_version(model_config: ModelConfig) -> str | None:
         return None
 
 
+def _newest_materialization(instance, key: str, name: str):
+    """The newest materialization of asset `name` for model `key`, or None."""
+    import dagster as dg
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
+    ).records
+    return records[0].asset_materialization if records else None
+
+
+def stale_assets(instance, key: str, model_config: ModelConfig, source_version: str) -> list[str]:
+    """The materialized stages whose newest materialization has another version than a run would give them
+    now (what the UI marks stale), in pipeline order."""
+    versions = stage_versions(model_config, source_version)
+    stale = []
+    for name in PARENTS:
+        materialization = _newest_materialization(instance, key, name)
+        if materialization is not None and materialization.tags.get("dagster/data_version") != versions[name]:
+            stale.append(name)
+    return stale
+
+
 def up_to_date_assets(instance, key: str, selected: list[str], model_config, storage,
                       source_version: str | None = None) -> dict[str, dict]:
     """The selected assets whose newest materialization has the version they would get now, and whose
@@ -270,8 +292,6 @@ def up_to_date_assets(instance, key: str, selected: list[str], model_config, sto
 
     source_version: the source's content version when the caller has it (else it is read here).
     """
-    import dagster as dg
-
     from lora_pipeline.resources.storage import ArtifactIntegrityError
 
     source_version = source_version or readable_source_version(model_config)
@@ -280,12 +300,7 @@ def up_to_date_assets(instance, key: str, selected: list[str], model_config, sto
     versions = stage_versions(model_config, source_version)
     current = {}
     for name in selected:
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
-        ).records
-        if not records:
-            continue
-        materialization = records[0].asset_materialization
+        materialization = _newest_materialization(instance, key, name)
         if materialization is None or materialization.tags.get("dagster/data_version") != versions[name]:
             continue
         metadata = plain_metadata(materialization.metadata)
