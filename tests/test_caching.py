@@ -143,6 +143,13 @@ def test_a_rerun_with_nothing_changed_runs_nothing_and_a_new_rank_reruns_trainin
     forced, _ = _run(tmp_path, config, "--set", "lora.r=4", "--select", "eval_report", "--force")
     assert forced["up_to_date"] == [] and forced["run_id"]
 
+    # A data check's threshold: formatted_dataset (and the built-in base, whose tokenizer is trained
+    # on the data) re-run and make the same bytes, so the adapter trained on them is reused.
+    rechecked, _ = _run(tmp_path, config, "--set", "lora.r=4", "--set", "dataset.max_truncation_rate=0.5")
+    assert rechecked["up_to_date"] == ["raw_dataset"]
+    adapter = rechecked["assets"]["trained_adapter"]
+    assert adapter["metadata"]["reused"] is True and adapter["uri"] == ranked["assets"]["trained_adapter"]["uri"]
+
 
 def _assert_every_artifact_carries_its_lineage(tmp_path, first):
     """LINEAGE.json in every artifact, consistent with the run's metadata; the models' cards carry it and the eval figures."""

@@ -83,7 +83,7 @@ def test_checkpoints_made_from_other_inputs_are_not_resumed_and_the_log_says_wha
     warning = next(line for line in _logs(instance, result) if "not resuming" in line)
     assert "step 2 of run aaaaaaaaaaaaaaaa" in warning
     assert "training.learning_rate: 0.001 -> 0.003" in warning
-    assert "formatted_dataset is another version (0123456789ab -> " in warning
+    assert "formatted_dataset holds other content (0123456789ab -> " in warning
     assert "training starts at step 0" in warning
     assert _metadata(result)["resumed_from_step"] == 0 and _metadata(result)["steps"] == 4
     assert not store.checkpoint_runs("micro", "trained_adapter")  # superseded by the published adapter
@@ -96,7 +96,8 @@ def _current_inputs(store):
     from conftest import micro_config_data
 
     config = validate_config(micro_config_data(training={"checkpoint_every": 2, "max_steps": 4}), "test")
-    return training_inputs(config, store.current("micro", "formatted_dataset"), store.current("micro", "quantized_base"))
+    return training_inputs(config, store, store.current("micro", "formatted_dataset"),
+                           store.current("micro", "quantized_base"))
 
 
 def test_what_changed_names_each_setting_and_the_data():
@@ -105,7 +106,7 @@ def test_what_changed_names_each_setting_and_the_data():
     after = {"data": "c" * 64, "base": "b" * 64, "training": {"learning_rate": 0.002, "seed": 0},
              "libraries": {"trl": "1.1.0"}}
     assert what_changed(before, after) == [
-        "formatted_dataset is another version (aaaaaaaaaaaa -> cccccccccccc)",
+        "formatted_dataset holds other content (aaaaaaaaaaaa -> cccccccccccc)",
         "libraries.trl: \"1.0.0\" -> \"1.1.0\"",
         "training.learning_rate: 0.001 -> 0.002",
     ]

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from lora_pipeline.config.schema import ModelConfig
 from lora_pipeline.ml.tiny import BUILTIN_PREFIX
+from lora_pipeline.resources.storage import LINEAGE
 
-LINEAGE_FILE = "LINEAGE.json"
+LINEAGE_FILE = LINEAGE
 
 # Bump a stage's version when its code changes what it produces.
 CODE_VERSIONS = {

@@ -28,19 +28,30 @@ from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 TRAINING_SUMMARY = "training_summary.json"
+TRAIN_SPLIT = "train.parquet"  # the one file of formatted_dataset that training reads
 LOSS_CURVE = "loss_curve.png"
 
 
-def training_inputs(model_config: ModelConfig, formatted_dataset: ArtifactRef, quantized_base: ArtifactRef) -> dict:
-    """Everything an adapter depends on: data and base versions, the settings that change the result,
-    this stage's code version and the versions of the libraries that train (a checkpoint from another
-    version of them may not load, or not continue the same way)."""
+# The libraries that run the training: a checkpoint from another version of them may not load,
+# or not continue the same way. The data libraries reach training only through the data's bytes.
+TRAINING_STACK = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate")
+
+
+def training_inputs(model_config: ModelConfig, storage: ArtifactStore, formatted_dataset: ArtifactRef,
+                    quantized_base: ArtifactRef) -> dict:
+    """Everything an adapter depends on: the training split's and the base's content, the settings that
+    change the result, this stage's code version and the versions of the libraries that train.
+
+    Content, not versions: a parent re-made with the same bytes (after a data library upgrade, or a
+    change of a data check's threshold) gets a new version but trains the same adapter, which is
+    then reused instead of trained again.
+    """
     return {
-        "data": formatted_dataset.sha256,
-        "base": quantized_base.sha256,
+        "data": storage.content_digest(formatted_dataset, only=(TRAIN_SPLIT,)),
+        "base": storage.content_digest(quantized_base),
         **stage_config(model_config, "trained_adapter"),
         "code_version": CODE_VERSIONS["trained_adapter"],
-        "libraries": library_versions(),
+        "libraries": {name: version for name, version in library_versions().items() if name in TRAINING_STACK},
     }
 
 
@@ -59,7 +70,7 @@ def what_changed(before: dict, after: dict) -> list[str]:
             changes += [f"{key}.{change}" for change in what_changed(old, new)]
         elif old != new:
             if key in names:
-                changes.append(f"{names[key]} is another version ({str(old)[:12]} -> {str(new)[:12]})")
+                changes.append(f"{names[key]} holds other content ({str(old)[:12]} -> {str(new)[:12]})")
             else:
                 changes.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
     return changes
@@ -102,7 +113,7 @@ def trained_adapter(
     partition = context.partition_key
     device = compute.info()
     parents = {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base}
-    inputs = training_inputs(model_config, formatted_dataset, quantized_base)
+    inputs = training_inputs(model_config, storage, formatted_dataset, quantized_base)
     run_key = inputs_key(inputs)
     finished = storage.remembered(partition, "trained_adapter", run_key)
     if finished is not None:
@@ -136,7 +147,7 @@ def trained_adapter(
         uri = storage.publish_checkpoint(folder, partition, "trained_adapter", run_key, step)
         context.log.info(f"checkpoint at step {step}: {uri}")
 
-    train = pd.read_parquet(storage.local_path(formatted_dataset) / "train.parquet")
+    train = pd.read_parquet(storage.local_path(formatted_dataset) / TRAIN_SPLIT)
     base_dir = storage.local_path(quantized_base)
     plan = check_fits(model_config, device, base_dir)  # before the model is loaded
     base_name = model_config.base_model if not model_config.base_model.startswith(BUILTIN_PREFIX) else quantized_base.uri

@@ -42,6 +42,9 @@ MANIFEST = "MANIFEST.json"
 POINTER = "CURRENT.json"
 CARD = "README.md"
 CARD_HISTORY = "CARD.json"
+LINEAGE = "LINEAGE.json"
+# What an artifact says about itself (who made it, when, how it scored), not what it holds.
+ABOUT_FILES = (LINEAGE, CARD)
 INPUTS = "INPUTS.json"
 
 
@@ -368,6 +371,21 @@ class ArtifactStore(dg.ConfigurableResource):
                 )
         _HASHED.add(key)
 
+
+    def content_digest(self, ref: ArtifactRef, only: tuple[str, ...] = ()) -> str:
+        """sha256 of what an artifact holds: its manifest without the lineage and the model card, or
+        with only the files named.
+
+        Two runs that made the same bytes have the same content digest, though their lineage
+        (run id, start time) makes their versions differ.
+        """
+        manifest = json.loads((self.local_path(ref) / MANIFEST).read_text())
+        entries = [entry for entry in manifest["files"]
+                   if (entry["path"] in only if only else entry["path"] not in ABOUT_FILES)]
+        missing = set(only) - {entry["path"] for entry in entries}
+        if missing:
+            raise ArtifactIntegrityError(f"{ref.uri}: has no {', '.join(sorted(missing))}")
+        return _manifest_digest({"files": entries})
 
     def amend_card(self, ref: ArtifactRef, text: str, amended_by: str) -> None:
         """Replace a published artifact's model card (README.md), the one file that may change after publishing.
