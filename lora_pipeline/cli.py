@@ -478,9 +478,8 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    import dagster as dg
-
     from lora_pipeline.assets.common import MODEL_PARTITIONS
+    from lora_pipeline.assets.provenance import newest_materialization
     from lora_pipeline.config.registry import ConfigRegistry
 
     registry = ConfigRegistry()
@@ -493,10 +492,8 @@ def command_list(args: argparse.Namespace) -> int:
     for key in sorted(known | set(registry.keys)):
         states = {}
         for name in ASSET_ORDER:
-            records = instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
-            ).records
-            states[name] = records[0].timestamp if records else None
+            record = newest_materialization(instance, key, name)
+            states[name] = record.timestamp if record is not None else None
         rows.append(
             {
                 "model": key,

@@ -58,9 +58,11 @@ def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) 
     )
 
 
-def _stale_run(instance, key: str, model_config, storage: ArtifactStore, run_key: str, trigger: str):
+def _stale_run(instance, key: str, model_config, storage: ArtifactStore, run_key: str, trigger: str,
+               source_version: str | None = None):
     """A run of the model's assets that are not up to date, or None when all are."""
-    stale = [name for name in STAGES if name not in up_to_date_assets(instance, key, STAGES, model_config, storage)]
+    current = up_to_date_assets(instance, key, STAGES, model_config, storage, source_version)
+    stale = [name for name in STAGES if name not in current]
     if not stale:
         return None
     return dg.RunRequest(partition_key=key, run_key=run_key, asset_selection=[dg.AssetKey(name) for name in stale],
@@ -91,7 +93,8 @@ def dataset_changes(context: dg.SensorEvaluationContext, registry: ModelRegistry
             notes.append(f"{key}: {exc}")
             continue
         if key in seen and seen[key] != version:
-            request = _stale_run(context.instance, key, model_config, storage, f"{key}:{version}", "dataset changed")
+            request = _stale_run(context.instance, key, model_config, storage, f"{key}:{version}", "dataset changed",
+                                 version)
             if request is not None:
                 requests.append(request)
         seen[key] = version

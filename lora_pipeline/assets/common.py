@@ -8,7 +8,6 @@ import dagster as dg
 
 from lora_pipeline.assets.provenance import (
     CODE_VERSIONS,
-    LINEAGE_FILE,
     lineage_record,
     mark_stage_start,
     parent_lineage,
@@ -18,7 +17,7 @@ from lora_pipeline.config.registry import PARTITION_KEY_PATTERN, validate_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.resources.registry import ModelRegistry
-from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+from lora_pipeline.resources.storage import LINEAGE, ArtifactRef, ArtifactStore
 
 # Dynamic, so that any YAML file can become a model: the files under configs/ are added by the
 # model_configs sensor and by the CLI, and `lora-pipeline run` adds a file from anywhere.
@@ -90,10 +89,9 @@ def provenance(
     parent_records = {name: parent_lineage(storage.local_path(ref)) for name, ref in parents.items()}
     if source_version is None:
         source_version = next((r["source_version"] for r in parent_records.values() if r.get("source_version")), "")
-    for inherited in ("dataset_fingerprint",):
-        known = next((r[inherited] for r in parent_records.values() if r.get(inherited)), None)
-        if known is not None:
-            facts.setdefault(inherited, known)
+    fingerprint = next((r["dataset_fingerprint"] for r in parent_records.values() if r.get("dataset_fingerprint")), None)
+    if fingerprint is not None:
+        facts.setdefault("dataset_fingerprint", fingerprint)
     versions = stage_versions(model_config, source_version)
     return lineage_record(
         stage, context.partition_key, model_config, versions, source_version,
@@ -105,7 +103,7 @@ def provenance(
 
 def publish_stage(context: dg.AssetExecutionContext, storage: ArtifactStore, staging: Path, record: dict) -> ArtifactRef:
     """Write the stage's lineage into its staged artifact and publish it."""
-    write_json(staging / LINEAGE_FILE, record)
+    write_json(staging / LINEAGE, record)
     return storage.publish(staging, context.partition_key, context.asset_key.path[-1])
 
 

@@ -28,7 +28,8 @@ from lora_pipeline.config.schema import ModelConfig
 from lora_pipeline.ml.tiny import BUILTIN_PREFIX
 from lora_pipeline.resources.storage import LINEAGE
 
-LINEAGE_FILE = LINEAGE
+# The tag Dagster keeps a materialization's or an observation's data version in.
+DATA_VERSION_TAG = "dagster/data_version"
 
 # Bump a stage's version when its code changes what it produces.
 CODE_VERSIONS = {
@@ -90,9 +91,7 @@ def stage_config(model_config: ModelConfig, stage: str) -> dict:
         return {"dataset": config["dataset"], **base, "max_length": training["max_length"],
                 "completion_only_loss": training["completion_only_loss"]}
     if stage == "quantized_base":
-        built_in = model_config.base_model.startswith(BUILTIN_PREFIX)
-        # A built-in model's tokenizer is trained on the cleaned training split.
-        data = {"dataset": config["dataset"]} if built_in else {}
+        data = {"dataset": config["dataset"]} if reads_source(model_config, stage) else {}
         return {**base, "quantization": config["quantization"], **data}
     if stage == "trained_adapter":
         return {"training": training, "lora": config["lora"], "trust_remote_code": config["trust_remote_code"]}
@@ -236,7 +235,7 @@ def lineage_record(
 
 def parent_lineage(folder: Path) -> dict:
     """The lineage of an input artifact (its folder), or {} for artifacts made before lineage existed."""
-    path = folder / LINEAGE_FILE
+    path = folder / LINEAGE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
@@ -264,14 +263,21 @@ def readable_source_version(model_config: ModelConfig) -> str | None:
         return None
 
 
-def _newest_materialization(instance, key: str, name: str):
-    """The newest materialization of asset `name` for model `key`, or None."""
+def newest_materialization(instance, key: str, name: str):
+    """The record of the newest materialization of asset `name` for model `key`, or None."""
     import dagster as dg
 
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1
     ).records
-    return records[0].asset_materialization if records else None
+    return records[0] if records else None
+
+
+def _materialized_version(instance, key: str, name: str) -> tuple[object, str | None]:
+    """The newest materialization of asset `name` for model `key` (or None) and the version it has."""
+    record = newest_materialization(instance, key, name)
+    materialization = record.asset_materialization if record is not None else None
+    return materialization, materialization.tags.get(DATA_VERSION_TAG) if materialization is not None else None
 
 
 def stale_assets(instance, key: str, model_config: ModelConfig, source_version: str) -> list[str]:
@@ -280,8 +286,8 @@ def stale_assets(instance, key: str, model_config: ModelConfig, source_version: 
     versions = stage_versions(model_config, source_version)
     stale = []
     for name in PARENTS:
-        materialization = _newest_materialization(instance, key, name)
-        if materialization is not None and materialization.tags.get("dagster/data_version") != versions[name]:
+        materialization, materialized = _materialized_version(instance, key, name)
+        if materialization is not None and materialized != versions[name]:
             stale.append(name)
     return stale
 
@@ -301,8 +307,8 @@ def up_to_date_assets(instance, key: str, selected: list[str], model_config, sto
     versions = stage_versions(model_config, source_version)
     current = {}
     for name in selected:
-        materialization = _newest_materialization(instance, key, name)
-        if materialization is None or materialization.tags.get("dagster/data_version") != versions[name]:
+        materialization, materialized = _materialized_version(instance, key, name)
+        if materialization is None or materialized != versions[name]:
             continue
         metadata = plain_metadata(materialization.metadata)
         try:

@@ -17,6 +17,7 @@ import dagster as dg
 
 from lora_pipeline.assets.common import MODEL_PARTITIONS, SETTINGS_GROUP, settings_key
 from lora_pipeline.assets.provenance import (
+    DATA_VERSION_TAG,
     PARENTS,
     library_versions,
     reads_source,
@@ -27,9 +28,6 @@ from lora_pipeline.assets.provenance import (
     upstream_stages,
 )
 from lora_pipeline.config.schema import ModelConfig
-
-# The tag Dagster reads an observation's data version from.
-DATA_VERSION_TAG = "dagster/data_version"
 
 # What provenance.stage_config gives each stage, in words.
 READS = {

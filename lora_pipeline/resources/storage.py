@@ -371,7 +371,6 @@ class ArtifactStore(dg.ConfigurableResource):
                 )
         _HASHED.add(key)
 
-
     def content_digest(self, ref: ArtifactRef, only: tuple[str, ...] = ()) -> str:
         """sha256 of what an artifact holds: its manifest without the lineage and the model card, or
         with only the files named.
