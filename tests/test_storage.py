@@ -306,3 +306,20 @@ def test_an_amended_card_on_s3_reaches_new_readers_and_the_local_copy(s3_bucket,
     reader = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "elsewhere"))
     assert (_hashed_afresh(reader, ref) / "README.md").read_text() == "# card with evaluation\n"
     assert fs.cat(f"{bucket}/store/micro/trained_adapter/{ref.sha256[:16]}/README.md") == b"# card with evaluation\n"
+
+
+def test_the_content_digest_is_what_an_artifact_holds_not_who_made_it(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+
+    def publish(lineage, data="rows"):
+        with store.staging_dir() as staging:
+            _write(staging, {"LINEAGE.json": lineage, "train.parquet": data, "eval.parquet": "held out"})
+            return store.publish(staging, "micro", "formatted_dataset")
+
+    first, second = publish('{"run": "a"}'), publish('{"run": "b"}')
+    assert first.sha256 != second.sha256  # two versions...
+    assert store.content_digest(first) == store.content_digest(second)  # ...of the same content
+    assert store.content_digest(publish('{"run": "c"}', data="other rows")) != store.content_digest(first)
+    assert store.content_digest(first, only=("train.parquet",)) != store.content_digest(first)
+    with pytest.raises(ArtifactIntegrityError, match="has no missing.parquet"):
+        store.content_digest(first, only=("missing.parquet",))
