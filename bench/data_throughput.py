@@ -62,7 +62,7 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> None:
 
 def build_base(data: Path, out: Path) -> None:
     """A tiny Llama whose tokenizer (byte-level BPE, 32k vocabulary) is trained on the first rows."""
-    from lora_pipeline.ml.tiny import TinyLlamaShape, build_tiny_llama
+    from lora_pipeline.ml.base.tiny import TinyLlamaShape, build_tiny_llama
 
     corpus = []
     with data.open(encoding="utf-8") as handle:
@@ -103,7 +103,7 @@ def tokenizer_ceiling(data: Path, base: Path, rows: int = 100_000) -> dict:
     """Rows/s of the tokenizer alone (batched, with offsets, as formatted_dataset calls it) on the same texts."""
     from transformers import AutoTokenizer
 
-    from lora_pipeline.ml.templates import alpaca_prompt
+    from lora_pipeline.ml.data.templates import alpaca_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     texts = []

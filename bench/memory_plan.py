@@ -3,8 +3,8 @@
 Builds the micro and tiny built-in models (plus a wider one of the same family, so the weights weigh
 something, and a randomly initialised model of openai-community/gpt2's shape with the built-in
 tokenizer), quantizes them, formats the bundled sample data as formatted_dataset does, then trains a
-few steps per case in a fresh subprocess with lora_pipeline.ml.train.train_adapter. The measured peak is
-what the trainer records on CPU (process peak RSS); the estimate is lora_pipeline.ml.memory.plan_memory
+few steps per case in a fresh subprocess with lora_pipeline.ml.training.train_adapter. The measured peak is
+what the trainer records on CPU (process peak RSS); the estimate is lora_pipeline.ml.base.memory.plan_memory
 from the model folder's config.json. Cases use packing, so every batch really holds batch x max_length
 tokens (the planner's worst case), except the padded one, whose examples are cut at max_length.
 
@@ -64,8 +64,8 @@ def worker(spec: dict) -> None:
     """Train one case in this fresh process and print the peak the trainer measured (JSON, last line)."""
     import pandas as pd
 
-    from lora_pipeline.ml.precision import DeviceInfo
-    from lora_pipeline.ml.train import train_adapter
+    from lora_pipeline.ml.base.precision import DeviceInfo
+    from lora_pipeline.ml.training import train_adapter
 
     lora, _, training = settings(tuple(spec["case"]), spec["steps"])
     train = pd.read_parquet(spec["train"])
@@ -80,10 +80,10 @@ def prepare(work: Path, lengths: dict[str, list[int]]) -> None:
     from transformers import AutoTokenizer
 
     from lora_pipeline.config.schema import DatasetSettings
-    from lora_pipeline.ml.data import FormatSettings, clean_rows, format_dataset, load_dataset, tokenizer_corpus
-    from lora_pipeline.ml.precision import DeviceInfo
-    from lora_pipeline.ml.quantize import quantize_base
-    from lora_pipeline.ml.tiny import BUILTIN_MODELS, TinyLlamaShape, build_tiny_llama
+    from lora_pipeline.ml.data.prepare import FormatSettings, clean_rows, format_dataset, load_dataset, tokenizer_corpus
+    from lora_pipeline.ml.base.precision import DeviceInfo
+    from lora_pipeline.ml.base.quantize import quantize_base
+    from lora_pipeline.ml.base.tiny import BUILTIN_MODELS, TinyLlamaShape, build_tiny_llama
 
     shapes = {**BUILTIN_MODELS, "wide-llama": TinyLlamaShape(hidden_size=1024, layers=8, vocab_size=4096)}
     cleaned = clean_rows(load_dataset(DatasetSettings(source=str(SAMPLE))))
@@ -106,7 +106,7 @@ def build_gpt2_shape(tokenizer_dir: Path, out: Path, corpus: list[str]) -> Path:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from lora_pipeline.ml.tiny import BUILTIN_MODELS, build_tiny_llama
+    from lora_pipeline.ml.base.tiny import BUILTIN_MODELS, build_tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_llama(corpus, tokenizer_dir, BUILTIN_MODELS["micro-llama"]))
     torch.manual_seed(0)
@@ -136,8 +136,8 @@ def measure(work: Path, case: tuple, steps: int, live: bool) -> int:
 
 def estimate(work: Path, case: tuple, steps: int):
     """The planner's plan for a case, from the built model's config.json."""
-    from lora_pipeline.ml.memory import architecture_config, plan_memory
-    from lora_pipeline.ml.precision import DeviceInfo
+    from lora_pipeline.ml.base.memory import architecture_config, plan_memory
+    from lora_pipeline.ml.base.precision import DeviceInfo
 
     model, mode, *_ = case
     lora, quantization, training = settings(case, steps)
@@ -159,7 +159,7 @@ def main() -> None:
     if args.prepare:
         return prepare(Path(args.prepare[0]), json.loads(args.prepare[1]))
 
-    from lora_pipeline.ml.memory import CPU_PROCESS_BASELINE_BYTES
+    from lora_pipeline.ml.base.memory import CPU_PROCESS_BASELINE_BYTES
 
     cases = {name: CASES[name] for name in (args.only or CASES)}
     if args.baseline:

@@ -34,10 +34,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lora_pipeline.assets.data import format_settings
-    from lora_pipeline.ml.data import clean_rows, format_dataset, load_dataset
-    from lora_pipeline.ml.precision import DeviceInfo, compute_dtype_name
-    from lora_pipeline.ml.quantize import quantize_base
-    from lora_pipeline.ml.train import train_adapter
+    from lora_pipeline.ml.data.prepare import clean_rows, format_dataset, load_dataset
+    from lora_pipeline.ml.base.precision import DeviceInfo, compute_dtype_name
+    from lora_pipeline.ml.base.quantize import quantize_base
+    from lora_pipeline.ml.training import train_adapter
 
     with tempfile.TemporaryDirectory(prefix="lora-profile-") as tmp:
         work = Path(tmp)

@@ -13,11 +13,20 @@ tune = dg.define_asset_job(
     description="The whole pipeline for one model: data, quantized base, adapter, merged model, report.",
 )
 
-defs = dg.Definitions(
-    assets=[*PIPELINE_ASSETS, *SETTINGS_SPECS],
-    asset_checks=PIPELINE_CHECKS,
-    jobs=[tune],
-    sensors=[model_configs, dataset_changes],
-    schedules=model_schedules(),
-    resources=default_resources(),
-)
+
+def build_definitions(resources: dict | None = None, loggers: dict | None = None,
+                      automation: bool = True) -> dg.Definitions:
+    """The definitions of this code location; the CLI builds them with its own resources and logger
+    and without the sensors and schedules, which only a daemon runs."""
+    return dg.Definitions(
+        assets=[*PIPELINE_ASSETS, *SETTINGS_SPECS],
+        asset_checks=PIPELINE_CHECKS,
+        jobs=[tune],
+        sensors=[model_configs, dataset_changes] if automation else None,
+        schedules=model_schedules() if automation else None,
+        resources=default_resources() if resources is None else resources,
+        loggers=loggers,
+    )
+
+
+defs = build_definitions()

@@ -7,14 +7,14 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.assets.common import MODEL_PARTITIONS
-from lora_pipeline.assets.provenance import PARENTS, up_to_date_assets
+from lora_pipeline.assets.provenance import up_to_date_assets
+from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.assets.settings import settings_changes
 from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactStore
 
 TUNE_JOB = "tune"
-STAGES = list(PARENTS)
 
 
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
@@ -29,9 +29,9 @@ def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) 
     does not validate is skipped with a warning, and a source that cannot be read leaves the stages
     whose settings cover it unreported; neither fails the tick.
     """
-    from lora_pipeline.ml.data import dataset_source_version
+    from lora_pipeline.ml.data.prepare import dataset_source_version
 
-    known = registry.registry()
+    known = registry.configs()
     existing = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
     new_keys = [key for key in known.keys if key not in existing]
     events: list[dg.AssetObservation] = []
@@ -61,8 +61,9 @@ def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) 
 def _stale_run(instance, key: str, model_config, storage: ArtifactStore, run_key: str, trigger: str,
                source_version: str | None = None):
     """A run of the model's assets that are not up to date, or None when all are."""
-    current = up_to_date_assets(instance, key, STAGES, model_config, storage, source_version)
-    stale = [name for name in STAGES if name not in current]
+    stages = stage_names()
+    current = up_to_date_assets(instance, key, stages, model_config, storage, source_version)
+    stale = [name for name in stages if name not in current]
     if not stale:
         return None
     return dg.RunRequest(partition_key=key, run_key=run_key, asset_selection=[dg.AssetKey(name) for name in stale],
@@ -78,10 +79,10 @@ def dataset_changes(context: dg.SensorEvaluationContext, registry: ModelRegistry
     recorded, not run. The run key is the model and the new version, so one change launches
     exactly one run, of the assets that the change made stale.
     """
-    from lora_pipeline.ml.data import dataset_source_version
+    from lora_pipeline.ml.data.prepare import dataset_source_version
 
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    known = registry.registry()
+    known = registry.configs()
     requests, notes = [], []
     for key in known.keys:
         try:
@@ -136,7 +137,7 @@ def _model_schedule(key: str, cron: str, file_name: str) -> dg.ScheduleDefinitio
         description=f"Re-runs the stale assets of model {key} ({cron}, from {file_name}).",
     )
     def retrain(context: dg.ScheduleEvaluationContext, registry: ModelRegistry, storage: ArtifactStore):
-        model_config = registry.registry().load(key)  # as the file says now
+        model_config = registry.configs().load(key)  # as the file says now
         request = _stale_run(context.instance, key, model_config, storage,
                              f"{key}:{context.scheduled_execution_time.isoformat()}", "schedule")
         return request if request is not None else dg.SkipReason(f"model {key} is up to date")

@@ -82,7 +82,7 @@ def fake_resources(tmp_path):
 @pytest.fixture(scope="session")
 def micro_base(tmp_path_factory) -> Path:
     """The micro built-in model, built once per session from the sample data."""
-    from lora_pipeline.ml.tiny import BUILTIN_MODELS, build_tiny_llama
+    from lora_pipeline.ml.base.tiny import BUILTIN_MODELS, build_tiny_llama
 
     out = tmp_path_factory.mktemp("micro-base")
     return build_tiny_llama(sample_corpus(), out, BUILTIN_MODELS["micro-llama"])
@@ -90,7 +90,7 @@ def micro_base(tmp_path_factory) -> Path:
 
 def sample_corpus() -> list[str]:
     """The texts the micro model's tokenizer is trained on: what the pipeline gives it for the test config."""
-    from lora_pipeline.ml.data import clean_rows, load_dataset, tokenizer_corpus
+    from lora_pipeline.ml.data.prepare import clean_rows, load_dataset, tokenizer_corpus
 
     return tokenizer_corpus(clean_rows(load_dataset(dataset_settings(max_rows=160))), 0.15)
 
@@ -104,7 +104,7 @@ def dataset_settings(**fields):
 
 def format_rows(tokenizer, dataset=None, dedupe: str = "normalized", **format_fields):
     """Load, clean and format a dataset section with a tokenizer: what formatted_dataset does."""
-    from lora_pipeline.ml.data import FormatSettings, clean_rows, format_dataset, load_dataset
+    from lora_pipeline.ml.data.prepare import FormatSettings, clean_rows, format_dataset, load_dataset
 
     loaded = load_dataset(dataset or dataset_settings())
     return format_dataset(clean_rows(loaded, dedupe), tokenizer, FormatSettings(**format_fields))

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 
 from conftest import micro_config_data
 from lora_pipeline.config.registry import validate_config
-from lora_pipeline.ml.modelcard import merged_card, with_evaluation
+from lora_pipeline.ml.report.modelcard import merged_card, with_evaluation
 
 METRICS = {
     "base": {"loss": 7.2185, "perplexity": 1365.1, "token_accuracy": 0.01},

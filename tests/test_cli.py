@@ -131,25 +131,25 @@ def test_the_demo_meets_its_acceptance_figures(tmp_path):
     ],
 )
 def test_selection_syntax(text, expected):
-    from lora_pipeline.cli import _selected_asset_names, _selection
+    from lora_pipeline.cli.run import selected_asset_names, selection
 
-    assert _selected_asset_names(_selection(text)) == expected
+    assert selected_asset_names(selection(text)) == expected
 
 
 def test_an_unknown_asset_in_the_selection_is_a_config_error():
-    from lora_pipeline.cli import _selected_asset_names, _selection
+    from lora_pipeline.cli.run import selected_asset_names, selection
     from lora_pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--select"):
-        _selected_asset_names(_selection("trained_adaptor"))
+        selected_asset_names(selection("trained_adaptor"))
     with pytest.raises(ConfigError, match="--select"):
-        _selection("key:(broken")
+        selection("key:(broken")
 
 
 def test_debug_is_honoured_before_or_after_the_command():
-    from lora_pipeline.cli import _build_parser
+    from lora_pipeline.cli import build_parser
 
-    parser = _build_parser()
+    parser = build_parser()
     assert parser.parse_args(["--debug", "list"]).debug
     assert parser.parse_args(["list", "--debug"]).debug
     assert not parser.parse_args(["list"]).debug

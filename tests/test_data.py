@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from lora_pipeline.errors import ConfigError, DataError
-from lora_pipeline.ml.data import clean_rows, load_dataset, split_sizes
+from lora_pipeline.ml.data.prepare import clean_rows, load_dataset, split_sizes
 
 from conftest import SAMPLE_DATA, SHARED_DATA, dataset_settings, format_rows
 
@@ -79,7 +79,7 @@ def _write_jsonl(path, rows):
 def test_vectorised_normalisation_matches_python_split_and_lower():
     import pyarrow as pa
 
-    from lora_pipeline.ml.data import normalise
+    from lora_pipeline.ml.data.prepare import normalise
 
     texts = [" a  b ", "\tA\nB\r\n", "x", "", "   ", "Caf\u00e9\u2003\u2003Bar\x1c", "x\xa0y\x85z"]
     assert normalise(pa.array(texts)).to_pylist() == [" ".join(t.split()).lower() for t in texts]
@@ -258,7 +258,7 @@ def test_a_system_prompt_is_added_where_rows_have_none(tmp_path, tokenizer):
 def test_a_pad_token_distinct_from_eos_is_chosen_when_the_tokenizer_pads_with_eos(micro_base):
     from transformers import AutoTokenizer
 
-    from lora_pipeline.ml.data import ensure_distinct_pad
+    from lora_pipeline.ml.data.prepare import ensure_distinct_pad
 
     tokenizer = AutoTokenizer.from_pretrained(micro_base)
     tokenizer.pad_token = tokenizer.eos_token
@@ -290,7 +290,7 @@ def test_cleaning_counts_every_step(tmp_path, tokenizer):
 
 
 def test_split_is_deterministic_disjoint_and_duplicates_never_straddle_it(tokenizer, tmp_path):
-    from lora_pipeline.ml.quality import check_disjoint
+    from lora_pipeline.ml.data.quality import check_disjoint
 
     rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(300)]
     rows += [{"instruction": "Question 7 ", "output": "answer  7"}]  # a normalised duplicate of row 7
@@ -311,7 +311,7 @@ def test_split_is_deterministic_disjoint_and_duplicates_never_straddle_it(tokeni
 
 
 def test_the_formatted_check_catches_missing_eos_and_too_much_truncation(tokenizer):
-    from lora_pipeline.ml.quality import check_formatted, example_summary
+    from lora_pipeline.ml.data.quality import check_formatted, example_summary
 
     import pyarrow as pa
 
@@ -411,8 +411,8 @@ def test_an_unknown_format_name_is_a_config_error_naming_the_key(tmp_path):
 
 
 def test_training_labels_are_minus_100_exactly_off_the_assistant_turns(tmp_path, tokenizer):
-    from lora_pipeline.ml.evaluate import IGNORE_INDEX
-    from lora_pipeline.ml.train import training_labels
+    from lora_pipeline.ml.batches import IGNORE_INDEX
+    from lora_pipeline.ml.training import training_labels
 
     path = _write_jsonl(tmp_path / "chat.jsonl", SHAREGPT)
     frame = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=2048).train.to_pandas()
@@ -424,7 +424,7 @@ def test_training_labels_are_minus_100_exactly_off_the_assistant_turns(tmp_path,
 
 
 def test_chatml_renders_the_standard_layout_with_tools_and_tool_calls(tokenizer):
-    from lora_pipeline.ml.templates import CHATML
+    from lora_pipeline.ml.data.templates import CHATML
 
     chat = [
         {"role": "system", "content": "S"}, {"role": "user", "content": "U"},

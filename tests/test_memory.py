@@ -10,8 +10,8 @@ import pytest
 
 from lora_pipeline.config.registry import load_config_file
 from lora_pipeline.config.schema import LoraSettings, QuantizationSettings, TrainingSettings
-from lora_pipeline.ml.architectures import HUB_ARCHITECTURES
-from lora_pipeline.ml.memory import (
+from lora_pipeline.ml.base.architectures import HUB_ARCHITECTURES
+from lora_pipeline.ml.base.memory import (
     GIB,
     MIB,
     Architecture,
@@ -21,7 +21,7 @@ from lora_pipeline.ml.memory import (
     plan_for_config,
     plan_memory,
 )
-from lora_pipeline.ml.precision import DeviceInfo
+from lora_pipeline.ml.base.precision import DeviceInfo
 
 from conftest import REPO, dataset_settings, format_rows
 
@@ -148,8 +148,8 @@ import json, sys
 from pathlib import Path
 import pandas as pd
 from lora_pipeline.config.schema import LoraSettings, TrainingSettings
-from lora_pipeline.ml.precision import DeviceInfo
-from lora_pipeline.ml.train import train_adapter
+from lora_pipeline.ml.base.precision import DeviceInfo
+from lora_pipeline.ml.training import train_adapter
 spec = json.loads(sys.argv[1])
 result = train_adapter(Path(spec["base"]), pd.read_parquet(spec["train"]), Path(spec["out"]),
                        LoraSettings(**spec["lora"]), TrainingSettings(**spec["training"]), DeviceInfo(device="cpu"),
@@ -164,7 +164,7 @@ LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c
 def test_a_real_micro_training_peak_is_within_25_percent_of_the_estimate(micro_base, tmp_path):
     from transformers import AutoTokenizer
 
-    from lora_pipeline.ml.quantize import quantize_base
+    from lora_pipeline.ml.base.quantize import quantize_base
 
     nf4 = tmp_path / "nf4"
     quantize_base(micro_base, nf4, "nf4", True, "float32", CPU)

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lora_pipeline.ml.evaluate import IGNORE_INDEX, example_batches, logits_of, max_relative_difference, pad_id_of
-from lora_pipeline.ml.merge import StaleQuantStateError, assert_dequantizable, load_dequantized, load_full_precision, merge_adapter
-from lora_pipeline.ml.precision import DeviceInfo
-from lora_pipeline.ml.quantize import quantize_base
+from lora_pipeline.ml.batches import IGNORE_INDEX, example_batches, logits_of, max_relative_difference, pad_id_of
+from lora_pipeline.ml.base.loading import StaleQuantStateError, assert_dequantizable, load_dequantized, load_full_precision
+from lora_pipeline.ml.merge import merge_adapter
+from lora_pipeline.ml.base.precision import DeviceInfo
+from lora_pipeline.ml.base.quantize import quantize_base
 
 from conftest import dataset_settings, format_rows, sample_corpus
 
@@ -44,7 +45,7 @@ def test_builtin_tokenizer_pads_with_a_token_that_is_not_eos(tokenizer):
 
 
 def test_builtin_model_is_deterministic(micro_base, tmp_path):
-    from lora_pipeline.ml.tiny import BUILTIN_MODELS, build_tiny_llama
+    from lora_pipeline.ml.base.tiny import BUILTIN_MODELS, build_tiny_llama
 
     again = build_tiny_llama(sample_corpus(), tmp_path / "again", BUILTIN_MODELS["micro-llama"])
     for name in ("model.safetensors", "tokenizer.json"):
@@ -73,7 +74,7 @@ def test_trl_training_batches_keep_eos_in_the_labels_and_mask_prompt_and_padding
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from lora_pipeline.ml.train import training_labels
+    from lora_pipeline.ml.training import training_labels
 
     tokenizer = AutoTokenizer.from_pretrained(micro_base)
     if pad == "eos":
@@ -104,7 +105,7 @@ def test_nf4_quantization_is_saved_and_reloads_exactly(micro_base, nf4_dir):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from lora_pipeline.ml.quantize import bitsandbytes_config
+    from lora_pipeline.ml.base.quantize import bitsandbytes_config
 
     reloaded = AutoModelForCausalLM.from_pretrained(nf4_dir, device_map={"": "cpu"})
     in_memory = AutoModelForCausalLM.from_pretrained(
@@ -191,7 +192,7 @@ def test_4bit_on_cpu_refuses_layer_widths_the_kernel_cannot_run(micro_base, tmp_
 
 def test_a_nan_loss_stops_training_with_the_step_and_saves_nothing(micro_base, splits, tmp_path):
     from lora_pipeline.config.schema import LoraSettings, TrainingSettings
-    from lora_pipeline.ml.train import TrainingDivergedError, train_adapter
+    from lora_pipeline.ml.training import TrainingDivergedError, train_adapter
 
     diverging = TrainingSettings(max_steps=6, batch_size=8, learning_rate=1e30, max_grad_norm=1e30, warmup=0.0)
     with pytest.raises(TrainingDivergedError, match=r"the training loss is (nan|inf|-inf) at step \d+"):
@@ -211,7 +212,7 @@ def test_training_resumed_from_a_checkpoint_ends_with_the_same_adapter_bit_for_b
     from safetensors.torch import load_file
 
     from lora_pipeline.config.schema import LoraSettings, TrainingSettings
-    from lora_pipeline.ml.train import train_adapter
+    from lora_pipeline.ml.training import train_adapter
 
     lora = LoraSettings(r=8, alpha=16, dropout=0.1)  # dropout draws from the RNG, which must be restored too
     settings = TrainingSettings(max_steps=8, batch_size=4, learning_rate=3e-3, max_length=96, warmup=0.25,

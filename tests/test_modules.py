@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_pipeline.ml.modules import resolve_target_modules
+from lora_pipeline.ml.base.modules import resolve_target_modules
 
 
 @pytest.mark.parametrize(

@@ -3,21 +3,19 @@ data would re-run, as soon as the model_configs sensor or `lora-pipeline run` re
 
 from __future__ import annotations
 
-import argparse
-
 import dagster as dg
 import pytest
 import yaml
 
 from conftest import micro_config_data
 from lora_pipeline.assets.common import MODEL_PARTITIONS, settings_key
-from lora_pipeline.assets.provenance import PARENTS
+from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.assets.settings import report_settings
 from lora_pipeline.config.registry import load_config_file
-from lora_pipeline.ml.data import dataset_source_version
+from lora_pipeline.ml.data.prepare import dataset_source_version
 from lora_pipeline.sensors import model_configs
 
-STAGES = list(PARENTS)
+STAGES = stage_names()
 DATA_STAGES = ["raw_dataset", "formatted_dataset"]
 
 
@@ -113,11 +111,13 @@ def test_a_settings_version_covers_the_stage_and_those_before_it():
     assert changed(quantization={"mode": "int8"}) == ["quantized_base", "trained_adapter", "merged_model",
                                                       "eval_report"]
     # New code in a stage re-runs it and what follows; the UI shows that before any run, as the CLI does it.
-    from lora_pipeline.assets import provenance
+    import dataclasses
+
+    from lora_pipeline.assets.stages import pipeline
 
     before = settings_asset_versions(validate_config(micro_config_data(base_model="acme/model"), "t"), "s1")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(provenance.CODE_VERSIONS, "merged_model", "next")
+        patch.setitem(pipeline(), "merged_model", dataclasses.replace(pipeline()["merged_model"], code_version="next"))
         after = settings_asset_versions(validate_config(micro_config_data(base_model="acme/model"), "t"), "s1")
     assert [stage for stage in STAGES if before[stage] != after[stage]] == ["merged_model", "eval_report"]
     # The source unknown: only the stages whose settings do not cover it (a hub base's quantization).
@@ -238,7 +238,7 @@ def test_the_cli_reports_the_settings_it_runs_with_and_the_files_again_after_a_r
     from lora_pipeline.assets.provenance import readable_source_version
     from lora_pipeline.assets.provenance import settings_asset_versions as versions_of
     from lora_pipeline.assets.settings import latest_settings_version, report_settings
-    from lora_pipeline.cli import _settings_reported
+    from lora_pipeline.cli.run import settings_reported
     from lora_pipeline.config.registry import load_config_file
 
     path = write_config("micro")
@@ -251,8 +251,7 @@ def test_the_cli_reports_the_settings_it_runs_with_and_the_files_again_after_a_r
     file_versions = versions_of(file_config, source)
 
     overridden = load_config_file(path, ["lora.r=4"])
-    args = argparse.Namespace(config=path, overrides=["lora.r=4"])
-    with _settings_reported(instance, "micro", overridden, source, args):
+    with settings_reported(instance, "micro", overridden, source, path, ["lora.r=4"]):
         during = latest_settings_version(instance, "micro", "trained_adapter")
         assert during == versions_of(overridden, source)["trained_adapter"] != file_versions["trained_adapter"]
         assert latest_settings_version(instance, "micro", "formatted_dataset") == file_versions["formatted_dataset"]

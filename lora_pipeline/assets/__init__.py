@@ -1,13 +1,24 @@
-"""The six pipeline assets, in order, and the settings assets they depend on."""
-from lora_pipeline.assets.base import quantized_base
-from lora_pipeline.assets.data import DATA_CHECKS, formatted_dataset, raw_dataset
-from lora_pipeline.assets.evaluation import eval_report
-from lora_pipeline.assets.merge import merged_model
-from lora_pipeline.assets.settings import SETTINGS_SPECS
-from lora_pipeline.assets.training import trained_adapter
+"""The pipeline's stages, one module each, and the settings assets they depend on.
 
-PIPELINE_ASSETS = [raw_dataset, formatted_dataset, quantized_base, trained_adapter, merged_model, eval_report]
+Every module here that is not a helper declares its stages with `pipeline_asset` (and may list
+its asset checks as CHECKS); importing the package imports them all, so a new stage is one new
+module. The order comes from the graph (stages.pipeline()).
+"""
+import importlib
+import pkgutil
 
-PIPELINE_CHECKS = [*DATA_CHECKS]
+# Modules of shared machinery, not stages.
+_HELPERS = {"common", "provenance", "settings", "stages"}
+_STAGE_MODULES = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)
+                  if info.name not in _HELPERS]
+
+from lora_pipeline.assets import stages  # noqa: E402
+from lora_pipeline.assets.settings import settings_specs  # noqa: E402
+
+PIPELINE_ASSETS = stages.definitions()
+PIPELINE_CHECKS = [check for module in _STAGE_MODULES for check in getattr(module, "CHECKS", [])]
+SETTINGS_SPECS = settings_specs()
+
+globals().update({definition.key.path[-1]: definition for definition in PIPELINE_ASSETS})
 
 __all__ = ["PIPELINE_ASSETS", "PIPELINE_CHECKS", "SETTINGS_SPECS"] + [a.key.path[-1] for a in PIPELINE_ASSETS]

@@ -6,8 +6,10 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.assets.common import (
+    BASE_MODEL_FIELDS,
+    Reads,
     pipeline_asset,
-    provenance,
+    stage_lineage,
     publish_stage,
     read_json,
     resolve_model_config,
@@ -15,10 +17,9 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.data import clean_rows, dataset_source_version, load_dataset, tokenizer_corpus
-from lora_pipeline.ml.precision import compute_dtype_name
-from lora_pipeline.ml.quantize import quantize_base
-from lora_pipeline.ml.tiny import BUILTIN_PREFIX
+from lora_pipeline.ml.data.prepare import clean_rows, dataset_source_version, load_dataset, tokenizer_corpus
+from lora_pipeline.ml.base.precision import compute_dtype_name
+from lora_pipeline.ml.base.quantize import quantize_base
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
@@ -28,7 +29,12 @@ BASE_INFO = "base_info.json"
 ORIGINAL_SUBDIR = "original"
 
 
-@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
+@pipeline_asset(
+    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version="1",
+    # A built-in model's tokenizer is trained on the cleaned training split.
+    reads=Reads(config=(*BASE_MODEL_FIELDS, "quantization"), source=lambda config: config.builtin_base,
+                with_source=("dataset",)),
+)
 def quantized_base(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -48,7 +54,7 @@ def quantized_base(
         trust_remote_code=model_config.trust_remote_code,
     )
     settings = model_config.quantization
-    built_in = model_config.base_model.startswith(BUILTIN_PREFIX)
+    built_in = model_config.builtin_base
     compute_dtype = compute_dtype_name(settings.compute_dtype, device)
     with storage.staging_dir() as staging:
         result = quantize_base(
@@ -70,7 +76,7 @@ def quantized_base(
                 "model_type": result.model_type,
             },
         )
-        record = provenance(context, model_config, storage, {}, device=device,
+        record = stage_lineage(context, model_config, storage, {}, device=device,
                             source_version=dataset_source_version(model_config.dataset) if built_in else "",
                             parameters=result.parameter_count, compute=compute.choices(model_config))
         ref = publish_stage(context, storage, staging, record)
@@ -78,14 +84,14 @@ def quantized_base(
     return stage_output(
         ref, record, model_config,
         {
-            "base_revision": dg.MetadataValue.text(model_config.base_revision or "default"),
-            "quantization": dg.MetadataValue.text(settings.mode),
-            "double_quant": dg.MetadataValue.bool(settings.double_quant),
-            "compute_dtype": dg.MetadataValue.text(compute_dtype),
-            "device": dg.MetadataValue.text(device.device),
-            "parameters": dg.MetadataValue.int(result.parameter_count),
-            "quantized_layers": dg.MetadataValue.int(result.quantized_modules),
-            "load_seconds": dg.MetadataValue.float(round(result.load_seconds, 3)),
+            "base_revision": model_config.base_revision or "default",
+            "quantization": settings.mode,
+            "double_quant": settings.double_quant,
+            "compute_dtype": compute_dtype,
+            "device": device.device,
+            "parameters": result.parameter_count,
+            "quantized_layers": result.quantized_modules,
+            "load_seconds": round(result.load_seconds, 3),
         },
     )
 

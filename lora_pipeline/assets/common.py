@@ -5,14 +5,15 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 
 from lora_pipeline.assets.provenance import (
-    CODE_VERSIONS,
     lineage_record,
     mark_stage_start,
     parent_lineage,
     stage_versions,
 )
+from lora_pipeline.assets.stages import Reads, Stage, declare, settings_key
 from lora_pipeline.config.registry import PARTITION_KEY_PATTERN, validate_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.errors import ConfigError
@@ -24,22 +25,19 @@ from lora_pipeline.resources.storage import LINEAGE, ArtifactRef, ArtifactStore
 MODEL_PARTITIONS = dg.DynamicPartitionsDefinition(name="models")
 
 ARTIFACT_IO = "artifact_io"
+# The config fields that say which base model is loaded, and how.
+BASE_MODEL_FIELDS = ("base_model", "base_revision", "allow_pickle", "trust_remote_code")
 GPU_POOL = "gpu"
-SETTINGS_GROUP = "settings"
-
-
-def settings_key(stage: str) -> dg.AssetKey:
-    """The key of the stage's settings asset (<stage>_settings), an input of the stage."""
-    return dg.AssetKey(f"{stage}_settings")
-
 
 # Data stages and their checks run before the model stages of the same run, so bad data fails
 # first instead of after the base model has been downloaded and quantized.
 DATA_FIRST = {"dagster/priority": "10"}
 
 
-def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False):
-    """The decorator of every stage: one partition per model, ArtifactRef pointers, versioned code.
+def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Reads, uses_gpu: bool = False):
+    """The decorator of every stage, and its one declaration: one partition per model, ArtifactRef
+    pointers, its code version (bump it when the code changes what the stage makes) and what it
+    reads besides its parent assets (`Reads`, hashed into its settings version; see stages.py).
 
     Stages that put a model on the accelerator run in the `gpu` pool, so an instance never runs
     more of them at once than its pool limit (the number of GPUs). Data stages run first. A stage
@@ -58,21 +56,23 @@ def pipeline_asset(*, kinds: set[str], group: str, uses_gpu: bool = False):
             with storage.writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
                 return compute(context, **inputs)
 
-        return dg.asset(
+        definition = dg.asset(
             op_tags=DATA_FIRST if group == "data" else None,
             partitions_def=MODEL_PARTITIONS,
             io_manager_key=ARTIFACT_IO,
             kinds=kinds,
             group_name=group,
             deps=[settings_key(compute.__name__)],
-            code_version=CODE_VERSIONS[compute.__name__],
+            code_version=code_version,
             pool=GPU_POOL if uses_gpu else None,
         )(as_sole_writer)
+        declare(Stage(compute.__name__, group, code_version, reads), definition)
+        return definition
 
     return decorate
 
 
-def provenance(
+def stage_lineage(
     context: dg.AssetExecutionContext,
     model_config: ModelConfig,
     storage: ArtifactStore,
@@ -108,23 +108,28 @@ def publish_stage(context: dg.AssetExecutionContext, storage: ArtifactStore, sta
 
 
 def stage_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, metadata: dict) -> dg.Output[ArtifactRef]:
-    """The stage's output: the pointer, its version as the Dagster data version, and its metadata."""
+    """The stage's output: the pointer, its version as the Dagster data version, and its metadata.
+
+    Metadata values are plain Python values, which Dagster wraps itself; only markdown and paths are
+    wrapped by the stages. NumPy scalars (counts, means) become Python ones here, once.
+    """
+    merged = {**ref_metadata(ref), **config_metadata(model_config), **lineage_metadata(record), **metadata}
     return dg.Output(
         ref,
         data_version=dg.DataVersion(record["version"]),
-        metadata={**ref_metadata(ref), **config_metadata(model_config), **lineage_metadata(record), **metadata},
+        metadata={key: value.item() if isinstance(value, np.generic) else value for key, value in merged.items()},
     )
 
 
-def lineage_metadata(record: dict) -> dict[str, dg.MetadataValue]:
+def lineage_metadata(record: dict) -> dict:
     """The lineage facts worth a glance in the UI (the whole record is LINEAGE.json in the artifact)."""
-    compute = {"compute": dg.MetadataValue.json(record["compute"])} if "compute" in record else {}
+    compute = {"compute": record["compute"]} if "compute" in record else {}
     return {
         **compute,
-        "version": dg.MetadataValue.text(record["version"]),
-        "git_commit": dg.MetadataValue.text(record["git_commit"]),
-        "libraries": dg.MetadataValue.text(", ".join(f"{k} {v}" for k, v in record["libraries"].items())),
-        "wall_seconds": dg.MetadataValue.float(record["wall_seconds"]),
+        "version": record["version"],
+        "git_commit": record["git_commit"],
+        "libraries": ", ".join(f"{k} {v}" for k, v in record["libraries"].items()),
+        "wall_seconds": record["wall_seconds"],
     }
 
 
@@ -143,7 +148,7 @@ def resolve_model_config(
     if not PARTITION_KEY_PATTERN.fullmatch(key):
         raise ConfigError(f"model key {key!r} is not valid; use lowercase letters, digits, '.', '_' and '-'")
     given = config.sections_given()
-    known = registry.registry()
+    known = registry.configs()
     if key in known.keys:
         data = {**known.raw(key), **given}
         origin = str(known.path_of(key)) + (" with run config" if given else "")
@@ -159,21 +164,21 @@ def resolve_model_config(
     return model_config
 
 
-def ref_metadata(ref: ArtifactRef) -> dict[str, dg.MetadataValue]:
+def ref_metadata(ref: ArtifactRef) -> dict:
     """Where an artifact lives and what it weighs: the first lines of every asset's metadata."""
     return {
         "uri": dg.MetadataValue.path(ref.uri),
-        "sha256": dg.MetadataValue.text(ref.sha256),
-        "size_mb": dg.MetadataValue.float(round(ref.size_bytes / 2**20, 3)),
-        "files": dg.MetadataValue.int(ref.files),
+        "sha256": ref.sha256,
+        "size_mb": round(ref.size_bytes / 2**20, 3),
+        "files": ref.files,
     }
 
 
-def config_metadata(model_config: ModelConfig) -> dict[str, dg.MetadataValue]:
+def config_metadata(model_config: ModelConfig) -> dict:
     """The config hash (part of every data version) and the base model."""
     return {
-        "config_hash": dg.MetadataValue.text(model_config.canonical_hash()),
-        "base_model": dg.MetadataValue.text(model_config.base_model),
+        "config_hash": model_config.canonical_hash(),
+        "base_model": model_config.base_model,
     }
 
 

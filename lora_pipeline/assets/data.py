@@ -6,10 +6,12 @@ import dagster as dg
 import pandas as pd
 
 from lora_pipeline.assets.common import (
+    BASE_MODEL_FIELDS,
     DATA_FIRST,
     MODEL_PARTITIONS,
+    Reads,
     pipeline_asset,
-    provenance,
+    stage_lineage,
     publish_stage,
     read_json,
     resolve_model_config,
@@ -17,7 +19,7 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.data import (
+from lora_pipeline.ml.data.prepare import (
     FormatSettings,
     LoadedDataset,
     clean_rows,
@@ -28,10 +30,10 @@ from lora_pipeline.ml.data import (
     release_unused_memory,
     tokenizer_corpus,
 )
-from lora_pipeline.ml.formats import storable, validate_rows
-from lora_pipeline.ml.plots import length_histogram_png, markdown_image
-from lora_pipeline.ml.quality import CheckOutcome, check_disjoint, check_formatted, split_summary
-from lora_pipeline.ml.sources import SourceRows
+from lora_pipeline.ml.data.formats import storable, validate_rows
+from lora_pipeline.ml.report.plots import length_histogram_png, markdown_image
+from lora_pipeline.ml.data.quality import CheckOutcome, check_disjoint, check_formatted, split_summary
+from lora_pipeline.ml.data.sources import SourceRows
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -39,9 +41,14 @@ from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 ROWS_FILE = "rows.parquet"
 DATASET_INFO = "dataset_info.json"
 FORMAT_SUMMARY = "format_summary.json"
+# The dataset fields that say which rows are read (the rest say what is done with them).
+SOURCE_FIELDS = ("source", "format", "columns", "split", "subset", "revision", "max_rows")
 
 
-@pipeline_asset(kinds={"parquet", "pandera"}, group="data")
+@pipeline_asset(
+    kinds={"parquet", "pandera"}, group="data", code_version="1",
+    reads=Reads(config=tuple(f"dataset.{name}" for name in SOURCE_FIELDS), source=True),
+)
 def raw_dataset(
     context: dg.AssetExecutionContext, config: TuningRunConfig, registry: ModelRegistry, storage: ArtifactStore
 ) -> dg.Output[ArtifactRef]:
@@ -65,7 +72,7 @@ def raw_dataset(
     with storage.staging_dir() as staging:
         stored.to_parquet(staging / ROWS_FILE, index=False)
         write_json(staging / DATASET_INFO, info)
-        record = provenance(context, model_config, storage, {}, source_version=source_version,
+        record = stage_lineage(context, model_config, storage, {}, source_version=source_version,
                             dataset_fingerprint=content_hash, rows=len(stored))
         ref = publish_stage(context, storage, staging, record)
     context.log.info(f"{len(stored)} {loaded.format} rows from {loaded.source}"
@@ -76,14 +83,14 @@ def raw_dataset(
     return stage_output(
         ref, record, model_config,
         {
-            "source": dg.MetadataValue.text(info["source"]),
-            "source_kind": dg.MetadataValue.text(info["source_kind"]),
-            "source_files": dg.MetadataValue.int(len(info["files"])),
-            "format": dg.MetadataValue.text(info["format"]),
-            "format_detected": dg.MetadataValue.bool(info["format_detected"]),
-            "fingerprint": dg.MetadataValue.text(content_hash),
-            "rows": dg.MetadataValue.int(info["rows"]),
-            "columns": dg.MetadataValue.text(", ".join(map(str, info["columns"]))),
+            "source": info["source"],
+            "source_kind": info["source_kind"],
+            "source_files": len(info["files"]),
+            "format": info["format"],
+            "format_detected": info["format_detected"],
+            "fingerprint": content_hash,
+            "rows": info["rows"],
+            "columns": ", ".join(map(str, info["columns"])),
             "preview": dg.MetadataValue.md(preview),
         },
     )
@@ -112,7 +119,10 @@ def format_settings(model_config: ModelConfig) -> FormatSettings:
     )
 
 
-@pipeline_asset(kinds={"parquet", "pandera"}, group="data")
+@pipeline_asset(
+    kinds={"parquet", "pandera"}, group="data", code_version="1",
+    reads=Reads(config=("dataset", *BASE_MODEL_FIELDS, "training.max_length", "training.completion_only_loss")),
+)
 def formatted_dataset(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -144,7 +154,7 @@ def formatted_dataset(
              "pad_token": formatted.pad_token, "counts": counts, "max_length": settings.max_length,
              "max_truncation_rate": model_config.dataset.max_truncation_rate},
         )
-        record = provenance(context, model_config, storage, {"raw_dataset": raw_dataset},
+        record = stage_lineage(context, model_config, storage, {"raw_dataset": raw_dataset},
                             train_rows=counts["train_rows"], eval_rows=counts["eval_rows"])
         ref = publish_stage(context, storage, staging, record)
     context.log.info(_rows_per_step_line(counts))
@@ -154,21 +164,21 @@ def formatted_dataset(
     return stage_output(
         ref, record, model_config,
         {
-            "format": dg.MetadataValue.text(formatted.format),
-            "template": dg.MetadataValue.text(formatted.template),
-            "eos_token": dg.MetadataValue.text(formatted.eos_token),
-            "pad_token": dg.MetadataValue.text(str(formatted.pad_token)),
-            "rows_in": dg.MetadataValue.int(counts["rows_in"]),
-            **{f"dropped_{name}": dg.MetadataValue.int(counts[name])
+            "format": formatted.format,
+            "template": formatted.template,
+            "eos_token": formatted.eos_token,
+            "pad_token": str(formatted.pad_token),
+            "rows_in": counts["rows_in"],
+            **{f"dropped_{name}": counts[name]
                for name in ("empty", "exact_duplicates", "normalized_duplicates", "too_long_dropped",
                             "no_trainable_tokens")},
-            "truncated": dg.MetadataValue.int(counts["truncated"]),
-            "train_rows": dg.MetadataValue.int(counts["train_rows"]),
-            "eval_rows": dg.MetadataValue.int(counts["eval_rows"]),
+            "truncated": counts["truncated"],
+            "train_rows": counts["train_rows"],
+            "eval_rows": counts["eval_rows"],
             "rows_per_step": dg.MetadataValue.md(_rows_per_step_table(counts)),
-            "train_tokens": dg.MetadataValue.int(counts["train_tokens"]),
-            "max_tokens": dg.MetadataValue.int(int(lengths.max())),
-            "truncation_rate": dg.MetadataValue.float(float((lengths > settings.max_length).mean())),
+            "train_tokens": counts["train_tokens"],
+            "max_tokens": int(lengths.max()),
+            "truncation_rate": float((lengths > settings.max_length).mean()),
             "token_lengths": dg.MetadataValue.md(
                 markdown_image(length_histogram_png(lengths, settings.max_length), "token lengths")
             ),
@@ -228,7 +238,7 @@ def train_eval_disjoint(context: dg.AssetCheckExecutionContext, storage: Artifac
     return _check_result(outcome)
 
 
-DATA_CHECKS = [rows_match_format, examples_are_trainable, train_eval_disjoint]
+CHECKS = [rows_match_format, examples_are_trainable, train_eval_disjoint]
 
 
 def _check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:

@@ -5,25 +5,30 @@ import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir
 from lora_pipeline.assets.common import (
+    Reads,
     merge_weights_kind,
     pipeline_asset,
-    provenance,
+    stage_lineage,
     publish_stage,
     resolve_model_config,
     stage_output,
 )
 from lora_pipeline.config.schema import TuningRunConfig
-from lora_pipeline.ml.evaluate import evaluate_pipeline
-from lora_pipeline.ml.merge import is_quantized_dir
-from lora_pipeline.ml.modelcard import with_evaluation
-from lora_pipeline.ml.report import write_report
+from lora_pipeline.ml.evaluation import evaluate_pipeline
+from lora_pipeline.ml.base.loading import is_quantized_dir
+from lora_pipeline.ml.report.modelcard import with_evaluation
+from lora_pipeline.ml.report.metrics_report import write_report
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 
-@pipeline_asset(kinds={"pytorch"}, group="evaluation", uses_gpu=True)
+@pipeline_asset(
+    kinds={"pytorch"}, group="evaluation", uses_gpu=True,
+    code_version="2",  # 2: writes its figures into the adapter's and the merged model's cards
+    reads=Reads(config=("eval", "merge", "trust_remote_code")),
+)
 def eval_report(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -65,7 +70,7 @@ def eval_report(
     with storage.staging_dir() as staging:
         document = write_report(result, staging, merge_weights, f"Evaluation: {context.partition_key}")
         report = (staging / "report.md").read_text(encoding="utf-8")
-        record = provenance(context, model_config, storage, {"formatted_dataset": formatted_dataset,
+        record = stage_lineage(context, model_config, storage, {"formatted_dataset": formatted_dataset,
                             "quantized_base": quantized_base, "trained_adapter": trained_adapter,
                             "merged_model": merged_model}, device=device)
         ref = publish_stage(context, storage, staging, record)
@@ -77,7 +82,7 @@ def eval_report(
     context.log.info("the adapter's and the merged model's model cards now carry these figures")
     comparison = document["comparison"]
     metrics = {
-        f"{model}_{name}": dg.MetadataValue.float(float(value))
+        f"{model}_{name}": float(value)
         for model, values in document.items()
         if model != "comparison"
         for name, value in values.items()
@@ -87,9 +92,9 @@ def eval_report(
         ref, record, model_config,
         {
             **metrics,
-            "adapter_vs_base_loss_change": dg.MetadataValue.float(comparison["adapter_vs_base_loss_change"]),
-            "merged_vs_adapter_loss_change": dg.MetadataValue.float(comparison["merged_vs_adapter_loss_change"]),
-            "eval_examples": dg.MetadataValue.int(result.examples),
+            "adapter_vs_base_loss_change": comparison["adapter_vs_base_loss_change"],
+            "merged_vs_adapter_loss_change": comparison["merged_vs_adapter_loss_change"],
+            "eval_examples": result.examples,
             "report": dg.MetadataValue.md(report.replace("![held-out loss](loss_by_model.png)", "")),
         },
     )

@@ -5,16 +5,18 @@ import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir, source_dtype
 from lora_pipeline.assets.common import (
+    Reads,
     merge_weights_kind,
     pipeline_asset,
-    provenance,
+    stage_lineage,
     publish_stage,
     resolve_model_config,
     stage_output,
 )
 from lora_pipeline.config.schema import TuningRunConfig
-from lora_pipeline.ml.merge import is_quantized_dir, merge_to_dir
-from lora_pipeline.ml.modelcard import merged_card
+from lora_pipeline.ml.base.loading import is_quantized_dir
+from lora_pipeline.ml.merge import merge_to_dir
+from lora_pipeline.ml.report.modelcard import merged_card
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -22,7 +24,10 @@ from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 PROBE_EXAMPLES = 8
 
 
-@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
+@pipeline_asset(
+    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version="1",
+    reads=Reads(config=("merge", "trust_remote_code")),
+)
 def merged_model(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -53,7 +58,7 @@ def merged_model(
             dtype=dtype,
             trust_remote_code=model_config.trust_remote_code,
         )
-        record = provenance(context, model_config, storage, {"formatted_dataset": formatted_dataset,
+        record = stage_lineage(context, model_config, storage, {"formatted_dataset": formatted_dataset,
                             "quantized_base": quantized_base, "trained_adapter": trained_adapter},
                             merged_into=weights, dtype=dtype)
         (staging / "README.md").write_text(merged_card(model_config, record, weights, dtype, fidelity),
@@ -66,14 +71,10 @@ def merged_model(
     return stage_output(
         ref, record, model_config,
         {
-            "merged_into": dg.MetadataValue.text(weights),
-            "dtype": dg.MetadataValue.text(dtype),
-            "merge_fidelity_max_relative_logit_difference": dg.MetadataValue.float(
-                fidelity.max_relative_logit_difference
-            ),
-            "merge_fidelity_max_absolute_logit_difference": dg.MetadataValue.float(
-                fidelity.max_absolute_logit_difference
-            ),
-            "probe_tokens": dg.MetadataValue.int(fidelity.probe_tokens),
+            "merged_into": weights,
+            "dtype": dtype,
+            "merge_fidelity_max_relative_logit_difference": fidelity.max_relative_logit_difference,
+            "merge_fidelity_max_absolute_logit_difference": fidelity.max_absolute_logit_difference,
+            "probe_tokens": fidelity.probe_tokens,
         },
     )

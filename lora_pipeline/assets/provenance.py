@@ -1,14 +1,9 @@
-"""What made each artifact: versions computed before anything runs, and the lineage every artifact carries.
+"""What made each artifact: the versions computed before anything runs, and the lineage every artifact carries.
 
-A stage's version hashes its code version, its settings version and its parents' versions. The
-settings version hashes what else the stage reads: the library stack, the part of the config it
-reads and, for raw_dataset (and a built-in base, whose tokenizer is trained on the data), the
-source's content version (file bytes, object ETags, hub commit). Equal versions mean an equal
-output, so a run can skip a stage whose newest materialization has the version it would produce
-now, and a change (a LoRA rank, a new data file) re-runs exactly the stages that read it and those
-after them. Each version is the stage's Dagster data version; the settings versions of a stage
-and those before it are reported as the data version of its <stage>_settings asset, so the UI
-marks those stages stale as soon as config, libraries or data change, before any run.
+The kinds of version are defined once, in the glossary of stages.py. In short: a stage version
+hashes the stage's code version, its settings version and its parents' stage versions; equal
+versions mean equal outputs, so a run skips a stage whose newest materialization already has the
+version it would produce now, and a change re-runs exactly the stages that read it and those after.
 """
 
 from __future__ import annotations
@@ -24,48 +19,16 @@ from contextvars import ContextVar
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from lora_pipeline.assets.stages import pipeline, upstream_stages
 from lora_pipeline.config.schema import ModelConfig
-from lora_pipeline.ml.tiny import BUILTIN_PREFIX
 from lora_pipeline.resources.storage import LINEAGE
 
 # The tag Dagster keeps a materialization's or an observation's data version in.
 DATA_VERSION_TAG = "dagster/data_version"
 
-# Bump a stage's version when its code changes what it produces.
-CODE_VERSIONS = {
-    "raw_dataset": "1",
-    "formatted_dataset": "1",
-    "quantized_base": "1",
-    "trained_adapter": "1",
-    "merged_model": "1",
-    "eval_report": "2",  # 2: writes its figures into the adapter's and the merged model's cards
-}
-
-PARENTS = {
-    "raw_dataset": [],
-    "formatted_dataset": ["raw_dataset"],
-    "quantized_base": [],
-    "trained_adapter": ["formatted_dataset", "quantized_base"],
-    "merged_model": ["formatted_dataset", "quantized_base", "trained_adapter"],
-    "eval_report": ["formatted_dataset", "quantized_base", "trained_adapter", "merged_model"],
-}
-
-
-def upstream_stages(stage: str) -> list[str]:
-    """The stages before `stage` (its parents, theirs, ...), in pipeline order."""
-    found = set(PARENTS[stage])
-    for parent in PARENTS[stage]:
-        found.update(upstream_stages(parent))
-    return [name for name in PARENTS if name in found]
-
-
 # The libraries whose upgrade can change an output; part of every version.
 STACK = ("torch", "transformers", "tokenizers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
          "pyarrow", "pandas")
-
-# Settings that change how often a run saves or logs, not what it produces.
-RESULT_NEUTRAL_TRAINING = ("checkpoint_every", "logging_steps")
-SOURCE_FIELDS = ("source", "format", "columns", "split", "subset", "revision", "max_rows")
 
 
 @functools.cache
@@ -81,31 +44,13 @@ def library_versions() -> dict[str, str]:
 
 
 def stage_config(model_config: ModelConfig, stage: str) -> dict:
-    """The part of the config a stage reads (so a change elsewhere leaves its version alone)."""
-    config = model_config.model_dump(mode="json")
-    base = {key: config[key] for key in ("base_model", "base_revision", "allow_pickle", "trust_remote_code")}
-    training = {k: v for k, v in config["training"].items() if k not in RESULT_NEUTRAL_TRAINING}
-    if stage == "raw_dataset":
-        return {key: config["dataset"][key] for key in SOURCE_FIELDS}
-    if stage == "formatted_dataset":
-        return {"dataset": config["dataset"], **base, "max_length": training["max_length"],
-                "completion_only_loss": training["completion_only_loss"]}
-    if stage == "quantized_base":
-        data = {"dataset": config["dataset"]} if reads_source(model_config, stage) else {}
-        return {**base, "quantization": config["quantization"], **data}
-    if stage == "trained_adapter":
-        return {"training": training, "lora": config["lora"], "trust_remote_code": config["trust_remote_code"]}
-    if stage == "merged_model":
-        return {"merge": config["merge"], "trust_remote_code": config["trust_remote_code"]}
-    if stage == "eval_report":
-        return {"eval": config["eval"], "merge": config["merge"], "trust_remote_code": config["trust_remote_code"]}
-    raise KeyError(stage)
+    """The part of the config a stage reads, as its decorator declares it."""
+    return pipeline()[stage].reads.of(model_config)
 
 
 def reads_source(model_config: ModelConfig, stage: str) -> bool:
     """Whether the stage reads the dataset source's content itself, not only through a parent."""
-    # A built-in model's tokenizer is trained on the cleaned training split.
-    return stage == "raw_dataset" or (stage == "quantized_base" and model_config.base_model.startswith(BUILTIN_PREFIX))
+    return pipeline()[stage].reads.reads_source(model_config)
 
 
 def stage_settings_versions(model_config: ModelConfig, source_version: str | None) -> dict[str, str]:
@@ -115,7 +60,7 @@ def stage_settings_versions(model_config: ModelConfig, source_version: str | Non
     left out and the others are still given.
     """
     settings: dict[str, str] = {}
-    for stage in PARENTS:
+    for stage in pipeline():
         payload = {"libraries": library_versions(), "config": stage_config(model_config, stage)}
         if reads_source(model_config, stage):
             if source_version is None:
@@ -135,8 +80,9 @@ def settings_asset_versions(model_config: ModelConfig, source_version: str | Non
     or an earlier stage's, are unknown (the source cannot be read) is left out.
     """
     own = stage_settings_versions(model_config, source_version)
-    return {stage: _short_hash({"settings": covered, "code": {name: CODE_VERSIONS[name] for name in covered}})
-            for stage in PARENTS if (covered := settings_covered(own, stage)) is not None}
+    stages = pipeline()
+    return {stage: _short_hash({"settings": covered, "code": {name: stages[name].code_version for name in covered}})
+            for stage in stages if (covered := settings_covered(own, stage)) is not None}
 
 
 def settings_covered(own: dict[str, str], stage: str) -> dict[str, str] | None:
@@ -149,11 +95,11 @@ def stage_versions(model_config: ModelConfig, source_version: str) -> dict[str, 
     """The version every stage would produce for this config and source content, in pipeline order."""
     settings = stage_settings_versions(model_config, source_version)
     versions: dict[str, str] = {}
-    for stage, parents in PARENTS.items():
-        versions[stage] = _short_hash({
-            "code": CODE_VERSIONS[stage],
-            "settings": settings[stage],
-            "parents": {parent: versions[parent] for parent in parents},
+    for stage in pipeline().values():
+        versions[stage.name] = _short_hash({
+            "code": stage.code_version,
+            "settings": settings[stage.name],
+            "parents": {parent: versions[parent] for parent in stage.parents},
         })
     return versions
 
@@ -215,7 +161,7 @@ def lineage_record(
         "asset": stage,
         "model": partition,
         "version": versions[stage],
-        "code_version": CODE_VERSIONS[stage],
+        "code_version": pipeline()[stage].code_version,
         "source_version": source_version,
         "parents": parents,
         "base_model": model_config.base_model,
@@ -255,7 +201,7 @@ def plain_metadata(metadata: dict) -> dict:
 def readable_source_version(model_config: ModelConfig) -> str | None:
     """The dataset source's content version, or None when it cannot be read now (raw_dataset will say why)."""
     from lora_pipeline.errors import DataError
-    from lora_pipeline.ml.data import dataset_source_version
+    from lora_pipeline.ml.data.prepare import dataset_source_version
 
     try:
         return dataset_source_version(model_config.dataset)
@@ -285,7 +231,7 @@ def stale_assets(instance, key: str, model_config: ModelConfig, source_version: 
     now (what the UI marks stale), in pipeline order."""
     versions = stage_versions(model_config, source_version)
     stale = []
-    for name in PARENTS:
+    for name in pipeline():
         materialization, materialized = _materialized_version(instance, key, name)
         if materialization is not None and materialized != versions[name]:
             stale.append(name)

@@ -3,46 +3,30 @@
 Dagster's staleness follows code versions and upstream data versions, not run config, so on its
 own the UI would not mark trained_adapter stale after someone edits lora.r in a model's YAML. So
 each stage depends on an external asset, one partition per model, whose observations carry a
-hash of the settings versions (provenance.stage_settings_versions) and code versions of the
+hash of the settings versions and code versions of the
 stage and of every stage before it. A run records the versions it was made from, and an
 observation with a new version marks the stage stale. Dagster does not mark the stages after a
 stale stage until it is re-run, hence the earlier stages' settings and code in each version: an
 edit or a new code version marks at once exactly the stages a run would redo. The model_configs
-sensor and `lora-pipeline run` report them.
+sensor and `lora-pipeline run` report them. (The versions are defined in stages.py's glossary.)
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-from lora_pipeline.assets.common import MODEL_PARTITIONS, SETTINGS_GROUP, settings_key
+from lora_pipeline.assets.common import MODEL_PARTITIONS
 from lora_pipeline.assets.provenance import (
     DATA_VERSION_TAG,
-    PARENTS,
     library_versions,
     reads_source,
     settings_asset_versions,
     settings_covered,
     stage_config,
     stage_settings_versions,
-    upstream_stages,
 )
+from lora_pipeline.assets.stages import SETTINGS_GROUP, pipeline, settings_key, upstream_stages
 from lora_pipeline.config.schema import ModelConfig
-
-# What provenance.stage_config gives each stage, in words.
-READS = {
-    "raw_dataset": "the dataset source fields of the model's config (dataset.source, format, columns, split, "
-                   "subset, revision, max_rows), the source's content version (file bytes, S3 ETags, hub commit)",
-    "formatted_dataset": "the dataset section, the base model fields (base_model, base_revision, allow_pickle, "
-                         "trust_remote_code: the tokenizer), training.max_length, training.completion_only_loss",
-    "quantized_base": "the base model fields (base_model, base_revision, allow_pickle, trust_remote_code), the "
-                      "quantization section and, for a built-in base whose tokenizer is trained on the data, the "
-                      "dataset section and the source's content version",
-    "trained_adapter": "the training section (but checkpoint_every and logging_steps, which change how often it "
-                       "saves and logs, not what it trains), the lora section, trust_remote_code",
-    "merged_model": "the merge section, trust_remote_code",
-    "eval_report": "the eval and merge sections, trust_remote_code",
-}
 
 
 def _description(stage: str) -> str:
@@ -50,18 +34,20 @@ def _description(stage: str) -> str:
     also = f" Its version also covers the settings and code versions of the stages before it ({', '.join(earlier)})." \
         if earlier else ""
     return (
-        f"What {stage} reads besides its parent assets: {READS[stage]}, and the library versions; and its code "
-        f"version.{also} Reported per model by the model_configs sensor and by every `lora-pipeline run`. A "
-        f"change of what {stage} reads, or of its code, gives this and the settings of every stage after it a "
-        f"new version, which marks {stage} and everything after it stale."
+        f"What {stage} reads besides its parent assets: {pipeline()[stage].reads.describe()}; the library "
+        f"versions; and its code version.{also} Reported per model by the model_configs sensor and by every "
+        f"`lora-pipeline run`. A change of what {stage} reads, or of its code, gives this and the settings of "
+        f"every stage after it a new version, which marks {stage} and everything after it stale."
     )
 
 
-SETTINGS_SPECS = [
-    dg.AssetSpec(settings_key(stage), partitions_def=MODEL_PARTITIONS, group_name=SETTINGS_GROUP,
-                 description=_description(stage))
-    for stage in PARENTS
-]
+def settings_specs() -> list[dg.AssetSpec]:
+    """One <stage>_settings asset per declared stage, in pipeline order."""
+    return [
+        dg.AssetSpec(settings_key(stage), partitions_def=MODEL_PARTITIONS, group_name=SETTINGS_GROUP,
+                     description=_description(stage))
+        for stage in pipeline()
+    ]
 
 
 def settings_observation(key: str, stage: str, version: str, model_config: ModelConfig,
@@ -70,12 +56,12 @@ def settings_observation(key: str, stage: str, version: str, model_config: Model
     so two observations tell which stage's settings changed."""
     own = stage_settings_versions(model_config, source_version)
     metadata = {
-        "config": dg.MetadataValue.json(stage_config(model_config, stage)),
-        "libraries": dg.MetadataValue.text(", ".join(f"{k} {v}" for k, v in library_versions().items())),
-        "settings_versions": dg.MetadataValue.json(settings_covered(own, stage) or {}),
+        "config": stage_config(model_config, stage),
+        "libraries": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
+        "settings_versions": settings_covered(own, stage) or {},
     }
     if reads_source(model_config, stage):
-        metadata["source_version"] = dg.MetadataValue.text(source_version or "")
+        metadata["source_version"] = str(source_version or "")
     return dg.AssetObservation(asset_key=settings_key(stage), partition=key, tags={DATA_VERSION_TAG: version},
                                metadata=metadata)
 

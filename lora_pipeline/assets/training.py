@@ -8,21 +8,22 @@ import dagster as dg
 import pandas as pd
 
 from lora_pipeline.assets.common import (
+    Reads,
     pipeline_asset,
-    provenance,
+    stage_lineage,
     publish_stage,
     read_json,
     resolve_model_config,
     stage_output,
     write_json,
 )
-from lora_pipeline.assets.provenance import CODE_VERSIONS, library_versions, parent_lineage, stage_config
+from lora_pipeline.assets.provenance import library_versions, parent_lineage, stage_config
+from lora_pipeline.assets.stages import pipeline
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.fit import check_fits
-from lora_pipeline.ml.modelcard import adapter_card
-from lora_pipeline.ml.plots import loss_curve_png, markdown_image
-from lora_pipeline.ml.tiny import BUILTIN_PREFIX
-from lora_pipeline.ml.train import TrainingDivergedError, TrainResult, train_adapter
+from lora_pipeline.ml.base.fit import check_fits
+from lora_pipeline.ml.report.modelcard import adapter_card
+from lora_pipeline.ml.report.plots import loss_curve_png, markdown_image
+from lora_pipeline.ml.training import TrainingDivergedError, TrainResult, train_adapter
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -50,7 +51,7 @@ def training_inputs(model_config: ModelConfig, storage: ArtifactStore, formatted
         "data": storage.content_digest(formatted_dataset, only=(TRAIN_SPLIT,)),
         "base": storage.content_digest(quantized_base),
         **stage_config(model_config, "trained_adapter"),
-        "code_version": CODE_VERSIONS["trained_adapter"],
+        "code_version": pipeline()["trained_adapter"].code_version,
         "libraries": {name: version for name, version in library_versions().items() if name in TRAINING_STACK},
     }
 
@@ -94,7 +95,11 @@ def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, i
             + "); training starts at step 0")
 
 
-@pipeline_asset(kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True)
+@pipeline_asset(
+    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version="1",
+    reads=Reads(config=("training", "lora", "trust_remote_code"),
+                ignoring=("training.checkpoint_every", "training.logging_steps")),
+)
 def trained_adapter(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
@@ -123,7 +128,7 @@ def trained_adapter(
         folder = storage.local_path(finished)
         summary = read_json(folder / TRAINING_SUMMARY)
         result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
-        record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key,
+        record = stage_lineage(context, model_config, storage, parents, device=device, inputs_key=run_key,
                             compute=compute.choices(model_config),
                             memory_plan=parent_lineage(folder).get("memory_plan"))  # as planned when it trained
         return _adapter_output(finished, record, model_config, result, (folder / LOSS_CURVE).read_bytes(),
@@ -150,7 +155,7 @@ def trained_adapter(
     train = pd.read_parquet(storage.local_path(formatted_dataset) / TRAIN_SPLIT)
     base_dir = storage.local_path(quantized_base)
     plan = check_fits(model_config, device, base_dir)  # before the model is loaded
-    base_name = model_config.base_model if not model_config.base_model.startswith(BUILTIN_PREFIX) else quantized_base.uri
+    base_name = quantized_base.uri if model_config.builtin_base else model_config.base_model
     with storage.staging_dir() as staging:
         try:
             result = train_adapter(
@@ -167,7 +172,7 @@ def trained_adapter(
         loss_png = loss_curve_png(result.loss_history)
         (staging / LOSS_CURVE).write_bytes(loss_png)
         write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": run_key})
-        record = provenance(context, model_config, storage, parents, device=device, inputs_key=run_key,
+        record = stage_lineage(context, model_config, storage, parents, device=device, inputs_key=run_key,
                             steps=result.steps, train_loss=result.train_loss, compute=compute.choices(model_config),
                             memory_plan=plan.terms() if plan is not None else None)
         (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
@@ -182,38 +187,36 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
     return stage_output(
         ref, record, model_config,
         {
-            "reused": dg.MetadataValue.bool(reused),
+            "reused": reused,
             "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "training loss")),
-            "train_loss": dg.MetadataValue.float(result.train_loss),
-            "final_logged_loss": dg.MetadataValue.float(result.final_loss),
-            "steps": dg.MetadataValue.int(result.steps),
-            "resumed_from_step": dg.MetadataValue.int(result.resumed_from_step),
-            "trainable_parameters": dg.MetadataValue.int(result.trainable_parameters),
-            "trainable_percent": dg.MetadataValue.float(
-                round(100 * result.trainable_parameters / max(result.total_parameters, 1), 4)
-            ),
-            "tokens_per_second": dg.MetadataValue.float(round(result.tokens_per_second, 1)),
-            "train_seconds": dg.MetadataValue.float(round(result.train_seconds, 2)),
-            "train_tokens": dg.MetadataValue.int(result.train_tokens),
-            "peak_memory_mb": dg.MetadataValue.float(round(result.peak_memory_bytes / 2**20, 1)),
+            "train_loss": result.train_loss,
+            "final_logged_loss": result.final_loss,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
+            "trainable_parameters": result.trainable_parameters,
+            "trainable_percent": round(100 * result.trainable_parameters / max(result.total_parameters, 1), 4),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "train_seconds": round(result.train_seconds, 2),
+            "train_tokens": result.train_tokens,
+            "peak_memory_mb": round(result.peak_memory_bytes / 2**20, 1),
             **_estimate_metadata(record.get("memory_plan"), result.peak_memory_bytes),
-            "peak_memory_kind": dg.MetadataValue.text(result.peak_memory_kind),
-            "precision": dg.MetadataValue.text(result.precision),
-            "gradient_checkpointing": dg.MetadataValue.bool(result.gradient_checkpointing),
-            "target_modules": dg.MetadataValue.text(
+            "peak_memory_kind": result.peak_memory_kind,
+            "precision": result.precision,
+            "gradient_checkpointing": result.gradient_checkpointing,
+            "target_modules": 
                 result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)
-            ),
+            ,
         },
     )
 
 
-def _estimate_metadata(terms: dict | None, measured: int) -> dict[str, dg.MetadataValue]:
+def _estimate_metadata(terms: dict | None, measured: int) -> dict:
     """The memory planner's estimate next to the measured peak."""
     if not terms:
         return {}
     estimate = sum(terms.values())
     return {
-        "memory_estimate_mb": dg.MetadataValue.float(round(estimate / 2**20, 1)),
-        "memory_estimate_error": dg.MetadataValue.float(round(estimate / measured - 1, 4) if measured else 0.0),
-        "memory_plan": dg.MetadataValue.json({name: round(value / 2**20, 1) for name, value in terms.items()}),
+        "memory_estimate_mb": round(estimate / 2**20, 1),
+        "memory_estimate_error": round(estimate / measured - 1, 4) if measured else 0.0,
+        "memory_plan": {name: round(value / 2**20, 1) for name, value in terms.items()},
     }

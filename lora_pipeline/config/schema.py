@@ -16,6 +16,8 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
+from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX
+
 QuantizationMode = Literal["nf4", "fp4", "int8", "none"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -311,6 +313,11 @@ class ModelConfig(_Strict):
     merge: MergeSettings = Field(default=MergeSettings(), description="Merging.")
     eval: EvalSettings = Field(default=EvalSettings(), description="Evaluation.")
     retrain: RetrainSettings = Field(default=RetrainSettings(), description="Scheduled and data-triggered retraining.")
+
+    @property
+    def builtin_base(self) -> bool:
+        """Whether the base is a built-in model (built locally, its tokenizer trained on the data)."""
+        return self.base_model.startswith(BUILTIN_PREFIX)
 
     def canonical_hash(self) -> str:
         """sha256 of the config as canonical JSON: equal configs hash equally, whatever the YAML layout."""

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Literal
 import dagster as dg
 from pydantic import Field
 
-from lora_pipeline.ml.precision import DeviceInfo, compute_choices, detect_device
+from lora_pipeline.ml.base.precision import DeviceInfo, compute_choices, detect_device
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig

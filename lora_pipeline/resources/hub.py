@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from lora_pipeline.errors import ModelError
-from lora_pipeline.ml.tiny import BUILTIN_PREFIX, build_tiny_llama, builtin_shape
+from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX, build_tiny_llama, builtin_shape
 
 CorpusFn = Callable[[], list[str]]
 

@@ -16,6 +16,6 @@ class ModelRegistry(dg.ConfigurableResource):
         description="Folder of model configs (*.yaml); relative paths are resolved against the working directory.",
     )
 
-    def registry(self) -> ConfigRegistry:
+    def configs(self) -> ConfigRegistry:
         """The configs currently in the folder."""
         return ConfigRegistry(Path(self.config_dir))

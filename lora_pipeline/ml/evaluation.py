@@ -6,54 +6,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lora_pipeline.ml.batches import IGNORE_INDEX, Batch, example_batches, pad_id_of
+from lora_pipeline.ml.base.loading import load_full_precision
+
 if TYPE_CHECKING:
     import pandas as pd
 
-    from lora_pipeline.ml.precision import DeviceInfo
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Right-padded token ids with labels on the completion tokens only."""
-
-    input_ids: "object"
-    attention_mask: "object"
-    labels: "object"
-
-
-def example_batches(frame: "pd.DataFrame", pad_id: int, batch_size: int) -> list[Batch]:
-    """Right-padded batches of formatted examples; tokens outside the loss mask get label -100, as in training."""
-    import numpy as np
-    import torch
-
-    examples = []
-    for ids, mask in zip(frame["input_ids"], frame["loss_mask"]):
-        ids = np.asarray(ids, dtype=np.int64)
-        labels = np.where(np.asarray(mask) == 1, ids, IGNORE_INDEX)
-        # The first position predicts nothing, so an example needs a trained token after it.
-        if (labels[1:] != IGNORE_INDEX).any():
-            examples.append((ids, labels))
-    batches = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (ids, labs) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.from_numpy(ids)
-            labels[row, : len(labs)] = torch.from_numpy(labs)
-            mask[row, : len(ids)] = 1
-        batches.append(Batch(input_ids=input_ids, attention_mask=mask, labels=labels))
-    return batches
-
-
-def pad_id_of(tokenizer) -> int:
-    """The id batches are padded with (any id works: padded positions are masked and unlabelled)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
+    from lora_pipeline.ml.base.precision import DeviceInfo
 
 def completion_metrics(model, batches: list[Batch]) -> dict[str, float]:
     """Token-weighted loss, perplexity and next-token accuracy over the completion tokens."""
@@ -88,32 +47,6 @@ def completion_metrics(model, batches: list[Batch]) -> dict[str, float]:
         "token_accuracy": correct / max(total_tokens, 1),
         "tokens": total_tokens,
     }
-
-
-def logits_of(model, batches: list[Batch]) -> list:
-    """fp32 logits of each batch (for comparing two models on identical inputs)."""
-    import torch
-
-    device = next(model.parameters()).device
-    model.eval()
-    outputs = []
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(
-                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
-            ).logits
-            outputs.append(logits.float().cpu() * batch.attention_mask.unsqueeze(-1))
-    return outputs
-
-
-def max_relative_difference(reference: list, candidate: list) -> float:
-    """max |a - b| / max |a| over all logits."""
-    worst = 0.0
-    scale = 0.0
-    for a, b in zip(reference, candidate):
-        worst = max(worst, float((a - b).abs().max()))
-        scale = max(scale, float(a.abs().max()))
-    return worst / scale if scale else worst
 
 
 def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int) -> list[str]:
@@ -179,8 +112,7 @@ def evaluate_pipeline(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_pipeline.ml.merge import load_full_precision
-    from lora_pipeline.ml.precision import device_map_for
+    from lora_pipeline.ml.base.precision import device_map_for
 
     log = log or (lambda message: None)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)

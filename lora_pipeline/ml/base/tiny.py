@@ -49,7 +49,7 @@ def _round_up(value: int, multiple: int) -> int:
 
 def shape_config(shape: TinyLlamaShape, vocab_size: int) -> dict:
     """The LlamaConfig fields of a built-in model's architecture (what the memory planner reads too)."""
-    from lora_pipeline.ml.quantize import CPU_4BIT_BLOCK
+    from lora_pipeline.ml.base.quantize import CPU_4BIT_BLOCK
 
     heads = max(1, shape.hidden_size // 64)
     return {

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_pipeline.ml.architectures import DTYPE_BYTES, Architecture, architecture_config
-from lora_pipeline.ml.modules import resolve_target_modules
-from lora_pipeline.ml.precision import DeviceInfo, compute_dtype_name, gradient_checkpointing_enabled, mixed_precision
+from lora_pipeline.ml.base.architectures import DTYPE_BYTES, Architecture, architecture_config
+from lora_pipeline.ml.base.modules import resolve_target_modules
+from lora_pipeline.ml.base.precision import DeviceInfo, compute_dtype_name, gradient_checkpointing_enabled, mixed_precision
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import LoraSettings, ModelConfig, QuantizationSettings, TrainingSettings

@@ -110,7 +110,7 @@ def architecture_config(base_model: str, local_folder: Path | None = None) -> di
         if folder is not None and (Path(folder) / "config.json").is_file():
             return json.loads((Path(folder) / "config.json").read_text())
     if base_model.startswith("builtin:"):
-        from lora_pipeline.ml.tiny import builtin_shape, shape_config
+        from lora_pipeline.ml.base.tiny import builtin_shape, shape_config
 
         # What build_tiny_llama builds; its vocabulary, trained on the data, is at most the shape's.
         shape = builtin_shape(base_model)

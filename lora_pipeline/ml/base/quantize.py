@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_pipeline.errors import ModelError
-from lora_pipeline.ml.precision import DeviceInfo, device_map_for, torch_dtype
+from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, torch_dtype
 
 
 def bitsandbytes_config(mode: str, double_quant: bool, compute_dtype: str):

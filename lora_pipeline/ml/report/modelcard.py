@@ -14,7 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig
-    from lora_pipeline.ml.train import TrainResult
+    from lora_pipeline.ml.training import TrainResult
 
 
 def lineage_section(lineage: dict) -> list[str]:

@@ -7,8 +7,8 @@ import html
 import json
 from pathlib import Path
 
-from lora_pipeline.ml.evaluate import EvaluationResult
-from lora_pipeline.ml.plots import bar_chart_png
+from lora_pipeline.ml.evaluation import EvaluationResult
+from lora_pipeline.ml.report.plots import bar_chart_png
 
 
 def relative_change(value: float, reference: float) -> float:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_pipeline.errors import ModelError
-from lora_pipeline.ml.memory import GIB, Knob, MemoryPlan, fits, knobs, plan_for_config, usable_memory_bytes
-from lora_pipeline.ml.precision import DeviceInfo
+from lora_pipeline.ml.base.memory import GIB, Knob, MemoryPlan, fits, knobs, plan_for_config, usable_memory_bytes
+from lora_pipeline.ml.base.precision import DeviceInfo
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig

@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 
 from lora_pipeline.errors import DataError
-from lora_pipeline.ml.formats import (
+from lora_pipeline.ml.data.formats import (
     conversations_of,
     detect_format,
     tools_of,
     validate_rows,
     with_format_columns,
 )
-from lora_pipeline.ml.sources import SourceRequest, SourceRows, read_source, source_version
-from lora_pipeline.ml.templates import Rendered, alpaca_prompt, render_chats, render_single_turn, resolve_template
+from lora_pipeline.ml.data.sources import SourceRequest, SourceRows, read_source, source_version
+from lora_pipeline.ml.data.templates import Rendered, alpaca_prompt, render_chats, render_single_turn, resolve_template
 
 if TYPE_CHECKING:
     import pyarrow as pa

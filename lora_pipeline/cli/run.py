@@ -1,0 +1,276 @@
+"""`lora-pipeline run`: materialize a model's selected assets that are not up to date, and say where they are."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from lora_pipeline.assets import PIPELINE_ASSETS, SETTINGS_SPECS
+from lora_pipeline.assets.provenance import plain_metadata, readable_source_version, up_to_date_assets
+from lora_pipeline.assets.settings import report_settings
+from lora_pipeline.assets.stages import stage_names
+from lora_pipeline.cli.session import (
+    HOST_TAG,
+    PID_TAG,
+    check_data_early,
+    instance as open_instance,
+    reclaim_dead_runs,
+    register_partition,
+)
+from lora_pipeline.config.registry import load_config_file, partition_key_for
+from lora_pipeline.errors import ConfigError, DataError
+
+EPILOG = f"""\
+examples:
+  lora-pipeline run configs/tiny-demo.yaml
+  lora-pipeline run configs/tiny-demo.yaml --select +trained_adapter --set lora.r=8
+  lora-pipeline run my-model.yaml --storage s3://bucket/lora --json
+  lora-pipeline run configs/tiny-demo.yaml --select raw_dataset,formatted_dataset --set dataset.source=chats.jsonl
+  lora-pipeline validate configs/llama-3.1-8b-qlora.yaml
+  lora-pipeline list
+
+selection (--select): comma-separated parts. A plain asset name selects it; '+name' adds
+everything it depends on, 'name+' everything that depends on it (as Dagster's '+key:name' and
+'key:name+'). Any other part is Dagster's selection syntax, e.g. 'key:merged_model or
+key:eval_report', '1+key:eval_report' (one level up).
+assets: {', '.join(stage_names())}.
+"""
+
+
+def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
+    """Declare `run` and its arguments."""
+    parser = commands.add_parser(
+        "run", parents=parents,
+        help="materialize the pipeline for one model config",
+        description="Materialize the selected assets (all six by default) for the model in CONFIG. "
+        "The partition key is CONFIG's file name without .yaml. Assets whose newest artifact was made "
+        "from the same code, libraries, config and data are up to date and skipped.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", type=Path, help="model config YAML (in configs/ or anywhere)")
+    parser.add_argument("--select", default="*", metavar="SELECTION", help="assets to materialize (default: all)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.max_steps=20 (repeatable; values parsed as YAML)",
+    )
+    parser.add_argument(
+        "--storage", metavar="URI",
+        help="artifact store root: a folder or s3://bucket/prefix (default: $LORA_PIPELINE_STORAGE or ./artifacts)",
+    )
+    parser.add_argument("--json", action="store_true",
+                        help="print a machine-readable summary as the last stdout line")
+    parser.add_argument("--force", action="store_true",
+                        help="run the selected assets even when they are up to date (an adapter already trained "
+                        "from the same inputs is still reused; change training.seed to train another)")
+
+
+@dataclass
+class RunPlan:
+    """One `run` invocation, resolved: which model, from which file, with which config and source content."""
+
+    config_path: Path
+    key: str
+    model_config: object
+    selected: list[str]
+    source_version: str | None  # None when the source cannot be read now: raw_dataset will say why
+    overrides: list[str] = field(default_factory=list)
+    storage: str | None = None
+    force: bool = False
+    debug: bool = False
+
+
+def do_cli(args: argparse.Namespace) -> int:
+    """Resolve the arguments into a plan, run it, print the summary."""
+    model_config = load_config_file(args.config, args.overrides)
+    selected = selected_asset_names(selection(args.select))
+    if not selected:
+        raise ConfigError(f"--select {args.select!r} matches no asset")
+    plan = RunPlan(args.config, partition_key_for(args.config), model_config, selected,
+                   readable_source_version(model_config), args.overrides, args.storage, args.force, args.debug)
+    started = time.perf_counter()
+    run_id, assets, up_to_date = do_run(plan)
+    wall = time.perf_counter() - started
+    print_summary(plan.key, run_id, assets, wall, sys.stderr if args.json else sys.stdout, set(up_to_date))
+    if args.json:
+        print(json.dumps({"partition": plan.key, "run_id": run_id, "wall_seconds": round(wall, 2), "assets": assets,
+                          "up_to_date": up_to_date}))
+    return 0
+
+
+def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:
+    """Run the plan's selected assets that are not up to date (all with force) on the CLI's instance.
+
+    Returns the run id (None when nothing ran), {asset: {"uri", "metadata"}} for every selected
+    asset, and the names of those that were up to date.
+    """
+    from lora_pipeline.resources.factory import default_resources
+
+    instance = open_instance()
+    reclaim_dead_runs(instance)
+    register_partition(instance, plan.key, plan.config_path)
+    resources = default_resources(storage_root=plan.storage)
+    with settings_reported(instance, plan.key, plan.model_config, plan.source_version, plan.config_path,
+                           plan.overrides):
+        current = {} if plan.force else up_to_date_assets(instance, plan.key, plan.selected, plan.model_config,
+                                                           resources["storage"], plan.source_version)
+        to_run = [name for name in plan.selected if name not in current]
+        if current:
+            print(f"up to date, not run: {', '.join(current)}", file=sys.stderr)
+        if not to_run:
+            return None, {name: current[name] for name in plan.selected}, list(current)
+        check_before_loading(plan.model_config, to_run, resources)
+        result = execute(plan, to_run, instance, resources)
+    assets = {}
+    for name in plan.selected:
+        if name in current:
+            assets[name] = current[name]
+        for event in result.asset_materializations_for_node(name):
+            metadata = plain_metadata(event.metadata)
+            assets[name] = {"uri": metadata.get("uri"), "metadata": metadata}
+    return result.run_id, assets, list(current)
+
+
+def check_before_loading(model_config, to_run: list[str], resources: dict) -> None:
+    """Fail fast, before any model is loaded: the training must fit the device, the data must read and clean."""
+    if "trained_adapter" in to_run:
+        from lora_pipeline.ml.base.fit import check_fits
+
+        check_fits(model_config, resources["compute"].info())
+    if "raw_dataset" in to_run:
+        from lora_pipeline.ml.data.prepare import release_unused_memory
+
+        check_data_early(model_config)
+        release_unused_memory()
+
+
+def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
+    """Materialize `to_run` in-process; a failed blocking data check becomes a DataError naming the check."""
+    from lora_pipeline.definitions import build_definitions, tune
+    from lora_pipeline.terminal import terminal_logger
+
+    config_data = plan.model_config.model_dump(mode="json")
+    run_config = {
+        "ops": {name: {"config": config_data} for name in to_run},
+        "loggers": {"console": {"config": {"log_level": "DEBUG" if plan.debug else "INFO",
+                                           "tracebacks": plan.debug}}},
+    }
+    definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
+    try:
+        return definitions.resolve_job_def(tune.name).execute_in_process(
+            asset_selection=[dg.AssetKey(name) for name in to_run],
+            partition_key=plan.key,
+            run_config=run_config,
+            instance=instance,
+            tags={"lora_pipeline/config": str(plan.config_path), PID_TAG: str(os.getpid()),
+                  HOST_TAG: socket.gethostname()},
+        )
+    except Exception:
+        latest = instance.get_runs(limit=1)
+        failed_checks = failed_checks_of(instance, latest[0].run_id) if latest else []
+        if failed_checks:
+            raise DataError("; ".join(failed_checks) + f" (run {latest[0].run_id}; later assets were not built)") from None
+        raise
+
+
+@contextlib.contextmanager
+def settings_reported(instance, key: str, model_config, source_version: str | None, config_path: Path,
+                      overrides: list[str]):
+    """Report the settings the run uses before it, and after a run with --set, the config file's again.
+
+    Reported before, so that the run's materializations record them as their inputs' versions and
+    a later edit of the file shows as stale in the UI. A run with --set made its assets from other
+    settings than the file's; reporting the file's afterwards marks them stale in the UI, as the
+    model_configs sensor, schedules and a plain `lora-pipeline run` see them.
+    """
+    report_settings(instance, key, model_config, source_version)
+    try:
+        yield
+    finally:
+        file_config = None
+        if overrides:
+            try:
+                file_config = load_config_file(config_path)
+            except ConfigError:
+                pass  # the file alone is not a valid config: it has no settings of its own to show
+        if file_config is not None:
+            same_source = file_config.dataset == model_config.dataset
+            report_settings(instance, key, file_config,
+                            source_version if same_source else readable_source_version(file_config))
+
+
+def selection(text: str) -> dg.AssetSelection:
+    """Parse --select: comma-separated names with dbt-style '+' edges, or Dagster selection strings."""
+    chosen = None
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        match = re.fullmatch(r"(\+?)([a-z_]+)(\+?)", part)
+        if part == "*":
+            piece = dg.AssetSelection.all()
+        elif match:
+            piece = dg.AssetSelection.assets(match.group(2))
+            if match.group(1):
+                piece = piece.upstream()
+            if match.group(3):
+                piece = piece.downstream()
+        else:
+            try:
+                piece = dg.AssetSelection.from_string(part)
+            except Exception as exc:  # Dagster's parser raises several types
+                raise ConfigError(f"--select {part!r}: {str(exc).splitlines()[0]}") from None
+        chosen = piece if chosen is None else chosen | piece
+    if chosen is None:
+        raise ConfigError("--select is empty")
+    return chosen
+
+
+def selected_asset_names(chosen: dg.AssetSelection) -> list[str]:
+    """The pipeline assets a selection names, in pipeline order."""
+    try:
+        # With the settings assets in the graph, 'key:trained_adapter_settings+' selects what that stage's
+        # settings feed; only pipeline assets are run.
+        keys = chosen.resolve([*PIPELINE_ASSETS, dg.AssetsDefinition(specs=SETTINGS_SPECS)])
+    except Exception as exc:  # Dagster raises several types for bad selections
+        raise ConfigError(f"--select: {exc}".splitlines()[0]) from None
+    names = {key.to_user_string() for key in keys}
+    return [name for name in stage_names() if name in names]
+
+
+def failed_checks_of(instance, run_id: str) -> list[str]:
+    """'asset check: description' for each asset check of the run that did not pass."""
+    failures = []
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = record.dagster_event.event_specific_data
+        if not evaluation.passed:
+            failures.append(f"{evaluation.asset_key.path[-1]} check {evaluation.check_name}: {evaluation.description}")
+    return failures
+
+
+def print_summary(key: str, run_id: str | None, assets: dict, wall: float, stream,
+                  up_to_date: set[str] = frozenset()) -> None:
+    """Where every selected asset is, and the held-out losses when the report ran."""
+    ran = f"run {run_id} finished" if run_id else "everything up to date, nothing run,"
+    print(f"\nmodel {key}: {ran} in {wall:.0f}s", file=stream)
+    for name, entry in assets.items():
+        print(f"  {name:<18} {entry['uri']}{'  (up to date)' if name in up_to_date else ''}", file=stream)
+    report = assets.get("eval_report")
+    if report:
+        meta = report["metadata"]
+        print(
+            f"\nheld-out loss: base {meta.get('base_loss', float('nan')):.4f}, adapter "
+            f"{meta.get('adapter_loss', float('nan')):.4f} ({meta.get('adapter_vs_base_loss_change', 0):+.1%}), "
+            f"merged {meta.get('merged_loss', float('nan')):.4f}",
+            file=stream,
+        )
+        print(f"report: {Path(report['uri']) / 'report.md'}", file=stream)

@@ -1,0 +1,119 @@
+"""What every command shares: the Dagster instance, quiet libraries, the data check, errors and exit codes."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+import dagster as dg
+
+from lora_pipeline.assets.common import MODEL_PARTITIONS
+from lora_pipeline.config.registry import ConfigRegistry
+from lora_pipeline.errors import ConfigError, LoraPipelineError
+
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+PID_TAG = "lora_pipeline/pid"
+HOST_TAG = "lora_pipeline/host"
+
+DEFAULT_INSTANCE_YAML = """\
+# Written by lora-pipeline on first use; edit freely.
+telemetry:
+  enabled: false
+nux:
+  enabled: false
+# quantized_base, trained_adapter, merged_model and eval_report run in the `gpu` pool: at most this many
+# at once (the number of GPUs found when this file was written; 1 without a GPU).
+concurrency:
+  pools:
+    default_limit: {gpu_limit}
+"""
+
+
+def quiet_libraries() -> None:
+    """Progress bars and warnings of the libraries off: the CLI prints its own progress."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    # On CPUs with AVX512-BF16, bitsandbytes warns that it could not fetch an optional 4-bit kernel
+    # from the hub (the `kernels` package); its built-in CPU path, the one tested here, is used instead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def instance() -> dg.DagsterInstance:
+    """The persistent instance at $DAGSTER_HOME (default .dagster/ here), created on first use."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster").resolve())))
+    home.mkdir(parents=True, exist_ok=True)
+    # Two runs launched at once on a fresh home would both create the instance's SQLite schema.
+    with (home / ".lora-pipeline-instance.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (home / "dagster.yaml").exists():
+            from lora_pipeline.ml.base.precision import detect_device
+
+            gpu_limit = max(1, detect_device().gpu_count)
+            (home / "dagster.yaml").write_text(DEFAULT_INSTANCE_YAML.format(gpu_limit=gpu_limit))
+        found = dg.DagsterInstance.get()
+        found.get_runs(limit=1)  # creates the run storage's schema while we hold the lock
+        return found
+
+
+def reclaim_dead_runs(instance: dg.DagsterInstance) -> None:
+    """Mark runs of this machine whose process was killed as failed and free their pool slots.
+
+    A run killed with SIGKILL cannot report its end, so it would hold its `gpu` pool slot forever
+    and the next run would wait for it; no daemon watches in-process CLI runs.
+    """
+    from lora_pipeline.resources.locks import process_alive
+
+    host = socket.gethostname()
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        pid = run.tags.get(PID_TAG)
+        if run.tags.get(HOST_TAG) != host or not pid or process_alive(int(pid)):
+            continue
+        instance.report_run_failed(run, message=f"the lora-pipeline process running it (pid {pid}) is gone")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        print(f"note: run {run.run_id} was killed (pid {pid} is gone); marked failed, its pool slot freed",
+              file=sys.stderr)
+
+
+def register_partition(instance: dg.DagsterInstance, key: str, config_path: Path) -> None:
+    """Add model `key` as a partition, unless another config file already owns that key."""
+    registry = ConfigRegistry()
+    if key in registry.keys and registry.path_of(key) != config_path.resolve():
+        raise ConfigError(
+            f"{config_path}: model key {key!r} is already taken by {registry.path_of(key)}; rename the file"
+        )
+    if not instance.has_dynamic_partition(MODEL_PARTITIONS.name, key):
+        instance.add_dynamic_partitions(MODEL_PARTITIONS.name, [key])
+
+
+def check_data_early(model_config):
+    """Read, check and clean the dataset before any model is loaded; return the cleaned rows and the split sizes."""
+    from lora_pipeline.ml.data.prepare import clean_rows, load_dataset, split_sizes
+
+    cleaned = clean_rows(load_dataset(model_config.dataset), model_config.dataset.dedupe)
+    return cleaned, split_sizes(cleaned, model_config.dataset.eval_fraction)
+
+
+def user_error_in(exc: BaseException) -> LoraPipelineError | None:
+    """The user error behind an exception (Dagster wraps the asset's own), or None for a bug."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, LoraPipelineError):
+            return current
+        current = getattr(current, "user_exception", None) or current.__cause__ or current.__context__
+    return None

@@ -1,0 +1,1 @@
+"""Datasets: reading sources, checking rows against their format, templates, cleaning, tokenizing, splitting."""

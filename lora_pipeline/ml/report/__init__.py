@@ -1,0 +1,1 @@
+"""What people read: the evaluation report, model cards and plots."""
