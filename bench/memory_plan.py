@@ -80,7 +80,9 @@ def prepare(work: Path, lengths: dict[str, list[int]]) -> None:
     from transformers import AutoTokenizer
 
     from lora_pipeline.config.schema import DatasetSettings
-    from lora_pipeline.ml.data.prepare import FormatSettings, clean_rows, format_dataset, load_dataset, tokenizer_corpus
+    from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
+    from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
+    from lora_pipeline.ml.data.raw import load_dataset
     from lora_pipeline.ml.base.precision import DeviceInfo
     from lora_pipeline.ml.base.quantize import quantize_base
     from lora_pipeline.ml.base.tiny import BUILTIN_MODELS, TinyLlamaShape, build_tiny_llama

@@ -34,7 +34,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lora_pipeline.assets.data import format_settings
-    from lora_pipeline.ml.data.prepare import clean_rows, format_dataset, load_dataset
+    from lora_pipeline.ml.data.clean import clean_rows
+    from lora_pipeline.ml.data.formatted import format_dataset
+    from lora_pipeline.ml.data.raw import load_dataset
     from lora_pipeline.ml.base.precision import DeviceInfo, compute_dtype_name
     from lora_pipeline.ml.base.quantize import quantize_base
     from lora_pipeline.ml.training import train_adapter

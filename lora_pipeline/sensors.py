@@ -29,7 +29,7 @@ def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) 
     does not validate is skipped with a warning, and a source that cannot be read leaves the stages
     whose settings cover it unreported; neither fails the tick.
     """
-    from lora_pipeline.ml.data.prepare import dataset_source_version
+    from lora_pipeline.ml.data.raw import dataset_source_version
 
     known = registry.configs()
     existing = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
@@ -79,7 +79,7 @@ def dataset_changes(context: dg.SensorEvaluationContext, registry: ModelRegistry
     recorded, not run. The run key is the model and the new version, so one change launches
     exactly one run, of the assets that the change made stale.
     """
-    from lora_pipeline.ml.data.prepare import dataset_source_version
+    from lora_pipeline.ml.data.raw import dataset_source_version
 
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     known = registry.configs()

@@ -90,7 +90,8 @@ def micro_base(tmp_path_factory) -> Path:
 
 def sample_corpus() -> list[str]:
     """The texts the micro model's tokenizer is trained on: what the pipeline gives it for the test config."""
-    from lora_pipeline.ml.data.prepare import clean_rows, load_dataset, tokenizer_corpus
+    from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
+    from lora_pipeline.ml.data.raw import load_dataset
 
     return tokenizer_corpus(clean_rows(load_dataset(dataset_settings(max_rows=160))), 0.15)
 
@@ -104,7 +105,9 @@ def dataset_settings(**fields):
 
 def format_rows(tokenizer, dataset=None, dedupe: str = "normalized", **format_fields):
     """Load, clean and format a dataset section with a tokenizer: what formatted_dataset does."""
-    from lora_pipeline.ml.data.prepare import FormatSettings, clean_rows, format_dataset, load_dataset
+    from lora_pipeline.ml.data.clean import clean_rows
+    from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
+    from lora_pipeline.ml.data.raw import load_dataset
 
     loaded = load_dataset(dataset or dataset_settings())
     return format_dataset(clean_rows(loaded, dedupe), tokenizer, FormatSettings(**format_fields))

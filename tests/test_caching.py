@@ -48,7 +48,7 @@ def test_each_change_moves_exactly_the_stages_that_read_it_and_those_after():
 
 def test_new_data_in_the_source_file_changes_its_version(tmp_path):
     from conftest import dataset_settings
-    from lora_pipeline.ml.data.prepare import dataset_source_version
+    from lora_pipeline.ml.data.raw import dataset_source_version
 
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')
@@ -61,7 +61,7 @@ def test_new_data_in_the_source_file_changes_its_version(tmp_path):
 def test_source_versions_hash_a_local_file_again_only_after_it_changes(tmp_path):
     from conftest import dataset_settings
     from lora_pipeline.ml.data import sources
-    from lora_pipeline.ml.data.prepare import dataset_source_version
+    from lora_pipeline.ml.data.raw import dataset_source_version
 
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n')

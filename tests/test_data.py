@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from lora_pipeline.errors import ConfigError, DataError
-from lora_pipeline.ml.data.prepare import clean_rows, load_dataset, split_sizes
+from lora_pipeline.ml.data.clean import clean_rows, split_sizes
+from lora_pipeline.ml.data.raw import load_dataset
 
 from conftest import SAMPLE_DATA, SHARED_DATA, dataset_settings, format_rows
 
@@ -79,7 +80,7 @@ def _write_jsonl(path, rows):
 def test_vectorised_normalisation_matches_python_split_and_lower():
     import pyarrow as pa
 
-    from lora_pipeline.ml.data.prepare import normalise
+    from lora_pipeline.ml.data.clean import normalise
 
     texts = [" a  b ", "\tA\nB\r\n", "x", "", "   ", "Caf\u00e9\u2003\u2003Bar\x1c", "x\xa0y\x85z"]
     assert normalise(pa.array(texts)).to_pylist() == [" ".join(t.split()).lower() for t in texts]
@@ -258,7 +259,7 @@ def test_a_system_prompt_is_added_where_rows_have_none(tmp_path, tokenizer):
 def test_a_pad_token_distinct_from_eos_is_chosen_when_the_tokenizer_pads_with_eos(micro_base):
     from transformers import AutoTokenizer
 
-    from lora_pipeline.ml.data.prepare import ensure_distinct_pad
+    from lora_pipeline.ml.data.formatted import ensure_distinct_pad
 
     tokenizer = AutoTokenizer.from_pretrained(micro_base)
     tokenizer.pad_token = tokenizer.eos_token

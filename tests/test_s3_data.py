@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 
 from lora_pipeline.errors import DataError
-from lora_pipeline.ml.data.prepare import load_dataset
+from lora_pipeline.ml.data.raw import load_dataset
 
 from conftest import dataset_settings
 

@@ -12,7 +12,7 @@ from lora_pipeline.assets.common import MODEL_PARTITIONS, settings_key
 from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.assets.settings import report_settings
 from lora_pipeline.config.registry import load_config_file
-from lora_pipeline.ml.data.prepare import dataset_source_version
+from lora_pipeline.ml.data.raw import dataset_source_version
 from lora_pipeline.sensors import model_configs
 
 STAGES = stage_names()

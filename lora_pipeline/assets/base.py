@@ -17,7 +17,8 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.data.prepare import clean_rows, dataset_source_version, load_dataset, tokenizer_corpus
+from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
+from lora_pipeline.ml.data.raw import dataset_source_version, load_dataset
 from lora_pipeline.ml.base.precision import compute_dtype_name
 from lora_pipeline.ml.base.quantize import quantize_base
 from lora_pipeline.resources.compute import Compute

@@ -19,17 +19,9 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.data.prepare import (
-    FormatSettings,
-    LoadedDataset,
-    clean_rows,
-    dataset_source_version,
-    fingerprint,
-    format_dataset,
-    load_dataset,
-    release_unused_memory,
-    tokenizer_corpus,
-)
+from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
+from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
+from lora_pipeline.ml.data.raw import LoadedDataset, dataset_source_version, fingerprint, load_dataset, release_unused_memory
 from lora_pipeline.ml.data.formats import storable, validate_rows
 from lora_pipeline.ml.report.plots import length_histogram_png, markdown_image
 from lora_pipeline.ml.data.quality import CheckOutcome, check_disjoint, check_formatted, split_summary

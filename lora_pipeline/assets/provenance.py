@@ -201,7 +201,7 @@ def plain_metadata(metadata: dict) -> dict:
 def readable_source_version(model_config: ModelConfig) -> str | None:
     """The dataset source's content version, or None when it cannot be read now (raw_dataset will say why)."""
     from lora_pipeline.errors import DataError
-    from lora_pipeline.ml.data.prepare import dataset_source_version
+    from lora_pipeline.ml.data.raw import dataset_source_version
 
     try:
         return dataset_source_version(model_config.dataset)

@@ -31,6 +31,7 @@ from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 TRAINING_SUMMARY = "training_summary.json"
 TRAIN_SPLIT = "train.parquet"  # the one file of formatted_dataset that training reads
 LOSS_CURVE = "loss_curve.png"
+STAGE = "trained_adapter"
 
 
 # The libraries that run the training: a checkpoint from another version of them may not load,
@@ -115,71 +116,100 @@ def trained_adapter(
     from the same inputs, and an adapter already made from the same inputs is reused, not retrained.
     """
     model_config = resolve_model_config(context, config, registry)
-    partition = context.partition_key
-    device = compute.info()
-    parents = {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base}
-    inputs = training_inputs(model_config, storage, formatted_dataset, quantized_base)
-    run_key = inputs_key(inputs)
-    finished = storage.remembered(partition, "trained_adapter", run_key)
+    run = _TrainingRun(context, model_config, storage, compute,
+                       {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base})
+    finished = storage.remembered(run.partition, STAGE, run.key)
     if finished is not None:
-        context.log.info(f"an adapter made from these inputs (run {run_key}) is published at {finished.uri}; "
-                         "reusing it instead of training again")
-        storage.point_current(partition, "trained_adapter", finished)
-        folder = storage.local_path(finished)
+        return run.reuse(finished)
+    resume_from = run.resume_point()
+    ref, record, result, loss_png = run.train_and_publish(formatted_dataset, quantized_base, resume_from)
+    return _adapter_output(ref, record, model_config, result, loss_png, reused=False)
+
+
+class _TrainingRun:
+    """One materialization of trained_adapter, in named steps: reuse, resume, train and publish."""
+
+    def __init__(self, context: dg.AssetExecutionContext, model_config: ModelConfig, storage: ArtifactStore,
+                 compute: Compute, parents: dict[str, ArtifactRef]) -> None:
+        self.context, self.model_config, self.storage, self.compute = context, model_config, storage, compute
+        self.parents = parents
+        self.partition = context.partition_key
+        self.device = compute.info()
+        self.inputs = training_inputs(model_config, storage, parents["formatted_dataset"], parents["quantized_base"])
+        self.key = inputs_key(self.inputs)
+
+    def lineage(self, **facts) -> dict:
+        return stage_lineage(self.context, self.model_config, self.storage, self.parents, device=self.device,
+                             inputs_key=self.key, compute=self.compute.choices(self.model_config), **facts)
+
+    def reuse(self, finished: ArtifactRef) -> dg.Output[ArtifactRef]:
+        """Point at the adapter already made from these inputs instead of training again."""
+        self.context.log.info(f"an adapter made from these inputs (run {self.key}) is published at "
+                              f"{finished.uri}; reusing it instead of training again")
+        self.storage.point_current(self.partition, STAGE, finished)
+        folder = self.storage.local_path(finished)
         summary = read_json(folder / TRAINING_SUMMARY)
         result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
-        record = stage_lineage(context, model_config, storage, parents, device=device, inputs_key=run_key,
-                            compute=compute.choices(model_config),
-                            memory_plan=parent_lineage(folder).get("memory_plan"))  # as planned when it trained
-        return _adapter_output(finished, record, model_config, result, (folder / LOSS_CURVE).read_bytes(),
+        record = self.lineage(memory_plan=parent_lineage(folder).get("memory_plan"))  # as planned when it trained
+        return _adapter_output(finished, record, self.model_config, result, (folder / LOSS_CURVE).read_bytes(),
                                reused=True)
 
-    latest = storage.latest_checkpoint(partition, "trained_adapter", run_key)
-    if latest is not None:
-        context.log.info(f"resuming from the checkpoint at step {latest[0]} (run {run_key})")
-    elif (explanation := _explain_fresh_start(storage, partition, run_key, inputs)) is not None:
-        context.log.warning(explanation)
-    storage.record_checkpoint_inputs(partition, "trained_adapter", run_key, inputs)
+    def resume_point(self):
+        """The newest checkpoint made from these inputs (or None), saying why others are not resumed."""
+        latest = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
+        if latest is not None:
+            self.context.log.info(f"resuming from the checkpoint at step {latest[0]} (run {self.key})")
+        elif (explanation := _explain_fresh_start(self.storage, self.partition, self.key, self.inputs)) is not None:
+            self.context.log.warning(explanation)
+        self.storage.record_checkpoint_inputs(self.partition, STAGE, self.key, self.inputs)
+        return latest
 
-    def report(progress: dict) -> None:
-        context.log.info(
+    def report(self, progress: dict) -> None:
+        self.context.log.info(
             f"step {progress['step']}/{progress['max_steps']} loss {progress['loss']:.4f} "
             f"lr {progress['learning_rate']:.2e} {progress['tokens_per_second']:.0f} tokens/s "
             f"eta {progress['eta_seconds']:.0f}s"
         )
 
-    def publish_checkpoint(folder, step: int) -> None:
-        uri = storage.publish_checkpoint(folder, partition, "trained_adapter", run_key, step)
-        context.log.info(f"checkpoint at step {step}: {uri}")
+    def publish_checkpoint(self, folder, step: int) -> None:
+        uri = self.storage.publish_checkpoint(folder, self.partition, STAGE, self.key, step)
+        self.context.log.info(f"checkpoint at step {step}: {uri}")
 
-    train = pd.read_parquet(storage.local_path(formatted_dataset) / TRAIN_SPLIT)
-    base_dir = storage.local_path(quantized_base)
-    plan = check_fits(model_config, device, base_dir)  # before the model is loaded
-    base_name = quantized_base.uri if model_config.builtin_base else model_config.base_model
-    with storage.staging_dir() as staging:
+    def train_and_publish(self, formatted_dataset: ArtifactRef, quantized_base: ArtifactRef, resume_from):
+        """Train (after the memory check), write the loss curve, summary and card, publish; drop the checkpoints."""
+        model_config, storage = self.model_config, self.storage
+        train = pd.read_parquet(storage.local_path(formatted_dataset) / TRAIN_SPLIT)
+        base_dir = storage.local_path(quantized_base)
+        plan = check_fits(model_config, self.device, base_dir)  # before the model is loaded
+        base_name = quantized_base.uri if model_config.builtin_base else model_config.base_model
+        with storage.staging_dir() as staging:
+            result = self.train(base_dir, train, staging, base_name, resume_from)
+            loss_png = loss_curve_png(result.loss_history)
+            (staging / LOSS_CURVE).write_bytes(loss_png)
+            write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": self.key})
+            record = self.lineage(steps=result.steps, train_loss=result.train_loss,
+                                  memory_plan=plan.terms() if plan is not None else None)
+            (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
+            ref = publish_stage(self.context, storage, staging, record)
+        storage.remember(self.partition, STAGE, self.key, ref)
+        storage.drop_checkpoints(self.partition, STAGE)
+        return ref, record, result, loss_png
+
+    def train(self, base_dir, train: pd.DataFrame, staging, base_name: str, resume_from) -> TrainResult:
+        """Train; a diverged run names the last good checkpoint it kept."""
         try:
-            result = train_adapter(
-                base_dir, train, staging, model_config.lora, model_config.training, device, base_name,
-                report, on_checkpoint=publish_checkpoint, resume_from=latest[1] if latest is not None else None,
-                trust_remote_code=model_config.trust_remote_code,
+            return train_adapter(
+                base_dir, train, staging, self.model_config.lora, self.model_config.training, self.device, base_name,
+                self.report, on_checkpoint=self.publish_checkpoint,
+                resume_from=resume_from[1] if resume_from is not None else None,
+                trust_remote_code=self.model_config.trust_remote_code,
             )
         except TrainingDivergedError as diverged:
-            kept = storage.latest_checkpoint(partition, "trained_adapter", run_key)
+            kept = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
             if kept is None:
                 raise
             raise TrainingDivergedError(f"{diverged}. The last good checkpoint, step {kept[0]}, is kept in the "
                                         "store (a relaunch with unchanged settings and data resumes from it)") from None
-        loss_png = loss_curve_png(result.loss_history)
-        (staging / LOSS_CURVE).write_bytes(loss_png)
-        write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": run_key})
-        record = stage_lineage(context, model_config, storage, parents, device=device, inputs_key=run_key,
-                            steps=result.steps, train_loss=result.train_loss, compute=compute.choices(model_config),
-                            memory_plan=plan.terms() if plan is not None else None)
-        (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
-        ref = publish_stage(context, storage, staging, record)
-    storage.remember(partition, "trained_adapter", run_key, ref)
-    storage.drop_checkpoints(partition, "trained_adapter")
-    return _adapter_output(ref, record, model_config, result, loss_png, reused=False)
 
 
 def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, result: TrainResult,

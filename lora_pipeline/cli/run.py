@@ -148,7 +148,7 @@ def check_before_loading(model_config, to_run: list[str], resources: dict) -> No
 
         check_fits(model_config, resources["compute"].info())
     if "raw_dataset" in to_run:
-        from lora_pipeline.ml.data.prepare import release_unused_memory
+        from lora_pipeline.ml.data.raw import release_unused_memory
 
         check_data_early(model_config)
         release_unused_memory()

@@ -101,7 +101,8 @@ def register_partition(instance: dg.DagsterInstance, key: str, config_path: Path
 
 def check_data_early(model_config):
     """Read, check and clean the dataset before any model is loaded; return the cleaned rows and the split sizes."""
-    from lora_pipeline.ml.data.prepare import clean_rows, load_dataset, split_sizes
+    from lora_pipeline.ml.data.clean import clean_rows, split_sizes
+    from lora_pipeline.ml.data.raw import load_dataset
 
     cleaned = clean_rows(load_dataset(model_config.dataset), model_config.dataset.dedupe)
     return cleaned, split_sizes(cleaned, model_config.dataset.eval_fraction)

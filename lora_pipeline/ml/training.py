@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lora_pipeline.errors import LoraPipelineError
-from lora_pipeline.ml.data.prepare import ensure_distinct_pad
+from lora_pipeline.ml.data.formatted import ensure_distinct_pad
 from lora_pipeline.ml.batches import IGNORE_INDEX
 from lora_pipeline.ml.base.modules import resolve_target_modules
 from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, gradient_checkpointing_enabled, mixed_precision

@@ -1,0 +1,89 @@
+"""raw_dataset's side: reading the configured source and checking its rows against their format. Dagster-free."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pandas as pd
+
+from lora_pipeline.ml.data.formats import detect_format, validate_rows, with_format_columns
+from lora_pipeline.ml.data.sources import SourceRequest, SourceRows, read_source, source_version
+
+
+@dataclass
+class LoadedDataset:
+    """Rows read from the source and checked against their format."""
+
+    rows: SourceRows
+    format: str
+    detected: bool
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.rows.frame
+
+    @property
+    def source(self) -> str:
+        return self.rows.source
+
+
+def source_request(settings) -> SourceRequest:
+    """What the dataset section asks to read."""
+    return SourceRequest(
+        source=settings.source,
+        split=settings.split,
+        subset=settings.subset,
+        revision=settings.revision,
+        columns=dict(settings.columns),
+        max_rows=settings.max_rows,
+    )
+
+
+def dataset_source_version(settings) -> str:
+    """The content version of the dataset section's source (changes when its data can have changed)."""
+    return source_version(source_request(settings))
+
+
+def load_dataset(settings) -> LoadedDataset:
+    """Read dataset.source and check every row against dataset.format ('auto' detects it)."""
+    rows = read_source(source_request(settings))
+    detected = settings.format == "auto"
+    fmt = detect_format(rows.frame, rows.source) if detected else settings.format
+    rows.frame = with_format_columns(rows.frame, fmt)
+    validate_rows(rows.frame, fmt, rows.where, rows.source)
+    return LoadedDataset(rows=rows, format=fmt, detected=detected)
+
+
+def release_unused_memory() -> None:
+    """Hand freed Python and Arrow memory back to the OS, so the next stage in this process starts low.
+
+    Arrow's allocator keeps freed blocks for reuse; without this the peaks of successive stages of
+    one run add up (measured at a million rows: 2.1 GB and 1.7 GB alone, 3.8 GB in one process).
+    """
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+
+
+def fingerprint(stored: pd.DataFrame) -> str:
+    """Content hash of a table as storable() returns it: equal rows in equal order give an equal fingerprint."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    digest.update("\x1f".join(map(str, stored.columns)).encode())
+    for column in stored.columns:
+        values = stored[column]
+        if values.dtype == object:
+            values = values.map(lambda v: None if v is None or v != v else str(v))
+        array = pc.fill_null(pa.array(values, pa.string(), from_pandas=True), "\x00")
+        for start in range(0, len(array), 100_000):
+            digest.update("\x1e".join(array.slice(start, 100_000).to_pylist()).encode())
+    return digest.hexdigest()
+
+
+# --- content keys, cleaning and the split ---------------------------------------------------------
