@@ -3,14 +3,19 @@ schedules, resources."""
 
 import dagster as dg
 
-from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
+from lora_pipeline.assets import OTHER_ASSETS, PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
 from lora_pipeline.resources.factory import default_resources
 from lora_pipeline.sensors import TUNE_JOB, dataset_changes, model_configs, model_schedules
 
 tune = dg.define_asset_job(
     TUNE_JOB,
     selection=PIPELINE_ASSETS,
-    description="The whole pipeline for one model: data, quantized base, adapter, merged model, report.",
+    description="The whole pipeline for one model: data, quantized base, adapter, merged model, report, champion.",
+)
+rank_sweep = dg.define_asset_job(
+    "leaderboard_job",
+    selection=OTHER_ASSETS,
+    description="A sweep's leaderboard, from its variants' current eval reports (run the variants first).",
 )
 
 
@@ -19,9 +24,9 @@ def build_definitions(resources: dict | None = None, loggers: dict | None = None
     """The definitions of this code location; the CLI builds them with its own resources and logger
     and without the sensors and schedules, which only a daemon runs."""
     return dg.Definitions(
-        assets=[*PIPELINE_ASSETS, *SETTINGS_SPECS],
+        assets=[*PIPELINE_ASSETS, *OTHER_ASSETS, *SETTINGS_SPECS],
         asset_checks=PIPELINE_CHECKS,
-        jobs=[tune],
+        jobs=[tune, rank_sweep],
         sensors=[model_configs, dataset_changes] if automation else None,
         schedules=model_schedules() if automation else None,
         resources=default_resources() if resources is None else resources,

@@ -1,6 +1,7 @@
 """What every stage shares: the model partitions, config resolution and metadata helpers."""
 
 import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -34,7 +35,8 @@ GPU_POOL = "gpu"
 DATA_FIRST = {"dagster/priority": "10"}
 
 
-def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Reads, uses_gpu: bool = False):
+def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Reads, uses_gpu: bool = False,
+                   check_specs: list[dg.AssetCheckSpec] | None = None):
     """The decorator of every stage, and its one declaration: one partition per model, ArtifactRef
     pointers, its code version (bump it when the code changes what the stage makes) and what it
     reads besides its parent assets (`Reads`, hashed into its settings version; see stages.py).
@@ -45,16 +47,24 @@ def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Rea
     interleave their writes: the second stops with the first one named. Each stage depends on its
     settings asset (<stage>_settings), whose observed versions are how the UI learns of config,
     library and data changes: Dagster's staleness sees code versions and upstream data versions,
-    not run config.
+    not run config. A stage with check_specs reports those checks itself: it is a generator that
+    yields its output and then one AssetCheckResult per check.
     """
 
     def decorate(compute):
-        @functools.wraps(compute)  # Dagster reads the parameters and docstring through the wrapper
-        def as_sole_writer(context: dg.AssetExecutionContext, **inputs):
-            storage = inputs["storage"]
-            mark_stage_start()
-            with storage.writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
-                return compute(context, **inputs)
+        if inspect.isgeneratorfunction(compute):
+            @functools.wraps(compute)
+            def as_sole_writer(context: dg.AssetExecutionContext, **inputs):
+                mark_stage_start()
+                with inputs["storage"].writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
+                    yield from compute(context, **inputs)
+        else:
+            @functools.wraps(compute)  # Dagster reads the parameters and docstring through the wrapper
+            def as_sole_writer(context: dg.AssetExecutionContext, **inputs):
+                storage = inputs["storage"]
+                mark_stage_start()
+                with storage.writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
+                    return compute(context, **inputs)
 
         definition = dg.asset(
             op_tags=DATA_FIRST if group == "data" else None,
@@ -65,6 +75,7 @@ def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Rea
             deps=[settings_key(compute.__name__)],
             code_version=code_version,
             pool=GPU_POOL if uses_gpu else None,
+            check_specs=check_specs,
         )(as_sole_writer)
         declare(Stage(compute.__name__, group, code_version, reads), definition)
         return definition

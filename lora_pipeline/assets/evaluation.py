@@ -1,4 +1,4 @@
-"""The held-out comparison of base, adapter and merged model."""
+"""The held-out comparison of base, adapter and merged model, example by example and with intervals."""
 
 import dagster as dg
 import pandas as pd
@@ -14,20 +14,41 @@ from lora_pipeline.assets.common import (
     stage_output,
 )
 from lora_pipeline.config.schema import TuningRunConfig
-from lora_pipeline.ml.evaluation import evaluate_pipeline
 from lora_pipeline.ml.base.loading import is_quantized_dir
-from lora_pipeline.ml.report.modelcard import with_evaluation
+from lora_pipeline.ml.evaluation.pipeline import evaluate_pipeline
+from lora_pipeline.ml.evaluation.suite import EvalSuite, scorable_rows, suite_digest
 from lora_pipeline.ml.report.metrics_report import write_report
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.hub import ModelHub
+from lora_pipeline.resources.records import ScoreCache
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+
+EVAL_SPLIT = "eval.parquet"
+
+
+def eval_suite(storage: ArtifactStore, formatted_dataset: ArtifactRef, settings) -> tuple[EvalSuite, str]:
+    """The suite every model of this config is scored on, and its digest (the key of cached scores)."""
+    frame = scorable_rows(pd.read_parquet(storage.local_path(formatted_dataset) / EVAL_SPLIT).head(settings.max_examples))
+    suite = EvalSuite(frame, tuple(settings.metrics), settings.max_new_tokens, settings.batch_size)
+    return suite, suite_digest(storage.content_digest(formatted_dataset, only=(EVAL_SPLIT,)), suite)
+
+
+def weights_keys(quantized_base: ArtifactRef, trained_adapter: ArtifactRef, merged_model: ArtifactRef,
+                 original: bool) -> dict[str, str]:
+    """What identifies each evaluated model's weights (an adapter only means something on its base)."""
+    keys = {"base": quantized_base.sha256[:16], "adapter": f"{quantized_base.sha256[:16]}-{trained_adapter.sha256[:16]}",
+            "merged": merged_model.sha256[:16]}
+    if original:
+        keys["merged_into_original"] = f"original-{trained_adapter.sha256[:16]}"
+    return keys
 
 
 @pipeline_asset(
     kinds={"pytorch"}, group="evaluation", uses_gpu=True,
-    code_version="2",  # 2: writes its figures into the adapter's and the merged model's cards
-    reads=Reads(config=("eval", "merge", "trust_remote_code")),
+    # 3: per-example metrics with intervals, the forgetting probe; published cards no longer amended
+    code_version="3",
+    reads=Reads(config=("eval", "merge", "trust_remote_code", "promotion.min_improvement")),
 )
 def eval_report(
     context: dg.AssetExecutionContext,
@@ -41,10 +62,14 @@ def eval_report(
     trained_adapter: ArtifactRef,
     merged_model: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
-    """Held-out loss, perplexity and token accuracy of base, adapter and merged model, with generation samples: metrics.json + report.md.
+    """Base, adapter and merged model scored example by example on the held-out split: loss, token
+    accuracy and each greedy answer's exact/normalized match, ROUGE-L and chrF (examples.parquet),
+    paired comparisons with bootstrap 95% intervals and a verdict in words, the forgetting probe on
+    general text (metrics.json, report.md).
 
-    The figures are also written into the adapter's and the merged model's model cards (README.md),
-    so they travel with those files.
+    Scores are cached in the store by (weights, suite): comparing the same weights on the same
+    examples again recomputes nothing. Published artifacts are never changed: the card that carries
+    the verdict ships with the champion.
     """
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.eval
@@ -52,46 +77,55 @@ def eval_report(
     quantized = is_quantized_dir(quantized_dir)
     merge_weights = merge_weights_kind(model_config.merge.base_weights, quantized)
     compare_original = quantized and merge_weights == "dequantized" and settings.compare_merge_bases
-    eval_frame = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(settings.max_examples)
+    suite, digest = eval_suite(storage, formatted_dataset, settings)
+    cache = ScoreCache(storage)
+    keys = weights_keys(quantized_base, trained_adapter, merged_model, compare_original)
+    cached = {name: found for name, key in keys.items() if (found := cache.get(key, digest)) is not None}
+    if cached:
+        context.log.info(f"scores of {', '.join(cached)} on this suite are cached ({digest}): not recomputed")
     device = compute.info()
     result = evaluate_pipeline(
         quantized_dir,
         storage.local_path(trained_adapter),
         storage.local_path(merged_model),
-        eval_frame,
-        batch_size=settings.batch_size,
+        suite,
+        device,
         sample_count=settings.samples,
-        max_new_tokens=settings.max_new_tokens,
-        device=device,
+        resamples=settings.bootstrap_resamples,
+        margin=model_config.promotion.min_improvement,
         original_dir=original_weights_dir(quantized_dir, hub, model_config.trust_remote_code) if compare_original else None,
+        cached=cached,
+        probe=settings.forgetting_probe,
         log=context.log.info,
         trust_remote_code=model_config.trust_remote_code,
     )
+    for name in result.scored_now:
+        cache.put(keys[name], digest, result.per_example[name])
     with storage.staging_dir() as staging:
-        document = write_report(result, staging, merge_weights, f"Evaluation: {context.partition_key}")
+        document = write_report(result, staging, merge_weights, f"Evaluation: {context.partition_key}",
+                                prompts=list(suite.frame["prompt"]), metric=model_config.promotion.metric)
         report = (staging / "report.md").read_text(encoding="utf-8")
         record = stage_lineage(context, model_config, storage, {"formatted_dataset": formatted_dataset,
                             "quantized_base": quantized_base, "trained_adapter": trained_adapter,
-                            "merged_model": merged_model}, device=device)
+                            "merged_model": merged_model}, device=device, suite=digest, weights=keys)
         ref = publish_stage(context, storage, staging, record)
-    made_by = f"the eval report {ref.uri} (data version {record['version']})"
-    for role, model_ref in (("adapter", trained_adapter), ("merged", merged_model)):
-        card = (storage.local_path(model_ref) / "README.md").read_text(encoding="utf-8")
-        storage.amend_card(model_ref, with_evaluation(card, document, role, context.partition_key,
-                                                      model_config.dataset.source, made_by), made_by)
-    context.log.info("the adapter's and the merged model's model cards now carry these figures")
     comparison = document["comparison"]
     metrics = {
         f"{model}_{name}": float(value)
         for model, values in document.items()
         if model != "comparison"
         for name, value in values.items()
-        if name in ("loss", "perplexity", "token_accuracy")
+        if name in ("loss", "perplexity", "token_accuracy") or name.startswith("mean_")
     }
     return stage_output(
         ref, record, model_config,
         {
             **metrics,
+            **{f"adapter_{entry['metric']}_vs_base": entry["verdict"] for entry in comparison["paired"]
+               if entry["candidate"] == "adapter" and entry["reference"] == "base"},
+            **({"forgetting_change": comparison["forgetting"]["relative_change"]} if "forgetting" in comparison else {}),
+            "eval_suite": digest,
+            "scored_now": ", ".join(result.scored_now) or "nothing (all cached)",
             "adapter_vs_base_loss_change": comparison["adapter_vs_base_loss_change"],
             "merged_vs_adapter_loss_change": comparison["merged_vs_adapter_loss_change"],
             "eval_examples": result.examples,

@@ -266,3 +266,43 @@ def up_to_date_assets(instance, key: str, selected: list[str], model_config, sto
             continue
         current[name] = {"uri": metadata.get("uri"), "metadata": metadata, "up_to_date": True}
     return current
+
+
+def reuse_from_siblings(instance, key: str, siblings: list[str], names: list[str], model_config, storage,
+                        source_version: str | None) -> dict[str, dict]:
+    """For each of `names` (in pipeline order), a sibling partition's artifact with exactly the version this
+    partition's would have (same code, settings and parents): made current here instead of made again.
+
+    This is how a sweep's variants share their data and base: a stage's version does not depend on
+    the partition, so equal versions mean equal outputs. Each reuse is recorded as a materialization
+    of this partition (the sibling's metadata and tags, plus reused_from). Returns {name: summary entry}.
+    """
+    import dagster as dg
+
+    from lora_pipeline.resources.storage import ArtifactIntegrityError
+
+    if source_version is None:
+        return {}
+    versions = stage_versions(model_config, source_version)
+    reused: dict[str, dict] = {}
+    for name in names:
+        for sibling in siblings:
+            materialization, materialized = _materialized_version(instance, sibling, name)
+            if sibling == key or materialization is None or materialized != versions[name]:
+                continue
+            metadata = plain_metadata(materialization.metadata)
+            try:
+                ref = storage.current(sibling, name)
+                if ref.sha256 != metadata.get("sha256"):
+                    continue
+                storage.local_path(ref)
+            except ArtifactIntegrityError:
+                continue
+            storage.point_current(key, name, ref)
+            instance.report_runless_asset_event(dg.AssetMaterialization(
+                asset_key=name, partition=key, metadata={**materialization.metadata, "reused_from": sibling},
+                tags=materialization.tags,
+            ))
+            reused[name] = {"uri": metadata.get("uri"), "metadata": {**metadata, "reused_from": sibling}}
+            break
+    return reused

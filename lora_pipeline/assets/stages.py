@@ -33,8 +33,13 @@ if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig
 
 # Order of the groups in the pipeline; stages that do not depend on each other run in this order.
-GROUPS = ("data", "model", "evaluation")
+GROUPS = ("data", "model", "evaluation", "decision")
 SETTINGS_GROUP = "settings"
+
+
+# Config keys added after models were trained, with the default that behaves as before: while a key
+# holds it, it is left out of the hashed settings, so upgrading does not redo every existing model.
+ADDED_LATER = {"lora.use_dora": False}
 
 
 def settings_key(stage: str) -> dg.AssetKey:
@@ -65,7 +70,8 @@ class Reads:
         """The part of the config the stage reads (so a change elsewhere leaves its version alone)."""
         data = model_config.model_dump(mode="json")
         paths = self.config + (self.with_source if self.reads_source(model_config) else ())
-        return {path.split(".")[-1]: _without(_at(data, path), path, self.ignoring) for path in paths}
+        unchanged = tuple(key for key, default in ADDED_LATER.items() if _at(data, key) == default)
+        return {path.split(".")[-1]: _without(_at(data, path), path, self.ignoring + unchanged) for path in paths}
 
     def describe(self) -> str:
         """The same in words, for the UI."""

@@ -15,10 +15,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from lora_pipeline.cli import list_models, run, validate
+from lora_pipeline.cli import list_models, promote, run, validate
 from lora_pipeline.cli.session import EXIT_RUN_FAILED, EXIT_USER_ERROR, quiet_libraries, user_error_in
 
-COMMANDS = {"run": run, "validate": validate, "list": list_models}
+COMMANDS = {"run": run, "validate": validate, "list": list_models, "promote": promote, "rollback": promote}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-pipeline",
         description="Fine-tune language models with LoRA/QLoRA as Dagster assets: "
-        "raw_dataset -> formatted_dataset -> quantized_base -> trained_adapter -> merged_model -> eval_report.",
+        "raw_dataset -> formatted_dataset -> quantized_base -> trained_adapter -> merged_model -> eval_report "
+        "-> champion (and a leaderboard for sweeps).",
         epilog=run.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_debug_flag(default=False)],
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS.values():
+    for module in dict.fromkeys(COMMANDS.values()):  # a module may declare several commands
         # SUPPRESS: a command's own default must not overwrite `--debug` given before the command.
         module.add_parser(commands, parents=[_debug_flag(default=argparse.SUPPRESS)])
     return parser

@@ -24,12 +24,14 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
         "or code than the config file's now, so `lora-pipeline run` would redo them.",
     )
     parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    parser.add_argument("--storage", metavar="URI",
+                        help="artifact store whose champions to show (default: $LORA_PIPELINE_STORAGE or ./artifacts)")
 
 
 def do_cli(args: argparse.Namespace) -> int:
     """List the models (text or JSON)."""
     registry = ConfigRegistry()
-    rows = do_list(registry)
+    rows = do_list(registry, getattr(args, "storage", None))
     if args.json:
         print(json.dumps(rows))
     elif not rows:
@@ -39,11 +41,15 @@ def do_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def do_list(registry: ConfigRegistry) -> list[dict]:
+def do_list(registry: ConfigRegistry, storage_root: str | None = None) -> list[dict]:
     """One row per model: its config file, when each asset was last materialized, and what is stale.
 
     Configs new to the instance are registered as partitions on the way.
     """
+    from lora_pipeline.resources.factory import default_resources
+    from lora_pipeline.resources.records import ChampionHistory
+
+    storage = default_resources(storage_root=storage_root)["storage"]
     instance = open_instance()
     known = set(instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
     new_keys = [key for key in registry.keys if key not in known]
@@ -60,6 +66,7 @@ def do_list(registry: ConfigRegistry) -> list[dict]:
             "config": str(registry.path_of(key)) if key in registry.keys else None,
             "materialized": states,
             "stale": stale_in(instance, key, registry) if any(states.values()) else [],
+            "champion": _champion_version(ChampionHistory(storage, registry.sweep_of(key) or key)),
         })
     return rows
 
@@ -73,9 +80,15 @@ def print_rows(rows: list[dict]) -> None:
         state = f"{len(done)}/{len(row['materialized'])} assets"
         if done and row["stale"] is not None:
             state += f", {len(row['stale'])} stale" if row["stale"] else ", up to date"
-        print(f"{row['model']:<24} {state:<22} last run {when:<16} {row['config'] or '(run from elsewhere)'}")
+        champion = f"champion {row['champion']}" if row.get("champion") else "no champion"
+        print(f"{row['model']:<24} {state:<22} last run {when:<16} {champion:<26} {row['config'] or '(run from elsewhere)'}")
         if row["stale"]:
             print(f"{'':<24} stale: {', '.join(row['stale'])} (`lora-pipeline run {row['config']}` re-runs them)")
+
+
+def _champion_version(history) -> str | None:
+    current = history.current()
+    return current.version if current is not None else None
 
 
 def stale_in(instance, key: str, registry: ConfigRegistry) -> list[str] | None:

@@ -16,7 +16,12 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.assets import PIPELINE_ASSETS, SETTINGS_SPECS
-from lora_pipeline.assets.provenance import plain_metadata, readable_source_version, up_to_date_assets
+from lora_pipeline.assets.provenance import (
+    plain_metadata,
+    readable_source_version,
+    reuse_from_siblings,
+    up_to_date_assets,
+)
 from lora_pipeline.assets.settings import report_settings
 from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.session import (
@@ -27,8 +32,11 @@ from lora_pipeline.cli.session import (
     reclaim_dead_runs,
     register_partition,
 )
-from lora_pipeline.config.registry import load_config_file, partition_key_for
+from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for, read_yaml
 from lora_pipeline.errors import ConfigError, DataError
+
+EXIT_REFUSED = 3
+CHAMPION_TAG = "lora_pipeline/sweep"  # the champion stage reads it: whose champion a sweep variant would be
 
 EPILOG = f"""\
 examples:
@@ -88,10 +96,25 @@ class RunPlan:
     storage: str | None = None
     force: bool = False
     debug: bool = False
+    siblings: list[str] = field(default_factory=list)  # a sweep's other variants, whose equal assets are reused
+    tags: dict = field(default_factory=dict)
+
+
+class ChampionRefused(Exception):
+    """The run stopped at the champion stage because a gate refused the candidate (exit code 3)."""
+
+    def __init__(self, run_id: str, failed: list[str]) -> None:
+        super().__init__("; ".join(failed))
+        self.run_id = run_id
+        self.failed = failed
+        self.assets: dict = {}
 
 
 def do_cli(args: argparse.Namespace) -> int:
-    """Resolve the arguments into a plan, run it, print the summary."""
+    """Resolve the arguments into a plan, run it, print the summary; a sweep file runs every variant, then its leaderboard."""
+    variants = load_sweep_file(args.config, args.overrides)
+    if variants is not None:
+        return do_sweep(args, variants)
     model_config = load_config_file(args.config, args.overrides)
     selected = selected_asset_names(selection(args.select))
     if not selected:
@@ -99,13 +122,118 @@ def do_cli(args: argparse.Namespace) -> int:
     plan = RunPlan(args.config, partition_key_for(args.config), model_config, selected,
                    readable_source_version(model_config), args.overrides, args.storage, args.force, args.debug)
     started = time.perf_counter()
-    run_id, assets, up_to_date = do_run(plan)
+    run_id, assets, up_to_date, refused = run_reporting_refusal(plan)
     wall = time.perf_counter() - started
-    print_summary(plan.key, run_id, assets, wall, sys.stderr if args.json else sys.stdout, set(up_to_date))
+    stream = sys.stderr if args.json else sys.stdout
+    print_summary(plan.key, run_id, assets, wall, stream, set(up_to_date))
+    champion = champion_summary(plan, assets)
+    if champion is not None:
+        print_champion(champion, stream)
     if args.json:
         print(json.dumps({"partition": plan.key, "run_id": run_id, "wall_seconds": round(wall, 2), "assets": assets,
-                          "up_to_date": up_to_date}))
-    return 0
+                          "up_to_date": up_to_date, **({"champion": champion} if champion is not None else {})}))
+    return EXIT_REFUSED if refused or (champion is not None and not champion["promoted"]) else 0
+
+
+def run_reporting_refusal(plan: RunPlan) -> tuple[str | None, dict, list[str], bool]:
+    """do_run, where a refusal by the champion's gates is a result (the assets before it are published), not an error."""
+    try:
+        run_id, assets, up_to_date = do_run(plan)
+        return run_id, assets, up_to_date, False
+    except ChampionRefused as refusal:
+        return refusal.run_id, refusal.assets, [], True
+
+
+def champion_summary(plan: RunPlan, assets: dict) -> dict | None:
+    """The champion decision of this run (or of the up-to-date one), as `--json` prints it; None when it was not selected."""
+    from lora_pipeline.assets.champion import DECISION_FILE
+    from lora_pipeline.resources.factory import default_resources
+
+    if "champion" not in assets:
+        return None
+    storage = default_resources(storage_root=plan.storage)["storage"]
+    decision = json.loads((storage.local_path(storage.current(plan.key, "champion")) / DECISION_FILE).read_text())
+    return {key: decision[key] for key in ("promoted", "version", "candidate", "model", "gates")}
+
+
+def print_champion(champion: dict, stream) -> None:
+    """The decision in words: promoted or refused, and one line per failed gate."""
+    if champion["promoted"]:
+        print(f"\nchampion of {champion['model']}: {champion['version']} (promoted, every gate passed)", file=stream)
+        return
+    print(f"\ncandidate {champion['candidate']} NOT promoted; champion of {champion['model']} stays "
+          f"{champion['version'] or 'none'}:", file=stream)
+    for name, gate in champion["gates"].items():
+        if not gate["passed"]:
+            print(f"  gate {name} failed: {gate['detail']}", file=stream)
+
+
+def do_sweep(args: argparse.Namespace, variants: dict) -> int:
+    """Run every variant of a sweep (sharing what they have in common), rank them, and promote the recommended one."""
+    sweep = partition_key_for(args.config)
+    selected = selected_asset_names(selection(args.select))
+    per_variant = [name for name in selected if name != "champion"]
+    started = time.perf_counter()
+    stream = sys.stderr if args.json else sys.stdout
+    results = {}
+    for index, (key, model_config) in enumerate(variants.items(), start=1):
+        print(f"\n=== sweep {sweep}: variant {index}/{len(variants)}: {key}", file=sys.stderr)
+        plan = RunPlan(args.config, key, model_config, per_variant, readable_source_version(model_config),
+                       args.overrides, args.storage, args.force, args.debug, siblings=list(variants),
+                       tags={CHAMPION_TAG: sweep})
+        run_id, assets, up_to_date = do_run(plan)
+        results[key] = {"run_id": run_id, "assets": assets, "up_to_date": up_to_date}
+        print_summary(key, run_id, assets, time.perf_counter() - started, stream, set(up_to_date))
+    summary: dict = {"partition": sweep, "variants": results}
+    if "eval_report" in per_variant:
+        board_uri, board = rank_variants(args, sweep, variants)
+        summary["leaderboard"] = {"uri": board_uri, "recommended": board["recommended"]}
+        print(f"\nleaderboard: {board_uri}/leaderboard.md\nrecommended: {board['recommended']} ({board['why']})",
+              file=stream)
+        if "champion" in selected:
+            key = board["recommended"]
+            plan = RunPlan(args.config, key, variants[key], ["champion"], readable_source_version(variants[key]),
+                           args.overrides, args.storage, args.force, args.debug, tags={CHAMPION_TAG: sweep})
+            _, assets, _, refused = run_reporting_refusal(plan)
+            champion = champion_summary(plan, assets)
+            if champion is not None:
+                summary["champion"] = champion
+                print_champion(champion, stream)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    if args.json:
+        print(json.dumps(summary))
+    champion = summary.get("champion")
+    return EXIT_REFUSED if champion is not None and not champion["promoted"] else 0
+
+
+def rank_variants(args: argparse.Namespace, sweep: str, variants: dict) -> tuple[str, dict]:
+    """Materialize the sweep's leaderboard from its variants' current reports; returns its folder and content."""
+    from lora_pipeline.assets.leaderboard import LEADERBOARD_FILE, SWEEP_PARTITIONS
+    from lora_pipeline.definitions import build_definitions
+    from lora_pipeline.resources.factory import default_resources
+    from lora_pipeline.terminal import terminal_logger
+
+    instance = open_instance()
+    if not instance.has_dynamic_partition(SWEEP_PARTITIONS.name, sweep):
+        instance.add_dynamic_partitions(SWEEP_PARTITIONS.name, [sweep])
+    grid = read_yaml(args.config)["sweep"]
+    settings = {key: json.dumps({path: _at(config.model_dump(mode="json"), path) for path in grid})
+                for key, config in variants.items()}
+    resources = default_resources(storage_root=args.storage)
+    definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
+    definitions.resolve_job_def("leaderboard_job").execute_in_process(
+        partition_key=sweep, instance=instance,
+        run_config={"ops": {"leaderboard": {"config": {"variants": list(variants), "settings": settings}}}},
+    )
+    storage = resources["storage"]
+    folder = storage.local_path(storage.current(sweep, "leaderboard"))
+    return storage.current(sweep, "leaderboard").uri, json.loads((folder / LEADERBOARD_FILE).read_text())
+
+
+def _at(data: dict, path: str):
+    for part in path.split("."):
+        data = data[part]
+    return data
 
 
 def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:
@@ -124,21 +252,37 @@ def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:
                            plan.overrides):
         current = {} if plan.force else up_to_date_assets(instance, plan.key, plan.selected, plan.model_config,
                                                            resources["storage"], plan.source_version)
+        if plan.siblings and not plan.force:
+            reused = reuse_from_siblings(instance, plan.key, plan.siblings, [n for n in plan.selected if n not in current],
+                                         plan.model_config, resources["storage"], plan.source_version)
+            if reused:
+                print(f"same as in another variant, reused: {', '.join(reused)}", file=sys.stderr)
+            current.update(reused)
         to_run = [name for name in plan.selected if name not in current]
         if current:
             print(f"up to date, not run: {', '.join(current)}", file=sys.stderr)
         if not to_run:
             return None, {name: current[name] for name in plan.selected}, list(current)
         check_before_loading(plan.model_config, to_run, resources)
-        result = execute(plan, to_run, instance, resources)
-    assets = {}
-    for name in plan.selected:
-        if name in current:
-            assets[name] = current[name]
-        for event in result.asset_materializations_for_node(name):
-            metadata = plain_metadata(event.metadata)
+        try:
+            run_id = execute(plan, to_run, instance, resources).run_id
+        except ChampionRefused as refusal:
+            refusal.assets = _assets_of_run(instance, refusal.run_id, plan.selected, current)
+            raise
+    return run_id, _assets_of_run(instance, run_id, plan.selected, current), list(current)
+
+
+def _assets_of_run(instance, run_id: str, selected: list[str], current: dict) -> dict:
+    """{asset: {"uri", "metadata"}} of the selected assets: those the run materialized, and those up to date."""
+    assets = {name: current[name] for name in selected if name in current}
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    for record in records:
+        materialization = record.event_log_entry.dagster_event.event_specific_data.materialization
+        name = materialization.asset_key.path[-1]
+        if name in selected:
+            metadata = plain_metadata(materialization.metadata)
             assets[name] = {"uri": metadata.get("uri"), "metadata": metadata}
-    return result.run_id, assets, list(current)
+    return {name: assets[name] for name in selected if name in assets}
 
 
 def check_before_loading(model_config, to_run: list[str], resources: dict) -> None:
@@ -173,11 +317,13 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
             run_config=run_config,
             instance=instance,
             tags={"lora_pipeline/config": str(plan.config_path), PID_TAG: str(os.getpid()),
-                  HOST_TAG: socket.gethostname()},
+                  HOST_TAG: socket.gethostname(), **plan.tags},
         )
     except Exception:
         latest = instance.get_runs(limit=1)
         failed_checks = failed_checks_of(instance, latest[0].run_id) if latest else []
+        if failed_checks and all(check.startswith("champion check") for check in failed_checks):
+            raise ChampionRefused(latest[0].run_id, failed_checks) from None
         if failed_checks:
             raise DataError("; ".join(failed_checks) + f" (run {latest[0].run_id}; later assets were not built)") from None
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -107,12 +108,51 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+SWEEP_KEY = "sweep"
+
+
+def _variant_part(path: str, value: Any) -> str:
+    name = path.rsplit(".", 1)[-1].lower()
+    text = str(value).lower() if not isinstance(value, bool) else ("true" if value else "false")
+    joined = f"{name}{text}" if isinstance(value, (int, float)) and not isinstance(value, bool) else f"{name}-{text}"
+    return re.sub(r"[^a-z0-9._-]+", "_", joined)
+
+
+def sweep_variants(data: dict, stem: str, origin: str) -> dict[str, dict] | None:
+    """A sweep file's variants: {partition key: config data}, one per combination of the `sweep:` lists.
+
+    `sweep:` maps dotted config keys to lists of values, e.g. {lora.r: [4, 16, 64], training.seed: [0, 1]};
+    a variant's key is the file's key and each value, e.g. tiny-sweep.r4.seed1. None for a plain config.
+    """
+    import itertools
+
+    grid = data.get(SWEEP_KEY)
+    if grid is None:
+        return None
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{origin}: '{SWEEP_KEY}' must map config keys to lists of values, e.g. lora.r: [4, 16, 64]")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{origin}: '{SWEEP_KEY}.{key}' must be a non-empty list of values (got {values!r})")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{origin}: '{SWEEP_KEY}.{key}' lists a value twice")
+    plain = {name: value for name, value in data.items() if name != SWEEP_KEY}
+    variants = {}
+    for combination in itertools.product(*grid.values()):
+        chosen = dict(zip(grid, combination))
+        key = ".".join([stem, *(_variant_part(path, value) for path, value in chosen.items())])
+        overrides = [f"{path}={json.dumps(value)}" for path, value in chosen.items()]
+        variants[key] = apply_overrides(plain, overrides)
+    return variants
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A config file known to the registry."""
+    """A config file known to the registry; for a sweep file, one of its variants."""
 
     key: str
     path: Path
+    sweep: str | None = None
 
 
 class ConfigRegistry:
@@ -122,14 +162,18 @@ class ConfigRegistry:
         self.config_dir = (config_dir or default_config_dir()).resolve()
         entries: dict[str, RegisteredModel] = {}
         paths = sorted(self.config_dir.glob("*.yaml")) if self.config_dir.is_dir() else []
+        self._variants: dict[str, dict] = {}
         for path in [*paths, *(Path(p).resolve() for p in extra_files)]:
             key = partition_key_for(path)
-            known = entries.get(key)
-            if known is not None and known.path != path:
-                raise ConfigError(
-                    f"{path}: model key {key!r} is already used by {known.path}; rename one of the files"
-                )
-            entries[key] = RegisteredModel(key=key, path=path)
+            variants = _variants_of(path, key)
+            for entry_key in variants or [key]:
+                known = entries.get(entry_key)
+                if known is not None and known.path != path:
+                    raise ConfigError(
+                        f"{path}: model key {entry_key!r} is already used by {known.path}; rename one of the files"
+                    )
+                entries[entry_key] = RegisteredModel(key=entry_key, path=path, sweep=key if variants else None)
+            self._variants.update(variants or {})
         self._entries = entries
 
     @property
@@ -147,13 +191,35 @@ class ConfigRegistry:
             ) from None
 
     def raw(self, key: str) -> dict:
-        """The partition's config file as plain data."""
+        """The partition's config as plain data: its file, or for a sweep variant, the file with the variant's values."""
+        path = self.path_of(key)
+        return self._variants[key] if key in self._variants else read_yaml(path)
+
+    def raw_file(self, key: str) -> dict:
+        """The partition's config file as plain data, as written (a sweep variant's: the whole sweep file)."""
         return read_yaml(self.path_of(key))
 
     def load(self, key: str) -> ModelConfig:
         """The partition's validated config."""
-        path = self.path_of(key)
-        return validate_config(read_yaml(path), str(path))
+        return validate_config(self.raw(key), str(self.path_of(key)) + (f" (variant {key})" if key in self._variants else ""))
+
+    def sweep_of(self, key: str) -> str | None:
+        """The sweep a partition is a variant of, or None."""
+        entry = self._entries.get(key)
+        return entry.sweep if entry is not None else None
+
+    def variants_of(self, sweep: str) -> list[str]:
+        """The partition keys of a sweep's variants, in the file's order."""
+        return [entry.key for entry in self._entries.values() if entry.sweep == sweep]
+
+
+def _variants_of(path: Path, key: str) -> dict[str, dict] | None:
+    """A sweep file's variants, or None for a plain config (or one that does not read: its loader will say why)."""
+    try:
+        data = read_yaml(path)
+    except ConfigError:
+        return None
+    return sweep_variants(data, key, str(path)) if SWEEP_KEY in data else None
 
 
 def load_config_file(path: Path, overrides: Iterable[str] = ()) -> ModelConfig:
@@ -161,4 +227,16 @@ def load_config_file(path: Path, overrides: Iterable[str] = ()) -> ModelConfig:
     overrides = list(overrides)
     data = apply_overrides(read_yaml(path), overrides)
     origin = f"{path}" + (" (with --set overrides)" if overrides else "")
+    if SWEEP_KEY in data:
+        raise ConfigError(f"{origin}: is a sweep file (it has '{SWEEP_KEY}:'); this command takes one model config")
     return validate_config(data, origin)
+
+
+def load_sweep_file(path: Path, overrides: Iterable[str] = ()) -> dict[str, ModelConfig] | None:
+    """A sweep file's validated variants {partition key: config} (overrides applied to each), or None for a plain config."""
+    overrides = list(overrides)
+    data = apply_overrides(read_yaml(path), overrides)
+    variants = sweep_variants(data, partition_key_for(path), str(path))
+    if variants is None:
+        return None
+    return {key: validate_config(variant, f"{path} (variant {key})") for key, variant in variants.items()}

@@ -18,6 +18,8 @@ from pydantic import Field
 
 from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX
 
+# Per-example metrics eval_report can compute; loss is the only one where lower is better.
+EVAL_METRICS = ("loss", "token_accuracy", "exact_match", "normalized_match", "rouge_l", "chrf")
 QuantizationMode = Literal["nf4", "fp4", "int8", "none"]
 DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -127,6 +129,12 @@ class LoraSettings(_Strict):
     )
     use_rslora: bool = Field(
         default=False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."
+    )
+    use_dora: bool = Field(
+        default=False,
+        description="DoRA: learn each adapted weight's magnitude apart from its direction (PEFT's use_dora). "
+        "Often better than plain LoRA at low ranks, slower to train, and not servable as an adapter by vLLM "
+        "(serve the merged model).",
     )
 
     @pydantic.field_validator("target_modules", "modules_to_save", mode="before")
@@ -253,10 +261,75 @@ class EvalSettings(_Strict):
         default=4, ge=0, description="Held-out prompts answered by each model in the report."
     )
     max_new_tokens: int = Field(default=48, ge=1, description="Length limit of each generated answer.")
+    metrics: list[str] = Field(
+        default=["loss", "token_accuracy", "exact_match", "normalized_match", "rouge_l", "chrf"],
+        description="Per-example metrics, stored for every model evaluated (examples.parquet): loss and "
+        "token_accuracy from one forward pass; exact_match, normalized_match (case, punctuation and "
+        "articles ignored), rouge_l and chrf score each model's greedy answer against the reference.",
+    )
+    forgetting_probe: bool = Field(
+        default=True,
+        description="Also measure the loss of base and adapter on a small general-text sample the package "
+        "ships, so a fine-tune that damages general ability shows it.",
+    )
+    @pydantic.field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in EVAL_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {list(EVAL_METRICS)}")
+        if not value:
+            raise ValueError("needs at least one metric")
+        return value
+
+    bootstrap_resamples: int = Field(
+        default=2000, ge=100, description="Bootstrap resamples behind every 95% interval."
+    )
     compare_merge_bases: bool = Field(
         default=True,
         description="For quantized bases, also evaluate a merge into the original weights, so the "
         "report shows what merging into them would cost.",
+    )
+
+
+class PromotionSettings(_Strict):
+    """The gates a candidate passes before the champion stage promotes it (see `lora-pipeline promote --help`)."""
+
+    metric: str = Field(
+        default="loss",
+        description="The per-example metric the gates and the leaderboard's recommendation compare: loss "
+        "(lower is better) or any of eval.metrics (token_accuracy, exact_match, normalized_match, rouge_l, "
+        "chrf: higher is better).",
+    )
+    min_improvement: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Margin on the metric's own scale: the candidate is better than the base (and a sweep "
+        "variant worse than the best) only when the 95% interval of the paired difference clears it.",
+    )
+    max_regression: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="How much worse than the current champion (same examples) a candidate may be, on the "
+        "metric's scale, and still replace it.",
+    )
+    max_forgetting: float = Field(
+        default=0.25,
+        ge=0.0,
+        description="Largest relative rise of the loss on the general-text probe, adapter vs base "
+        "(0.25: 25% higher), before the candidate is refused as having forgotten general ability.",
+    )
+    max_merge_drift: float = Field(
+        default=0.02,
+        ge=0.0,
+        description="Largest relative difference of held-out loss between the merged model and the "
+        "adapter it was merged from.",
+    )
+    serving: Literal["adapter", "merged", "either"] = Field(
+        default="either",
+        description="How the champion will be served. 'adapter': it must pass vLLM's LoRA checks (rank, "
+        "no modules_to_save, no DoRA, bias none); 'merged' or 'either': an adapter vLLM cannot load is "
+        "shipped merged-only.",
     )
 
 
@@ -312,7 +385,14 @@ class ModelConfig(_Strict):
     training: TrainingSettings = Field(default=TrainingSettings(), description="Training.")
     merge: MergeSettings = Field(default=MergeSettings(), description="Merging.")
     eval: EvalSettings = Field(default=EvalSettings(), description="Evaluation.")
+    promotion: PromotionSettings = Field(default=PromotionSettings(), description="Promotion gates.")
     retrain: RetrainSettings = Field(default=RetrainSettings(), description="Scheduled and data-triggered retraining.")
+
+    @pydantic.model_validator(mode="after")
+    def _promotion_metric_is_evaluated(self) -> "ModelConfig":
+        if self.promotion.metric not in self.eval.metrics:
+            raise ValueError(f"promotion.metric {self.promotion.metric!r} is not one of eval.metrics {self.eval.metrics}")
+        return self
 
     @property
     def builtin_base(self) -> bool:
@@ -352,6 +432,7 @@ class TuningRunConfig(dg.Config):
     training: Optional[TrainingSettings] = Field(default=None, description="Training.")
     merge: Optional[MergeSettings] = Field(default=None, description="Merging.")
     eval: Optional[EvalSettings] = Field(default=None, description="Evaluation.")
+    promotion: Optional[PromotionSettings] = Field(default=None, description="Promotion gates.")
     retrain: Optional[RetrainSettings] = Field(default=None, description="Scheduled and data-triggered retraining.")
 
     def sections_given(self) -> dict:
@@ -361,5 +442,5 @@ class TuningRunConfig(dg.Config):
 
 # Dagster shows these docstrings as descriptions, some as Markdown: without the source's indentation.
 for _config_class in (DatasetSettings, LoraSettings, QuantizationSettings, TrainingSettings, MergeSettings,
-                      EvalSettings, RetrainSettings, ModelConfig, TuningRunConfig):
+                      EvalSettings, PromotionSettings, RetrainSettings, ModelConfig, TuningRunConfig):
     _config_class.__doc__ = inspect.cleandoc(_config_class.__doc__ or "")

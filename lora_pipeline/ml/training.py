@@ -111,6 +111,7 @@ def lora_config(settings: "LoraSettings", model_type: str):
         bias=settings.bias,
         modules_to_save=list(settings.modules_to_save) or None,
         use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
         task_type=TaskType.CAUSAL_LM,
     )
 

@@ -2,13 +2,15 @@
 
 Layout under the store's root:
     <partition>/<asset>/<version>/...       an immutable artifact; MANIFEST.json is written last
-    <partition>/<asset>/<version>/CARD.json every model card (README.md) the artifact has had, when
-                                            evaluation amended it (amend_card): the one file that changes
+    <partition>/<asset>/<version>/CARD.json model cards an older lora-pipeline amended after publishing
+                                            (still accepted when verifying; published artifacts no longer change)
     <partition>/<asset>/CURRENT.json        pointer to the newest published version (ArtifactRef)
     <partition>/<asset>/.by-inputs/<key>.json  the artifact made from given inputs (reused on retries)
     <partition>/<asset>/.checkpoints/<key>/ training checkpoints of one set of inputs (INPUTS.json, step-N/)
     .locks/<partition>/<asset>.lock         held by the one run writing the asset partition (locks.py)
     .staging/<uuid>/                        work in progress of a local store; never read
+    _records/scores/<suite>/<weights>.parquet  per-example scores of some weights on an eval suite (a cache)
+    _records/champions/<model>/<n>.json     a model's champion history, one file per event (append-only)
 A version is the first 16 hex digits of the manifest's sha256, so publishing identical content
 twice yields the same artifact. A version folder counts as published only once its MANIFEST.json
 exists, and readers check every file against it (size and sha256): on a local store the folder
@@ -46,6 +48,7 @@ LINEAGE = "LINEAGE.json"
 # What an artifact says about itself (who made it, when, how it scored), not what it holds.
 ABOUT_FILES = (LINEAGE, CARD)
 INPUTS = "INPUTS.json"
+RECORDS = "_records"
 
 
 class ArtifactIntegrityError(LoraPipelineError):
@@ -386,33 +389,29 @@ class ArtifactStore(dg.ConfigurableResource):
             raise ArtifactIntegrityError(f"{ref.uri}: has no {', '.join(sorted(missing))}")
         return _manifest_digest({"files": entries})
 
-    def amend_card(self, ref: ArtifactRef, text: str, amended_by: str) -> None:
-        """Replace a published artifact's model card (README.md), the one file that may change after publishing.
+    # --- small records: <root>/_records/<kind>/..., e.g. cached scores and champion histories ---
 
-        The evaluation runs after the adapter and the merged model are published, and their cards
-        should carry its figures. Weights, configs, lineage and the manifest never change (nor the
-        artifact's version); CARD.json lists every card the artifact has had, so readers accept the
-        README that matches the manifest or one of those. CARD.json is written first, so a reader
-        in between sees the old card, still accepted.
-        """
+    def put_record(self, relative: str, payload: bytes) -> None:
+        """Write a small record file (whole or not at all) at _records/<relative>."""
+        self._put_small(self._record_path(relative), payload)
+
+    def get_record(self, relative: str) -> bytes | None:
+        """A small record file's bytes, or None when there is none."""
+        return self._get_small(self._record_path(relative))
+
+    def list_records(self, relative_dir: str) -> list[str]:
+        """The names of the record files in a folder of _records, sorted (none when it does not exist)."""
         fs, _ = self._fs_and_root()
-        version_dir = ref.uri if self.is_local else fs._strip_protocol(ref.uri)
-        local = self.local_path(ref)
-        if not any(entry["path"] == CARD for entry in json.loads((local / MANIFEST).read_text())["files"]):
-            raise ArtifactIntegrityError(f"{ref.uri}: has no model card ({CARD}) to amend")
-        payload = text.encode("utf-8")
-        digest = hashlib.sha256(payload).hexdigest()
-        history = self._get_small(f"{version_dir}/{CARD_HISTORY}")
-        cards = json.loads(history)["cards"] if history else []
-        if not any(card["sha256"] == digest for card in cards):
-            cards.append({"sha256": digest, "size": len(payload), "amended_by": amended_by,
-                          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        history_payload = json.dumps({"cards": cards}, indent=1, sort_keys=True).encode()
-        self._put_small(f"{version_dir}/{CARD_HISTORY}", history_payload)
-        self._put_small(f"{version_dir}/{CARD}", payload)
-        if not self.is_local:  # the verified local copy shows the new card too
-            _replace_file(local / CARD_HISTORY, history_payload)
-            _replace_file(local / CARD, payload)
+        folder = self._record_path(relative_dir)
+        fs.invalidate_cache(folder)
+        try:
+            return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(folder, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def _record_path(self, relative: str) -> str:
+        _, root = self._fs_and_root()
+        return "/".join([root, RECORDS, *(_segment(part, "record path") for part in relative.split("/"))])
 
     # --- training checkpoints: <partition>/<asset>/.checkpoints/<run_key>/step-<N>/, manifest last ---
 

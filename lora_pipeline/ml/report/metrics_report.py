@@ -7,8 +7,12 @@ import html
 import json
 from pathlib import Path
 
-from lora_pipeline.ml.evaluation import EvaluationResult
+from lora_pipeline.ml.evaluation.pipeline import EvaluationResult
 from lora_pipeline.ml.report.plots import bar_chart_png
+
+
+# One row per (model, example): every per-example score, and each model's greedy answer.
+EXAMPLES_FILE = "examples.parquet"
 
 
 def relative_change(value: float, reference: float) -> float:
@@ -27,6 +31,10 @@ def metrics_document(result: EvaluationResult, merge_weights: str) -> dict:
         "merged_vs_adapter_loss_change": relative_change(result.metrics["merged"]["loss"], adapter_loss),
         "merge_weights": merge_weights,
     }
+    document["comparison"]["paired"] = result.comparisons
+    document["comparison"]["intervals"] = result.intervals
+    if result.forgetting is not None:
+        document["comparison"]["forgetting"] = result.forgetting
     if "merged_into_original" in result.metrics:
         document["comparison"]["merged_into_original_vs_adapter_loss_change"] = relative_change(
             result.metrics["merged_into_original"]["loss"], adapter_loss
@@ -34,7 +42,7 @@ def metrics_document(result: EvaluationResult, merge_weights: str) -> dict:
     return document
 
 
-def report_markdown(document: dict, samples: list[dict[str, str]], title: str) -> str:
+def report_markdown(document: dict, samples: list[dict[str, str]], title: str, extremes: list[dict] = ()) -> str:
     """A short human-readable report: the table, the deltas and a few answers side by side."""
     models = [name for name in document if name != "comparison"]
     lines = [
@@ -49,6 +57,7 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str) -
         m = document[name]
         lines.append(f"| {name} | {m['loss']:.4f} | {m['perplexity']:.2f} | {m['token_accuracy']:.3f} |")
     comparison = document["comparison"]
+    lines += interval_table(comparison.get("intervals", {}))
     lines += [
         "",
         f"- Adapter vs base: loss {comparison['adapter_vs_base_loss_change']:+.1%}.",
@@ -60,6 +69,15 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str) -
             f"{comparison['merged_into_original_vs_adapter_loss_change']:+.2%}. The adapter was trained "
             "against the quantized weights, so this gap is the cost of merging into the originals."
         )
+    lines += ["", "## What the differences mean", ""]
+    lines += [f"- {entry['sentence']}" for entry in comparison.get("paired", [])]
+    forgetting = comparison.get("forgetting")
+    if forgetting:
+        lines.append(
+            f"- Forgetting probe ({forgetting['passages']} general-text passages): loss {forgetting['base_loss']:.4f} "
+            f"(base) -> {forgetting['adapter_loss']:.4f} (adapter), {forgetting['relative_change']:+.1%}. "
+            + forgetting["paired"]["sentence"]
+        )
     lines += ["", "![held-out loss](loss_by_model.png)", "", "## Samples", ""]
     for index, sample in enumerate(samples, start=1):
         lines += [f"### {index}", "", "```", sample["prompt"].rstrip(), "```", ""]
@@ -68,7 +86,58 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str) -
             if name in sample:
                 lines.append(f"- **{name}**: {sample[name] or '(empty)'}")
         lines.append("")
+    lines += biggest_changes(extremes)
     return "\n".join(lines)
+
+
+def interval_table(intervals: dict[str, dict[str, dict]]) -> list[str]:
+    """Each model's per-example metric means with their 95% intervals, as a markdown table."""
+    if not intervals:
+        return []
+    metrics = list(next(iter(intervals.values())))
+    lines = ["", "Per-example means with 95% bootstrap intervals:", "",
+             "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, values in intervals.items():
+        cells = [f"{values[m]['value']:.3f} [{values[m]['ci95'][0]:.3f}, {values[m]['ci95'][1]:.3f}]" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def biggest_changes(extremes: list[dict]) -> list[str]:
+    """The examples where the adapter gained or lost most against the base, as report lines."""
+    if not extremes:
+        return []
+    lines = ["## Biggest wins and losses (adapter vs base)", "", "| example | change | prompt | base | adapter |",
+             "|---|---|---|---|---|"]
+    for row in extremes:
+        cells = [str(row["example"]), f"{row['change']:+.3f} {row['metric']}", _cell(row["prompt"]),
+                 _cell(row.get("base_answer", "")), _cell(row.get("adapter_answer", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _cell(text: str, width: int = 80) -> str:
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def extreme_examples(result: EvaluationResult, prompts, metric: str, count: int = 3) -> list[dict]:
+    """The `count` examples the adapter improved most and the `count` it hurt most, on `metric`."""
+    from lora_pipeline.ml.evaluation.pipeline import LOWER_IS_BETTER
+
+    base, adapter = result.per_example["base"], result.per_example["adapter"]
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    gain = sign * (adapter[metric] - base[metric])
+    order = list(gain.sort_values(ascending=False).index)
+    chosen = order[:count] + [index for index in order[::-1][:count] if index not in order[:count]]
+    rows = []
+    for index in chosen:
+        row = {"example": int(index), "metric": metric, "change": float(adapter[metric][index] - base[metric][index]),
+               "prompt": prompts[index]}
+        if "answer" in adapter:
+            row.update(base_answer=base["answer"][index], adapter_answer=adapter["answer"][index])
+        rows.append(row)
+    return rows
 
 
 def report_html(document: dict, samples: list[dict[str, str]], title: str, plot_png: bytes) -> str:
@@ -105,15 +174,21 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 """
 
 
-def write_report(result: EvaluationResult, out_dir: Path, merge_weights: str, title: str) -> dict:
-    """Write metrics.json, samples.json, report.md, report.html and the plot; return the metrics document."""
+def write_report(result: EvaluationResult, out_dir: Path, merge_weights: str, title: str, prompts=(),
+                 metric: str = "loss") -> dict:
+    """Write metrics.json, examples.parquet, samples.json, report.md, report.html and the plot; return the metrics document."""
+    import pandas as pd
+
     document = metrics_document(result, merge_weights)
     out_dir.mkdir(parents=True, exist_ok=True)
+    pd.concat([scores.assign(model=name) for name, scores in result.per_example.items()],
+              ignore_index=True).to_parquet(out_dir / EXAMPLES_FILE, index=False)
+    extremes = extreme_examples(result, list(prompts), metric) if len(prompts) else []
     (out_dir / "metrics.json").write_text(json.dumps(document, indent=2, sort_keys=True))
     (out_dir / "samples.json").write_text(json.dumps(result.samples, indent=2, ensure_ascii=False))
     losses = {name: document[name]["loss"] for name in document if name != "comparison"}
     plot = bar_chart_png(losses, "held-out loss", "loss by model")
     (out_dir / "loss_by_model.png").write_bytes(plot)
-    (out_dir / "report.md").write_text(report_markdown(document, result.samples, title), encoding="utf-8")
+    (out_dir / "report.md").write_text(report_markdown(document, result.samples, title, extremes), encoding="utf-8")
     (out_dir / "report.html").write_text(report_html(document, result.samples, title, plot), encoding="utf-8")
     return document

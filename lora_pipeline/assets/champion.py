@@ -1,0 +1,273 @@
+"""The champion stage: promote the evaluated candidate only when every gate passes, keep a history, ship serving files.
+
+The gates are the stage's blocking asset checks, so the UI shows them beside the decision and a
+refused candidate stops the run (the `lora-pipeline` CLI exits 3); the assets before stay
+published and the current champion stays current. A model's champions are an append-only
+history in the artifact store (resources/records.py); for a sweep, the champion is the sweep's,
+and only the variant its leaderboard recommends can become it.
+"""
+
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from lora_pipeline.assets.common import (
+    Reads,
+    pipeline_asset,
+    publish_stage,
+    read_json,
+    resolve_model_config,
+    stage_lineage,
+    stage_output,
+    write_json,
+)
+from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
+from lora_pipeline.ml import promotion
+from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
+from lora_pipeline.resources.compute import Compute
+from lora_pipeline.resources.records import ChampionHistory, ScoreCache
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import ArtifactIntegrityError, ArtifactRef, ArtifactStore
+
+SWEEP_TAG = "lora_pipeline/sweep"
+DECISION_FILE = "CHAMPION.json"
+CANDIDATE_ASSETS = ("quantized_base", "trained_adapter", "merged_model", "eval_report")
+
+
+def artifact_version(ref: ArtifactRef) -> str:
+    """An artifact's version: its folder name in the store (the first 16 hex digits of its manifest's sha256)."""
+    return ref.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class Decision:
+    """The gates' verdicts on a candidate, and whose champion it would become."""
+
+    owner: str  # the model (or sweep) whose champion this is
+    candidate: dict  # {asset: {"uri", "sha256", "version"}}
+    candidate_version: str
+    current_version: str | None
+    suite: str
+    gates: list[promotion.Gate]
+    serving: dict
+
+    @property
+    def promoted(self) -> bool:
+        """Whether every gate passed."""
+        return promotion.decide(self.gates)
+
+    def summary(self, promoted: bool | None = None) -> dict:
+        """The CLI's --json "champion" object: promoted, the current champion's version after the decision, the gates."""
+        promoted = self.promoted if promoted is None else promoted
+        return {"promoted": promoted, "version": self.candidate_version if promoted else self.current_version,
+                "candidate": self.candidate_version, "model": self.owner,
+                "gates": {gate.name: gate.as_dict() for gate in self.gates}}
+
+
+def decide_promotion(storage: ArtifactStore, device, model_config: ModelConfig, partition: str, sweep: str | None,
+                     refs: dict[str, ArtifactRef], log=None) -> Decision:
+    """Evaluate every gate for the candidate made of `refs` (the partition's quantized base, adapter, merged model and report).
+
+    The comparison with the current champion is paired: the champion's scores on the same suite
+    come from the score cache, or are computed now (and cached) when the suite is new to it.
+    """
+    from lora_pipeline.ml.serving import read_servability
+
+    settings = model_config.promotion
+    owner = sweep or partition
+    report_dir = storage.local_path(refs["eval_report"])
+    document = read_json(report_dir / "metrics.json")
+    lineage = read_json(report_dir / "LINEAGE.json")
+    suite = lineage.get("suite", "")
+    candidate = {name: {"uri": ref.uri, "sha256": ref.sha256, "version": artifact_version(ref)}
+                 for name, ref in refs.items()}
+    candidate_version = artifact_version(refs["trained_adapter"])
+    current = ChampionHistory(storage, owner).current()
+    servability = read_servability(storage.local_path(refs["trained_adapter"]))
+    gates = [
+        promotion.better_than_base(document, settings),
+        promotion.no_regression(
+            _against_champion(storage, device, model_config, current, candidate_version, report_dir, suite, log)
+            if current is not None else None,
+            settings, current.version if current is not None else None),
+        promotion.forgetting(document, settings),
+        promotion.merge_fidelity(document, settings),
+        promotion.servable(servability, settings),
+    ]
+    if sweep is not None:
+        gates.append(promotion.recommended(partition, _recommendation(storage, sweep), sweep))
+    return Decision(owner, candidate, candidate_version, current.version if current else None, suite, gates,
+                    {"mode": servability.mode, "rank": servability.rank, "reasons": list(servability.reasons)})
+
+
+def _recommendation(storage: ArtifactStore, sweep: str) -> str | None:
+    try:
+        return read_json(storage.local_path(storage.current(sweep, "leaderboard")) / "leaderboard.json")["recommended"]
+    except ArtifactIntegrityError:
+        return None
+
+
+def _against_champion(storage, device, model_config, current, candidate_version, report_dir: Path, suite: str, log):
+    """The paired comparison candidate vs current champion on the suite, or None when the candidate is the champion."""
+    from lora_pipeline.assets.evaluation import eval_suite
+    from lora_pipeline.ml.evaluation.pipeline import compare, score_on_base
+
+    if current.version == candidate_version:
+        return None
+    examples = pd.read_parquet(report_dir / EXAMPLES_FILE)
+    candidate_scores = examples[examples["model"] == "adapter"].reset_index(drop=True)
+    champion = current.candidate
+    weights = f"{champion['quantized_base']['sha256'][:16]}-{champion['trained_adapter']['sha256'][:16]}"
+    cache = ScoreCache(storage)
+    scores = cache.get(weights, suite)
+    if scores is None:
+        refs = {name: ArtifactRef(uri=entry["uri"], sha256=entry["sha256"], size_bytes=0, files=0)
+                for name, entry in champion.items() if name in ("quantized_base", "trained_adapter")}
+        formatted = _formatted_of(storage, report_dir)
+        eval_examples, _ = eval_suite(storage, formatted, model_config.eval)
+        scored, _, _ = score_on_base(storage.local_path(refs["quantized_base"]),
+                                     {"champion": storage.local_path(refs["trained_adapter"])}, eval_examples, device,
+                                     include_base=False, log=log, trust_remote_code=model_config.trust_remote_code)
+        scores = scored["champion"]
+        cache.put(weights, suite, scores)
+    metric = model_config.promotion.metric
+    if len(scores) != len(candidate_scores) or metric not in scores:
+        raise ArtifactIntegrityError(f"champion {current.version}'s cached scores do not match suite {suite}")
+    return compare(metric, "adapter", "champion", {"adapter": candidate_scores, "champion": scores},
+                   model_config.eval.bootstrap_resamples, model_config.promotion.min_improvement)
+
+
+def _formatted_of(storage: ArtifactStore, report_dir: Path) -> ArtifactRef:
+    parent = read_json(report_dir / "LINEAGE.json")["parents"]["formatted_dataset"]
+    return ArtifactRef(uri=parent["uri"], sha256=parent["sha256"], size_bytes=0, files=0)
+
+
+GATE_CHECKS = [
+    dg.AssetCheckSpec(name, asset="champion", blocking=True, description=promotion.GATE_DESCRIPTIONS[name])
+    for name in (*promotion.GATES, "recommended")
+]
+
+
+@pipeline_asset(
+    kinds={"python"}, group="decision", uses_gpu=True, code_version="1",
+    reads=Reads(config=("promotion", "eval", "trust_remote_code")),
+    check_specs=GATE_CHECKS,
+)
+def champion(
+    context: dg.AssetExecutionContext,
+    config: TuningRunConfig,
+    registry: ModelRegistry,
+    storage: ArtifactStore,
+    compute: Compute,
+    quantized_base: ArtifactRef,
+    trained_adapter: ArtifactRef,
+    merged_model: ArtifactRef,
+    eval_report: ArtifactRef,
+):
+    """The promotion decision on the newest candidate: the gates (as blocking checks), and when all pass, the
+    candidate recorded as the model's champion, with its model card and vLLM serving files.
+
+    CHAMPION.json holds the decision; README.md is the card that carries the verdict (published
+    artifacts are never amended); serving/ has `serve-vllm.sh` for every champion on this base.
+    A refused candidate leaves the current champion in place (`lora-pipeline rollback` restores
+    an earlier one).
+    """
+    model_config = resolve_model_config(context, config, registry)
+    key = context.partition_key
+    sweep = context.run.tags.get(SWEEP_TAG) or _registered_sweep(registry, key)
+    refs = {"quantized_base": quantized_base, "trained_adapter": trained_adapter, "merged_model": merged_model,
+            "eval_report": eval_report}
+    decision = decide_promotion(storage, compute.info(), model_config, key, sweep, refs, context.log.info)
+    history = ChampionHistory(storage, decision.owner)
+    with storage.staging_dir() as staging:
+        write_json(staging / DECISION_FILE, {**decision.summary(), "suite": decision.suite,
+                                             "candidate_artifacts": decision.candidate, "serving": decision.serving})
+        if decision.promoted:
+            _write_champion_files(staging, storage, model_config, decision, eval_report, key)
+        record = stage_lineage(context, model_config, storage, refs, promoted=decision.promoted)
+        ref = publish_stage(context, storage, staging, record)
+    if decision.promoted:
+        history.append("promote", decision.candidate_version, {**decision.candidate, "champion": {"uri": ref.uri},
+                                                               "serving": decision.serving},
+                       decision.suite, decision.summary()["gates"], context.run_id, key)
+        context.log.info(f"{decision.owner}: {decision.candidate_version} is the champion now")
+    else:
+        failed = [gate.name for gate in decision.gates if not gate.passed]
+        context.log.warning(f"{decision.owner}: candidate {decision.candidate_version} refused by {', '.join(failed)}; "
+                            f"champion stays {decision.current_version or 'none'}")
+    yield stage_output(ref, record, model_config, {
+        "promoted": decision.promoted,
+        "champion_of": decision.owner,
+        "champion_version": decision.summary()["version"] or "none",
+        "candidate_version": decision.candidate_version,
+        "serving_mode": decision.serving["mode"],
+        "gates": dg.MetadataValue.md(gates_table(decision.gates)),
+    })
+    names = {gate.name for gate in decision.gates}
+    for gate in decision.gates:
+        yield dg.AssetCheckResult(check_name=gate.name, passed=gate.passed, description=gate.detail,
+                                  severity=dg.AssetCheckSeverity.ERROR)
+    if "recommended" not in names:
+        yield dg.AssetCheckResult(check_name="recommended", passed=True, description="not a sweep variant")
+
+
+def _registered_sweep(registry: ModelRegistry, key: str) -> str | None:
+    try:
+        return registry.configs().sweep_of(key)
+    except Exception:  # an unreadable config folder: the partition's own config was resolved already
+        return None
+
+
+def gates_table(gates: list[promotion.Gate]) -> str:
+    """The gates as a markdown table."""
+    rows = [f"| {gate.name} | {'pass' if gate.passed else '**FAIL**'} | {gate.detail.replace('|', '/')} |"
+            for gate in gates]
+    return "\n".join(["| gate | result | detail |", "|---|---|---|", *rows])
+
+
+def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: ModelConfig, decision: Decision,
+                          eval_report: ArtifactRef, key: str) -> None:
+    """The champion's card (the adapter's, with the evaluation and the gates) and its serving files."""
+    from lora_pipeline.ml.report.modelcard import with_evaluation
+    from lora_pipeline.ml.serving import ServedAdapter, serving_files
+
+    adapter_dir = storage.local_path(ArtifactRef(**_ref_fields(decision.candidate["trained_adapter"])))
+    document = read_json(storage.local_path(eval_report) / "metrics.json")
+    card = with_evaluation((adapter_dir / "README.md").read_text(encoding="utf-8"), document, "adapter", decision.owner,
+                           model_config.dataset.source, f"eval report {decision.candidate['eval_report']['version']}")
+    verdict = ["", "## Promotion", "", f"Champion of {decision.owner} since this decision; every gate passed:", "",
+               gates_table(decision.gates), ""]
+    (staging / "README.md").write_text(card + "\n".join(verdict), encoding="utf-8")
+    base_sha = decision.candidate["quantized_base"]["sha256"]
+    adapters = []
+    if decision.serving["mode"] == "adapter":
+        adapters.append(ServedAdapter(decision.owner, decision.candidate["trained_adapter"]["uri"], decision.serving["rank"]))
+    for other in _other_champions(storage, decision.owner, base_sha):
+        adapters.append(other)
+    merged = {} if adapters else {decision.owner: decision.candidate["merged_model"]["uri"]}
+    serving_dir = staging / "serving"
+    serving_dir.mkdir()
+    for name, text in serving_files(model_config.base_model, adapters, merged).items():
+        (serving_dir / name).write_text(text, encoding="utf-8")
+
+
+def _ref_fields(entry: dict) -> dict:
+    return {"uri": entry["uri"], "sha256": entry["sha256"], "size_bytes": 0, "files": 0}
+
+
+def _other_champions(storage: ArtifactStore, owner: str, base_sha: str) -> list:
+    """The other models' current champions on the same base that vLLM can serve as adapters."""
+    from lora_pipeline.ml.serving import ServedAdapter
+
+    found = []
+    for model in storage.list_records("champions"):
+        if model == owner:
+            continue
+        event = ChampionHistory(storage, model).current()
+        if (event is not None and event.candidate["quantized_base"]["sha256"] == base_sha
+                and event.candidate.get("serving", {}).get("mode") == "adapter"):
+            found.append(ServedAdapter(model, event.candidate["trained_adapter"]["uri"], event.candidate["serving"]["rank"]))
+    return found

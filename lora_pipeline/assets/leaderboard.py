@@ -1,0 +1,124 @@
+"""The leaderboard of a sweep: its variants side by side, and the one to ship.
+
+A sweep file (a config with a `sweep:` section) is one partition per variant of the model
+stages, and one partition of the `sweeps` partitions here. The leaderboard reads each variant's
+current eval report and adapter from the store.
+"""
+
+
+import json
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from lora_pipeline.assets.common import ARTIFACT_IO, read_json, write_json
+from lora_pipeline.assets.provenance import mark_stage_start
+from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard, leaderboard_markdown, leaderboard_png
+from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
+from lora_pipeline.resources.registry import ModelRegistry
+from lora_pipeline.resources.storage import LINEAGE, ArtifactRef, ArtifactStore
+
+SWEEP_PARTITIONS = dg.DynamicPartitionsDefinition(name="sweeps")
+LEADERBOARD_FILE = "leaderboard.json"
+
+
+class LeaderboardConfig(dg.Config):
+    """Which variants the leaderboard ranks; empty: the sweep file's, from the config folder."""
+
+    variants: list[str] = Field(default=[], description="Partition keys of the sweep's variants (default: all of them).")
+    settings: dict[str, str] = Field(
+        default={}, description="Per variant, its swept keys and values as a JSON object (default: from the sweep file)."
+    )
+
+
+@dg.asset(
+    partitions_def=SWEEP_PARTITIONS,
+    io_manager_key=ARTIFACT_IO,
+    kinds={"python"},
+    group_name="decision",
+    deps=[dg.AssetDep("eval_report", partition_mapping=dg.AllPartitionMapping()),
+          dg.AssetDep("trained_adapter", partition_mapping=dg.AllPartitionMapping())],
+    code_version="1",
+)
+def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, registry: ModelRegistry,
+                storage: ArtifactStore) -> dg.Output[ArtifactRef]:
+    """One row per sweep variant: its settings, LoRA and modules_to_save parameters counted apart, adapter size,
+    training time, peak memory, every metric with its 95% interval, and how it compares with the best (paired);
+    the Pareto fronts (quality vs parameters, vs time), a plot, and the recommendation: the smallest variant
+    within noise of the best (leaderboard.json, leaderboard.md)."""
+    mark_stage_start()
+    sweep = context.partition_key
+    known = registry.configs()
+    variants = list(config.variants) or known.variants_of(sweep)
+    if not variants:
+        raise dg.Failure(f"sweep {sweep!r} has no variants: no sweep file {sweep}.yaml in {known.config_dir} "
+                         "and none given in the run config")
+    model_config = known.load(variants[0]) if variants[0] in known.keys else None
+    promotion = model_config.promotion if model_config is not None else None
+    metric = promotion.metric if promotion else "loss"
+    entries = []
+    for key in variants:
+        report = storage.current(key, "eval_report")
+        adapter = storage.current(key, "trained_adapter")
+        report_dir, adapter_dir = storage.local_path(report), storage.local_path(adapter)
+        examples = pd.read_parquet(report_dir / EXAMPLES_FILE)
+        summary = read_json(adapter_dir / "training_summary.json")
+        document = read_json(report_dir / "metrics.json")
+        entries.append(Variant(
+            partition=key,
+            settings=json.loads(config.settings[key]) if key in config.settings else _swept_settings(known, key),
+            adapter_dir=adapter_dir,
+            scores=examples[examples["model"] == "adapter"].reset_index(drop=True),
+            intervals=document["comparison"]["intervals"]["adapter"],
+            train_seconds=float(summary.get("train_seconds", 0.0)),
+            peak_memory_mb=float(summary.get("peak_memory_bytes", 0)) / 2**20,
+            suite=read_json(report_dir / LINEAGE).get("suite", ""),
+            extra={"eval_report": report.uri, "trained_adapter": adapter.uri},
+        ))
+    resamples = model_config.eval.bootstrap_resamples if model_config is not None else 2000
+    board = build_leaderboard(entries, metric, promotion.min_improvement if promotion else 0.0, resamples)
+    with storage.staging_dir() as staging:
+        write_json(staging / LEADERBOARD_FILE, board)
+        markdown = leaderboard_markdown(board, f"Sweep {sweep}")
+        (staging / "leaderboard.md").write_text(markdown, encoding="utf-8")
+        (staging / "leaderboard.png").write_bytes(leaderboard_png(board))
+        record = {"stage": "leaderboard", "sweep": sweep, "variants": variants, "dagster_run_id": context.run_id,
+                  "version": _version(board)}
+        write_json(staging / LINEAGE, record)
+        ref = storage.publish(staging, sweep, "leaderboard")
+    context.log.info(f"sweep {sweep}: recommended {board['recommended']} ({board['why']})")
+    return dg.Output(ref, data_version=dg.DataVersion(record["version"]), metadata={
+        "uri": dg.MetadataValue.path(ref.uri),
+        "recommended": board["recommended"],
+        "best": board["best"],
+        "variants": len(board["rows"]),
+        "metric": metric,
+        "leaderboard": dg.MetadataValue.md(markdown.replace("![quality vs trainable parameters](leaderboard.png)", "")),
+    })
+
+
+def _swept_settings(known, key: str) -> dict:
+    """The swept keys' values of a variant registered from a sweep file."""
+    sweep = known.sweep_of(key)
+    if sweep is None:
+        return {}
+    grid = known.raw_file(key).get("sweep", {})
+    data = known.raw(key)
+    return {path: _at(data, path) for path in grid}
+
+
+def _at(data: dict, path: str):
+    for part in path.split("."):
+        data = data.get(part, {}) if isinstance(data, dict) else None
+    return data
+
+
+def _version(board: dict) -> str:
+    import hashlib
+
+    payload = {"rows": [(row["partition"], row["eval_report"], row["trained_adapter"]) for row in board["rows"]]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+OTHER_ASSETS = [leaderboard]

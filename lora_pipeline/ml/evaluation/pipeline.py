@@ -1,0 +1,211 @@
+"""Base, adapters and merged model scored on one suite, and how sure each difference is. Dagster-free.
+
+The base is loaded once; every adapter trained on it is attached with `load_adapter` and scored
+with `set_adapter`, the base itself with `disable_adapter` (ml/adapters.py), all on the same
+examples with the same decoding, so every difference is paired. Scores already computed for the
+same weights on the same suite are passed in (`cached`) and not recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from lora_pipeline.ml.evaluation.per_example import probe_losses, score_model
+from lora_pipeline.ml.evaluation.suite import EvalSuite, probe_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lora_pipeline.ml.base.precision import DeviceInfo
+
+LOWER_IS_BETTER = {"loss"}
+
+
+@dataclass
+class EvaluationResult:
+    """Per model: summary metrics, per-example scores and 95% intervals; paired comparisons; the forgetting probe."""
+
+    metrics: dict[str, dict[str, float]]
+    per_example: dict[str, "pd.DataFrame"]
+    intervals: dict[str, dict[str, dict]]
+    comparisons: list[dict]
+    forgetting: dict | None
+    samples: list[dict[str, str]]
+    examples: int
+    scored_now: list[str] = field(default_factory=list)
+
+
+def summary_of(scores: "pd.DataFrame", metrics: tuple[str, ...]) -> dict[str, float]:
+    """Token-weighted loss, perplexity and token accuracy (as training reports them) and each metric's mean over examples."""
+    tokens = float(scores["tokens"].sum())
+    loss = float(scores["loss_sum"].sum()) / max(tokens, 1.0)
+    summary = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "token_accuracy": float(scores["correct"].sum()) / max(tokens, 1.0), "tokens": int(tokens)}
+    summary.update({f"mean_{metric}": float(scores[metric].mean()) for metric in metrics if metric in scores})
+    return summary
+
+
+def intervals_of(scores: "pd.DataFrame", metrics: tuple[str, ...], resamples: int) -> dict[str, dict]:
+    """Each metric's mean over examples with its bootstrap 95% interval."""
+    from lora_pipeline.ml.scoring.paired import mean_interval
+
+    return {metric: mean_interval(scores[metric].to_numpy(), resamples=resamples).as_dict()
+            for metric in metrics if metric in scores}
+
+
+def compare(metric: str, candidate: str, reference: str, per_example: dict, resamples: int, margin: float) -> dict:
+    """Paired bootstrap comparison of two scored models on one metric (same examples), with its verdict and sentence."""
+    from lora_pipeline.ml.scoring.paired import paired_bootstrap
+
+    comparison = paired_bootstrap(
+        metric, candidate, reference, per_example[candidate][metric].to_numpy(),
+        per_example[reference][metric].to_numpy(), higher_is_better=metric not in LOWER_IS_BETTER, resamples=resamples,
+    )
+    return {**comparison.as_dict(margin), "sentence": comparison.sentence(margin)}
+
+
+def score_on_base(base_dir: Path, adapters: dict[str, Path], suite: EvalSuite, device: "DeviceInfo",
+                  include_base: bool = True, cached: dict | None = None, log: Callable[[str], None] | None = None,
+                  trust_remote_code: bool = False, tokenizer_dir: Path | None = None,
+                  probe_adapter: str | None = None) -> tuple[dict, dict, object]:
+    """Score the base (unless cached or not wanted) and each adapter on it, loading the base once.
+
+    With probe_adapter, base and that adapter also get the general-text forgetting probe.
+    Returns ({name: per-example scores} for the models scored now, {name: probe losses}, the tokenizer).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.ml.adapters import attach_adapters, using
+    from lora_pipeline.ml.base.precision import device_map_for
+
+    cached = cached or {}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or next(iter(adapters.values()), base_dir),
+                                              trust_remote_code=trust_remote_code)
+    wanted = {name: path for name, path in adapters.items() if name not in cached or name == probe_adapter}
+    if not wanted and (not include_base or "base" in cached):
+        return {}, {}, tokenizer
+    base = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device),
+                                                trust_remote_code=trust_remote_code)
+    probe = probe_frame(tokenizer) if probe_adapter else None
+    scored: dict = {}
+    probed: dict = {}
+    model = attach_adapters(base, wanted) if wanted else base
+    with using(model, None) if wanted else _as_is():
+        if include_base and "base" not in cached:
+            scored["base"] = score_model(model, tokenizer, suite, log, "base")
+        if probe is not None:
+            probed["base"] = probe_losses(model, tokenizer, probe, suite.batch_size)
+    for name in wanted:
+        with using(model, name):
+            if name not in cached:
+                scored[name] = score_model(model, tokenizer, suite, log, name)
+            if name == probe_adapter:
+                probed[name] = probe_losses(model, tokenizer, probe, suite.batch_size)
+    return scored, probed, tokenizer
+
+
+def _as_is():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def forgetting_of(probed: dict, adapter: str, resamples: int) -> dict:
+    """Loss of base and adapter on the shipped general-text sample, and the paired difference."""
+    base_losses, adapter_losses = probed["base"], probed[adapter]
+    base_loss = float(base_losses["loss_sum"].sum() / base_losses["tokens"].sum())
+    adapter_loss = float(adapter_losses["loss_sum"].sum() / adapter_losses["tokens"].sum())
+    return {
+        "passages": len(base_losses),
+        "base_loss": base_loss,
+        "adapter_loss": adapter_loss,
+        "relative_change": (adapter_loss - base_loss) / base_loss if base_loss else 0.0,
+        "paired": compare("loss", adapter, "base", {"base": base_losses, adapter: adapter_losses}, resamples, 0.0),
+    }
+
+
+def sample_indices(frame: "pd.DataFrame", count: int) -> list[int]:
+    """Examples to show answered side by side: one per distinct task line first."""
+    task_lines = frame["prompt"].str.split("\n").str[1].fillna(frame["prompt"])
+    distinct = list(task_lines.drop_duplicates().index)
+    rest = [index for index in frame.index if index not in set(distinct)]
+    return [int(index) for index in (distinct + rest)[:count]]
+
+
+def evaluate_pipeline(
+    quantized_dir: Path,
+    adapter_dir: Path,
+    merged_dir: Path,
+    suite: EvalSuite,
+    device: "DeviceInfo",
+    *,
+    sample_count: int = 4,
+    resamples: int = 2000,
+    margin: float = 0.0,
+    other_adapters: dict[str, Path] | None = None,
+    original_dir: Path | None = None,
+    cached: dict | None = None,
+    probe: bool = True,
+    log: Callable[[str], None] | None = None,
+    trust_remote_code: bool = False,
+) -> EvaluationResult:
+    """Score base, adapter (and `other_adapters`, e.g. the current champion) on one loaded base, then the merged model.
+
+    With original_dir, a merge into those unquantized weights is scored too (in memory), so the
+    report shows what merging into the original weights would cost.
+    """
+    from lora_pipeline.ml.base.loading import load_full_precision
+
+    log = log or (lambda message: None)
+    cached = dict(cached or {})
+    adapters = {"adapter": adapter_dir, **(other_adapters or {})}
+    scored, probed, tokenizer = score_on_base(quantized_dir, adapters, suite, device, cached=cached, log=log,
+                                              trust_remote_code=trust_remote_code, tokenizer_dir=adapter_dir,
+                                              probe_adapter="adapter" if probe else None)
+    if "merged" not in cached:
+        from transformers import AutoModelForCausalLM
+
+        from lora_pipeline.ml.base.precision import device_map_for
+
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, device_map=device_map_for(device),
+                                                      trust_remote_code=trust_remote_code)
+        scored["merged"] = score_model(merged, tokenizer, suite, log, "merged")
+        del merged
+    if original_dir is not None and "merged_into_original" not in cached:
+        from peft import PeftModel
+
+        merged_original = PeftModel.from_pretrained(load_full_precision(original_dir, trust_remote_code),
+                                                    adapter_dir).merge_and_unload()
+        scored["merged_into_original"] = score_model(merged_original.to(device.device), tokenizer, suite, log,
+                                                     "merged_into_original")
+    per_example = {**cached, **scored}
+    order = ["base", "adapter", *(other_adapters or {}), "merged", "merged_into_original"]
+    per_example = {name: per_example[name] for name in order if name in per_example}
+    metrics = {name: summary_of(scores, suite.metrics) for name, scores in per_example.items()}
+    comparisons = [compare(metric, "adapter", "base", per_example, resamples, margin) for metric in suite.metrics]
+    comparisons.append(compare("loss", "merged", "adapter", per_example, resamples, 0.0))
+    for other in other_adapters or {}:
+        comparisons += [compare(metric, "adapter", other, per_example, resamples, margin) for metric in suite.metrics]
+    forgetting = forgetting_of(probed, "adapter", resamples) if probe else None
+    if forgetting:
+        log(f"forgetting probe: general-text loss {forgetting['base_loss']:.4f} (base) -> "
+            f"{forgetting['adapter_loss']:.4f} (adapter), {forgetting['relative_change']:+.1%}")
+    samples = []
+    for index in sample_indices(suite.frame, sample_count):
+        row = suite.frame.iloc[index]
+        sample = {"example": index, "prompt": row["prompt"], "reference": row["completion"].strip()}
+        sample.update({name: scores["answer"].iloc[index] for name, scores in per_example.items() if "answer" in scores})
+        samples.append(sample)
+    return EvaluationResult(
+        metrics=metrics,
+        per_example=per_example,
+        intervals={name: intervals_of(scores, suite.metrics, resamples) for name, scores in per_example.items()},
+        comparisons=comparisons,
+        forgetting=forgetting,
+        samples=samples,
+        examples=len(suite.frame),
+        scored_now=list(scored),
+    )

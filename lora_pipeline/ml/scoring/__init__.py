@@ -1,0 +1,1 @@
+"""Scores of answers (text.py) and how sure a comparison of two models is (paired.py). Dagster-free."""
