@@ -223,7 +223,9 @@ def rank_variants(args: argparse.Namespace, sweep: str, variants: dict) -> tuple
     definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
     definitions.resolve_job_def("leaderboard_job").execute_in_process(
         partition_key=sweep, instance=instance,
-        run_config={"ops": {"leaderboard": {"config": {"variants": list(variants), "settings": settings}}}},
+        run_config={"ops": {"leaderboard": {"config": {"variants": list(variants), "settings": settings}}},
+                    "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO",
+                                                       "tracebacks": args.debug}}}},
     )
     storage = resources["storage"]
     folder = storage.local_path(storage.current(sweep, "leaderboard"))

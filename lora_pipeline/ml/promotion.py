@@ -49,12 +49,24 @@ def paired_entry(document: dict, metric: str, candidate: str, reference: str) ->
     return None
 
 
+def clears_margin(entry: dict, margin: float) -> bool:
+    """Whether a paired comparison's whole 95% interval is better than the margin (in the metric's good direction)."""
+    low, high = entry["difference"]["ci95"]
+    return (low > margin) if entry["higher_is_better"] else (high < -margin)
+
+
 def better_than_base(document: dict, settings: "PromotionSettings") -> Gate:
-    """The adapter's paired difference against the base clears the margin."""
+    """The adapter's paired difference against the base clears the margin (the config's now, whatever the report used)."""
     entry = paired_entry(document, settings.metric, "adapter", "base")
     if entry is None:
         return Gate("better_than_base", False, f"the evaluation has no paired comparison on {settings.metric}")
-    return Gate("better_than_base", entry["verdict"] == "better", entry["sentence"])
+    passed = clears_margin(entry, settings.min_improvement)
+    low, high = entry["difference"]["ci95"]
+    return Gate("better_than_base", passed,
+                f"adapter vs base on {settings.metric}: {entry['difference']['value']:+.4f} (95% CI {low:+.4f} to "
+                f"{high:+.4f}; {entry['wins']} wins, {entry['ties']} ties, {entry['losses']} losses over "
+                f"{entry['examples']} examples): {'clears' if passed else 'does not clear'} the margin of "
+                f"{settings.min_improvement:g}")
 
 
 def no_regression(comparison: dict | None, settings: "PromotionSettings", champion_version: str | None) -> Gate:

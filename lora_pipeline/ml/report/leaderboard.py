@@ -159,7 +159,7 @@ def leaderboard_png(board: dict) -> bytes:
         value = row["metrics"][metric]
         low, high = value["ci95"]
         ax.errorbar([row["trainable_parameters"]], [value["value"]],
-                    yerr=[[value["value"] - low], [high - value["value"]]], fmt="o", capsize=3,
+                    yerr=[[max(value["value"] - low, 0.0)], [max(high - value["value"], 0.0)]], fmt="o", capsize=3,
                     color="tab:red" if row["partition"] == board["recommended"] else "tab:blue")
         ax.annotate(row["partition"].rsplit(".", 1)[-1], (row["trainable_parameters"], value["value"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)

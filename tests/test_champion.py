@@ -1,0 +1,114 @@
+"""Choosing what to ship, for real on the micro model: adapters on one base, a sweep's leaderboard, the
+champion's gates, promotion and rollback through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_cli import _cli
+
+
+def _adapter(base_dir: Path, out: Path, seed: int, rank: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=rank, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def test_adapters_on_one_base_score_as_each_alone(micro_base, tmp_path):
+    import pandas as pd
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_pipeline.ml.adapters import attach_adapters, using
+    from lora_pipeline.ml.evaluation.per_example import forward_scores
+
+    adapters = {"one": _adapter(micro_base, tmp_path / "one", 1, 4), "two": _adapter(micro_base, tmp_path / "two", 2, 8)}
+    frame = pd.DataFrame({"input_ids": [[1, 5, 9, 13, 17, 21], [1, 7, 3, 30, 2]],
+                          "loss_mask": [[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1]]})
+    shared = attach_adapters(AutoModelForCausalLM.from_pretrained(micro_base), adapters)
+    for name, folder in adapters.items():
+        with using(shared, name):
+            together = forward_scores(shared, frame, 0, 2)
+        alone = forward_scores(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_base), folder), frame, 0, 2)
+        pd.testing.assert_frame_equal(together, alone, atol=1e-5, rtol=0)
+    with using(shared, None):
+        bare = forward_scores(shared, frame, 0, 2)
+    pd.testing.assert_frame_equal(bare, forward_scores(AutoModelForCausalLM.from_pretrained(micro_base), frame, 0, 2),
+                                  atol=1e-5, rtol=0)
+    assert not bare["loss"].equals(together["loss"])
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_ranks_shares_its_data_and_base_and_ranks_them(tmp_path, write_config):
+    path = write_config("ranks", quantization={"mode": "none"})
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "sweep": {"lora.r": [4, 16]}}))
+    result = _cli(["run", str(path), "--json"], tmp_path, check_rc=0,
+                  env={"LORA_PIPELINE_CONFIG_DIR": str(path.parent)})
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(summary["variants"]) == ["ranks.r4", "ranks.r16"]
+    second = summary["variants"]["ranks.r16"]
+    assert {"raw_dataset", "formatted_dataset", "quantized_base"} <= set(second["up_to_date"])
+    assert second["assets"]["quantized_base"]["metadata"]["reused_from"] == "ranks.r4"
+    assert "scores of base on this suite are cached" in result.stderr  # the base is scored once
+    board = json.loads((Path(summary["leaderboard"]["uri"]) / "leaderboard.json").read_text())
+    rows = {row["partition"]: row for row in board["rows"]}
+    assert set(rows) == {"ranks.r4", "ranks.r16"} and board["recommended"] in rows
+    assert rows["ranks.r16"]["lora_parameters"] == 4 * rows["ranks.r4"]["lora_parameters"]
+    assert rows["ranks.r4"]["modules_to_save_parameters"] == 0 and rows["ranks.r4"]["settings"] == {"lora.r": 4}
+    for row in rows.values():
+        low, high = row["metrics"]["loss"]["ci95"]
+        assert low <= row["metrics"]["loss"]["value"] <= high and row["train_seconds"] > 0 and row["peak_memory_mb"] > 0
+    assert summary["champion"]["model"] == "ranks" and summary["champion"]["gates"]["recommended"]["passed"]
+    listing = {row["model"]: row for row in json.loads(_cli(["list", "--json"], tmp_path, check_rc=0,
+                                                            env={"LORA_PIPELINE_CONFIG_DIR": str(path.parent)}).stdout)}
+    assert listing["ranks.r4"]["champion"] == summary["champion"]["version"]
+
+
+@pytest.mark.slow
+def test_a_refused_candidate_keeps_the_champion_and_rollback_restores_an_earlier_one(tmp_path, write_config):
+    path = write_config("micro", quantization={"mode": "none"})
+    first = json.loads(_cli(["run", str(path), "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
+    champion = first["champion"]
+    assert champion["promoted"] and set(champion["gates"]) == {
+        "better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable"}
+    assert all(gate["passed"] for gate in champion["gates"].values())
+    champion_dir = Path(first["assets"]["champion"]["uri"])
+    assert "--enable-lora" in (champion_dir / "serving" / "serve-vllm.sh").read_text()  # rank 8, no modules_to_save
+    assert "## Promotion" in (champion_dir / "README.md").read_text()
+
+    refused = _cli(["run", str(path), "--json", "--set", "training.seed=1", "--set", "promotion.min_improvement=100"],
+                   tmp_path, check_rc=3)
+    decision = json.loads(refused.stdout.strip().splitlines()[-1])["champion"]
+    assert not decision["promoted"] and decision["version"] == champion["version"]
+    assert not decision["gates"]["better_than_base"]["passed"]
+    assert "gate better_than_base failed" in refused.stderr
+
+    dry = _cli(["promote", str(path), "--dry-run", "--json"], tmp_path)
+    assert dry.returncode in (0, 3) and json.loads(dry.stdout.strip().splitlines()[-1])["dry_run"]
+
+    second = _cli(["run", str(path), "--json", "--set", "training.seed=2", "--set", "promotion.max_regression=100"],
+                  tmp_path, check_rc=0)
+    newer = json.loads(second.stdout.strip().splitlines()[-1])["champion"]
+    assert newer["promoted"] and newer["version"] != champion["version"]
+    assert "against champion" in newer["gates"]["no_regression"]["detail"]
+
+    back = json.loads(_cli(["rollback", "micro", "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
+    assert back["version"] == champion["version"] and back["previous"] == newer["version"]
+    assert _cli(["rollback", "micro", "--to", "ffff"], tmp_path, check_rc=2).stderr.startswith("error: model 'micro' never")
+    listing = {row["model"]: row for row in json.loads(_cli(["list", "--json"], tmp_path, check_rc=0).stdout)}
+    assert listing["micro"]["champion"] == champion["version"]
