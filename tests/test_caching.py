@@ -30,18 +30,18 @@ def test_each_change_moves_exactly_the_stages_that_read_it_and_those_after():
     hub = {"base_model": "acme/model"}
     base = _versions(**hub)
     assert _versions(**hub) == base  # deterministic
-    assert _changed(base, _versions(lora={"r": 4}, **hub)) == ["trained_adapter", "merged_model", "eval_report"]
+    assert _changed(base, _versions(lora={"r": 4}, **hub)) == ["trained_adapter", "merged_model", "eval_report", "champion"]
     assert _changed(base, _versions(training={"learning_rate": 1e-3}, **hub)) == [
-        "trained_adapter", "merged_model", "eval_report"]
+        "trained_adapter", "merged_model", "eval_report", "champion"]
     assert _changed(base, _versions(training={"checkpoint_every": 7, "logging_steps": 1}, **hub)) == []
-    assert _changed(base, _versions(eval={"samples": 3}, **hub)) == ["eval_report"]
-    assert _changed(base, _versions(merge={"dtype": "float32"}, **hub)) == ["merged_model", "eval_report"]
+    assert _changed(base, _versions(eval={"samples": 3}, **hub)) == ["eval_report", "champion"]
+    assert _changed(base, _versions(merge={"dtype": "float32"}, **hub)) == ["merged_model", "eval_report", "champion"]
     assert _changed(base, _versions(quantization={"mode": "int8"}, **hub)) == [
-        "quantized_base", "trained_adapter", "merged_model", "eval_report"]
+        "quantized_base", "trained_adapter", "merged_model", "eval_report", "champion"]
     assert _changed(base, _versions(source="s2", **hub)) == [
-        "raw_dataset", "formatted_dataset", "trained_adapter", "merged_model", "eval_report"]
+        "raw_dataset", "formatted_dataset", "trained_adapter", "merged_model", "eval_report", "champion"]
     assert _changed(base, _versions(dataset={"template": "chatml"}, **hub)) == [
-        "formatted_dataset", "trained_adapter", "merged_model", "eval_report"]
+        "formatted_dataset", "trained_adapter", "merged_model", "eval_report", "champion"]
     # A built-in model's tokenizer is trained on the data: new data, new base.
     assert "quantized_base" in _changed(_versions(), _versions(source="s2"))
 
@@ -153,7 +153,8 @@ def test_a_rerun_with_nothing_changed_runs_nothing_and_a_new_rank_reruns_trainin
 
 
 def _assert_every_artifact_carries_its_lineage(tmp_path, first):
-    """LINEAGE.json in every artifact, consistent with the run's metadata; the models' cards carry it and the eval figures."""
+    """LINEAGE.json in every artifact, consistent with the run's metadata; the models' cards carry it, the champion's
+    card the eval figures and the gates."""
     for name, entry in first["assets"].items():
         lineage = json.loads((tmp_path / "store" / "micro" / name / entry["uri"].rsplit("/", 1)[-1] / "LINEAGE.json")
                              .read_text())
@@ -167,4 +168,7 @@ def _assert_every_artifact_carries_its_lineage(tmp_path, first):
         card = (tmp_path / "store" / "micro" / name / first["assets"][name]["uri"].rsplit("/", 1)[-1] / "README.md")
         text = card.read_text()
         assert "## Lineage" in text and "dataset fingerprint" in text and "libraries: torch" in text
-        assert "## Evaluation" in text and first["assets"]["eval_report"]["uri"] in text
+        assert "## Evaluation" not in text  # published artifacts are never amended
+    champion_card = (tmp_path / "store" / "micro" / "champion" / first["assets"]["champion"]["uri"].rsplit("/", 1)[-1]
+                     / "README.md").read_text()
+    assert "## Evaluation" in champion_card and "## Promotion" in champion_card

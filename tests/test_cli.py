@@ -70,6 +70,7 @@ def test_run_json_summary_then_list(tmp_path, write_config):
     assert summary["partition"] == "micro" and summary["run_id"]
     assert list(summary["assets"]) == [
         "raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
+        "champion",
     ]
     assert summary["assets"]["trained_adapter"]["metadata"]["steps"] == 4
     metrics = json.loads((Path(summary["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
@@ -119,14 +120,15 @@ def test_the_demo_meets_its_acceptance_figures(tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("*", ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]),
+        ("*", ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
+               "champion"]),
         ("+trained_adapter", ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter"]),
         ("raw_dataset,formatted_dataset", ["raw_dataset", "formatted_dataset"]),
-        ("trained_adapter+", ["trained_adapter", "merged_model", "eval_report"]),
+        ("trained_adapter+", ["trained_adapter", "merged_model", "eval_report", "champion"]),
         ("key:merged_model or key:eval_report", ["merged_model", "eval_report"]),
         ("1+key:trained_adapter", ["formatted_dataset", "quantized_base", "trained_adapter"]),
         # What a change of the adapter's settings re-runs; the settings assets themselves are never run.
-        ("key:trained_adapter_settings+", ["trained_adapter", "merged_model", "eval_report"]),
+        ("key:trained_adapter_settings+", ["trained_adapter", "merged_model", "eval_report", "champion"]),
         ("key:merged_model_settings", []),
     ],
 )

@@ -264,48 +264,39 @@ def _hashed_afresh(store, ref):
     return store.local_path(ref)
 
 
-def test_only_the_model_card_of_a_published_artifact_can_be_amended(tmp_path):
+def test_a_card_an_earlier_version_amended_still_verifies_and_nothing_else_does(tmp_path):
+    import hashlib
+
     store = ArtifactStore(root=str(tmp_path / "store"))
     ref = _published_model(store)
-    store.amend_card(ref, "# card with evaluation\n", "eval_report 0123")
-    store.amend_card(ref, "# card with a newer evaluation\n", "eval_report 4567")
-    local = _hashed_afresh(store, ref)
-    assert (local / "README.md").read_text() == "# card with a newer evaluation\n"
-    assert store.current("micro", "trained_adapter") == ref  # same version, same pointer
-    history = json.loads((local / "CARD.json").read_text())["cards"]
-    assert [card["amended_by"] for card in history] == ["eval_report 0123", "eval_report 4567"]
-
-    (local / "README.md").write_text("# card with evaluation\n")  # an earlier card is still a legitimate one
+    local = store.local_path(ref)
+    amended = b"# card with evaluation\n"
+    # What lora-pipeline wrote before published artifacts became immutable: the card and its hash in CARD.json.
+    (local / "CARD.json").write_text(json.dumps({"cards": [{"sha256": hashlib.sha256(amended).hexdigest(),
+                                                             "size": len(amended), "amended_by": "eval_report 0123"}]}))
+    (local / "README.md").write_bytes(amended)
     _hashed_afresh(store, ref)
     (local / "README.md").write_text("# card with evaluatioN\n")  # same size, other bytes
     with pytest.raises(ArtifactIntegrityError, match="README.md does not match its sha256"):
         _hashed_afresh(store, ref)
     (local / "README.md").write_text("# card as trained\n")
-    (local / "weights.bin").write_text("9123456789")  # the weights are never amendable
+    (local / "weights.bin").write_text("9123456789")  # weights were never amendable
     with pytest.raises(ArtifactIntegrityError, match="weights.bin does not match its sha256"):
         _hashed_afresh(store, ref)
 
 
-def test_an_artifact_without_a_model_card_gets_none(tmp_path):
-    store = ArtifactStore(root=str(tmp_path / "store"))
-    with store.staging_dir() as staging:
-        _write(staging, {"metrics.json": "{}"})
-        ref = store.publish(staging, "micro", "eval_report")
-    with pytest.raises(ArtifactIntegrityError, match="has no model card"):
-        store.amend_card(ref, "# card\n", "eval_report 0123")
-    assert not (store.local_path(ref) / "README.md").exists()
+def test_champion_records_on_s3_are_shared_by_every_reader(s3_bucket, tmp_path):
+    from lora_pipeline.resources.records import ChampionHistory
 
-
-def test_an_amended_card_on_s3_reaches_new_readers_and_the_local_copy(s3_bucket, tmp_path):
-    bucket, fs = s3_bucket
+    bucket, _ = s3_bucket
     writer = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "cache"))
-    ref = _published_model(writer)
-    writer.local_path(ref)  # cached before the amendment
-    writer.amend_card(ref, "# card with evaluation\n", "eval_report 0123")
-    assert (_hashed_afresh(writer, ref) / "README.md").read_text() == "# card with evaluation\n"
+    ChampionHistory(writer, "demo").append("promote", "aaaa", {}, "suite", {}, "run", "demo")
+    ChampionHistory(writer, "demo").append("promote", "bbbb", {}, "suite", {}, "run", "demo")
     reader = ArtifactStore(root=f"s3://{bucket}/store", cache_dir=str(tmp_path / "elsewhere"))
-    assert (_hashed_afresh(reader, ref) / "README.md").read_text() == "# card with evaluation\n"
-    assert fs.cat(f"{bucket}/store/micro/trained_adapter/{ref.sha256[:16]}/README.md") == b"# card with evaluation\n"
+    assert ChampionHistory(reader, "demo").current().version == "bbbb"
+    assert ChampionHistory(reader, "demo").rollback(None).version == "aaaa"
+    assert ChampionHistory(writer, "demo").current().version == "aaaa"
+    assert reader.list_records("champions") == ["demo"]
 
 
 def test_the_content_digest_is_what_an_artifact_holds_not_who_made_it(tmp_path):

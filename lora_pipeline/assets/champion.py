@@ -247,7 +247,7 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
         adapters.append(ServedAdapter(decision.owner, decision.candidate["trained_adapter"]["uri"], decision.serving["rank"]))
     for other in _other_champions(storage, decision.owner, base_sha):
         adapters.append(other)
-    merged = {} if adapters else {decision.owner: decision.candidate["merged_model"]["uri"]}
+    merged = {} if decision.serving["mode"] == "adapter" else {decision.owner: decision.candidate["merged_model"]["uri"]}
     serving_dir = staging / "serving"
     serving_dir.mkdir()
     for name, text in serving_files(model_config.base_model, adapters, merged).items():
