@@ -103,7 +103,7 @@ def test_list_names_the_assets_an_edit_of_the_config_made_stale(tmp_path, write_
     row = listed()
     assert row["stale"] == ["formatted_dataset"] and row["materialized"]["raw_dataset"]
     text = _cli(["list"], tmp_path, check_rc=0, env=env).stdout
-    assert "2/6 assets, 1 stale" in text and "stale: formatted_dataset" in text
+    assert "2/7 assets, 1 stale" in text and "stale: formatted_dataset" in text
 
 
 @pytest.mark.slow

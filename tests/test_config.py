@@ -30,10 +30,11 @@ def test_the_expected_configs_are_shipped():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_config_validates(path: Path):
-    config = load_config_file(path)
+    from lora_pipeline.config.registry import load_sweep_file
+
+    configs = list((load_sweep_file(path) or {path.stem: load_config_file(path)}).values())
     assert partition_key_for(path) == path.stem
-    assert config.base_model
-    assert config.dataset.source
+    assert all(config.base_model and config.dataset.source for config in configs)
 
 
 def test_unknown_key_is_rejected_with_its_path():

@@ -54,15 +54,18 @@ def test_whole_graph_materializes_and_outputs_load_with_plain_hf_code(write_conf
     assert not list(merged.named_modules()) or all("lora" not in n for n, _ in merged.named_modules())
 
 
-def test_definitions_load_with_the_six_assets_the_checks_the_job_and_the_sensor():
+def test_definitions_load_with_the_stages_the_leaderboard_the_checks_the_jobs_and_the_sensor():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    stages = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]
-    assert {key for key in graph.materializable_asset_keys} == {dg.AssetKey(stage) for stage in stages}
+    stages = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
+              "champion"]
+    assert {key for key in graph.materializable_asset_keys} == {dg.AssetKey(stage) for stage in [*stages, "leaderboard"]}
     assert {key for key in graph.external_asset_keys} == {dg.AssetKey(f"{stage}_settings") for stage in stages}
     checks = {(key.asset_key.path[-1], key.name) for key in graph.asset_check_keys}
+    gates = {("champion", name) for name in ("better_than_base", "no_regression", "forgetting", "merge_fidelity",
+                                             "servable", "recommended")}
     assert checks == {("raw_dataset", "rows_match_format"), ("formatted_dataset", "examples_are_trainable"),
-                      ("formatted_dataset", "train_eval_disjoint")}
+                      ("formatted_dataset", "train_eval_disjoint"), *gates}
     job = defs.resolve_job_def("tune")
     assert {key.name for key in job.asset_layer.asset_graph.asset_check_keys} >= {name for _, name in checks}
     assert defs.resolve_sensor_def("model_configs") is not None

@@ -12,7 +12,8 @@ from lora_pipeline.assets.common import MODEL_PARTITIONS
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.sensors import dataset_changes, model_schedules
 
-SIX = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]
+SIX = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
+       "champion"]  # the six stages and the decision
 
 
 def _evaluate_sensor(instance, fake_resources, cursor):

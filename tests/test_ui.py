@@ -26,15 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG_DIR = REPO / "configs"
 LOCATION = "lora_pipeline.definitions"
-ASSETS = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report"]
+ASSETS = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
+          "champion"]
 GROUPS = {
     "raw_dataset": "data", "formatted_dataset": "data", "quantized_base": "model",
-    "trained_adapter": "model", "merged_model": "model", "eval_report": "evaluation",
+    "trained_adapter": "model", "merged_model": "model", "eval_report": "evaluation", "champion": "decision",
 }
 CHECKS = {
     "raw_dataset": {"rows_match_format"},
     "formatted_dataset": {"examples_are_trainable", "train_eval_disjoint"},
+    "champion": {"better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable", "recommended"},
 }
+# Partitioned by sweep, not by model: each sweep file's leaderboard.
+SWEEP_ASSETS = [("leaderboard",)]
 # Edges every version of the graph has (an asset may read more upstream assets than these).
 EDGES = [
     ("raw_dataset", "formatted_dataset"),
@@ -42,6 +46,7 @@ EDGES = [
     ("quantized_base", "trained_adapter"),
     ("trained_adapter", "merged_model"),
     ("merged_model", "eval_report"),
+    ("eval_report", "champion"),
 ]
 # The settings each stage reads (<stage>_settings, observed, never run): each stage depends on its own.
 SETTINGS = [(f"{name}_settings",) for name in ASSETS]
@@ -205,7 +210,10 @@ def webserver(tmp_path_factory):
     )
     assert listed.returncode == 0, listed.stderr[-4000:]
     partitions = sorted(model["model"] for model in json.loads(listed.stdout.strip().splitlines()[-1]))
-    assert partitions == sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+    from lora_pipeline.config.registry import ConfigRegistry
+
+    assert partitions == ConfigRegistry(CONFIG_DIR).keys  # a sweep file is one partition per variant
+    assert "tiny-sweep.r16" in partitions
     # The instance `lora-pipeline` wrote (as for `make ui`), without the UI's first-visit newsletter dialog.
     instance_yaml = home / "dagster.yaml"
     assert instance_yaml.exists(), "lora-pipeline list did not write dagster.yaml"
@@ -270,9 +278,9 @@ def test_graphql_lists_assets_partitions_checks_and_config(webserver):
     jobs = {job["name"]: job for job in repository["jobs"]}
     assert "tune" in jobs and jobs["tune"]["description"], jobs
 
-    # Exactly the six assets, each described, in its group, partitioned by `models`; and their settings.
+    # Exactly the stages, each described, in its group, partitioned by `models`; their settings; the leaderboard.
     nodes = {tuple(node["assetKey"]["path"]): node for node in webserver.graphql(ASSETS_QUERY)["assetNodes"]}
-    assert sorted(nodes) == sorted([(name,) for name in ASSETS] + SETTINGS)
+    assert sorted(nodes) == sorted([(name,) for name in ASSETS] + SETTINGS + SWEEP_ASSETS)
     for path in SETTINGS:
         node = nodes[path]
         assert node["description"] and "model_configs sensor" in node["description"], (path, node["description"])

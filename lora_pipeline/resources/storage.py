@@ -170,7 +170,9 @@ class ArtifactStore(dg.ConfigurableResource):
             return {}
         given = {"key": self.aws_access_key_id, "secret": self.aws_secret_access_key,
                  "token": self.aws_session_token, "endpoint_url": self.endpoint_url}
-        return {name: value for name, value in given.items() if value}
+        # Outside a run (the CLI reading the store between runs) fields given as dg.EnvVar are not resolved yet.
+        resolved = {name: value.get_value() if isinstance(value, dg.EnvVar) else value for name, value in given.items()}
+        return {name: value for name, value in resolved.items() if value}
 
     def _fs_and_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, path = fsspec.core.url_to_fs(self.root, **self._storage_options())
