@@ -58,7 +58,7 @@ def test_no_better_claim_inside_the_noise():
 def test_wins_ties_and_losses_are_counted_per_example():
     comparison = paired_bootstrap("m", "a", "b", [1.0, 0.5, 0.0, 0.2], [0.0, 0.5, 1.0, 0.1])
     assert (comparison.wins, comparison.ties, comparison.losses) == (2, 1, 1)
-    with pytest.raises(ValueError, match="3 candidate vs 2 reference"):
+    with pytest.raises(ValueError, match="3 a values vs 2 b values"):
         paired_bootstrap("m", "a", "b", [1, 2, 3], [1, 2])
 
 

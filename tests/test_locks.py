@@ -167,7 +167,8 @@ def _gpu_stage_intervals(home: Path, run_ids: list[str]) -> dict[str, list[tuple
     from lora_pipeline.assets import PIPELINE_ASSETS
 
     gpu_steps = {asset.key.path[-1] for asset in PIPELINE_ASSETS if asset.op.pool == GPU_POOL}
-    assert gpu_steps == {"quantized_base", "trained_adapter", "merged_model", "eval_report"}
+    # The champion stage may score the current champion on the model too.
+    assert gpu_steps == {"quantized_base", "trained_adapter", "merged_model", "eval_report", "champion"}
     intervals = {}
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         for run_id in run_ids:

@@ -84,6 +84,9 @@ def decide_promotion(storage: ArtifactStore, device, model_config: ModelConfig, 
     suite = lineage.get("suite", "")
     candidate = {name: {"uri": ref.uri, "sha256": ref.sha256, "version": artifact_version(ref)}
                  for name, ref in refs.items()}
+    # Content digests, not artifact sha256s: equal weights made by two models (or sweep variants) match.
+    candidate["quantized_base"]["content"] = storage.content_digest(refs["quantized_base"])[:16]
+    candidate["trained_adapter"]["scores_key"] = lineage.get("weights", {}).get("adapter")
     candidate_version = artifact_version(refs["trained_adapter"])
     current = ChampionHistory(storage, owner).current()
     servability = read_servability(storage.local_path(refs["trained_adapter"]))
@@ -120,7 +123,7 @@ def _against_champion(storage, device, model_config, current, candidate_version,
     examples = pd.read_parquet(report_dir / EXAMPLES_FILE)
     candidate_scores = examples[examples["model"] == "adapter"].reset_index(drop=True)
     champion = current.candidate
-    weights = f"{champion['quantized_base']['sha256'][:16]}-{champion['trained_adapter']['sha256'][:16]}"
+    weights = champion["trained_adapter"].get("scores_key") or f"champion-{champion['trained_adapter']['sha256'][:16]}"
     cache = ScoreCache(storage)
     scores = cache.get(weights, suite)
     if scores is None:
@@ -241,11 +244,11 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
     verdict = ["", "## Promotion", "", f"Champion of {decision.owner} since this decision; every gate passed:", "",
                gates_table(decision.gates), ""]
     (staging / "README.md").write_text(card + "\n".join(verdict), encoding="utf-8")
-    base_sha = decision.candidate["quantized_base"]["sha256"]
+    base_content = decision.candidate["quantized_base"]["content"]
     adapters = []
     if decision.serving["mode"] == "adapter":
         adapters.append(ServedAdapter(decision.owner, decision.candidate["trained_adapter"]["uri"], decision.serving["rank"]))
-    for other in _other_champions(storage, decision.owner, base_sha):
+    for other in _other_champions(storage, decision.owner, base_content):
         adapters.append(other)
     merged = {} if decision.serving["mode"] == "adapter" else {decision.owner: decision.candidate["merged_model"]["uri"]}
     serving_dir = staging / "serving"
@@ -258,7 +261,7 @@ def _ref_fields(entry: dict) -> dict:
     return {"uri": entry["uri"], "sha256": entry["sha256"], "size_bytes": 0, "files": 0}
 
 
-def _other_champions(storage: ArtifactStore, owner: str, base_sha: str) -> list:
+def _other_champions(storage: ArtifactStore, owner: str, base_content: str) -> list:
     """The other models' current champions on the same base that vLLM can serve as adapters."""
     from lora_pipeline.ml.serving import ServedAdapter
 
@@ -267,7 +270,7 @@ def _other_champions(storage: ArtifactStore, owner: str, base_sha: str) -> list:
         if model == owner:
             continue
         event = ChampionHistory(storage, model).current()
-        if (event is not None and event.candidate["quantized_base"]["sha256"] == base_sha
+        if (event is not None and event.candidate["quantized_base"].get("content") == base_content
                 and event.candidate.get("serving", {}).get("mode") == "adapter"):
             found.append(ServedAdapter(model, event.candidate["trained_adapter"]["uri"], event.candidate["serving"]["rank"]))
     return found

@@ -34,13 +34,15 @@ def eval_suite(storage: ArtifactStore, formatted_dataset: ArtifactRef, settings)
     return suite, suite_digest(storage.content_digest(formatted_dataset, only=(EVAL_SPLIT,)), suite)
 
 
-def weights_keys(quantized_base: ArtifactRef, trained_adapter: ArtifactRef, merged_model: ArtifactRef,
-                 original: bool) -> dict[str, str]:
-    """What identifies each evaluated model's weights (an adapter only means something on its base)."""
-    keys = {"base": quantized_base.sha256[:16], "adapter": f"{quantized_base.sha256[:16]}-{trained_adapter.sha256[:16]}",
-            "merged": merged_model.sha256[:16]}
+def weights_keys(storage: ArtifactStore, quantized_base: ArtifactRef, trained_adapter: ArtifactRef,
+                 merged_model: ArtifactRef, original: bool) -> dict[str, str]:
+    """What identifies each evaluated model's weights: the content of its files, not who made them (an artifact's
+    sha256 covers its lineage, so equal weights made by two models differ there). An adapter means something only
+    on its base."""
+    base, adapter = storage.content_digest(quantized_base)[:16], storage.content_digest(trained_adapter)[:16]
+    keys = {"base": base, "adapter": f"{base}-{adapter}", "merged": storage.content_digest(merged_model)[:16]}
     if original:
-        keys["merged_into_original"] = f"original-{trained_adapter.sha256[:16]}"
+        keys["merged_into_original"] = f"original-{base}-{adapter}"
     return keys
 
 
@@ -79,7 +81,7 @@ def eval_report(
     compare_original = quantized and merge_weights == "dequantized" and settings.compare_merge_bases
     suite, digest = eval_suite(storage, formatted_dataset, settings)
     cache = ScoreCache(storage)
-    keys = weights_keys(quantized_base, trained_adapter, merged_model, compare_original)
+    keys = weights_keys(storage, quantized_base, trained_adapter, merged_model, compare_original)
     cached = {name: found for name, key in keys.items() if (found := cache.get(key, digest)) is not None}
     if cached:
         context.log.info(f"scores of {', '.join(cached)} on this suite are cached ({digest}): not recomputed")
