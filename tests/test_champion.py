@@ -88,12 +88,20 @@ def test_a_refused_candidate_keeps_the_champion_and_rollback_restores_an_earlier
         "better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable"}
     assert all(gate["passed"] for gate in champion["gates"].values())
     champion_dir = Path(first["assets"]["champion"]["uri"])
+    first_metrics = json.loads((Path(first["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
     assert "--enable-lora" in (champion_dir / "serving" / "serve-vllm.sh").read_text()  # rank 8, no modules_to_save
     assert "## Promotion" in (champion_dir / "README.md").read_text()
 
     refused = _cli(["run", str(path), "--json", "--set", "training.seed=1", "--set", "promotion.min_improvement=100"],
                    tmp_path, check_rc=3)
-    decision = json.loads(refused.stdout.strip().splitlines()[-1])["champion"]
+    refused_summary = json.loads(refused.stdout.strip().splitlines()[-1])
+    decision = refused_summary["champion"]
+    # The champion was scored beside the candidate (from the score cache: its scores on this suite exist).
+    report_dir = Path(refused_summary["assets"]["eval_report"]["uri"])
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert "champion" in metrics and metrics["champion"]["loss"] == pytest.approx(first_metrics["adapter"]["loss"])
+    assert all("champion" in sample for sample in json.loads((report_dir / "samples.json").read_text()))
+    assert json.loads((report_dir / "model-index.json").read_text())["model-index"][0]["name"] == "micro"
     assert not decision["promoted"] and decision["version"] == champion["version"]
     assert not decision["gates"]["better_than_base"]["passed"]
     assert "gate better_than_base failed" in refused.stderr

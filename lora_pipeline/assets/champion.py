@@ -180,7 +180,8 @@ def champion(
     """
     model_config = resolve_model_config(context, config, registry)
     key = context.partition_key
-    sweep = context.run.tags.get(SWEEP_TAG) or _registered_sweep(registry, key)
+    owner = champion_owner(context, registry)
+    sweep = owner if owner != key else None
     refs = {"quantized_base": quantized_base, "trained_adapter": trained_adapter, "merged_model": merged_model,
             "eval_report": eval_report}
     decision = decide_promotion(storage, compute.info(), model_config, key, sweep, refs, context.log.info)
@@ -215,6 +216,28 @@ def champion(
                                   severity=dg.AssetCheckSeverity.ERROR)
     if "recommended" not in names:
         yield dg.AssetCheckResult(check_name="recommended", passed=True, description="not a sweep variant")
+
+
+def champion_owner(context: dg.AssetExecutionContext, registry: ModelRegistry) -> str:
+    """Whose champion this partition's candidate would become: its sweep's for a sweep variant, else its own."""
+    key = context.partition_key
+    return context.run.tags.get(SWEEP_TAG) or _registered_sweep(registry, key) or key
+
+
+def comparable_champion(storage: ArtifactStore, owner: str, base_content: str, adapter_key: str):
+    """The current champion's (scores key, adapter folder, version) when it is another adapter on the same base
+    (by content), so the evaluation can score it beside the candidate; else None."""
+    event = ChampionHistory(storage, owner).current()
+    if event is None or event.candidate["quantized_base"].get("content") != base_content:
+        return None
+    key = event.candidate["trained_adapter"].get("scores_key")
+    if not key or key == adapter_key:
+        return None
+    try:
+        folder = storage.local_path(ArtifactRef(**_ref_fields(event.candidate["trained_adapter"])))
+    except (ArtifactIntegrityError, FileNotFoundError):
+        return None  # removed from the store since: the champion stage says so
+    return key, folder, event.version
 
 
 def _registered_sweep(registry: ModelRegistry, key: str) -> str | None:

@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir
+from lora_pipeline.assets.champion import champion_owner, comparable_champion
 from lora_pipeline.assets.common import (
     Reads,
     merge_weights_kind,
@@ -12,12 +13,14 @@ from lora_pipeline.assets.common import (
     publish_stage,
     resolve_model_config,
     stage_output,
+    write_json,
 )
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.ml.base.loading import is_quantized_dir
 from lora_pipeline.ml.evaluation.pipeline import evaluate_pipeline
 from lora_pipeline.ml.evaluation.suite import EvalSuite, scorable_rows, suite_digest
 from lora_pipeline.ml.report.metrics_report import write_report
+from lora_pipeline.ml.report.modelcard import model_index
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.records import ScoreCache
@@ -70,8 +73,10 @@ def eval_report(
     general text (metrics.json, report.md).
 
     Scores are cached in the store by (weights, suite): comparing the same weights on the same
-    examples again recomputes nothing. Published artifacts are never changed: the card that carries
-    the verdict ships with the champion.
+    examples again recomputes nothing. When the model (or its sweep) has a champion on the same base,
+    it is scored beside the candidate, so the report shows base, candidate and champion answering the
+    same prompts. Published artifacts are never changed: the card that carries the verdict ships with
+    the champion.
     """
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.eval
@@ -82,6 +87,10 @@ def eval_report(
     suite, digest = eval_suite(storage, formatted_dataset, settings)
     cache = ScoreCache(storage)
     keys = weights_keys(storage, quantized_base, trained_adapter, merged_model, compare_original)
+    champion = comparable_champion(storage, champion_owner(context, registry), keys["base"], keys["adapter"])
+    if champion is not None:
+        keys["champion"] = champion[0]
+        context.log.info(f"the current champion ({champion[2]}) is scored beside the candidate, on the same examples")
     cached = {name: found for name, key in keys.items() if (found := cache.get(key, digest)) is not None}
     if cached:
         context.log.info(f"scores of {', '.join(cached)} on this suite are cached ({digest}): not recomputed")
@@ -95,6 +104,7 @@ def eval_report(
         sample_count=settings.samples,
         resamples=settings.bootstrap_resamples,
         margin=model_config.promotion.min_improvement,
+        other_adapters={"champion": champion[1]} if champion is not None else None,
         original_dir=original_weights_dir(quantized_dir, hub, model_config.trust_remote_code) if compare_original else None,
         cached=cached,
         probe=settings.forgetting_probe,
@@ -107,6 +117,9 @@ def eval_report(
         document = write_report(result, staging, merge_weights, f"Evaluation: {context.partition_key}",
                                 prompts=list(suite.frame["prompt"]), metric=model_config.promotion.metric)
         report = (staging / "report.md").read_text(encoding="utf-8")
+        # The candidate's results in the Hub's model-index format, whether or not it becomes the champion.
+        write_json(staging / "model-index.json", {"model-index": model_index(
+            document, "adapter", context.partition_key, model_config.dataset.source)})
         record = stage_lineage(context, model_config, storage, {"formatted_dataset": formatted_dataset,
                             "quantized_base": quantized_base, "trained_adapter": trained_adapter,
                             "merged_model": merged_model}, device=device, suite=digest, weights=keys)

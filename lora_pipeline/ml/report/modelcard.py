@@ -95,6 +95,34 @@ EVALUATION_HEADING = "## Evaluation"
 _MODEL_LABELS = {"base": "base", "adapter": "adapter", "merged": "merged", "merged_into_original": "merged into the original weights"}
 
 
+def model_index(document: dict, role: str, model_name: str, dataset: str) -> list[dict]:
+    """Hugging Face model-index entries of one evaluated model (the Hub's results format): the held-out figures,
+    and each per-example metric's mean with its 95% interval bounds."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    return eval_results_to_model_index(model_name, _eval_results(document, role, dataset))
+
+
+def _eval_results(document: dict, role: str, dataset: str) -> list:
+    scores = document[role]
+    results = [
+        EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
+                   metric_type=metric, metric_name=name, metric_value=round(float(scores[key]), 4))
+        for metric, name, key in (("loss", "held-out loss (response tokens)", "loss"),
+                                  ("perplexity", "perplexity", "perplexity"),
+                                  ("accuracy", "token accuracy", "token_accuracy"))
+    ]
+    for metric, interval in document["comparison"].get("intervals", {}).get(role, {}).items():
+        if metric in ("loss", "token_accuracy"):
+            continue
+        low, high = interval["ci95"]
+        results.append(EvalResult(
+            task_type="text-generation", dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
+            metric_type=metric, metric_name=f"{metric} (mean per example, 95% CI {low:.4f} to {high:.4f})",
+            metric_value=round(float(interval["value"]), 4)))
+    return results
+
+
 def with_evaluation(card_text: str, document: dict, role: str, model_name: str, dataset: str, made_by: str) -> str:
     """The card with the evaluation's figures: a section before the lineage and model-index results in the front matter.
 
@@ -103,15 +131,8 @@ def with_evaluation(card_text: str, document: dict, role: str, model_name: str, 
     before has its figures replaced.
     """
     card = ModelCard(card_text)
-    scores = document[role]
     card.data.model_name = model_name
-    card.data.eval_results = [
-        EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
-                   metric_type=metric, metric_name=name, metric_value=round(float(scores[key]), 4))
-        for metric, name, key in (("loss", "held-out loss (response tokens)", "loss"),
-                                  ("perplexity", "perplexity", "perplexity"),
-                                  ("accuracy", "token accuracy", "token_accuracy"))
-    ]
+    card.data.eval_results = _eval_results(document, role, dataset)
     comparison = document["comparison"]
     rows = [
         f"| {_MODEL_LABELS.get(name, name)}{' (this model)' if name == role else ''} | {values['loss']:.4f} | "
