@@ -81,7 +81,9 @@ def test_a_sweep_of_two_ranks_shares_its_data_and_base_and_ranks_them(tmp_path, 
 
 @pytest.mark.slow
 def test_a_refused_candidate_keeps_the_champion_and_rollback_restores_an_earlier_one(tmp_path, write_config):
-    path = write_config("micro", quantization={"mode": "none"})
+    # The shipped lm-eval smoke task rides along: benchmarks on base and adapter, in-process, offline.
+    path = write_config("micro", quantization={"mode": "none"},
+                        eval={"benchmarks": ["lora_pipeline_tiny_mc"], "benchmark_limit": 6})
     first = json.loads(_cli(["run", str(path), "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
     champion = first["champion"]
     assert champion["promoted"] and set(champion["gates"]) == {
@@ -89,6 +91,10 @@ def test_a_refused_candidate_keeps_the_champion_and_rollback_restores_an_earlier
     assert all(gate["passed"] for gate in champion["gates"].values())
     champion_dir = Path(first["assets"]["champion"]["uri"])
     first_metrics = json.loads((Path(first["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
+    benchmarks = first_metrics["comparison"]["benchmarks"]
+    assert set(benchmarks) == {"base", "adapter"}
+    assert all(0.0 <= benchmarks[model]["lora_pipeline_tiny_mc"]["acc"] <= 1.0 for model in benchmarks)
+    assert "## Benchmarks" in (Path(first["assets"]["eval_report"]["uri"]) / "report.md").read_text()
     assert "--enable-lora" in (champion_dir / "serving" / "serve-vllm.sh").read_text()  # rank 8, no modules_to_save
     assert "## Promotion" in (champion_dir / "README.md").read_text()
 

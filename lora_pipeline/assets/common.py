@@ -19,7 +19,8 @@ from lora_pipeline.config.registry import PARTITION_KEY_PATTERN, validate_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.resources.registry import ModelRegistry
-from lora_pipeline.resources.storage import LINEAGE, ArtifactRef, ArtifactStore
+from lora_pipeline.resources.artifacts import LINEAGE
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 # Dynamic, so that any YAML file can become a model: the files under configs/ are added by the
 # model_configs sensor and by the CLI, and `lora-pipeline run` adds a file from anywhere.

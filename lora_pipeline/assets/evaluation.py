@@ -108,6 +108,8 @@ def eval_report(
         original_dir=original_weights_dir(quantized_dir, hub, model_config.trust_remote_code) if compare_original else None,
         cached=cached,
         probe=settings.forgetting_probe,
+        benchmarks={"tasks": list(settings.benchmarks), "include_path": settings.benchmark_tasks_dir,
+                    "limit": settings.benchmark_limit},
         log=context.log.info,
         trust_remote_code=model_config.trust_remote_code,
     )

@@ -17,7 +17,8 @@ from lora_pipeline.assets.provenance import mark_stage_start
 from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard, leaderboard_markdown, leaderboard_png
 from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
 from lora_pipeline.resources.registry import ModelRegistry
-from lora_pipeline.resources.storage import LINEAGE, ArtifactRef, ArtifactStore
+from lora_pipeline.resources.artifacts import LINEAGE
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 SWEEP_PARTITIONS = dg.DynamicPartitionsDefinition(name="sweeps")
 LEADERBOARD_FILE = "leaderboard.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lora_pipeline.assets.stages import pipeline, upstream_stages
 from lora_pipeline.config.schema import ModelConfig
-from lora_pipeline.resources.storage import LINEAGE
+from lora_pipeline.resources.artifacts import LINEAGE
 
 # The tag Dagster keeps a materialization's or an observation's data version in.
 DATA_VERSION_TAG = "dagster/data_version"

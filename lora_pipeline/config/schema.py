@@ -285,6 +285,19 @@ class EvalSettings(_Strict):
     bootstrap_resamples: int = Field(
         default=2000, ge=100, description="Bootstrap resamples behind every 95% interval."
     )
+    benchmarks: list[str] = Field(
+        default=[],
+        description="lm-evaluation-harness tasks run in-process on the base and on the base with the adapter: task "
+        "names from benchmark_tasks_dir (task YAML + local data), the shipped smoke test "
+        "'lora_pipeline_tiny_mc', or lm-eval's own tasks (gsm8k, mmlu, hellaswag...; these download their "
+        "data from the hub). Empty: none.",
+    )
+    benchmark_tasks_dir: Optional[str] = Field(
+        default=None, description="A folder of your own lm-eval task YAML files (lm-eval's include_path)."
+    )
+    benchmark_limit: Optional[int] = Field(
+        default=None, ge=1, description="Run at most this many examples of each benchmark task (all: unset)."
+    )
     compare_merge_bases: bool = Field(
         default=True,
         description="For quantized bases, also evaluate a merge into the original weights, so the "

@@ -20,14 +20,11 @@ nothing reads and the next publish of the same content overwrites.
 """
 
 import contextlib
-import hashlib
 import json
-import re
 import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -36,57 +33,25 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 
-from lora_pipeline.errors import LoraPipelineError
 from lora_pipeline.hashing import sha256_of_file
+from lora_pipeline.resources.artifacts import (
+    ABOUT_FILES,
+    accepted_cards,
+    ArtifactIntegrityError,
+    ArtifactRef,
+    build_manifest,
+    CARD,
+    INPUTS,
+    MANIFEST,
+    manifest_digest,
+    plain_segment,
+    POINTER,
+    RECORDS,
+    replace_file,
+    upload_manifest_last,
+    VERSION_PATTERN,
+)
 from lora_pipeline.resources.locks import local_writer_lock, s3_writer_lock
-
-MANIFEST = "MANIFEST.json"
-POINTER = "CURRENT.json"
-CARD = "README.md"
-CARD_HISTORY = "CARD.json"
-LINEAGE = "LINEAGE.json"
-# What an artifact says about itself (who made it, when, how it scored), not what it holds.
-ABOUT_FILES = (LINEAGE, CARD)
-INPUTS = "INPUTS.json"
-RECORDS = "_records"
-
-
-class ArtifactIntegrityError(LoraPipelineError):
-    """An artifact is missing its manifest or its files do not match it."""
-
-
-@dataclass(frozen=True)
-class ArtifactRef:
-    """A pointer to a published artifact: what assets pass to each other instead of weights."""
-
-    uri: str
-    sha256: str
-    size_bytes: int
-    files: int
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, payload: str) -> "ArtifactRef":
-        return cls(**json.loads(payload))
-
-
-def _replace_file(path: Path, payload: bytes) -> None:
-    """Write a local file whole or not at all (readers see the old content or the new, never a mix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(f"{path}.partial-{uuid.uuid4().hex[:8]}")
-    partial.write_bytes(payload)
-    partial.replace(path)
-
-
-def _accepted_cards(local: Path) -> set[tuple[int, str]]:
-    """(size, sha256) of every model card an artifact has had since publishing, from its CARD.json."""
-    path = local / CARD_HISTORY
-    if not path.exists():
-        return set()
-    return {(card["size"], card["sha256"]) for card in json.loads(path.read_text(encoding="utf-8"))["cards"]}
-
 
 # Folders whose files were hashed against their manifest in this process.
 _HASHED: set[tuple[str, str]] = set()
@@ -102,38 +67,6 @@ def _remove_stale(staging_parent: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
         except FileNotFoundError:
             pass  # another writer removed it first
-
-
-_VERSION = re.compile(r"^[0-9a-f]{16}$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _segment(name: str, what: str) -> str:
-    """A path segment under the store root: refuse anything that could point outside it."""
-    if not _SEGMENT.fullmatch(name) or ".." in name:
-        raise ArtifactIntegrityError(f"{what} {name!r} is not a plain name; refusing a path outside the store")
-    return name
-
-
-def build_manifest(local_dir: Path) -> dict:
-    """Every file under local_dir with its size and sha256, sorted by path."""
-    files = []
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files.append(
-            {"path": path.relative_to(local_dir).as_posix(), "size": path.stat().st_size, "sha256": sha256_of_file(path)}
-        )
-    return {"format": 1, "files": files}
-
-
-def _upload_manifest_last(fs, local_dir: Path, target: str, manifest: dict) -> None:
-    """Upload a folder's files to an object-store prefix, the manifest last: only then does it count."""
-    for entry in manifest["files"]:
-        fs.put_file(str(local_dir / entry["path"]), f"{target}/{entry['path']}")
-    fs.pipe_file(f"{target}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode())
-
-
-def _manifest_digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -189,7 +122,7 @@ class ArtifactStore(dg.ConfigurableResource):
         """The reference to the folder at path holding the files of manifest."""
         return ArtifactRef(
             uri=self._uri(path),
-            sha256=_manifest_digest(manifest),
+            sha256=manifest_digest(manifest),
             size_bytes=sum(entry["size"] for entry in manifest["files"]),
             files=len(manifest["files"]),
         )
@@ -225,7 +158,7 @@ class ArtifactStore(dg.ConfigurableResource):
         other object stores are not locked.
         """
         fs, root = self._fs_and_root()
-        path = f"{root}/.locks/{_segment(partition, 'model')}/{_segment(asset, 'asset')}.lock"
+        path = f"{root}/.locks/{plain_segment(partition, 'model')}/{plain_segment(asset, 'asset')}.lock"
         what = f"{asset} of model {partition!r}"
         if self.is_local:
             return local_writer_lock(Path(path), what, run_id)
@@ -237,8 +170,8 @@ class ArtifactStore(dg.ConfigurableResource):
         """Publish a finished folder as an immutable artifact and point CURRENT.json at it."""
         fs, root = self._fs_and_root()
         manifest = build_manifest(local_dir)
-        digest = _manifest_digest(manifest)
-        target = f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}/{digest[:16]}"
+        digest = manifest_digest(manifest)
+        target = f"{root}/{plain_segment(partition, 'model')}/{plain_segment(asset, 'asset')}/{digest[:16]}"
         if not fs.exists(f"{target}/{MANIFEST}"):
             (local_dir / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             if self.is_local:
@@ -248,7 +181,7 @@ class ArtifactStore(dg.ConfigurableResource):
                 local_dir.rename(target)
             else:
                 self._remove_abandoned_uploads(self._asset_dir(partition, asset))
-                _upload_manifest_last(fs, local_dir, target, manifest)
+                upload_manifest_last(fs, local_dir, target, manifest)
         ref = self._ref_for(target, manifest)
         self.point_current(partition, asset, ref)
         return ref
@@ -263,7 +196,7 @@ class ArtifactStore(dg.ConfigurableResource):
         except FileNotFoundError:
             return
         for entry in entries:
-            if not _VERSION.fullmatch(entry.rstrip("/").split("/")[-1]) or fs.exists(f"{entry}/{MANIFEST}"):
+            if not VERSION_PATTERN.fullmatch(entry.rstrip("/").split("/")[-1]) or fs.exists(f"{entry}/{MANIFEST}"):
                 continue
             modified = [info.get("LastModified") for info in fs.find(entry, detail=True).values()]
             newest = max((stamp.timestamp() for stamp in modified if stamp is not None), default=0.0)
@@ -276,7 +209,7 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def _asset_dir(self, partition: str, asset: str) -> str:
         _, root = self._fs_and_root()
-        return f"{root}/{_segment(partition, 'model')}/{_segment(asset, 'asset')}"
+        return f"{root}/{plain_segment(partition, 'model')}/{plain_segment(asset, 'asset')}"
 
     def _put_small(self, path: str, payload: bytes) -> None:
         """Write a small file whole or not at all, and not at all when it already says this (retries rewrite nothing)."""
@@ -284,7 +217,7 @@ class ArtifactStore(dg.ConfigurableResource):
         if self._get_small(path) == payload:
             return
         if self.is_local:
-            _replace_file(Path(path), payload)
+            replace_file(Path(path), payload)
         else:
             fs.pipe_file(path, payload)  # an object store PUT is atomic
 
@@ -298,13 +231,13 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def remember(self, partition: str, asset: str, inputs_key: str, ref: ArtifactRef) -> None:
         """Record that ref was made from the inputs with this key."""
-        self._put_small(f"{self._asset_dir(partition, asset)}/.by-inputs/{_segment(inputs_key, 'inputs key')}.json",
+        self._put_small(f"{self._asset_dir(partition, asset)}/.by-inputs/{plain_segment(inputs_key, 'inputs key')}.json",
                         ref.to_json().encode())
 
     def remembered(self, partition: str, asset: str, inputs_key: str) -> ArtifactRef | None:
         """The artifact made from the inputs with this key, if one was published and still matches its manifest."""
         payload = self._get_small(
-            f"{self._asset_dir(partition, asset)}/.by-inputs/{_segment(inputs_key, 'inputs key')}.json"
+            f"{self._asset_dir(partition, asset)}/.by-inputs/{plain_segment(inputs_key, 'inputs key')}.json"
         )
         if payload is None:
             return None
@@ -352,10 +285,10 @@ class ArtifactStore(dg.ConfigurableResource):
         if not manifest_path.exists():
             raise ArtifactIntegrityError(f"{ref.uri}: no {MANIFEST}; the artifact was never fully published")
         manifest = json.loads(manifest_path.read_text())
-        if _manifest_digest(manifest) != ref.sha256:
+        if manifest_digest(manifest) != ref.sha256:
             raise ArtifactIntegrityError(f"{ref.uri}: {MANIFEST} does not match the reference's sha256")
         inside = local.resolve()
-        amended_cards = _accepted_cards(local)
+        amended_cards = accepted_cards(local)
         accepted = {
             entry["path"]: {(entry["size"], entry["sha256"])} | (amended_cards if entry["path"] == CARD else set())
             for entry in manifest["files"]
@@ -389,7 +322,7 @@ class ArtifactStore(dg.ConfigurableResource):
         missing = set(only) - {entry["path"] for entry in entries}
         if missing:
             raise ArtifactIntegrityError(f"{ref.uri}: has no {', '.join(sorted(missing))}")
-        return _manifest_digest({"files": entries})
+        return manifest_digest({"files": entries})
 
     # --- small records: <root>/_records/<kind>/..., e.g. cached scores and champion histories ---
 
@@ -413,7 +346,7 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def _record_path(self, relative: str) -> str:
         _, root = self._fs_and_root()
-        return "/".join([root, RECORDS, *(_segment(part, "record path") for part in relative.split("/"))])
+        return "/".join([root, RECORDS, *(plain_segment(part, "record path") for part in relative.split("/"))])
 
     # --- training checkpoints: <partition>/<asset>/.checkpoints/<run_key>/step-<N>/, manifest last ---
 
@@ -422,19 +355,19 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def record_checkpoint_inputs(self, partition: str, asset: str, run_key: str, inputs: dict) -> None:
         """Keep what a run's checkpoints were made from, so a later run can say what changed."""
-        path = f"{self._checkpoints_dir(partition, asset)}/{_segment(run_key, 'run key')}/{INPUTS}"
+        path = f"{self._checkpoints_dir(partition, asset)}/{plain_segment(run_key, 'run key')}/{INPUTS}"
         self._put_small(path, json.dumps(inputs, indent=1, sort_keys=True).encode())
 
     def checkpoint_inputs(self, partition: str, asset: str, run_key: str) -> dict | None:
         """What a run's checkpoints were made from (None when not recorded)."""
-        payload = self._get_small(f"{self._checkpoints_dir(partition, asset)}/{_segment(run_key, 'run key')}/{INPUTS}")
+        payload = self._get_small(f"{self._checkpoints_dir(partition, asset)}/{plain_segment(run_key, 'run key')}/{INPUTS}")
         return json.loads(payload) if payload is not None else None
 
     def publish_checkpoint(self, folder: Path, partition: str, asset: str, run_key: str, step: int,
                            keep: int = 2) -> str:
         """Publish a training checkpoint folder (manifest last) and drop all but the newest `keep` of its run."""
         fs, _ = self._fs_and_root()
-        base = f"{self._checkpoints_dir(partition, asset)}/{_segment(run_key, 'run key')}"
+        base = f"{self._checkpoints_dir(partition, asset)}/{plain_segment(run_key, 'run key')}"
         target = f"{base}/step-{step:09d}"
         manifest = build_manifest(folder)
         if self.is_local:
@@ -444,7 +377,7 @@ class ArtifactStore(dg.ConfigurableResource):
             shutil.rmtree(target, ignore_errors=True)
             partial.rename(target)
         else:
-            _upload_manifest_last(fs, folder, target, manifest)
+            upload_manifest_last(fs, folder, target, manifest)
         for old in self._complete_checkpoints(base)[keep:]:
             fs.rm(old, recursive=True)
         return self._uri(target)

@@ -36,6 +36,7 @@ class EvaluationResult:
     samples: list[dict[str, str]]
     examples: int
     scored_now: list[str] = field(default_factory=list)
+    benchmarks: dict[str, dict] = field(default_factory=dict)  # model -> task -> metric -> value
 
 
 def summary_of(scores: "pd.DataFrame", metrics: tuple[str, ...]) -> dict[str, float]:
@@ -127,6 +128,34 @@ def forgetting_of(probed: dict, adapter: str, resamples: int) -> dict:
     }
 
 
+def benchmark_base_and_adapter(base_dir: Path, adapter_dir: Path, tasks: list[str], device: "DeviceInfo",
+                               include_path: str | None = None, limit: int | None = None, batch_size: int = 8,
+                               log: Callable[[str], None] | None = None,
+                               trust_remote_code: bool = False) -> dict[str, dict]:
+    """lm-evaluation-harness tasks on the base and on the base with the adapter, one loaded base for both."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.ml.adapters import attach_adapters, using
+    from lora_pipeline.ml.base.precision import device_map_for
+    from lora_pipeline.ml.benchmarks import run_benchmarks
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device),
+                                                trust_remote_code=trust_remote_code)
+    model = attach_adapters(base, {"adapter": adapter_dir})
+    results = {}
+    for name in ("base", "adapter"):
+        with using(model, None if name == "base" else name):
+            results[name] = run_benchmarks(model, tokenizer, tasks, include_path=include_path, limit=limit,
+                                           batch_size=batch_size)
+        if log:
+            log(f"{name}: benchmarks " + "; ".join(
+                f"{task} " + ", ".join(f"{metric} {value:.3f}" for metric, value in scores.items()
+                                       if not metric.endswith("_stderr"))
+                for task, scores in results[name].items()))
+    return results
+
+
 def sample_indices(frame: "pd.DataFrame", count: int) -> list[int]:
     """Examples to show answered side by side: one per distinct task line first."""
     task_lines = frame["prompt"].str.split("\n").str[1].fillna(frame["prompt"])
@@ -149,13 +178,15 @@ def evaluate_pipeline(
     original_dir: Path | None = None,
     cached: dict | None = None,
     probe: bool = True,
+    benchmarks: dict | None = None,
     log: Callable[[str], None] | None = None,
     trust_remote_code: bool = False,
 ) -> EvaluationResult:
     """Score base, adapter (and `other_adapters`, e.g. the current champion) on one loaded base, then the merged model.
 
     With original_dir, a merge into those unquantized weights is scored too (in memory), so the
-    report shows what merging into the original weights would cost.
+    report shows what merging into the original weights would cost. benchmarks: {"tasks", "include_path",
+    "limit"} for lm-evaluation-harness tasks on base and adapter.
     """
     from lora_pipeline.ml.base.loading import load_full_precision
 
@@ -208,4 +239,8 @@ def evaluate_pipeline(
         samples=samples,
         examples=len(suite.frame),
         scored_now=list(scored),
+        benchmarks=benchmark_base_and_adapter(quantized_dir, adapter_dir, benchmarks["tasks"], device,
+                                              benchmarks.get("include_path"), benchmarks.get("limit"),
+                                              suite.batch_size, log, trust_remote_code)
+        if benchmarks and benchmarks.get("tasks") else {},
     )

@@ -35,6 +35,8 @@ def metrics_document(result: EvaluationResult, merge_weights: str) -> dict:
     document["comparison"]["intervals"] = result.intervals
     if result.forgetting is not None:
         document["comparison"]["forgetting"] = result.forgetting
+    if result.benchmarks:
+        document["comparison"]["benchmarks"] = result.benchmarks
     if "merged_into_original" in result.metrics:
         document["comparison"]["merged_into_original_vs_adapter_loss_change"] = relative_change(
             result.metrics["merged_into_original"]["loss"], adapter_loss
@@ -78,6 +80,7 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str, e
             f"(base) -> {forgetting['adapter_loss']:.4f} (adapter), {forgetting['relative_change']:+.1%}. "
             + forgetting["paired"]["sentence"]
         )
+    lines += benchmark_table(comparison.get("benchmarks", {}))
     lines += ["", "![held-out loss](loss_by_model.png)", "", "## Samples", ""]
     for index, sample in enumerate(samples, start=1):
         lines += [f"### {index}", "", "```", sample["prompt"].rstrip(), "```", ""]
@@ -88,6 +91,21 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str, e
         lines.append("")
     lines += biggest_changes(extremes)
     return "\n".join(lines)
+
+
+def benchmark_table(benchmarks: dict[str, dict]) -> list[str]:
+    """lm-evaluation-harness results of base and adapter, with lm-eval's standard errors."""
+    if not benchmarks:
+        return []
+    lines = ["", "## Benchmarks (lm-evaluation-harness)", "", "| task | metric | base | adapter |", "|---|---|---|---|"]
+    for task, scores in benchmarks["adapter"].items():
+        for metric, value in scores.items():
+            if metric.endswith("_stderr"):
+                continue
+            base = benchmarks["base"][task][metric]
+            err = lambda model: benchmarks[model][task].get(f"{metric}_stderr", float("nan"))  # noqa: E731
+            lines.append(f"| {task} | {metric} | {base:.3f} ± {err('base'):.3f} | {value:.3f} ± {err('adapter'):.3f} |")
+    return lines
 
 
 def interval_table(intervals: dict[str, dict[str, dict]]) -> list[str]:
