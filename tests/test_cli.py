@@ -258,3 +258,11 @@ def test_a_canary_secret_appears_nowhere(tmp_path, write_config, s3_bucket):
     assert any(name.endswith("MANIFEST.json") for name in objects)
     for name in objects:
         assert canary.encode() not in fs.cat_file(name), name
+
+
+def test_validate_checks_every_variant_of_a_sweep(tmp_path):
+    result = _cli(["validate", "configs/tiny-sweep.yaml", "--json"], tmp_path, check_rc=0)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["sweep"] == "tiny-sweep"
+    assert [variant["partition"] for variant in summary["variants"]] == ["tiny-sweep.r4", "tiny-sweep.r16", "tiny-sweep.r64"]
+    assert all(variant["train_rows"] > 0 for variant in summary["variants"])

@@ -78,6 +78,15 @@ def test_adapters_of_two_configs_answer_side_by_side_and_other_bases_are_refused
     assert list(result["answers"]) == ["base", "micro-r4", "micro-r8"]
     assert all(isinstance(answer, str) for answer in result["answers"].values())
 
+    # Blends of the two: cat takes unequal ranks; linear would be wrong in PEFT with them and is refused.
+    code, out, err = cli("generate", str(small), str(large), "--prompt", "What is 2 plus 3?", "--json",
+                         "--max-new-tokens", "6", "--blend", "mix=cat:0.5,0.5")
+    assert code == 0, err[-3000:]
+    assert list(json.loads(out.strip().splitlines()[-1])["answers"]) == ["base", "micro-r4", "micro-r8", "mix"]
+    code, out, err = cli("generate", str(small), str(large), "--prompt", "hi", "--blend", "mix=linear:0.5,0.5")
+    assert code == 2 and err.startswith("error: --blend") and "rank" in err
+    assert cli("generate", str(small), str(large), "--prompt", "hi", "--blend", "mix=linear:1")[0] == 2
+
     code, out, _ = cli("generate", str(small), "--prompt", "What is 2 plus 3?", "--max-new-tokens", "6")
     assert code == 0
     assert "=== base (no adapter)" in out and "=== micro-r4 (adapter)" in out

@@ -48,6 +48,10 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
                         "or ./artifacts)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N",
                         help="longest answer in tokens (default: 64)")
+    parser.add_argument("--blend", action="append", default=[], metavar="NAME=COMBINATION:W1,W2[@DENSITY]",
+                        help="also answer with a weighted blend of the given adapters, in the order given "
+                        "(PEFT's add_weighted_adapter: linear, cat, svd, ties, dare_ties, ...), e.g. "
+                        "--blend mix=linear:0.5,0.5 or --blend t=ties:0.7,0.3@0.5 (repeatable)")
     parser.add_argument("--json", action="store_true",
                         help='print {"prompt": ..., "answers": {"base": ..., KEY: ...}} as the last stdout line')
 
@@ -79,15 +83,40 @@ def do_cli(args: argparse.Namespace) -> int:
     base_dir = shared_base(storage, models, args.storage)
     adapters = {model.key: adapter_dir_of(storage, model, args.storage) for model in models}
     styles = {model.key: prompt_style(storage, adapters[model.key], model) for model in models}
-    answers = answer_side_by_side(
-        base_dir, adapters, args.prompt, styles, detect_device(), max_new_tokens=args.max_new_tokens,
-        trust_remote_code=any(model.model_config.trust_remote_code for model in models),
-    )
+    blends = [parse_blend(text, list(adapters)) for text in args.blend]
+    try:
+        answers = answer_side_by_side(
+            base_dir, adapters, args.prompt, styles, detect_device(), max_new_tokens=args.max_new_tokens,
+            trust_remote_code=any(model.model_config.trust_remote_code for model in models), blends=blends,
+        )
+    except ValueError as refused:  # a blend PEFT would get wrong, refused before any answer
+        raise ConfigError(f"--blend: {refused}") from None
     if args.json:
         print(json.dumps({"prompt": args.prompt, "answers": answers}))
     else:
         print_side_by_side(args.prompt, answers, sys.stdout)
     return 0
+
+
+def parse_blend(text: str, adapters: list[str]):
+    """--blend NAME=COMBINATION:W1,W2[@DENSITY] over the adapters in the order given."""
+    import re
+
+    from lora_pipeline.ml.adapters import Blend
+
+    match = re.fullmatch(r"([A-Za-z0-9._-]+)=([a-z_]+):([-0-9.eE,]+?)(?:@([0-9.]+))?", text.strip())
+    if not match:
+        raise ConfigError(f"--blend {text!r}: expected NAME=COMBINATION:W1,W2[@DENSITY], e.g. mix=linear:0.5,0.5")
+    name, combination, weights, density = match.groups()
+    if name == "base" or name in adapters:
+        raise ConfigError(f"--blend {text!r}: the name {name!r} is taken (by the base or an adapter)")
+    try:
+        values = tuple(float(weight) for weight in weights.split(","))
+    except ValueError:
+        raise ConfigError(f"--blend {text!r}: weights must be numbers") from None
+    if len(values) != len(adapters):
+        raise ConfigError(f"--blend {text!r}: {len(values)} weights for {len(adapters)} adapters ({', '.join(adapters)})")
+    return Blend(name, tuple(adapters), values, combination, float(density) if density else None)
 
 
 def models_of(paths: list[Path]) -> list[Model]:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from lora_pipeline.cli.session import check_data_early
-from lora_pipeline.config.registry import load_config_file, partition_key_for
+from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for
 
 
 def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
@@ -25,7 +25,18 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def do_cli(args: argparse.Namespace) -> int:
-    """Validate and print the summary (text or JSON)."""
+    """Validate and print the summary (text or JSON); a sweep file: every variant, one summary each."""
+    variants = load_sweep_file(args.config, args.overrides)
+    if variants is not None:
+        summaries = []
+        for key, model_config in variants.items():
+            summary, cleaned, memory_lines = do_validate(model_config, key)
+            summaries.append(summary)
+            if not args.json:
+                print_summary(args.config, model_config, summary, cleaned, memory_lines)
+        if args.json:
+            print(json.dumps({"sweep": partition_key_for(args.config), "variants": summaries}))
+        return 0
     model_config = load_config_file(args.config, args.overrides)
     summary, cleaned, memory_lines = do_validate(model_config, partition_key_for(args.config))
     if args.json:

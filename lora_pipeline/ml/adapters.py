@@ -227,12 +227,14 @@ def answer_side_by_side(
     device: "DeviceInfo",
     max_new_tokens: int = 64,
     trust_remote_code: bool = False,
+    blends: "tuple[Blend, ...] | list[Blend]" = (),
 ) -> dict[str, str]:
     """Greedy answers to one prompt from the bare base and from each adapter, the base loaded once.
 
     Each adapter is asked with its own tokenizer (saved beside it) and the prompt rendered as its
     training rendered prompts (styles[name]); the base is asked exactly what the first adapter is
-    asked, so the first comparison differs only in the adapter. Returns {"base": ..., name: ...}.
+    asked, so the first comparison differs only in the adapter. Each blend (of attached adapters, guarded
+    by add_blend) answers too, asked as the first adapter is. Returns {"base": ..., name: ..., blend: ...}.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -251,9 +253,10 @@ def answer_side_by_side(
     base = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device),
                                                 trust_remote_code=trust_remote_code)
     model = attach_adapters(base, adapters).eval()
+    blended = [add_blend(model, blend) for blend in blends]
     answers = {}
-    for name in [None, *adapters]:
+    for name in [None, *adapters, *blended]:
         with using(model, name):
-            tokenizer = tokenizers[name or first]
-            answers[name or "base"] = greedy_answers(model, tokenizer, [asked[name or first]], max_new_tokens, 1)[0]
+            asker = name if name in adapters else first
+            answers[name or "base"] = greedy_answers(model, tokenizers[asker], [asked[asker]], max_new_tokens, 1)[0]
     return answers
