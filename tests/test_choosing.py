@@ -219,3 +219,25 @@ def test_the_leaderboard_recommends_the_smallest_variant_within_noise(tmp_path):
     assert "s.r64" not in board["pareto_parameters"]
     assert leaderboard_png(board)[:4] == b"\x89PNG"
     assert pareto_front({"a": (1, 1), "b": (2, 2), "c": (3, 0)}) == ["a", "c"]
+
+
+def test_seeds_in_a_sweep_set_the_noise_floor(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(2.0, 0.3, 40)
+    variants = []
+    for rank, seed, shift in ((4, 0, 0.00), (4, 1, 0.08), (16, 0, -0.05), (16, 1, 0.02)):
+        folder = tmp_path / f"r{rank}s{seed}"
+        folder.mkdir()
+        save_file({"m.q_proj.lora_A.weight": torch.zeros(rank, 8)}, folder / "adapter_model.safetensors")
+        losses = base + shift + rng.normal(0, 0.005, 40)
+        variants.append(Variant(f"s.r{rank}.seed{seed}", {"lora.r": rank, "training.seed": seed}, folder,
+                                _frame(losses), {"loss": mean_interval(losses).as_dict()}, 1.0, 1.0, "suite"))
+    board = build_leaderboard(variants, "loss", 0.0, 500)
+    assert board["seed_noise"]["floor"] == pytest.approx(0.08, abs=0.01) and board["seed_noise"]["groups"] == 2
+    assert board["margin"] == board["seed_noise"]["floor"]  # a rank change smaller than the seeds' spread is noise
+    assert board["best"] == "s.r16.seed0" and board["recommended"] == "s.r4.seed0"

@@ -89,6 +89,8 @@ def build_leaderboard(variants: list[Variant], metric: str, margin: float, resam
             "peak_memory_mb": round(variant.peak_memory_mb, 1),
             **variant.extra,
         })
+    noise = seed_noise(variants, metric)
+    margin = max(margin, noise["floor"]) if noise else margin
     best = min(variants, key=lambda v: sign * v.intervals[metric]["value"])
     by_name = {variant.partition: variant for variant in variants}
     paired = len(suites) == 1
@@ -110,6 +112,7 @@ def build_leaderboard(variants: list[Variant], metric: str, margin: float, resam
         "metric": metric,
         "higher_is_better": not lower_better,
         "margin": margin,
+        "seed_noise": noise,
         "paired": paired,
         "best": best.partition,
         "recommended": recommended["partition"],
@@ -123,6 +126,24 @@ def build_leaderboard(variants: list[Variant], metric: str, margin: float, resam
     }
 
 
+def seed_noise(variants: list[Variant], metric: str) -> dict | None:
+    """How much the seed alone moves the metric, when the sweep varies a seed: per group of variants equal but
+    for their seeds, the range of the metric; the floor is the largest range. None without seeds."""
+    seeds = [key for key in (variants[0].settings if variants else {}) if key.rsplit(".", 1)[-1] == "seed"]
+    if not seeds:
+        return None
+    groups: dict[str, list[float]] = {}
+    for variant in variants:
+        rest = {key: value for key, value in variant.settings.items() if key not in seeds}
+        groups.setdefault(repr(sorted(rest.items())), []).append(variant.intervals[metric]["value"])
+    ranges = [max(values) - min(values) for values in groups.values() if len(values) > 1]
+    if not ranges:
+        return None
+    return {"floor": max(ranges), "groups": len(ranges),
+            "note": f"the seed alone moves {metric} by up to {max(ranges):.4f}; differences smaller than that are "
+                    "treated as noise (the margin is at least this)"}
+
+
 def _named(rows: list[dict]):
     return [(row["partition"], row) for row in rows]
 
@@ -134,6 +155,7 @@ def leaderboard_markdown(board: dict, title: str) -> str:
              f"Compared on {metric} ({'higher' if board['higher_is_better'] else 'lower'} is better), paired "
              f"bootstrap 95% intervals, margin {board['margin']:g}. Pareto front (quality vs trainable parameters): "
              f"{', '.join(board['pareto_parameters'])}; (quality vs training time): {', '.join(board['pareto_time'])}.",
+             *([f"Seeds: {board['seed_noise']['note']}.", ""] if board.get("seed_noise") else []),
              "", "| variant | settings | LoRA params | modules_to_save params | size MB | train s | peak MB | "
              f"{metric} [95% CI] | vs best |", "|---|---|---|---|---|---|---|---|---|"]
     for row in board["rows"]:
