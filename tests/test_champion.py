@@ -126,3 +126,22 @@ def test_a_refused_candidate_keeps_the_champion_and_rollback_restores_an_earlier
     assert _cli(["rollback", "micro", "--to", "ffff"], tmp_path, check_rc=2).stderr.startswith("error: model 'micro' never")
     listing = {row["model"]: row for row in json.loads(_cli(["list", "--json"], tmp_path, check_rc=0).stdout)}
     assert listing["micro"]["champion"] == champion["version"]
+
+
+@pytest.mark.slow
+def test_dora_trains_on_the_4bit_base_and_is_shipped_merged_only(tmp_path, write_config):
+    from lora_pipeline.ml.report.leaderboard import adapter_parameters
+    from lora_pipeline.ml.serving import read_servability
+
+    path = write_config("dora", lora={"use_dora": True}, training={"max_steps": 2})
+    summary = json.loads(_cli(["run", str(path), "--json", "--select", "+trained_adapter"], tmp_path,
+                              check_rc=0).stdout.strip().splitlines()[-1])
+    adapter_dir = Path(summary["assets"]["trained_adapter"]["uri"])
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["use_dora"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as weights:
+        assert any("lora_magnitude_vector" in name for name in weights.keys())  # DoRA's magnitudes, saved
+    assert adapter_parameters(adapter_dir)[0] > 0  # counted with the LoRA parameters
+    servability = read_servability(adapter_dir)
+    assert servability.mode == "merged-only" and "DoRA" in " ".join(servability.reasons)
