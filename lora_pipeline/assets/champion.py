@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from dagster._core.errors import DagsterInvalidPropertyError  # not exported at the top level
 
 from lora_pipeline.assets.common import (
     Reads,
@@ -221,7 +222,11 @@ def champion(
 def champion_owner(context: dg.AssetExecutionContext, registry: ModelRegistry) -> str:
     """Whose champion this partition's candidate would become: its sweep's for a sweep variant, else its own."""
     key = context.partition_key
-    return context.run.tags.get(SWEEP_TAG) or _registered_sweep(registry, key) or key
+    try:
+        tags = context.run.tags
+    except DagsterInvalidPropertyError:  # invoked directly, outside a run (tests, notebooks)
+        tags = {}
+    return tags.get(SWEEP_TAG) or _registered_sweep(registry, key) or key
 
 
 def comparable_champion(storage: ArtifactStore, owner: str, base_content: str, adapter_key: str):
