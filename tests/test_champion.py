@@ -56,7 +56,9 @@ def test_adapters_on_one_base_score_as_each_alone(micro_base, tmp_path):
 def test_a_sweep_of_two_ranks_shares_its_data_and_base_and_ranks_them(tmp_path, write_config):
     path = write_config("ranks", quantization={"mode": "none"})
     data = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({**data, "sweep": {"lora.r": [4, 16]}}))
+    # A blend of the two variants is ranked beside them (cat: their ranks differ).
+    path.write_text(yaml.safe_dump({**data, "sweep": {"lora.r": [4, 16]}, "blends": [
+        {"name": "both", "combination": "cat", "weights": {"ranks.r4": 0.5, "ranks.r16": 0.5}}]}))
     result = _cli(["run", str(path), "--json"], tmp_path, check_rc=0,
                   env={"LORA_PIPELINE_CONFIG_DIR": str(path.parent)})
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -67,13 +69,22 @@ def test_a_sweep_of_two_ranks_shares_its_data_and_base_and_ranks_them(tmp_path, 
     assert "scores of base on this suite are cached" in result.stderr  # the base is scored once
     board = json.loads((Path(summary["leaderboard"]["uri"]) / "leaderboard.json").read_text())
     rows = {row["partition"]: row for row in board["rows"]}
-    assert set(rows) == {"ranks.r4", "ranks.r16"} and board["recommended"] in rows
+    assert set(rows) == {"ranks.r4", "ranks.r16", "both"} and board["recommended"] in ("ranks.r4", "ranks.r16")
+    blend = rows["both"]
+    assert blend["kind"] == "blend" and blend["lora_parameters"] == rows["ranks.r4"]["lora_parameters"] + rows[
+        "ranks.r16"]["lora_parameters"]  # cat concatenates the two
+    assert (Path(summary["leaderboard"]["uri"]) / blend["adapter"] / "adapter_config.json").exists()
+    assert blend["vs_best"]["verdict"] in ("best", "better", "worse", "within noise")
     assert rows["ranks.r16"]["lora_parameters"] == 4 * rows["ranks.r4"]["lora_parameters"]
     assert rows["ranks.r4"]["modules_to_save_parameters"] == 0 and rows["ranks.r4"]["settings"] == {"lora.r": 4}
-    for row in rows.values():
+    for row in (rows["ranks.r4"], rows["ranks.r16"]):
         low, high = row["metrics"]["loss"]["ci95"]
         assert low <= row["metrics"]["loss"]["value"] <= high and row["train_seconds"] > 0 and row["peak_memory_mb"] > 0
     assert summary["champion"]["model"] == "ranks" and summary["champion"]["gates"]["recommended"]["passed"]
+    # A sweep file in `generate` stands for its variants (dotted keys, which PEFT cannot use as adapter names).
+    answered = _cli(["generate", str(path), "--prompt", "Name a colour.", "--max-new-tokens", "4", "--json",
+                     "--blend", "mix=cat:0.5,0.5"], tmp_path, check_rc=0)
+    assert list(json.loads(answered.stdout.strip().splitlines()[-1])["answers"]) == ["base", "ranks.r4", "ranks.r16", "mix"]
     listing = {row["model"]: row for row in json.loads(_cli(["list", "--json"], tmp_path, check_rc=0,
                                                             env={"LORA_PIPELINE_CONFIG_DIR": str(path.parent)}).stdout)}
     assert listing["ranks.r4"]["champion"] == summary["champion"]["version"]

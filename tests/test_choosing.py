@@ -173,6 +173,10 @@ def test_a_sweep_file_is_one_partition_per_variant(tmp_path, write_config):
     path.write_text(yaml.safe_dump({**data, "sweep": {"lora.rank": [4]}}))
     with pytest.raises(ConfigError, match="unknown key 'lora.rank'"):
         load_sweep_file(path)
+    path.write_text(yaml.safe_dump({**data, "sweep": {"lora.r": [4, 8]},
+                                    "blends": [{"name": "mix", "weights": {"ranks.r4": 1, "ranks.r9": 1}}]}))
+    with pytest.raises(ConfigError, match="'ranks.r9' is not a variant of this sweep"):
+        load_sweep_file(path)
     path.write_text(yaml.safe_dump({**data, "sweep": {"lora.r": 4}}))
     with pytest.raises(ConfigError, match="'sweep.lora.r' must be a non-empty list"):
         load_sweep_file(path)

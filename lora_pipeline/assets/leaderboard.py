@@ -31,6 +31,10 @@ class LeaderboardConfig(dg.Config):
     settings: dict[str, str] = Field(
         default={}, description="Per variant, its swept keys and values as a JSON object (default: from the sweep file)."
     )
+    blends: str = Field(
+        default="", description="The sweep file's `blends:` as JSON: weighted blends of the variants' adapters "
+        "(PEFT's add_weighted_adapter), scored beside them (default: from the sweep file).",
+    )
 
 
 @dg.asset(
@@ -78,8 +82,14 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
             extra={"eval_report": report.uri, "trained_adapter": adapter.uri},
         ))
     resamples = model_config.eval.bootstrap_resamples if model_config is not None else 2000
-    board = build_leaderboard(entries, metric, promotion.min_improvement if promotion else 0.0, resamples)
     with storage.staging_dir() as staging:
+        blends = json.loads(config.blends) if config.blends else _file_blends(known, sweep)
+        if blends:
+            entries += blend_entries(context, storage, variants, blends, staging)
+        board = build_leaderboard(entries, metric, promotion.min_improvement if promotion else 0.0, resamples)
+        for row in board["rows"]:
+            if row.get("kind") == "blend":
+                row["adapter"] = f"blends/{row['partition']}"  # inside this leaderboard's folder
         write_json(staging / LEADERBOARD_FILE, board)
         markdown = leaderboard_markdown(board, f"Sweep {sweep}")
         (staging / "leaderboard.md").write_text(markdown, encoding="utf-8")
@@ -97,6 +107,52 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
         "metric": metric,
         "leaderboard": dg.MetadataValue.md(markdown.replace("![quality vs trainable parameters](leaderboard.png)", "")),
     })
+
+
+def _file_blends(known, sweep: str) -> list[dict]:
+    """The `blends:` of the sweep file in the config folder, if it is there."""
+    variants = known.variants_of(sweep)
+    return known.raw_file(variants[0]).get("blends") or [] if variants else []
+
+
+def blend_entries(context: dg.AssetExecutionContext, storage: ArtifactStore, variants: list[str], blends: list[dict],
+                  staging) -> list[Variant]:
+    """Each blend of the variants' adapters, made on their shared base and scored on their suite; its adapter is
+    saved under blends/<name>/ in the leaderboard's folder."""
+    from lora_pipeline.assets.evaluation import eval_suite
+    from lora_pipeline.config.schema import EvalSettings
+    from lora_pipeline.ml.adapters import Blend
+    from lora_pipeline.ml.base.precision import detect_device
+    from lora_pipeline.ml.evaluation.pipeline import intervals_of, score_blends
+
+    lineages = {key: read_json(storage.local_path(storage.current(key, "eval_report")) / LINEAGE) for key in variants}
+    bases = {lineage["weights"]["base"] for lineage in lineages.values()}
+    if len(bases) != 1:
+        raise dg.Failure("blends need the sweep's variants on one base (by content); these have "
+                         f"{len(bases)} (a swept quantization or base model makes several)")
+    first = lineages[variants[0]]
+    settings = EvalSettings(**first["config"]["eval"])
+    formatted = ArtifactRef(**_ref(first["parents"]["formatted_dataset"]))
+    suite, digest = eval_suite(storage, formatted, settings)
+    base_dir = storage.local_path(ArtifactRef(**_ref(first["parents"]["quantized_base"])))
+    adapters = {key: storage.local_path(storage.current(key, "trained_adapter")) for key in variants}
+    specs = [Blend(blend["name"], tuple(blend["weights"]), tuple(float(w) for w in blend["weights"].values()),
+                   blend.get("combination", "linear"), blend.get("density")) for blend in blends]
+    try:
+        scored = score_blends(base_dir, adapters, specs, suite, detect_device(), staging / "blends", context.log.info,
+                              first["config"].get("trust_remote_code", False))
+    except ValueError as refused:  # a blend PEFT would get wrong (ml/adapters.py says which)
+        raise dg.Failure(f"blend refused: {refused}") from None
+    return [Variant(partition=spec.name,
+                    settings={"blend": f"{spec.combination}: " + ", ".join(f"{w:g} x {a}" for a, w in zip(spec.adapters,
+                                                                                                    spec.weights))},
+                    adapter_dir=folder, scores=scores, intervals=intervals_of(scores, suite.metrics, settings.bootstrap_resamples),
+                    train_seconds=0.0, peak_memory_mb=0.0, suite=digest, extra={"kind": "blend"})
+            for spec, (scores, folder) in ((spec, scored[spec.name]) for spec in specs)]
+
+
+def _ref(parent: dict) -> dict:
+    return {"uri": parent["uri"], "sha256": parent["sha256"], "size_bytes": 0, "files": 0}
 
 
 def _swept_settings(known, key: str) -> dict:
@@ -118,7 +174,8 @@ def _at(data: dict, path: str):
 def _version(board: dict) -> str:
     import hashlib
 
-    payload = {"rows": [(row["partition"], row["eval_report"], row["trained_adapter"]) for row in board["rows"]]}
+    payload = {"rows": [(row["partition"], row.get("eval_report"), row.get("trained_adapter"), row["settings"])
+                        for row in board["rows"]]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

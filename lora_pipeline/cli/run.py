@@ -32,7 +32,13 @@ from lora_pipeline.cli.session import (
     reclaim_dead_runs,
     register_partition,
 )
-from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for, read_yaml
+from lora_pipeline.config.registry import (
+    load_config_file,
+    load_sweep_file,
+    partition_key_for,
+    read_yaml,
+    sweep_blends,
+)
 from lora_pipeline.errors import ConfigError, DataError
 
 EXIT_REFUSED = 3
@@ -216,14 +222,17 @@ def rank_variants(args: argparse.Namespace, sweep: str, variants: dict) -> tuple
     instance = open_instance()
     if not instance.has_dynamic_partition(SWEEP_PARTITIONS.name, sweep):
         instance.add_dynamic_partitions(SWEEP_PARTITIONS.name, [sweep])
-    grid = read_yaml(args.config)["sweep"]
+    data = read_yaml(args.config)
+    grid = data["sweep"]
     settings = {key: json.dumps({path: _at(config.model_dump(mode="json"), path) for path in grid})
                 for key, config in variants.items()}
+    blends = json.dumps(sweep_blends(data, variants, str(args.config)))
     resources = default_resources(storage_root=args.storage)
     definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
     definitions.resolve_job_def("leaderboard_job").execute_in_process(
         partition_key=sweep, instance=instance,
-        run_config={"ops": {"leaderboard": {"config": {"variants": list(variants), "settings": settings}}},
+        run_config={"ops": {"leaderboard": {"config": {"variants": list(variants), "settings": settings,
+                                                       "blends": blends}}},
                     "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO",
                                                        "tracebacks": args.debug}}}},
     )

@@ -109,6 +109,8 @@ def _deep_copy(data: Any) -> Any:
 
 
 SWEEP_KEY = "sweep"
+BLENDS_KEY = "blends"  # a sweep file's weighted blends of its variants, ranked beside them
+BLEND_FIELDS = {"name", "combination", "weights", "density"}
 
 
 def _variant_part(path: str, value: Any) -> str:
@@ -136,7 +138,7 @@ def sweep_variants(data: dict, stem: str, origin: str) -> dict[str, dict] | None
             raise ConfigError(f"{origin}: '{SWEEP_KEY}.{key}' must be a non-empty list of values (got {values!r})")
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"{origin}: '{SWEEP_KEY}.{key}' lists a value twice")
-    plain = {name: value for name, value in data.items() if name != SWEEP_KEY}
+    plain = {name: value for name, value in data.items() if name not in (SWEEP_KEY, BLENDS_KEY)}
     variants = {}
     for combination in itertools.product(*grid.values()):
         chosen = dict(zip(grid, combination))
@@ -232,6 +234,32 @@ def load_config_file(path: Path, overrides: Iterable[str] = ()) -> ModelConfig:
     return validate_config(data, origin)
 
 
+def sweep_blends(data: dict, variants: Iterable[str], origin: str) -> list[dict]:
+    """A sweep file's `blends:` list, checked: each {name, combination, weights: {variant: weight}, density?}.
+
+    A blend is PEFT's add_weighted_adapter of the variants' adapters; the leaderboard scores it beside them.
+    """
+    blends = data.get(BLENDS_KEY) or []
+    known = list(variants)
+    if not isinstance(blends, list):
+        raise ConfigError(f"{origin}: '{BLENDS_KEY}' must be a list of {{name, combination, weights}}")
+    names = set()
+    for index, blend in enumerate(blends):
+        where = f"{origin}: '{BLENDS_KEY}[{index}]'"
+        if not isinstance(blend, dict) or not {"name", "weights"} <= set(blend) or set(blend) - BLEND_FIELDS:
+            raise ConfigError(f"{where} needs name and weights (and may have combination, density), got {blend!r}")
+        if not PARTITION_KEY_PATTERN.fullmatch(str(blend["name"])) or blend["name"] in names or blend["name"] in known:
+            raise ConfigError(f"{where}: name {blend['name']!r} must be a new plain name ([a-z0-9._-])")
+        names.add(blend["name"])
+        weights = blend["weights"]
+        if not isinstance(weights, dict) or len(weights) < 2:
+            raise ConfigError(f"{where}.weights must map two or more variants to weights, e.g. {{{known[0]}: 0.5, ...}}")
+        unknown = [key for key in weights if key not in known]
+        if unknown:
+            raise ConfigError(f"{where}.weights: {unknown[0]!r} is not a variant of this sweep ({', '.join(known)})")
+    return blends
+
+
 def load_sweep_file(path: Path, overrides: Iterable[str] = ()) -> dict[str, ModelConfig] | None:
     """A sweep file's validated variants {partition key: config} (overrides applied to each), or None for a plain config."""
     overrides = list(overrides)
@@ -239,4 +267,5 @@ def load_sweep_file(path: Path, overrides: Iterable[str] = ()) -> dict[str, Mode
     variants = sweep_variants(data, partition_key_for(path), str(path))
     if variants is None:
         return None
+    sweep_blends(data, variants, str(path))
     return {key: validate_config(variant, f"{path} (variant {key})") for key, variant in variants.items()}

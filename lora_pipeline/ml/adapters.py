@@ -39,6 +39,12 @@ DENSITY_COMBINATIONS = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ti
                         "magnitude_prune", "magnitude_prune_svd")
 
 
+def adapter_name(key: str) -> str:
+    """A model key (e.g. a sweep variant's, tiny-sweep.r4) as a PEFT adapter name: PEFT keeps adapters in torch
+    module dicts, whose keys cannot contain '.'."""
+    return key.replace(".", "_")
+
+
 def attach_adapters(base_model, adapters: dict[str, "str | Path"]):
     """Load the base once; the first adapter with PeftModel.from_pretrained(base, path, adapter_name=name), the
     rest with model.load_adapter(path, adapter_name=name); returns the PeftModel.
@@ -52,6 +58,9 @@ def attach_adapters(base_model, adapters: dict[str, "str | Path"]):
         raise ValueError("no adapter to attach")
     if any(not isinstance(name, str) or not name.strip() for name in adapters):
         raise ValueError(f"adapter names must be non-empty strings, got {list(adapters)!r}")
+    dotted = [name for name in adapters if "." in name]
+    if dotted:
+        raise ValueError(f"adapter name {dotted[0]!r} contains '.', which PEFT cannot hold; use adapter_name()")
     taken = set(getattr(base_model, "peft_config", {}) or {})
     reused = [name for name in adapters if name in taken]
     if reused:
@@ -252,11 +261,15 @@ def answer_side_by_side(
     first = next(iter(adapters))
     base = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device),
                                                 trust_remote_code=trust_remote_code)
-    model = attach_adapters(base, adapters).eval()
-    blended = [add_blend(model, blend) for blend in blends]
+    model = attach_adapters(base, {adapter_name(name): path for name, path in adapters.items()}).eval()
+    blended = {}
+    for blend in blends:
+        safe = Blend(adapter_name(blend.name), tuple(adapter_name(a) for a in blend.adapters), blend.weights,
+                     blend.combination, blend.density)
+        blended[blend.name] = add_blend(model, safe)
     answers = {}
     for name in [None, *adapters, *blended]:
-        with using(model, name):
+        with using(model, None if name is None else blended.get(name, adapter_name(name))):
             asker = name if name in adapters else first
             answers[name or "base"] = greedy_answers(model, tokenizers[asker], [asked[asker]], max_new_tokens, 1)[0]
     return answers

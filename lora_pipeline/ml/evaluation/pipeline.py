@@ -156,6 +156,35 @@ def benchmark_base_and_adapter(base_dir: Path, adapter_dir: Path, tasks: list[st
     return results
 
 
+def score_blends(base_dir: Path, adapters: dict[str, Path], blends: list, suite: EvalSuite, device: "DeviceInfo",
+                 save_to: Path, log: Callable[[str], None] | None = None,
+                 trust_remote_code: bool = False) -> dict[str, tuple["pd.DataFrame", Path]]:
+    """Weighted blends (ml.adapters.Blend) of adapters trained on one base, each scored on the suite and saved as
+    an adapter folder under save_to; the base is loaded once. Returns {blend: (per-example scores, its folder)}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.ml.adapters import Blend, adapter_name, add_blend, attach_adapters, using
+    from lora_pipeline.ml.base.precision import device_map_for
+
+    tokenizer = AutoTokenizer.from_pretrained(next(iter(adapters.values())), trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device),
+                                                trust_remote_code=trust_remote_code)
+    model = attach_adapters(base, {adapter_name(key): path for key, path in adapters.items()})
+    scored = {}
+    for blend in blends:
+        name = add_blend(model, Blend(adapter_name(blend.name), tuple(adapter_name(a) for a in blend.adapters),
+                                      blend.weights, blend.combination, blend.density))
+        with using(model, name):
+            scores = score_model(model, tokenizer, suite, log, blend.name)
+        model.save_pretrained(str(save_to), selected_adapters=[name])  # PEFT writes it to save_to/<name>/
+        folder = save_to / blend.name
+        if name != blend.name:
+            (save_to / name).rename(folder)
+        tokenizer.save_pretrained(str(folder))
+        scored[blend.name] = (scores, folder)
+    return scored
+
+
 def sample_indices(frame: "pd.DataFrame", count: int) -> list[int]:
     """Examples to show answered side by side: one per distinct task line first."""
     task_lines = frame["prompt"].str.split("\n").str[1].fillna(frame["prompt"])

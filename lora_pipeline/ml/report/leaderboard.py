@@ -105,7 +105,9 @@ def build_leaderboard(variants: list[Variant], metric: str, margin: float, resam
             row["vs_best"] = {key: comparison[key] for key in ("verdict", "sentence", "difference", "wins", "ties", "losses")}
         else:
             row["vs_best"] = {"verdict": "not paired", "sentence": "variants were scored on different examples"}
-    within_noise = [row for row in rows if row["vs_best"]["verdict"] in ("best", "within noise")]
+    # Blends are compared, not recommended: they were not trained, gated or evaluated on their own.
+    within_noise = [row for row in rows if row["vs_best"]["verdict"] in ("best", "within noise")
+                    and row.get("kind") != "blend"] or [row for row in rows if row.get("kind") != "blend"]
     recommended = min(within_noise, key=lambda row: (row["trainable_parameters"], row["train_seconds"]))
     quality = {row["partition"]: sign * row["metrics"][metric]["value"] for row in rows}
     return {
