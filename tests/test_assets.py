@@ -65,6 +65,8 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
     )
     adapter = adapter_output.value
     assert adapter_output.metadata["steps"].value == 8
+    # QLoRA on a CPU trains its adapter in fp32, not in the bf16 TRL casts quantized models' adapters to.
+    assert adapter_output.metadata["trainable_dtype"].value == "float32"
     assert adapter_output.metadata["loss_curve"].value.startswith("![training loss](data:image/png;base64,")
     adapter_dir = r["storage"].local_path(adapter)
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png"} <= {

@@ -232,3 +232,23 @@ def test_training_resumed_from_a_checkpoint_ends_with_the_same_adapter_bit_for_b
     weights = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     again = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert weights.keys() == again.keys() and all(weights[name].equal(again[name]) for name in weights)
+
+
+def test_trainable_parameters_train_in_the_resolved_dtype(micro_base):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_pipeline.ml.training import _keep_trainable_dtype
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(micro_base),
+                           LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    for parameter in model.parameters():  # what TRL's SFTTrainer does to a quantized model's adapters
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(torch.bfloat16)
+    assert _keep_trainable_dtype(model, "fp32") == "float32"
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert _keep_trainable_dtype(model, "bf16") == "bfloat16"
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    assert all(dtype == (torch.float32 if "magnitude" in name else torch.bfloat16) for name, dtype in dtypes.items())
+    assert any(p.dtype == torch.float32 for p in model.parameters() if not p.requires_grad)  # the base untouched

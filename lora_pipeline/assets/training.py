@@ -97,7 +97,8 @@ def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, i
 
 
 @pipeline_asset(
-    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version="1",
+    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True,
+    code_version="2",  # 2: adapters train in the resolved dtype (fp32 on CPU), not the bf16 TRL casts QLoRA adapters to
     reads=Reads(config=("training", "lora", "trust_remote_code"),
                 ignoring=("training.checkpoint_every", "training.logging_steps")),
 )
@@ -232,6 +233,7 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
             **_estimate_metadata(record.get("memory_plan"), result.peak_memory_bytes),
             "peak_memory_kind": result.peak_memory_kind,
             "precision": result.precision,
+            "trainable_dtype": result.trainable_dtype,
             "gradient_checkpointing": result.gradient_checkpointing,
             "target_modules": 
                 result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)

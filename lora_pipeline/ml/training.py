@@ -44,6 +44,7 @@ class TrainResult:
     gradient_checkpointing: bool
     precision: str
     resumed_from_step: int = 0
+    trainable_dtype: str = "float32"  # the dtype the adapter (and so its optimizer state) trained in
     target_modules: list[str] | str = field(default_factory=list)
 
 
@@ -114,6 +115,25 @@ def lora_config(settings: "LoraSettings", model_type: str):
         use_dora=settings.use_dora,
         task_type=TaskType.CAUSAL_LM,
     )
+
+
+def _keep_trainable_dtype(model, precision: str) -> str:
+    """Put the trainable parameters in the dtype the run resolved, whatever the trainer cast them to; return its name.
+
+    TRL's SFTTrainer casts every trainable parameter of a quantized model to bf16 (the QLoRA paper's
+    recipe for GPUs). With fp32 resolved (CPUs, GPUs without bf16) that made every LoRA matmul and
+    its input casts run in emulated bf16: over twice the time of the same step in fp32, and not the
+    precision the metadata reported. bf16 stays bf16; fp16 mixed precision needs fp32 weights.
+    """
+    import torch
+
+    wanted = torch.bfloat16 if precision == "bf16" else torch.float32
+    for name, parameter in model.named_parameters():
+        # DoRA's magnitudes stay fp32 (as TRL keeps them): their updates can be below what bf16 represents.
+        keep = torch.float32 if "lora_magnitude_vector" in name else wanted
+        if parameter.requires_grad and parameter.dtype != keep:
+            parameter.data = parameter.data.to(keep)
+    return str(wanted).removeprefix("torch.")
 
 
 def _reset_peak_memory(device: DeviceInfo) -> None:
@@ -248,6 +268,7 @@ def train_adapter(
     trainer = _guarded(SFTTrainer)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
+    trainable_dtype = _keep_trainable_dtype(trainer.model, precision)
     # Progress goes through the callback below (and so to the Dagster run log), not raw prints.
     trainer.remove_callback(PrinterCallback)
     tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
@@ -287,6 +308,7 @@ def train_adapter(
         peak_memory_kind=peak_kind,
         gradient_checkpointing=checkpointing,
         precision=precision,
+        trainable_dtype=trainable_dtype,
         resumed_from_step=resumed_step,
         target_modules=sorted(peft_config.target_modules)
         if not isinstance(peft_config.target_modules, str)
