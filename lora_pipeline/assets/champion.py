@@ -128,7 +128,7 @@ def _against_champion(storage, device, model_config, current, candidate_version,
     cache = ScoreCache(storage)
     scores = cache.get(weights, suite)
     if scores is None:
-        refs = {name: ArtifactRef(uri=entry["uri"], sha256=entry["sha256"], size_bytes=0, files=0)
+        refs = {name: ArtifactRef.from_entry(entry)
                 for name, entry in champion.items() if name in ("quantized_base", "trained_adapter")}
         formatted = _formatted_of(storage, report_dir)
         eval_examples, _ = eval_suite(storage, formatted, model_config.eval)
@@ -146,7 +146,7 @@ def _against_champion(storage, device, model_config, current, candidate_version,
 
 def _formatted_of(storage: ArtifactStore, report_dir: Path) -> ArtifactRef:
     parent = read_json(report_dir / "LINEAGE.json")["parents"]["formatted_dataset"]
-    return ArtifactRef(uri=parent["uri"], sha256=parent["sha256"], size_bytes=0, files=0)
+    return ArtifactRef.from_entry(parent)
 
 
 GATE_CHECKS = [
@@ -239,7 +239,7 @@ def comparable_champion(storage: ArtifactStore, owner: str, base_content: str, a
     if not key or key == adapter_key:
         return None
     try:
-        folder = storage.local_path(ArtifactRef(**_ref_fields(event.candidate["trained_adapter"])))
+        folder = storage.local_path(ArtifactRef.from_entry(event.candidate["trained_adapter"]))
     except (ArtifactIntegrityError, FileNotFoundError):
         return None  # removed from the store since: the champion stage says so
     return key, folder, event.version
@@ -265,7 +265,7 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
     from lora_pipeline.ml.report.modelcard import with_evaluation
     from lora_pipeline.ml.serving import ServedAdapter, serving_files
 
-    adapter_dir = storage.local_path(ArtifactRef(**_ref_fields(decision.candidate["trained_adapter"])))
+    adapter_dir = storage.local_path(ArtifactRef.from_entry(decision.candidate["trained_adapter"]))
     document = read_json(storage.local_path(eval_report) / "metrics.json")
     card = with_evaluation((adapter_dir / "README.md").read_text(encoding="utf-8"), document, "adapter", decision.owner,
                            model_config.dataset.source, f"eval report {decision.candidate['eval_report']['version']}")
@@ -283,10 +283,6 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
     serving_dir.mkdir()
     for name, text in serving_files(model_config.base_model, adapters, merged).items():
         (serving_dir / name).write_text(text, encoding="utf-8")
-
-
-def _ref_fields(entry: dict) -> dict:
-    return {"uri": entry["uri"], "sha256": entry["sha256"], "size_bytes": 0, "files": 0}
 
 
 def _other_champions(storage: ArtifactStore, owner: str, base_content: str) -> list:

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from lora_pipeline.assets.common import ARTIFACT_IO, read_json, write_json
 from lora_pipeline.assets.provenance import mark_stage_start
+from lora_pipeline.config.registry import value_at
 from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard, leaderboard_markdown, leaderboard_png
 from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
 from lora_pipeline.resources.registry import ModelRegistry
@@ -132,9 +133,9 @@ def blend_entries(context: dg.AssetExecutionContext, storage: ArtifactStore, var
                          f"{len(bases)} (a swept quantization or base model makes several)")
     first = lineages[variants[0]]
     settings = EvalSettings(**first["config"]["eval"])
-    formatted = ArtifactRef(**_ref(first["parents"]["formatted_dataset"]))
+    formatted = ArtifactRef.from_entry(first["parents"]["formatted_dataset"])
     suite, digest = eval_suite(storage, formatted, settings)
-    base_dir = storage.local_path(ArtifactRef(**_ref(first["parents"]["quantized_base"])))
+    base_dir = storage.local_path(ArtifactRef.from_entry(first["parents"]["quantized_base"]))
     adapters = {key: storage.local_path(storage.current(key, "trained_adapter")) for key in variants}
     specs = [Blend(blend["name"], tuple(blend["weights"]), tuple(float(w) for w in blend["weights"].values()),
                    blend.get("combination", "linear"), blend.get("density")) for blend in blends]
@@ -151,24 +152,14 @@ def blend_entries(context: dg.AssetExecutionContext, storage: ArtifactStore, var
             for spec, (scores, folder) in ((spec, scored[spec.name]) for spec in specs)]
 
 
-def _ref(parent: dict) -> dict:
-    return {"uri": parent["uri"], "sha256": parent["sha256"], "size_bytes": 0, "files": 0}
-
-
 def _swept_settings(known, key: str) -> dict:
     """The swept keys' values of a variant registered from a sweep file."""
     sweep = known.sweep_of(key)
     if sweep is None:
         return {}
     grid = known.raw_file(key).get("sweep", {})
-    data = known.raw(key)
-    return {path: _at(data, path) for path in grid}
-
-
-def _at(data: dict, path: str):
-    for part in path.split("."):
-        data = data.get(part, {}) if isinstance(data, dict) else None
-    return data
+    data = known.raw(key)  # a variant's data holds every swept key: the sweep set it
+    return {path: value_at(data, path) for path in grid}
 
 
 def _version(board: dict) -> str:

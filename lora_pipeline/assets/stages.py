@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
 
+from lora_pipeline.config.registry import value_at
+
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig
 
@@ -70,8 +72,8 @@ class Reads:
         """The part of the config the stage reads (so a change elsewhere leaves its version alone)."""
         data = model_config.model_dump(mode="json")
         paths = self.config + (self.with_source if self.reads_source(model_config) else ())
-        unchanged = tuple(key for key, default in ADDED_LATER.items() if _at(data, key) == default)
-        return {path.split(".")[-1]: _without(_at(data, path), path, self.ignoring + unchanged) for path in paths}
+        unchanged = tuple(key for key, default in ADDED_LATER.items() if value_at(data, key) == default)
+        return {path.split(".")[-1]: _without(value_at(data, path), path, self.ignoring + unchanged) for path in paths}
 
     def describe(self) -> str:
         """The same in words, for the UI."""
@@ -84,12 +86,6 @@ class Reads:
             extra = f" and {', '.join(self.with_source)}" if self.with_source else ""
             words += f"; for a built-in base, whose tokenizer is trained on the data, the source's content version{extra}"
         return words
-
-
-def _at(data: dict, path: str):
-    for part in path.split("."):
-        data = data[part]
-    return data
 
 
 def _without(value, path: str, ignoring: tuple[str, ...]):

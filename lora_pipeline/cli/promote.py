@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from lora_pipeline.config.registry import ConfigRegistry, load_config_file, partition_key_for
+from lora_pipeline.cli.session import EXIT_REFUSED
 from lora_pipeline.errors import ConfigError
 
-EXIT_REFUSED = 3
 GATES_HELP = """\
 gates (all must pass; thresholds under promotion: in the config):
   better_than_base  the 95% interval of the paired difference vs the base clears promotion.min_improvement

@@ -23,8 +23,10 @@ from lora_pipeline.assets.provenance import (
     up_to_date_assets,
 )
 from lora_pipeline.assets.settings import report_settings
+from lora_pipeline.assets.champion import SWEEP_TAG
 from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.session import (
+    EXIT_REFUSED,
     HOST_TAG,
     PID_TAG,
     check_data_early,
@@ -38,11 +40,10 @@ from lora_pipeline.config.registry import (
     partition_key_for,
     read_yaml,
     sweep_blends,
+    value_at,
 )
 from lora_pipeline.errors import ConfigError, DataError
 
-EXIT_REFUSED = 3
-CHAMPION_TAG = "lora_pipeline/sweep"  # the champion stage reads it: whose champion a sweep variant would be
 
 EPILOG = f"""\
 examples:
@@ -186,7 +187,7 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
         print(f"\n=== sweep {sweep}: variant {index}/{len(variants)}: {key}", file=sys.stderr)
         plan = RunPlan(args.config, key, model_config, per_variant, readable_source_version(model_config),
                        args.overrides, args.storage, args.force, args.debug, siblings=list(variants),
-                       tags={CHAMPION_TAG: sweep})
+                       tags={SWEEP_TAG: sweep})
         run_id, assets, up_to_date = do_run(plan)
         results[key] = {"run_id": run_id, "assets": assets, "up_to_date": up_to_date}
         print_summary(key, run_id, assets, time.perf_counter() - started, stream, set(up_to_date))
@@ -199,7 +200,7 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
         if "champion" in selected:
             key = board["recommended"]
             plan = RunPlan(args.config, key, variants[key], ["champion"], readable_source_version(variants[key]),
-                           args.overrides, args.storage, args.force, args.debug, tags={CHAMPION_TAG: sweep})
+                           args.overrides, args.storage, args.force, args.debug, tags={SWEEP_TAG: sweep})
             _, assets, _, refused = run_reporting_refusal(plan)
             champion = champion_summary(plan, assets)
             if champion is not None:
@@ -224,7 +225,7 @@ def rank_variants(args: argparse.Namespace, sweep: str, variants: dict) -> tuple
         instance.add_dynamic_partitions(SWEEP_PARTITIONS.name, [sweep])
     data = read_yaml(args.config)
     grid = data["sweep"]
-    settings = {key: json.dumps({path: _at(config.model_dump(mode="json"), path) for path in grid})
+    settings = {key: json.dumps({path: value_at(config.model_dump(mode="json"), path) for path in grid})
                 for key, config in variants.items()}
     blends = json.dumps(sweep_blends(data, variants, str(args.config)))
     resources = default_resources(storage_root=args.storage)
@@ -239,12 +240,6 @@ def rank_variants(args: argparse.Namespace, sweep: str, variants: dict) -> tuple
     storage = resources["storage"]
     folder = storage.local_path(storage.current(sweep, "leaderboard"))
     return storage.current(sweep, "leaderboard").uri, json.loads((folder / LEADERBOARD_FILE).read_text())
-
-
-def _at(data: dict, path: str):
-    for part in path.split("."):
-        data = data[part]
-    return data
 
 
 def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:

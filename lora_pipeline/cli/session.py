@@ -18,6 +18,7 @@ from lora_pipeline.errors import ConfigError, LoraPipelineError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
+EXIT_REFUSED = 3  # a promotion gate refused the candidate (the assets before it are published)
 PID_TAG = "lora_pipeline/pid"
 HOST_TAG = "lora_pipeline/host"
 

@@ -100,6 +100,13 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return result
 
 
+def value_at(data: dict, path: str) -> Any:
+    """The value at a dotted config path (lora.r) in config data."""
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
 def _deep_copy(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: _deep_copy(v) for k, v in data.items()}

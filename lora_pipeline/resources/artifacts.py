@@ -45,6 +45,12 @@ class ArtifactRef:
     def from_json(cls, payload: str) -> "ArtifactRef":
         return cls(**json.loads(payload))
 
+    @classmethod
+    def from_entry(cls, entry: dict) -> "ArtifactRef":
+        """The ref a lineage parent or a champion record names ({"uri", "sha256", ...}); size and count unknown there."""
+        return cls(uri=entry["uri"], sha256=entry["sha256"], size_bytes=entry.get("size_bytes", 0),
+                   files=entry.get("files", 0))
+
 
 def replace_file(path: Path, payload: bytes) -> None:
     """Write a local file whole or not at all (readers see the old content or the new, never a mix)."""

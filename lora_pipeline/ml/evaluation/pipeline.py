@@ -8,6 +8,7 @@ same weights on the same suite are passed in (`cached`) and not recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,7 @@ def score_on_base(base_dir: Path, adapters: dict[str, Path], suite: EvalSuite, d
     scored: dict = {}
     probed: dict = {}
     model = attach_adapters(base, wanted) if wanted else base
-    with using(model, None) if wanted else _as_is():
+    with using(model, None) if wanted else contextlib.nullcontext():
         if include_base and "base" not in cached:
             scored["base"] = score_model(model, tokenizer, suite, log, "base")
         if probe is not None:
@@ -106,12 +107,6 @@ def score_on_base(base_dir: Path, adapters: dict[str, Path], suite: EvalSuite, d
             if name == probe_adapter:
                 probed[name] = probe_losses(model, tokenizer, probe, suite.batch_size)
     return scored, probed, tokenizer
-
-
-def _as_is():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def forgetting_of(probed: dict, adapter: str, resamples: int) -> dict:
