@@ -14,7 +14,7 @@ from pydantic import Field
 
 from lora_pipeline.assets.common import ARTIFACT_IO, read_json, write_json
 from lora_pipeline.assets.provenance import mark_stage_start
-from lora_pipeline.config.registry import value_at
+from lora_pipeline.config.registry import validate_config, value_at
 from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard, leaderboard_markdown, leaderboard_png
 from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
 from lora_pipeline.resources.registry import ModelRegistry
@@ -60,9 +60,10 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
     if not variants:
         raise dg.Failure(f"sweep {sweep!r} has no variants: no sweep file {sweep}.yaml in {known.config_dir} "
                          "and none given in the run config")
-    model_config = known.load(variants[0]) if variants[0] in known.keys else None
-    promotion = model_config.promotion if model_config is not None else None
-    metric = promotion.metric if promotion else "loss"
+    # The config the variants were evaluated with (their reports' lineage), wherever the sweep file is.
+    first_report = storage.local_path(storage.current(variants[0], "eval_report"))
+    model_config = validate_config(read_json(first_report / LINEAGE)["config"], f"{variants[0]}'s eval report")
+    metric = model_config.promotion.metric
     entries = []
     for key in variants:
         report = storage.current(key, "eval_report")
@@ -82,12 +83,12 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
             suite=read_json(report_dir / LINEAGE).get("suite", ""),
             extra={"eval_report": report.uri, "trained_adapter": adapter.uri},
         ))
-    resamples = model_config.eval.bootstrap_resamples if model_config is not None else 2000
+    resamples = model_config.eval.bootstrap_resamples
     with storage.staging_dir() as staging:
         blends = json.loads(config.blends) if config.blends else _file_blends(known, sweep)
         if blends:
             entries += blend_entries(context, storage, variants, blends, staging)
-        board = build_leaderboard(entries, metric, promotion.min_improvement if promotion else 0.0, resamples)
+        board = build_leaderboard(entries, metric, model_config.promotion.min_improvement, resamples)
         for row in board["rows"]:
             if row.get("kind") == "blend":
                 row["adapter"] = f"blends/{row['partition']}"  # inside this leaderboard's folder

@@ -245,8 +245,6 @@ def up_to_date_assets(instance, key: str, selected: list[str], model_config, sto
 
     source_version: the source's content version when the caller has it (else it is read here).
     """
-    from lora_pipeline.resources.storage import ArtifactIntegrityError
-
     source_version = source_version or readable_source_version(model_config)
     if source_version is None:
         return {}  # the source cannot be read now: let raw_dataset say why
@@ -257,15 +255,24 @@ def up_to_date_assets(instance, key: str, selected: list[str], model_config, sto
         if materialization is None or materialized != versions[name]:
             continue
         metadata = plain_metadata(materialization.metadata)
-        try:
-            ref = storage.current(key, name)
-            if ref.sha256 != metadata.get("sha256"):
-                continue  # another run published since
-            storage.local_path(ref)
-        except ArtifactIntegrityError:
-            continue
-        current[name] = {"uri": metadata.get("uri"), "metadata": metadata, "up_to_date": True}
+        if _published_intact(storage, key, name, metadata) is not None:
+            current[name] = {"uri": metadata.get("uri"), "metadata": metadata, "up_to_date": True}
     return current
+
+
+def _published_intact(storage, key: str, name: str, metadata: dict):
+    """The store's current artifact of asset `name` for model `key` if it is the one this materialization
+    published (no other run published since) and still matches its manifest; else None."""
+    from lora_pipeline.resources.storage import ArtifactIntegrityError
+
+    try:
+        ref = storage.current(key, name)
+        if ref.sha256 != metadata.get("sha256"):
+            return None  # another run published since
+        storage.local_path(ref)
+    except ArtifactIntegrityError:
+        return None
+    return ref
 
 
 def reuse_from_siblings(instance, key: str, siblings: list[str], names: list[str], model_config, storage,
@@ -279,8 +286,6 @@ def reuse_from_siblings(instance, key: str, siblings: list[str], names: list[str
     """
     import dagster as dg
 
-    from lora_pipeline.resources.storage import ArtifactIntegrityError
-
     if source_version is None:
         return {}
     versions = stage_versions(model_config, source_version)
@@ -291,12 +296,8 @@ def reuse_from_siblings(instance, key: str, siblings: list[str], names: list[str
             if sibling == key or materialization is None or materialized != versions[name]:
                 continue
             metadata = plain_metadata(materialization.metadata)
-            try:
-                ref = storage.current(sibling, name)
-                if ref.sha256 != metadata.get("sha256"):
-                    continue
-                storage.local_path(ref)
-            except ArtifactIntegrityError:
+            ref = _published_intact(storage, sibling, name, metadata)
+            if ref is None:
                 continue
             storage.point_current(key, name, ref)
             instance.report_runless_asset_event(dg.AssetMaterialization(
