@@ -62,15 +62,15 @@ def test_llama_3_1_8b_qlora_terms_by_hand():
     assert plan.base_weights == int(32 * layer_linears * (0.5 + 1 / 64 + 4 / 16384) + 4 * embeddings_head_norms)
     lora = 32 * 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)  # r * (in + out) per projection
     assert plan.trainable_parameters == lora == 41_943_040
-    assert plan.adapter == plan.gradients == 2 * lora  # bf16: TRL casts QLoRA adapters
+    assert plan.adapter == plan.gradients == 2 * lora  # bf16, the run's precision on this GPU
     assert plan.optimizer_states == 8 * lora  # paged_adamw_32bit: two fp32 moments
     # Checkpointing on: every layer keeps its fp32 input; one layer is live (q, k, v, out in bf16; the MLP's gate,
     # up and activation; each adapter's own bf16 copy of its input plus its dropout mask, and its r outputs), plus
-    # the final norm and head inputs and the packed sequence's mask; backward adds that layer's gradients and its
-    # largest dequantized weight beyond the loss head's working set.
+    # the final norm and head inputs (per-document attention builds no mask for the packed sequence); backward adds
+    # that layer's gradients and its largest dequantized weight beyond the loss head's working set.
     tokens, per_layer = 2048, 2 * 4096 * 4 + 4 * 4096 * 2 + 3 * 14336 * 2 + (6 * 4096 + 14336) * 3 + 7 * 16 * 2
     head = 2048 * 32768 * 2 + tokens * 4096 * 4 + 32768 * 4096 * 2  # one bf16 tile, fp32 input grad, cast weight tile
-    saved = tokens * (32 * 4096 * 4 + per_layer + 2 * 4096 * 4) + tokens**2 * (1 + 2)
+    saved = tokens * (32 * 4096 * 4 + per_layer + 2 * 4096 * 4)
     assert plan.loss_head == head
     dequantized_down_proj = 14336 * 4096 * 2  # MatMul4Bit's backward dequantizes the weight in bf16
     assert plan.activations == saved + tokens * per_layer + dequantized_down_proj - head

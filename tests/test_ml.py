@@ -239,7 +239,7 @@ def test_trainable_parameters_train_in_the_resolved_dtype(micro_base):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_pipeline.ml.training import _keep_trainable_dtype
+    from lora_pipeline.ml.training.trainer import _keep_trainable_dtype
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(micro_base),
                            LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))

@@ -41,7 +41,13 @@ SETTINGS_GROUP = "settings"
 
 # Config keys added after models were trained, with the default that behaves as before: while a key
 # holds it, it is left out of the hashed settings, so upgrading does not redo every existing model.
-ADDED_LATER = {"lora.use_dora": False}
+ADDED_LATER = {
+    "lora.use_dora": False,
+    "training.padding_free": True,
+    "training.attention": "auto",
+    "training.dequant_cache": "auto",
+    "training.liger_kernel": False,
+}
 
 
 def settings_key(stage: str) -> dg.AssetKey:

@@ -23,7 +23,7 @@ from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.base.fit import check_fits
 from lora_pipeline.ml.report.modelcard import adapter_card
 from lora_pipeline.ml.report.plots import loss_curve_png, markdown_image
-from lora_pipeline.ml.training import TrainingDivergedError, TrainResult, train_adapter
+from lora_pipeline.ml.training import StepOptions, TrainingDivergedError, TrainResult, step_options, train_adapter
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -98,7 +98,7 @@ def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, i
 
 @pipeline_asset(
     kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True,
-    code_version="2",  # 2: adapters train in the resolved dtype (fp32 on CPU), not the bf16 TRL casts QLoRA adapters to
+    code_version="3",  # 3: the lean step (own loss, per-document attention, padding-free batches, shared dropout)
     reads=Reads(config=("training", "lora", "trust_remote_code"),
                 ignoring=("training.checkpoint_every", "training.logging_steps")),
 )
@@ -183,8 +183,9 @@ class _TrainingRun:
         base_dir = storage.local_path(quantized_base)
         plan = check_fits(model_config, self.device, base_dir)  # before the model is loaded
         base_name = quantized_base.uri if model_config.builtin_base else model_config.base_model
+        options = step_options(model_config.training, self.device, dequant_cache=bool(plan and plan.dequant_cache))
         with storage.staging_dir() as staging:
-            result = self.train(base_dir, train, staging, base_name, resume_from)
+            result = self.train(base_dir, train, staging, base_name, resume_from, options)
             loss_png = loss_curve_png(result.loss_history)
             (staging / LOSS_CURVE).write_bytes(loss_png)
             write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": self.key})
@@ -196,14 +197,15 @@ class _TrainingRun:
         storage.drop_checkpoints(self.partition, STAGE)
         return ref, record, result, loss_png
 
-    def train(self, base_dir, train: pd.DataFrame, staging, base_name: str, resume_from) -> TrainResult:
+    def train(self, base_dir, train: pd.DataFrame, staging, base_name: str, resume_from,
+              options: StepOptions) -> TrainResult:
         """Train; a diverged run names the last good checkpoint it kept."""
         try:
             return train_adapter(
                 base_dir, train, staging, self.model_config.lora, self.model_config.training, self.device, base_name,
                 self.report, on_checkpoint=self.publish_checkpoint,
                 resume_from=resume_from[1] if resume_from is not None else None,
-                trust_remote_code=self.model_config.trust_remote_code,
+                trust_remote_code=self.model_config.trust_remote_code, options=options,
             )
         except TrainingDivergedError as diverged:
             kept = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
@@ -234,6 +236,8 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
             "peak_memory_kind": result.peak_memory_kind,
             "precision": result.precision,
             "trainable_dtype": result.trainable_dtype,
+            "pad_fraction": round(result.pad_fraction, 4),
+            "training_step": dg.MetadataValue.json(result.step_options),
             "gradient_checkpointing": result.gradient_checkpointing,
             "target_modules": 
                 result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)

@@ -222,6 +222,29 @@ class TrainingSettings(_Strict):
         description="Mixed precision for the trainable path. 'auto': bf16 on GPUs that support it, "
         "fp16 on older GPUs, fp32 on CPU.",
     )
+    padding_free: bool = Field(
+        default=True,
+        description="When not packing, run each batch as one row of its examples back to back, without padding "
+        "(attention stays within each example). Off: pad every example to the batch's longest, as most trainers do; "
+        "on alpaca-like data that is 30-40% padding.",
+    )
+    attention: Literal["auto", "dense"] = Field(
+        default="auto",
+        description="Attention in training. 'auto': each packed or padding-free example attends only to itself, "
+        "computed per example (varlen Flash attention on CUDA where torch has it). 'dense': the model's own "
+        "implementation over the whole row with a block-diagonal mask (same result, ~4x the score work when packing).",
+    )
+    dequant_cache: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="QLoRA: dequantize the frozen 4-bit weights once and train against that copy instead of "
+        "dequantizing them in every forward and backward pass (bit-identical, faster, holds the weights in the "
+        "compute dtype). 'auto': on CPU when the memory plan leaves room for it, off on GPUs.",
+    )
+    liger_kernel: bool = Field(
+        default=False,
+        description="Use Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU) on CUDA; needs the "
+        "liger-kernel package.",
+    )
     logging_steps: int = Field(default=5, ge=1, description="Log loss and throughput every N steps.")
     checkpoint_every: int = Field(
         default=100,

@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_pipeline.errors import ModelError
-from lora_pipeline.ml.base.memory import GIB, Knob, MemoryPlan, fits, knobs, plan_for_config, usable_memory_bytes
+from lora_pipeline.ml.base.memory import (
+    GIB,
+    Knob,
+    MemoryPlan,
+    fits,
+    knobs,
+    plan_for_config,
+    resolve_dequant_cache,
+    usable_memory_bytes,
+)
 from lora_pipeline.ml.base.precision import DeviceInfo
 
 if TYPE_CHECKING:
@@ -48,6 +57,7 @@ def assess_fit(model_config: "ModelConfig", device: DeviceInfo, local_folder: Pa
     if plan is None:
         return None
     available = usable_memory_bytes(device)
+    plan = resolve_dequant_cache(plan, available)
     fit = fits(plan, available)
     return FitAssessment(plan, device, available, fit, [] if fit else knobs(plan, available))
 

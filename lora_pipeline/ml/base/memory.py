@@ -35,11 +35,14 @@ CPU_PROCESS_BASELINE_BYTES = 587 * MIB
 ALLOCATOR_MARGIN = {"cuda": 0.10, "cpu": 0.50}
 # bitsandbytes 4-bit: per 64 weights one fp32 absmax, or with double quantization one byte and an fp32 absmax per 256.
 NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
-# TRL's fused LM head (trl/kernels/chunked_logprob.py) never builds the whole [tokens, vocab] logits: it projects
-# tiles of 4096 tokens x 32768 vocabulary entries. Triton (CUDA) folds a tile in place; the torch fallback's backward
-# holds nine fp32 tiles at once (tile, y, z, log_p, p, grad, the target one-hot, the difference, the product).
+# On CUDA, TRL's fused LM head (trl/kernels/chunked_logprob.py) never builds the whole [tokens, vocab] logits: it
+# projects tiles of 4096 tokens x 32768 vocabulary entries, and Triton folds a tile in place.
 HEAD_TILE = (4096, 32768)
-HEAD_TILES = {"triton": 1, "torch": 9}
+# The dequantization cache's 'auto' turns it on only when the whole plan with it stays within this share of memory.
+CACHE_SHARE = 0.5
+# Elsewhere the lean loss (ml/training/step.py) projects the labelled positions at once: in backward the fp32
+# log-probabilities it saved, their gradient and the logits' gradient, each [tokens, vocabulary].
+LEAN_HEAD_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class MemoryPlan:
     optimizer_states: int
     activations: int
     loss_head: int
+    dequant_cache: int
     framework: int
     allocator_margin: int
     device: str
@@ -72,8 +76,8 @@ class MemoryPlan:
     notes: dict[str, str] = field(repr=False, compare=False)
     inputs: PlanInputs = field(repr=False, compare=False)
 
-    TERMS = ("base_weights", "adapter", "gradients", "optimizer_states", "activations", "loss_head", "framework",
-             "allocator_margin")
+    TERMS = ("base_weights", "adapter", "gradients", "optimizer_states", "activations", "loss_head", "dequant_cache",
+             "framework", "allocator_margin")
 
     @property
     def total(self) -> int:
@@ -110,9 +114,12 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
     compute = DTYPE_BYTES[compute_dtype_name(quantization.compute_dtype, device)] if quantized else arch.dtype_bytes
     act = 2 if mixed else compute
     # prepare_model_for_kbit_training casts every non-quantized parameter (embeddings, norms, head, biases) to
-    # fp32, so a quantized model's residual stream is fp32 too. TRL casts QLoRA adapters (and other trainable
-    # modules) to bf16; PEFT keeps other adapters in fp32. Adapter matmuls run, and save inputs, in lora_bytes.
-    resid, adapter_bytes, full_bytes = (4, 2, 2) if quantized else (arch.dtype_bytes, 4, arch.dtype_bytes)
+    # fp32, so a quantized model's residual stream is fp32 too. QLoRA adapters (and other trainable modules) train
+    # in bf16 when the run is bf16, else fp32 (the trainer undoes TRL's bf16 cast); PEFT keeps other adapters in
+    # fp32. Adapter matmuls run, and save inputs, in lora_bytes.
+    trainable_bytes = 2 if mixed_precision(training.precision, device) == "bf16" else 4
+    resid, adapter_bytes, full_bytes = (4, trainable_bytes, trainable_bytes) if quantized else \
+        (arch.dtype_bytes, 4, arch.dtype_bytes)
     lora_bytes = 2 if mixed else adapter_bytes
 
     linears = arch.block_linears()
@@ -133,11 +140,14 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
     adapter = sum(rows * cols for rows, cols in shapes) * adapter_bytes + sum(r * c for r, c in full) * full_bytes
     optimizer = sum(_optimizer_bytes(training.optimizer, shape, adapter_bytes) for shape in shapes) + sum(
         _optimizer_bytes(training.optimizer, shape, full_bytes) for shape in full)
-    # A 4-bit layer's backward (bitsandbytes MatMul4Bit) dequantizes its whole weight in the compute dtype.
+    # A 4-bit layer's backward (bitsandbytes MatMul4Bit) dequantizes its whole weight in the compute dtype, unless
+    # the dequantization cache holds every weight dequantized for the whole run.
+    four_bit = quantization.mode in ("nf4", "fp4")
+    cache = linear_weights * compute if four_bit and training.dequant_cache == "on" else 0
     largest = max(n_in * n_out for _, n_in, n_out, _, _ in linears)
-    dequantized = largest * act if quantization.mode in ("nf4", "fp4") else 0
+    dequantized = largest * act if four_bit and not cache else 0
     activations, loss_head = _activation_bytes(arch, adapted, lora, training, checkpointing, act, resid, adapter_bytes,
-                                               lora_bytes, mixed, "triton" if gpu else "torch", dequantized)
+                                               lora_bytes, mixed, "triton" if gpu else "lean", dequantized)
     if "lm_head" in lora.modules_to_save:
         loss_head += 4 * arch.vocab * arch.hidden  # a trained head's weight gradient accumulates in fp32
     framework = CUDA_CONTEXT_BYTES if gpu else CPU_PROCESS_BASELINE_BYTES
@@ -152,11 +162,12 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
         "gradients": "one per trainable parameter", "optimizer_states": training.optimizer,
         "activations": f"{training.batch_size * training.max_length} tokens{' packed' if training.packing else ''},"
                        f" checkpointing {'on' if checkpointing else 'off'}, {dtype[act]}",
-        "loss_head": "TRL's chunked log-probabilities, " + ("Triton" if gpu else "torch tiles"),
+        "loss_head": "TRL's chunked log-probabilities, Triton" if gpu else "log-probabilities of the labelled tokens",
+        "dequant_cache": "4-bit weights dequantized once, in the compute dtype" if cache else "off",
         "framework": "CUDA context" if gpu else "Python process with the training stack",
         "allocator_margin": f"{ALLOCATOR_MARGIN['cuda' if gpu else 'cpu']:.0%} of activations and loss head"}
     return MemoryPlan(int(weights), int(adapter), int(adapter), int(optimizer), int(activations), int(loss_head),
-                      int(framework), int(margin), device.device, arch.parameter_count(), trainable, checkpointing,
+                      int(cache), int(framework), int(margin), device.device, arch.parameter_count(), trainable, checkpointing,
                       notes, PlanInputs(architecture, lora, quantization, training, device))
 
 
@@ -208,22 +219,25 @@ def _activation_bytes(arch: Architecture, adapted, lora, training, checkpointing
         adapter_inputs = sum(n_in * (lora_bytes + (lora.dropout > 0)) for _, n_in, _, _, _ in adapted)
     residual_dropout = 2 * h if (config.get("resid_pdrop") or config.get("hidden_dropout") or 0) > 0 else 0  # masks
     per_token = 2 * h * resid + attention + mlp + adapter_inputs + len(adapted) * lora.r * lora_bytes + residual_dropout
-    # Attention scores span [batch, seq, seq] when padded and [tokens, tokens] when packed (padding-free). A padded
-    # or packed batch carries a boolean mask of that size, which SDPA converts to the activation dtype and saves in
-    # every layer. With attention dropout (GPT-2's attn_pdrop) SDPA on CPU falls back to its math path and saves the
-    # probabilities, the dropout mask and the dropped probabilities for every head.
+    # Attention scores span [batch, seq, seq] when padded and [tokens, tokens] when packed (padding-free). With the
+    # model's own (dense) attention a padded or packed batch carries a boolean mask of that size, which SDPA converts
+    # to the activation dtype and saves in every layer; per-document attention builds no mask. With attention dropout
+    # (GPT-2's attn_pdrop) SDPA on CPU falls back to its math path and saves the probabilities, the dropout mask and
+    # the dropped probabilities for every head.
     scores = tokens**2 if training.packing else training.batch_size * training.max_length**2
-    mask = scores if training.packing or training.batch_size > 1 else 0
+    dense = training.attention == "dense"
+    mask = scores if dense and (training.packing or training.batch_size > 1) else 0
     dropout = config.get("attn_pdrop", config.get("attention_dropout")) or 0
-    probabilities = 3 * arch.heads * scores * act if dropout > 0 and head_kernel == "torch" else 0
+    probabilities = 3 * arch.heads * scores * act if dropout > 0 and head_kernel != "triton" else 0
     # With checkpointing each layer keeps only its input and one layer at a time is recomputed for its backward.
     alive = 1 if checkpointing else arch.layers
     checkpoints = arch.layers * h * resid if checkpointing else 0
     final = 2 * h * resid  # the final norm's input and the head's input
     saved = tokens * (checkpoints + alive * per_token + final) + mask + alive * (mask * act + probabilities)
-    tile = min(tokens, HEAD_TILE[0]) * min(arch.vocab, HEAD_TILE[1])
-    # The tiles, and the fp32 gradient of the head's input.
-    head = tile * HEAD_TILES[head_kernel] * (act if head_kernel == "triton" else 4) + tokens * h * 4
+    if head_kernel == "lean":
+        head = LEAN_HEAD_COPIES * tokens * arch.vocab * 4 + tokens * h * 4
+    else:  # one tile, and the fp32 gradient of the head's input
+        head = min(tokens, HEAD_TILE[0]) * min(arch.vocab, HEAD_TILE[1]) * act + tokens * h * 4
     if resid != act:  # the fp32 head weight is cast to the compute dtype one vocabulary tile at a time
         head += min(arch.vocab, HEAD_TILE[1]) * h * act
     # Backward holds, besides the saved activations, the head's tiles or one layer's gradients (and its dequantized
@@ -279,8 +293,10 @@ def _candidates(plan: MemoryPlan) -> dict[str, list[dict[str, object]]]:
                                    for mode in {"none": ["int8", "nf4"], "int8": ["nf4"]}.get(q.mode, [])]}
     if not plan.gradient_checkpointing:
         found["training.gradient_checkpointing"] = [{"training.gradient_checkpointing": "on"}]
-    if t.packing and t.batch_size > 1:  # a packed batch is one long row whose attention mask grows as tokens squared
-        found["training.packing"] = [{"training.packing": False}]
+    if t.attention == "dense" and t.packing and t.batch_size > 1:  # one long row: a mask of tokens squared
+        found["training.attention"] = [{"training.attention": "auto"}]
+    if plan.dequant_cache:
+        found["training.dequant_cache"] = [{"training.dequant_cache": "off"}]
     if q.mode in ("nf4", "fp4") and not q.double_quant:
         found["quantization.double_quant"] = [{"quantization.double_quant": True}]
     if t.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
@@ -288,6 +304,20 @@ def _candidates(plan: MemoryPlan) -> dict[str, list[dict[str, object]]]:
     if lora.modules_to_save:
         found["lora.modules_to_save"] = [{"lora.modules_to_save": []}]
     return {key: options for key, options in found.items() if options}
+
+
+def resolve_dequant_cache(plan: MemoryPlan, device_memory_bytes: int) -> MemoryPlan:
+    """The plan with training.dequant_cache 'auto' decided: on off-GPU 4-bit training whose plan with the cache
+    uses at most CACHE_SHARE of the memory (it is a speed-up, never worth crowding the machine), off otherwise.
+    On GPUs bitsandbytes' dequantization kernels are fast and memory is what QLoRA is for: off."""
+    t, q = plan.inputs.training, plan.inputs.quantization
+    if t.dequant_cache != "auto":
+        return plan
+    if plan.device != "cuda" and q.mode in ("nf4", "fp4"):
+        cached = _replan(plan, {"training.dequant_cache": "on"})
+        if cached.total <= CACHE_SHARE * device_memory_bytes:
+            return cached
+    return _replan(plan, {"training.dequant_cache": "off"})
 
 
 def _replan(plan: MemoryPlan, changes: dict[str, object]) -> MemoryPlan:

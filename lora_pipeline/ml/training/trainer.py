@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import logging
-import resource
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from lora_pipeline.errors import LoraPipelineError
-from lora_pipeline.ml.data.formatted import ensure_distinct_pad
-from lora_pipeline.ml.batches import IGNORE_INDEX
 from lora_pipeline.ml.base.modules import resolve_target_modules
 from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, gradient_checkpointing_enabled, mixed_precision
+from lora_pipeline.ml.batches import IGNORE_INDEX
+from lora_pipeline.ml.data.formatted import ensure_distinct_pad
+from lora_pipeline.ml.training.step import BatchTally, step_trainer_class
+from lora_pipeline.ml.training.telemetry import (
+    CheckpointFn,
+    ProgressFn,
+    checkpoint_callback,
+    peak_memory_bytes,
+    progress_callback,
+    reset_peak_memory,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,8 +28,29 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ProgressFn = Callable[[dict], None]
-CheckpointFn = Callable[[Path, int], None]
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What the training step does beyond the library defaults; each is one lever bench/step_levers.py measures."""
+
+    lean_loss: bool = True  # our loss over the labelled positions instead of TRL's fused head (step.py)
+    per_document_attention: bool = True  # attention within each packed / padding-free example (attention.py)
+    padding_free: bool = True  # unpacked batches as one row without padding, instead of padded rows
+    dequant_cache: bool = False  # frozen 4-bit weights dequantized once (dequant_cache.py)
+    shared_dropout: bool = True  # one LoRA dropout mask per layer input (dropout.py)
+    liger_kernel: bool = False  # Liger's layer kernels (CUDA)
+
+
+def step_options(training: "TrainingSettings", device: DeviceInfo, dequant_cache: bool = False) -> StepOptions:
+    """The step a config asks for on this device ('auto' resolved; dequant_cache as the memory plan decided)."""
+    return StepOptions(
+        # On CUDA TRL's Triton head never builds the full logits, which is what matters there.
+        lean_loss=device.device != "cuda",
+        per_document_attention=training.attention == "auto",
+        padding_free=training.padding_free,
+        dequant_cache=dequant_cache,
+        liger_kernel=training.liger_kernel,
+    )
 
 
 @dataclass
@@ -46,6 +73,9 @@ class TrainResult:
     resumed_from_step: int = 0
     trainable_dtype: str = "float32"  # the dtype the adapter (and so its optimizer state) trained in
     target_modules: list[str] | str = field(default_factory=list)
+    pad_fraction: float = 0.0  # share of the tokens in training batches that were padding
+    step_options: dict = field(default_factory=dict)  # StepOptions as they ran
+    dequantized_cache_bytes: int = 0
 
 
 def training_labels(train: "pd.DataFrame") -> list[list[int]]:
@@ -56,41 +86,6 @@ def training_labels(train: "pd.DataFrame") -> list[list[int]]:
         np.where(np.asarray(mask) == 1, np.asarray(ids), IGNORE_INDEX).tolist()
         for ids, mask in zip(train["input_ids"], train["loss_mask"])
     ]
-
-
-class TrainingDivergedError(LoraPipelineError):
-    """The loss became NaN or infinite: training stopped instead of saving a broken adapter."""
-
-
-def _guarded(trainer_class):
-    """The trainer class with a check after every micro-batch that the loss is finite."""
-
-    class GuardedTrainer(trainer_class):
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
-            value = float(loss.detach().float().mean())
-            if value != value or value in (float("inf"), float("-inf")):
-                raise TrainingDivergedError(
-                    f"the training loss is {value} at step {self.state.global_step + 1}: training stopped and no "
-                    "adapter was saved; lower training.learning_rate or training.max_grad_norm, or check the data"
-                )
-            return loss
-
-    return GuardedTrainer
-
-
-def _checkpoint_callback(on_checkpoint: CheckpointFn):
-    from transformers import TrainerCallback
-
-    class CheckpointCallback(TrainerCallback):
-        """Hands each checkpoint the Trainer has just written (complete on disk) to on_checkpoint."""
-
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                on_checkpoint(folder, state.global_step)
-
-    return CheckpointCallback()
 
 
 def _checkpoint_step(folder: Path) -> int:
@@ -136,62 +131,6 @@ def _keep_trainable_dtype(model, precision: str) -> str:
     return str(wanted).removeprefix("torch.")
 
 
-def _reset_peak_memory(device: DeviceInfo) -> None:
-    """Start the peak measurement now, so earlier stages in this process (quantization) do not count."""
-    if device.device == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current resident size
-    except OSError:
-        pass  # elsewhere the process's lifetime peak is what there is
-
-
-def _peak_memory_bytes(device: DeviceInfo) -> tuple[int, str]:
-    if device.device == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    try:
-        status = Path("/proc/self/status").read_text()
-        peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        return peak_kib * 1024, "process_peak_rss"
-    except (OSError, StopIteration, ValueError):
-        # ru_maxrss is in KiB on Linux, and starts from the parent's size in a child process.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
-
-
-def _progress_callback(progress: ProgressFn, tokens_per_step: float):
-    from transformers import TrainerCallback
-
-    class ProgressCallback(TrainerCallback):
-        """Reports step, loss, learning rate and throughput each time the trainer logs."""
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            elapsed = time.perf_counter() - self.started
-            done = max(state.global_step, 1)
-            progress(
-                {
-                    "step": state.global_step,
-                    "max_steps": state.max_steps,
-                    "loss": float(logs["loss"]),
-                    "learning_rate": float(logs.get("learning_rate", 0.0)),
-                    "tokens_per_second": tokens_per_step * done / elapsed if elapsed > 0 else 0.0,
-                    "elapsed_seconds": elapsed,
-                    "eta_seconds": elapsed / done * (state.max_steps - state.global_step),
-                }
-            )
-
-    return ProgressCallback()
-
-
 def train_adapter(
     base_dir: Path,
     train: "pd.DataFrame",
@@ -204,6 +143,7 @@ def train_adapter(
     on_checkpoint: CheckpointFn | None = None,
     resume_from: Path | None = None,
     trust_remote_code: bool = False,
+    options: StepOptions | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
 
@@ -213,15 +153,21 @@ def train_adapter(
     Every training.checkpoint_every optimizer steps the Trainer's checkpoint (adapter, optimizer,
     scheduler, RNG states, step) is handed to on_checkpoint(folder, step); resume_from is such a
     folder to continue from, so a killed run ends with the same steps as an uninterrupted one.
+    options: the step's levers; by default what the config asks for on this device, without the
+    dequantization cache (the memory plan decides that one).
     """
     import torch
-    from datasets import Dataset
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    from lora_pipeline.ml.training.attention import restore_attention, use_per_document_attention
+    from lora_pipeline.ml.training.dequant_cache import cache_dequantized_weights
+    from lora_pipeline.ml.training.dropout import share_dropout_masks
+
+    options = options or step_options(training, device)
     torch.manual_seed(training.seed)
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     checkpointing = gradient_checkpointing_enabled(training.gradient_checkpointing, device)
     precision = mixed_precision(training.precision, device)
     model = AutoModelForCausalLM.from_pretrained(
@@ -230,15 +176,94 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    cached_bytes = cache_dequantized_weights(model) if options.dequant_cache and quantized else 0
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    loaded_attention = use_per_document_attention(model) if options.per_document_attention else None
     peft_config = lora_config(lora, model.config.model_type)
 
     ensure_distinct_pad(tokenizer)
-    dataset = Dataset.from_dict(
-        {"input_ids": [list(map(int, ids)) for ids in train["input_ids"]], "labels": training_labels(train)}
+    trainer = step_trainer_class(SFTTrainer, lean=options.lean_loss)(
+        model=model,
+        args=_trainer_arguments(training, out_dir, device, precision, checkpointing, options),
+        train_dataset=_token_dataset(train, training.max_length),
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
-    args = SFTConfig(
+    trainer.tally = BatchTally()
+    trainable_dtype = _keep_trainable_dtype(trainer.model, precision)
+    shared_dropouts = share_dropout_masks(trainer.model) if options.shared_dropout else 0
+    # Progress goes through the callback below (and so to the Dagster run log), not raw prints.
+    trainer.remove_callback(PrinterCallback)
+    tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    sequences = len(trainer.train_dataset)
+    tokens_per_step = tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
+    if progress is not None:
+        trainer.add_callback(progress_callback(progress, tokens_per_step))
+    if on_checkpoint is not None:
+        trainer.add_callback(checkpoint_callback(on_checkpoint))
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    logger.info("training %s trainable of %s parameters; step %s", trainable, total, options)
+
+    resumed_step = _checkpoint_step(resume_from) if resume_from is not None else 0
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    train_seconds = float(result.metrics["train_runtime"])
+    steps = int(trainer.state.global_step)
+    trained_tokens = int(tokens_per_epoch * float(trainer.state.epoch or 0.0))
+    history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    peak, peak_kind = peak_memory_bytes(device)
+    if loaded_attention is not None:
+        restore_attention(trainer.model, loaded_attention)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.peft_config["default"].base_model_name_or_path = base_model_name
+    trainer.model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _remove_tree(out_dir / "_trainer")
+    ran_tokens = trainer.tally.real_tokens  # the real tokens this process trained on (after a resume: since it)
+    return TrainResult(
+        steps=steps,
+        train_loss=float(result.training_loss),
+        final_loss=history[-1][1] if history else float(result.training_loss),
+        loss_history=history,
+        train_tokens=trained_tokens,
+        train_seconds=train_seconds,
+        tokens_per_second=ran_tokens / train_seconds if train_seconds > 0 else 0.0,
+        trainable_parameters=int(trainable),
+        total_parameters=int(total),
+        peak_memory_bytes=peak,
+        peak_memory_kind=peak_kind,
+        gradient_checkpointing=checkpointing,
+        precision=precision,
+        trainable_dtype=trainable_dtype,
+        resumed_from_step=resumed_step,
+        target_modules=sorted(peft_config.target_modules)
+        if not isinstance(peft_config.target_modules, str)
+        else peft_config.target_modules,
+        pad_fraction=trainer.tally.pad_fraction,
+        step_options={**asdict(options), "dequant_cache": bool(cached_bytes), "shared_dropout": shared_dropouts > 0},
+        dequantized_cache_bytes=cached_bytes,
+    )
+
+
+def _token_dataset(train: "pd.DataFrame", max_length: int):
+    """The training split as TRL's tokenized dataset: ids (cut at max_length, as formatting already did) and labels."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "input_ids": [list(map(int, ids[:max_length])) for ids in train["input_ids"]],
+            "labels": [labels[:max_length] for labels in training_labels(train)],
+        }
+    )
+
+
+def _trainer_arguments(training: "TrainingSettings", out_dir: Path, device: DeviceInfo, precision: str,
+                       checkpointing: bool, options: StepOptions):
+    from trl import SFTConfig
+
+    padding_free = options.padding_free and not training.packing
+    return SFTConfig(
         output_dir=str(out_dir / "_trainer"),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
@@ -253,8 +278,11 @@ def train_adapter(
         activation_checkpointing=checkpointing,  # transformers 5 name of gradient_checkpointing
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        max_length=training.max_length,
+        # Padding-free batches are not cut by TRL; the ids were already cut at max_length.
+        max_length=None if padding_free else training.max_length,
         packing=training.packing,
+        padding_free=padding_free,
+        use_liger_kernel=options.liger_kernel,
         logging_steps=training.logging_steps,
         save_strategy="steps" if training.checkpoint_every else "no",
         save_steps=training.checkpoint_every or 500,
@@ -264,55 +292,6 @@ def train_adapter(
         use_cpu=device.device == "cpu",
         seed=training.seed,
         data_seed=training.seed,
-    )
-    trainer = _guarded(SFTTrainer)(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-    )
-    trainable_dtype = _keep_trainable_dtype(trainer.model, precision)
-    # Progress goes through the callback below (and so to the Dagster run log), not raw prints.
-    trainer.remove_callback(PrinterCallback)
-    tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    sequences = len(trainer.train_dataset)
-    tokens_per_step = tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
-    if progress is not None:
-        trainer.add_callback(_progress_callback(progress, tokens_per_step))
-    if on_checkpoint is not None:
-        trainer.add_callback(_checkpoint_callback(on_checkpoint))
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    logger.info("training %s trainable of %s parameters", trainable, total)
-
-    resumed_step = _checkpoint_step(resume_from) if resume_from is not None else 0
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-    train_seconds = float(result.metrics["train_runtime"])
-    steps = int(trainer.state.global_step)
-    trained_tokens = int(tokens_per_epoch * float(trainer.state.epoch or 0.0))
-    history = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
-    peak, peak_kind = _peak_memory_bytes(device)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.peft_config["default"].base_model_name_or_path = base_model_name
-    trainer.model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    _remove_tree(out_dir / "_trainer")
-    return TrainResult(
-        steps=steps,
-        train_loss=float(result.training_loss),
-        final_loss=history[-1][1] if history else float(result.training_loss),
-        loss_history=history,
-        train_tokens=trained_tokens,
-        train_seconds=train_seconds,
-        tokens_per_second=trained_tokens / train_seconds if train_seconds > 0 else 0.0,
-        trainable_parameters=int(trainable),
-        total_parameters=int(total),
-        peak_memory_bytes=peak,
-        peak_memory_kind=peak_kind,
-        gradient_checkpointing=checkpointing,
-        precision=precision,
-        trainable_dtype=trainable_dtype,
-        resumed_from_step=resumed_step,
-        target_modules=sorted(peft_config.target_modules)
-        if not isinstance(peft_config.target_modules, str)
-        else peft_config.target_modules,
     )
 
 

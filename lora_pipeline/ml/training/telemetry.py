@@ -1,0 +1,85 @@
+"""What a training run reports as it goes and measures at the end: progress, checkpoints, peak memory."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+from lora_pipeline.ml.base.precision import DeviceInfo
+
+ProgressFn = Callable[[dict], None]
+CheckpointFn = Callable[[Path, int], None]
+
+
+def reset_peak_memory(device: DeviceInfo) -> None:
+    """Start the peak measurement now, so earlier stages in this process (quantization) do not count."""
+    if device.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current resident size
+    except OSError:
+        pass  # elsewhere the process's lifetime peak is what there is
+
+
+def peak_memory_bytes(device: DeviceInfo) -> tuple[int, str]:
+    if device.device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return peak_kib * 1024, "process_peak_rss"
+    except (OSError, StopIteration, ValueError):
+        # ru_maxrss is in KiB on Linux, and starts from the parent's size in a child process.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+
+
+def progress_callback(progress: ProgressFn, tokens_per_step: float):
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Reports step, loss, learning rate and throughput each time the trainer logs."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - self.started
+            done = max(state.global_step, 1)
+            progress(
+                {
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "loss": float(logs["loss"]),
+                    "learning_rate": float(logs.get("learning_rate", 0.0)),
+                    "tokens_per_second": tokens_per_step * done / elapsed if elapsed > 0 else 0.0,
+                    "elapsed_seconds": elapsed,
+                    "eta_seconds": elapsed / done * (state.max_steps - state.global_step),
+                }
+            )
+
+    return ProgressCallback()
+
+
+
+
+def checkpoint_callback(on_checkpoint: CheckpointFn):
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):
+        """Hands each checkpoint the Trainer has just written (complete on disk) to on_checkpoint."""
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                on_checkpoint(folder, state.global_step)
+
+    return CheckpointCallback()
