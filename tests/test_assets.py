@@ -67,6 +67,12 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
     assert adapter_output.metadata["steps"].value == 8
     # QLoRA on a CPU trains its adapter in fp32, not in the bf16 TRL casts quantized models' adapters to.
     assert adapter_output.metadata["trainable_dtype"].value == "float32"
+    # The lean CPU step: own loss, padding-free batches (no padding trained), the 4-bit weights dequantized once
+    # (the micro model's plan leaves room for that on any machine).
+    step = adapter_output.metadata["training_step"].value
+    assert step["lean_loss"] and step["padding_free"] and step["per_document_attention"] and step["dequant_cache"]
+    assert adapter_output.metadata["pad_fraction"].value == 0.0
+    assert adapter_output.metadata["memory_plan"].value["dequant_cache"] > 0
     assert adapter_output.metadata["loss_curve"].value.startswith("![training loss](data:image/png;base64,")
     adapter_dir = r["storage"].local_path(adapter)
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png"} <= {
