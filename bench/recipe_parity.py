@@ -13,49 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data" / "alpaca_en_demo.json"
+from _runs import DATA, RunFailed, build_tiny_base, run_pipeline, run_recipe
 
-
-def _run(command: list[str], env: dict | None = None) -> tuple[float, str]:
-    started = time.perf_counter()
-    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if completed.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{completed.stderr[-4000:]}")
-    return wall, completed.stdout
-
-
-def recipe(base: Path, work: Path, no_quant: bool) -> dict:
-    command = [sys.executable, str(SHARED / "bench" / "reference_recipe.py"), str(base), str(DATA), str(work / "ref")]
-    wall, stdout = _run(command + (["--no-quant"] if no_quant else []))
-    figures = json.loads(stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "train_loss": figures["train_loss"], "tokens_per_s": figures["tokens_per_s"],
-            "peak_rss_mb": figures["peak_rss_mb"]}
-
-
-def pipeline(base: Path, work: Path, no_quant: bool) -> dict:
-    env = {**os.environ, "DAGSTER_HOME": str(work / "dagster"), "LORA_PIPELINE_STORAGE": str(work / "store")}
-    (work / "dagster").mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "lora_pipeline.cli", "run", "configs/bench/recipe-parity.yaml",
-        "--select", "+trained_adapter", "--set", f"base_model={base}", "--set", f"dataset.source={DATA}", "--json",
-    ]
-    if no_quant:
-        command += ["--set", "quantization.mode=none", "--set", "training.optimizer=adamw_torch"]
-    wall, stdout = _run(command, env)
-    meta = json.loads(stdout.strip().splitlines()[-1])["assets"]["trained_adapter"]["metadata"]
-    return {"wall_s": wall, "train_loss": meta["train_loss"], "tokens_per_s": meta["tokens_per_second"],
-            "peak_rss_mb": meta["peak_memory_mb"]}
+COMPARED = ("wall_s", "train_loss", "tokens_per_s", "peak_rss_mb")
 
 
 def main() -> None:
@@ -68,16 +33,18 @@ def main() -> None:
         sys.exit(f"{DATA} not found: the shared folder must sit beside the checkout")
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
         work = Path(tmp)
-        base = work / "tinybase"
-        _run([sys.executable, str(SHARED / "bench" / "make_tiny_base.py"), str(DATA), str(base)])
         runs: dict[str, list[dict]] = {"recipe": [], "pipeline": []}
-        for round_index in range(args.rounds):
-            for name, fn in (("recipe", recipe), ("pipeline", pipeline)):
-                result = fn(base, work / f"{name}-{round_index}", args.no_quant)
-                runs[name].append(result)
-                print(f"round {round_index + 1} {name:<8} wall {result['wall_s']:6.1f}s  loss {result['train_loss']:.4f}"
-                      f"  {result['tokens_per_s']:7.0f} tokens/s  peak {result['peak_rss_mb']:6.0f} MB", flush=True)
-    median = {name: {k: statistics.median(r[k] for r in results) for k in results[0]} for name, results in runs.items()}
+        try:
+            base = build_tiny_base(work)
+            for round_index in range(args.rounds):
+                for name, fn in (("recipe", run_recipe), ("pipeline", run_pipeline)):
+                    result = fn(base, work / f"{name}-{round_index}", args.no_quant)
+                    runs[name].append(result)
+                    print(f"round {round_index + 1} {name:<8} wall {result['wall_s']:6.1f}s  loss {result['train_loss']:.4f}"
+                          f"  {result['tokens_per_s']:7.0f} tokens/s  peak {result['peak_rss_mb']:6.0f} MB", flush=True)
+        except RunFailed as failure:
+            sys.exit(f"failed: {failure}")
+    median = {name: {k: statistics.median(r[k] for r in results) for k in COMPARED} for name, results in runs.items()}
     ratios = {
         "wall_time_pipeline_over_recipe": median["pipeline"]["wall_s"] / median["recipe"]["wall_s"],
         "train_loss_pipeline_over_recipe": median["pipeline"]["train_loss"] / median["recipe"]["train_loss"],
