@@ -71,15 +71,21 @@ def progress_callback(progress: ProgressFn, tokens_per_step: float):
 
 
 
-def checkpoint_callback(on_checkpoint: CheckpointFn):
+def checkpoint_callback(on_checkpoint: CheckpointFn | None):
     from transformers import TrainerCallback
 
     class CheckpointCallback(TrainerCallback):
         """Hands each checkpoint the Trainer has just written (complete on disk) to on_checkpoint."""
 
+        def on_step_end(self, args, state, control, **kwargs):
+            # The Trainer also checkpoints the last step, which nothing resumes from: the adapter is saved anyway.
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
+            if folder.is_dir() and on_checkpoint is not None:
                 on_checkpoint(folder, state.global_step)
 
     return CheckpointCallback()

@@ -200,8 +200,7 @@ def train_adapter(
     tokens_per_step = tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
     if progress is not None:
         trainer.add_callback(progress_callback(progress, tokens_per_step))
-    if on_checkpoint is not None:
-        trainer.add_callback(checkpoint_callback(on_checkpoint))
+    trainer.add_callback(checkpoint_callback(on_checkpoint))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     logger.info("training %s trainable of %s parameters; step %s", trainable, total, options)
 
