@@ -41,8 +41,10 @@ def per_document_attention(module, query, key, value, attention_mask, scaling=No
             query, key, value, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=groups > 1
         )
         return output.transpose(1, 2).contiguous(), None
-    if query.is_cuda and dropout == 0.0 and _varlen() is not None:
-        return _varlen_attention(query, key, value, boundaries, kwargs.get("max_length_q"), scaling, groups), None
+    varlen_attn = _varlen() if query.is_cuda and dropout == 0.0 else None
+    if varlen_attn is not None:
+        return _varlen_attention(varlen_attn, query, key, value, boundaries, kwargs.get("max_length_q"), scaling,
+                                 groups), None
     starts = boundaries.tolist()
     pieces = [
         F.scaled_dot_product_attention(
@@ -64,10 +66,9 @@ def _varlen():
     return varlen_attn
 
 
-def _varlen_attention(query, key, value, boundaries, longest, scaling, groups):
+def _varlen_attention(varlen_attn, query, key, value, boundaries, longest, scaling, groups):
     import torch
 
-    varlen_attn = _varlen()
     # varlen takes [tokens, heads, head_dim]; the batch is one flattened row
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))
     boundaries = boundaries.to(device=query.device, dtype=torch.int32)

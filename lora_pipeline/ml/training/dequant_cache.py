@@ -22,11 +22,6 @@ def quantized_linears(model) -> list:
     return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
 
 
-def dequantized_bytes(model, dtype_bytes: int) -> int:
-    """What the cache would hold for this model: every 4-bit weight in a dtype of dtype_bytes."""
-    return sum(int(module.out_features) * int(module.in_features) * dtype_bytes for module in quantized_linears(model))
-
-
 def cache_dequantized_weights(model) -> int:
     """Dequantize each 4-bit weight once and make its layer use that copy; return the bytes held.
 
@@ -44,14 +39,6 @@ def cache_dequantized_weights(model) -> int:
         module.forward = types.MethodType(_forward_with_cached_weight, module)
         held += weight.numel() * weight.element_size()
     return held
-
-
-def drop_dequantized_weights(model) -> None:
-    """Give the layers back bitsandbytes' own forward and free the cached copies."""
-    for module in quantized_linears(model):
-        if "forward" in vars(module):
-            del module.forward
-            del module.dequantized_weight
 
 
 def _forward_with_cached_weight(self, x):

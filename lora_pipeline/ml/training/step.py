@@ -73,11 +73,11 @@ def step_trainer_class(trainer_class, lean: bool):
     """trainer_class with the lean loss (when lean), pad accounting and a finite-loss check on every micro-batch."""
 
     class StepTrainer(trainer_class):
-        tally: BatchTally
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.tally = BatchTally()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not hasattr(self, "tally"):
-                self.tally = BatchTally()
             if model.training:
                 self._count_tokens(inputs)
             if not lean or return_outputs or not model.training:
@@ -93,15 +93,13 @@ def step_trainer_class(trainer_class, lean: bool):
 
         def _count_tokens(self, inputs) -> None:
             if "attention_mask" in inputs:
-                real = int(inputs["attention_mask"].sum())
-                self.tally.real_tokens += real
-                self.tally.padded_tokens += int(inputs["attention_mask"].numel()) - real
+                real, carried = int(inputs["attention_mask"].sum()), int(inputs["attention_mask"].numel())
             else:  # padding-free: one row, padded at most to a multiple at its end
-                width = int(inputs["input_ids"].shape[-1])
+                carried = int(inputs["input_ids"].shape[-1])
                 boundaries = inputs.get("cu_seq_lens_q")
-                real = int(boundaries[-1]) if boundaries is not None else width
-                self.tally.real_tokens += real
-                self.tally.padded_tokens += width - real
+                real = int(boundaries[-1]) if boundaries is not None else carried
+            self.tally.real_tokens += real
+            self.tally.padded_tokens += carried - real
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)

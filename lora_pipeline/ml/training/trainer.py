@@ -11,7 +11,7 @@ from lora_pipeline.ml.base.modules import resolve_target_modules
 from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, gradient_checkpointing_enabled, mixed_precision
 from lora_pipeline.ml.batches import IGNORE_INDEX
 from lora_pipeline.ml.data.formatted import ensure_distinct_pad
-from lora_pipeline.ml.training.step import BatchTally, step_trainer_class
+from lora_pipeline.ml.training.step import step_trainer_class
 from lora_pipeline.ml.training.telemetry import (
     CheckpointFn,
     ProgressFn,
@@ -190,7 +190,6 @@ def train_adapter(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    trainer.tally = BatchTally()
     trainable_dtype = _keep_trainable_dtype(trainer.model, precision)
     shared_dropouts = share_dropout_masks(trainer.model) if options.shared_dropout else 0
     # Progress goes through the callback below (and so to the Dagster run log), not raw prints.
