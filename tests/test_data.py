@@ -86,6 +86,60 @@ def test_vectorised_normalisation_matches_python_split_and_lower():
     assert normalise(pa.array(texts)).to_pylist() == [" ".join(t.split()).lower() for t in texts]
 
 
+def test_normalisation_of_plain_ascii_rows_agrees_with_the_full_split_and_join():
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lora_pipeline.ml.data.clean import normalise
+
+    # Plain single-spaced ASCII rows take a shortcut; mixed with every other kind, all must agree.
+    rng = random.Random(0)
+    alphabet = list("abcXYZ  .,!?'~@[`{") + ["\t", "\n", "\r", "\x0b", "\x1c", "\x1f", "\x85", "\xa0", "\u2003",
+                                              "\u2028", "\u3000", "\u200b", "\x00", "\x7f", "\u00c9", "\u0130", "\u03a3"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) for _ in range(5000)]
+    texts += ["Hello World.", "A  B", " A", "A ", "", None]
+    part = pa.array(texts, pa.string())
+    split_and_joined = pc.utf8_lower(pc.utf8_trim(pc.binary_join(pc.utf8_split_whitespace(part), " "), " "))
+    assert normalise(part).equals(split_and_joined)
+    assert normalise(part.slice(7, 900)).equals(split_and_joined.slice(7, 900))
+    chunked = pa.chunked_array([part.slice(0, 2000), part.slice(2000, 0), part.slice(2000)])  # as a large Parquet file reads
+    assert normalise(chunked).combine_chunks().equals(split_and_joined)
+    assert normalise(_sharing_buffers(texts[:-1])).equals(split_and_joined.slice(0, len(texts) - 1))
+
+
+def _sharing_buffers(texts):
+    """The texts as an Arrow array whose offsets do not start at 0: how the chunks of a large Parquet
+    column share one data buffer (some kernels, e.g. pyarrow 26's ascii_lower, get these wrong)."""
+    import pyarrow as pa
+
+    whole = pa.array(["before"] + texts, pa.string())
+    _, offsets, data = whole.buffers()
+    return pa.Array.from_buffers(pa.string(), len(texts), [None, offsets.slice(4), data])
+
+
+def test_content_hashes_are_sha256_of_the_joined_texts_however_the_rows_are_chunked():
+    import hashlib
+
+    import pyarrow as pa
+
+    from lora_pipeline.ml.data.clean import content_hashes
+
+    instructions = ["Say hi", "Caf\u00e9  au lait", "", "\u4e2d\u6587 \U0001f600", "Say HI "]
+    outputs = ["hi", "ok", "x", "y", "hi"]
+    parts = [pa.array(instructions), pa.array(outputs), pa.array([""] * 5)]  # the last, optional part unset
+    expected = [int.from_bytes(hashlib.sha256(f"{i}\x1f{o}".encode()).digest()[:8], "big")
+                for i, o in zip(instructions, outputs)]
+    exact, normalised = content_hashes(parts)
+    assert exact.tolist() == expected and normalised[0] == normalised[4] != exact[0]
+    chunked = [pa.chunked_array([part.slice(0, 2), part.slice(2)]) for part in parts]
+    chunked_exact, chunked_normalised = content_hashes(chunked)
+    assert (chunked_exact == exact).all() and (chunked_normalised == normalised).all()
+    shared_exact, shared_normalised = content_hashes([_sharing_buffers(part.to_pylist()) for part in parts])
+    assert (shared_exact == exact).all() and (shared_normalised == normalised).all()
+
+
 def test_bundled_sample_is_detected_as_alpaca_with_hundreds_of_rows():
     loaded = load_dataset(dataset_settings())
     assert loaded.format == "alpaca" and loaded.detected
@@ -228,6 +282,40 @@ def test_conversations_train_on_every_assistant_turn_and_nothing_else(tmp_path, 
     trained_tool = tokenizer.decode(np.asarray(tool_row["input_ids"])[np.asarray(tool_row["loss_mask"]) == 1])
     assert "<tool_call>" in trained_tool and "degrees." in trained_tool and "Weather in city" not in trained_tool
     assert "tool\n" not in trained_tool  # the tool's output is context, not something to learn
+
+
+@pytest.mark.parametrize(("source", "max_length"), [("alpaca", 28), ("sharegpt", 170)])
+def test_small_chunks_and_encode_batches_give_the_same_examples(tmp_path, tokenizer, monkeypatch, source, max_length):
+    import pyarrow.parquet as pq
+
+    from lora_pipeline.ml.data import formatted, tokenized
+
+    path = _write_jsonl(tmp_path / "chat.jsonl", SHAREGPT) if source == "sharegpt" else SAMPLE_DATA
+    settings = dict(eval_fraction=0.2, max_length=max_length)  # some examples truncated, some left untrained
+    whole = format_rows(tokenizer, dataset_settings(source=str(path)), **settings)
+    assert whole.counts["truncated"] > 0
+    monkeypatch.setattr(formatted, "TOKENIZE_CHUNK_ROWS", 7)
+    monkeypatch.setattr(tokenized, "ENCODE_BATCH_ROWS", 3)
+    chunked = format_rows(tokenizer, dataset_settings(source=str(path)), **settings)
+    assert chunked.train.equals(whole.train) and chunked.eval.equals(whole.eval)
+    assert chunked.counts == whole.counts and (chunked.token_lengths == whole.token_lengths).all()
+    cleaned = clean_rows(load_dataset(dataset_settings(source=str(path))))
+    streamed = formatted.format_dataset(cleaned, tokenizer, formatted.FormatSettings(**settings), folder=tmp_path)
+    assert streamed.train is None and streamed.counts == whole.counts
+    assert pq.read_table(tmp_path / "train.parquet").equals(whole.train)
+    assert pq.read_table(tmp_path / "eval.parquet").equals(whole.eval)
+
+
+def test_an_error_while_tokenizing_ahead_reaches_the_caller(tmp_path, tokenizer, monkeypatch):
+    from lora_pipeline.ml.data import formatted
+
+    monkeypatch.setattr(formatted, "TOKENIZE_CHUNK_ROWS", 10)
+    rows = SHAREGPT[:25] + [{"conversations": [{"from": "gpt", "value": "first"}, {"from": "gpt", "value": "again"}]}]
+    path = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    strict = "{% for m in messages %}{% if loop.index0 > 0 and m.role == messages[loop.index0 - 1].role %}" \
+             "{{ raise_exception('roles must alternate') }}{% endif %}{{ m.content }}{% endfor %}"
+    with pytest.raises(DataError, match=r"chat.jsonl.*line 26.*roles must alternate"):
+        format_rows(tokenizer, dataset_settings(source=str(path)), template=strict, eval_fraction=0.2)
 
 
 def test_loss_on_every_token_when_responses_only_is_off(tokenizer):

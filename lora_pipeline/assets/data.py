@@ -1,6 +1,8 @@
 """Data stages: the rows as loaded, and the cleaned, templated, tokenized train/eval splits; their checks."""
 
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
 import pandas as pd
@@ -19,7 +21,7 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
-from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
+from lora_pipeline.ml.data.clean import CleanedRows, clean_rows, tokenizer_corpus
 from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
 from lora_pipeline.ml.data.raw import LoadedDataset, dataset_source_version, fingerprint, load_dataset, release_unused_memory
 from lora_pipeline.ml.data.formats import storable, validate_rows
@@ -124,21 +126,14 @@ def formatted_dataset(
     raw_dataset: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
     """Training examples: empty rows and duplicates dropped, the template applied with one EOS, tokenized with the base's tokenizer, over-long ones truncated or dropped, split train/eval by content hash."""
-    from transformers import AutoTokenizer
-
     model_config = resolve_model_config(context, config, registry)
     settings = format_settings(model_config)
-    cleaned = clean_rows(stored_rows(storage, raw_dataset), model_config.dataset.dedupe)
-    tokenizer_dir = hub.resolve(
-        model_config.base_model,
-        model_config.base_revision,
-        lambda: tokenizer_corpus(cleaned, settings.eval_fraction),
-        tokenizer_only=True,
-        trust_remote_code=model_config.trust_remote_code,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=model_config.trust_remote_code)
+    started = time.perf_counter()
+    cleaned, tokenizer, cleaned_at = _cleaned_rows_and_tokenizer(model_config, settings, storage, hub, raw_dataset)
+    tokenizer_at = time.perf_counter()
     with storage.staging_dir() as staging:
         formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info, folder=staging)
+        formatted_at = time.perf_counter()
         counts = formatted.counts
         write_json(
             staging / FORMAT_SUMMARY,
@@ -150,6 +145,11 @@ def formatted_dataset(
                             train_rows=counts["train_rows"], eval_rows=counts["eval_rows"])
         ref = publish_stage(context, storage, staging, record)
     context.log.info(_rows_per_step_line(counts))
+    context.log.info(
+        f"read and cleaned {counts['rows_in']:,} rows in {cleaned_at - started:.2f}s, then waited "
+        f"{tokenizer_at - cleaned_at:.2f}s for the tokenizer; formatted {counts['rows_after_cleaning']:,} rows "
+        f"in {formatted_at - tokenizer_at:.2f}s"
+    )
     lengths = formatted.token_lengths
     del cleaned
     release_unused_memory()
@@ -177,6 +177,40 @@ def formatted_dataset(
             "preview": dg.MetadataValue.md(_preview(formatted.preview)),
         },
     )
+
+
+def _cleaned_rows_and_tokenizer(model_config: ModelConfig, settings: FormatSettings, storage: ArtifactStore,
+                                hub: ModelHub, raw_dataset: ArtifactRef) -> tuple[CleanedRows, object, float]:
+    """The cleaned rows, the base's tokenizer, and when the rows were cleaned.
+
+    Loading the tokenizer first imports transformers (and torch): seconds of Python. Reading and
+    cleaning the rows is mostly Arrow work that releases the GIL, so the two run side by side. A
+    built-in base trains its tokenizer on the cleaned rows, so its loading waits for them.
+    """
+    cleaned_rows: Future = Future()
+
+    def load_tokenizer():
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = hub.resolve(
+            model_config.base_model,
+            model_config.base_revision,
+            lambda: tokenizer_corpus(cleaned_rows.result(), settings.eval_fraction),
+            tokenizer_only=True,
+            trust_remote_code=model_config.trust_remote_code,
+        )
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=model_config.trust_remote_code)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-tokenizer") as pool:
+        tokenizer = pool.submit(load_tokenizer)
+        try:
+            cleaned = clean_rows(stored_rows(storage, raw_dataset), model_config.dataset.dedupe)
+        except BaseException as exc:
+            cleaned_rows.set_exception(exc)  # a built-in base's loading stops waiting for the rows
+            raise
+        cleaned_rows.set_result(cleaned)
+        cleaned_at = time.perf_counter()
+        return cleaned, tokenizer.result(), cleaned_at
 
 
 def data_check(asset: dg.AssetsDefinition):

@@ -64,10 +64,25 @@ def content_parts(loaded: LoadedDataset, chats: list[list[dict]] | None = None) 
 
 
 def normalise(part: "pa.Array") -> "pa.Array":
-    """Case- and whitespace-insensitive form of texts: Python's ' '.join(text.split()).lower(), vectorised."""
+    """Case- and whitespace-insensitive form of texts: Python's ' '.join(text.split()).lower(), vectorised.
+
+    Most texts are printable ASCII with single spaces between words and none at the ends, which
+    splitting and joining leaves as they are; only the others pay for the split (the costly part).
+    """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    return pc.utf8_lower(pc.utf8_trim(pc.binary_join(pc.utf8_split_whitespace(part), " "), " "))
+    if isinstance(part, pa.ChunkedArray):  # as read from a large Parquet file
+        return pa.chunked_array([normalise(chunk) for chunk in part.chunks], pa.string())
+    irregular = pc.match_substring_regex(part, r"[^\x20-\x7e]|  |^ | $")
+    # Not ascii_lower, though these texts are ASCII: in pyarrow 26 it mangles arrays whose offsets do
+    # not start at 0, as the chunks of a large Parquet column do.
+    lowered = pc.utf8_lower(part)
+    if not pc.any(irregular).as_py():
+        return lowered
+    rest = part.filter(irregular)
+    return pc.replace_with_mask(lowered, irregular, pc.utf8_lower(pc.utf8_trim(pc.binary_join(
+        pc.utf8_split_whitespace(rest), " "), " ")))
 
 
 def _joined(parts: list["pa.Array"]) -> "pa.Array":
@@ -81,11 +96,24 @@ def _joined(parts: list["pa.Array"]) -> "pa.Array":
     return pc.if_else(pc.equal(optional, ""), joined, pc.binary_join_element_wise(joined, optional, "\x1f"))
 
 
-def _hash64(keys: list[str]) -> np.ndarray:
+def _hash64(keys: "pa.Array") -> np.ndarray:
+    """Per text, the first 8 bytes of the sha256 of its UTF-8 as a big-endian integer.
+
+    Hashed straight from the Arrow buffers, which hold exactly that UTF-8: no Python string per row.
+    """
+    import pyarrow as pa
+
+    if isinstance(keys, pa.ChunkedArray):
+        return np.concatenate([np.zeros(0, dtype=np.uint64)] + [_hash64(chunk) for chunk in keys.chunks])
+    if not len(keys):
+        return np.zeros(0, dtype=np.uint64)
+    keys = keys.cast(pa.string())
+    # Offsets index the data buffer directly (they need not start at 0): slice by them, as they are.
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int32)[keys.offset : keys.offset + len(keys) + 1].tolist()
+    utf8 = memoryview(keys.buffers()[2] or b"")
     sha256 = hashlib.sha256
-    return np.fromiter(
-        (int.from_bytes(sha256(key.encode()).digest()[:8], "big") for key in keys), dtype=np.uint64, count=len(keys)
-    )
+    digests = b"".join([sha256(utf8[start:end]).digest()[:8] for start, end in zip(offsets, offsets[1:])])
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
 
 
 def content_hashes(parts: list["pa.Array"]) -> tuple[np.ndarray, np.ndarray]:
@@ -98,9 +126,9 @@ def content_hashes(parts: list["pa.Array"]) -> tuple[np.ndarray, np.ndarray]:
 
     total = len(parts[0])
 
-    def keys(start: int) -> tuple[list[str], list[str]]:
+    def keys(start: int) -> tuple["pa.Array", "pa.Array"]:
         chunk = [part.slice(start, HASH_CHUNK_ROWS) for part in parts]
-        return _joined(chunk).to_pylist(), _joined([normalise(part) for part in chunk]).to_pylist()
+        return _joined(chunk), _joined([normalise(part) for part in chunk])
 
     exact, normalised = [], []
     with ThreadPoolExecutor(max_workers=1) as pool:
