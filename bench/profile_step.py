@@ -39,7 +39,7 @@ def main() -> None:
     from lora_pipeline.ml.data.raw import load_dataset
     from lora_pipeline.ml.base.precision import DeviceInfo, compute_dtype_name
     from lora_pipeline.ml.base.quantize import quantize_base
-    from lora_pipeline.ml.training import train_adapter
+    from lora_pipeline.ml.training import StepOptions, train_adapter
 
     with tempfile.TemporaryDirectory(prefix="lora-profile-") as tmp:
         work = Path(tmp)
@@ -57,7 +57,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(work / "base")
         train = format_dataset(cleaned, tokenizer, format_settings(config)).train.to_pandas()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
-            result = train_adapter(work / "q", train, work / "out", config.lora, config.training, cpu, "profile")
+            result = train_adapter(work / "q", train, work / "out", config.lora, config.training, cpu, "profile",
+                                   options=StepOptions(dequant_cache=True))  # as the CPU pipeline resolves it
     print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s (profiler overhead included)")
     print(profiler.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=32, max_shapes_column_width=72))

@@ -154,6 +154,21 @@ def test_shared_dropout_keeps_each_adapters_rate_and_shares_only_identical_input
     assert all(module.last is None for module in model.modules() if hasattr(module, "forget"))  # nothing held
 
 
+def test_cpu_dropout_masks_keep_the_rate_and_scale_and_repeat_under_a_seed():
+    from lora_pipeline.ml.training.dropout import dropped_out
+
+    x = torch.ones(256, 1024)
+    torch.manual_seed(7)
+    first = dropped_out(x, 0.1)
+    torch.manual_seed(7)
+    assert torch.equal(first, dropped_out(x, 0.1))  # masks come from torch's generator state
+    assert not torch.equal(first, dropped_out(x, 0.1))  # and a new one each call
+    assert abs(float((first == 0).float().mean()) - 0.1) < 0.005
+    assert torch.allclose(first[first != 0], torch.tensor(1 / (1 - 6554 / 65536)))  # kept values scaled up
+    assert abs(float(first.mean()) - 1.0) < 0.01  # equal in expectation
+    assert dropped_out(x.to(torch.bfloat16), 0.1).dtype == torch.bfloat16
+
+
 def test_padding_free_training_counts_no_padding_and_padded_training_does(micro_base, tmp_path):
     from transformers import AutoTokenizer
 

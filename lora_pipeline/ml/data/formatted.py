@@ -9,7 +9,6 @@ Every count is kept, so the metadata can say where each row went.
 
 from __future__ import annotations
 
-import gc
 from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -23,6 +22,7 @@ from lora_pipeline.ml.data.formats import conversations_of, tools_of
 from lora_pipeline.ml.data.raw import LoadedDataset
 from lora_pipeline.ml.data.templates import Rendered, alpaca_prompt, render_chats, render_single_turn, resolve_template
 from lora_pipeline.ml.data.tokenized import examples_table, tokenized_chunks
+from lora_pipeline.ml.heap import long_lived_heap_frozen
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -162,12 +162,10 @@ def format_dataset(
         return _render_chunk(tokenizer, loaded, template, settings, rows)
 
     # The tokenizer hands back thousands of GC-tracked Encoding objects a batch; the collections they
-    # set off need not walk the rest of the process's heap (torch, dagster, ...), which this loop
-    # leaves alone. Measured: ~5% of the stage's CPU in a pipeline process.
-    gc.freeze()
+    # set off need not walk the rest of the process's heap. Measured: ~5% of the stage's CPU.
     try:
         tokenized = tokenized_chunks(tokenizer, render, chunks, add_special_tokens, settings.loss_on_responses_only)
-        with closing(tokenized):
+        with long_lived_heap_frozen(), closing(tokenized):
             for rows, (rendered, tokens) in zip(chunks, tokenized):
                 table = examples_table(tokens, rendered, cleaned.hashes[rows], held_out[rows],
                                        tokenizer.eos_token_id, settings.max_length, settings.overlong, counts)
@@ -177,7 +175,6 @@ def format_dataset(
                 if progress is not None and total > TOKENIZE_CHUNK_ROWS:
                     progress(f"formatted {rows.stop:,}/{total:,} rows")
     finally:
-        gc.unfreeze()
         sink.close()
     if not counts["train_rows"] + counts["eval_rows"]:
         raise DataError(

@@ -11,6 +11,7 @@ from lora_pipeline.ml.base.modules import resolve_target_modules
 from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, gradient_checkpointing_enabled, mixed_precision
 from lora_pipeline.ml.batches import IGNORE_INDEX
 from lora_pipeline.ml.data.formatted import ensure_distinct_pad
+from lora_pipeline.ml.heap import long_lived_heap_frozen
 from lora_pipeline.ml.training.step import step_trainer_class
 from lora_pipeline.ml.training.telemetry import (
     CheckpointFn,
@@ -204,7 +205,8 @@ def train_adapter(
     logger.info("training %s trainable of %s parameters; step %s", trainable, total, options)
 
     resumed_step = _checkpoint_step(resume_from) if resume_from is not None else 0
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    with long_lived_heap_frozen():  # every step's autograd objects would otherwise set off full collections
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     train_seconds = float(result.metrics["train_runtime"])
     steps = int(trainer.state.global_step)
     trained_tokens = int(tokens_per_epoch * float(trainer.state.epoch or 0.0))
