@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. quantization.mode=none")
     parser.add_argument("--rows", type=int, default=30, help="operators to list")
+    parser.add_argument("--by-operator", action="store_true", help="one row per operator, all shapes together")
     args = parser.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -60,7 +61,7 @@ def main() -> None:
             result = train_adapter(work / "q", train, work / "out", config.lora, config.training, cpu, "profile",
                                    options=StepOptions(dequant_cache=True))  # as the CPU pipeline resolves it
     print(f"{result.steps} steps, {result.tokens_per_second:.0f} tokens/s (profiler overhead included)")
-    print(profiler.key_averages(group_by_input_shape=True).table(
+    print(profiler.key_averages(group_by_input_shape=not args.by_operator).table(
         sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=32, max_shapes_column_width=72))
 
 

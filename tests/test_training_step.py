@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_pipeline.ml.base.precision import DeviceInfo
+from lora_pipeline.ml.batches import IGNORE_INDEX
 
 from conftest import dataset_settings, format_rows
 
@@ -95,6 +96,26 @@ def test_lean_loss_equals_the_models_own_loss_and_its_gradients(micro_base):
             assert torch.allclose(parameter.grad, own_grads[name], rtol=1e-4, atol=1e-7), name
     assert metrics["tokens"] == int((labels[:, 1:] != -100).sum())
     assert 0 <= metrics["correct"] <= metrics["tokens"] and metrics["entropy"] > 0
+
+
+def test_summed_cross_entropy_equals_torchs_loss_and_gradient_with_ignored_rows():
+    import torch.nn.functional as F
+
+    from lora_pipeline.ml.training.step import summed_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(50, 300) * 4
+    targets = torch.randint(0, 300, (50,))
+    targets[[3, 17, 40]] = IGNORE_INDEX
+    theirs = logits.clone().requires_grad_()
+    ours = logits.clone().requires_grad_()
+    expected = F.cross_entropy(theirs, targets, ignore_index=IGNORE_INDEX, reduction="sum") / 47
+    loss = summed_cross_entropy(ours, targets) / 47
+    expected.backward()
+    loss.backward()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-5, atol=1e-9)
+    assert not ours.grad[[3, 17, 40]].any()  # ignored rows get no gradient
 
 
 def test_lean_loss_of_a_padding_free_batch_equals_the_documents_scored_alone(micro_base):

@@ -122,7 +122,7 @@ def do_cli(args: argparse.Namespace) -> int:
     """Resolve the arguments into a plan, run it, print the summary; a sweep file runs every variant, then its leaderboard."""
     # Until the job starts, a run imports millions of long-lived objects (torch, transformers, the
     # definitions) and makes little garbage: collecting meanwhile walks them again and again
-    # (~1.3 s of a parity run). execute() freezes them and collects again from there.
+    # (~1.3 s of a parity run). do_run freezes them and collects again from there.
     gc.disable()
     try:
         return _run_command(args)
@@ -281,6 +281,9 @@ def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:
             print(f"up to date, not run: {', '.join(current)}", file=sys.stderr)
         if not to_run:
             return None, {name: current[name] for name in plan.selected}, list(current)
+        # What startup built lives as long as the process: out of the collector's way from here on.
+        gc.freeze()
+        gc.enable()
         check_before_loading(plan.model_config, to_run, resources)
         try:
             run_id = execute(plan, to_run, instance, resources).run_id
@@ -328,9 +331,6 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
                                            "tracebacks": plan.debug}}},
     }
     definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
-    # What startup built lives as long as the process: out of the collector's way from here on.
-    gc.freeze()
-    gc.enable()
     try:
         return definitions.resolve_job_def(tune.name).execute_in_process(
             asset_selection=[dg.AssetKey(name) for name in to_run],

@@ -45,14 +45,13 @@ def per_document_attention(module, query, key, value, attention_mask, scaling=No
     if varlen_attn is not None:
         return _varlen_attention(varlen_attn, query, key, value, boundaries, kwargs.get("max_length_q"), scaling,
                                  groups), None
-    starts = boundaries.tolist()
+    # Split, not sliced: a split's backward is one concatenation of the pieces' gradients, where
+    # each slice's backward fills a zero tensor the size of the whole row.
+    sizes = boundaries.diff().tolist()
     pieces = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=groups > 1,
-        )
-        for start, end in zip(starts[:-1], starts[1:])
-        if end > start
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=groups > 1)
+        for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
+        if q.shape[2]
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
