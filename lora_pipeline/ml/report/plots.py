@@ -56,8 +56,12 @@ def markdown_image(png: bytes, alt: str) -> str:
 
 def length_histogram_png(lengths, max_length: int, bins: int = 40) -> bytes:
     """Histogram of tokens per example, with training.max_length marked (what lies right of it is cut)."""
+    import numpy as np
+
     plt, (fig, ax) = _figure()
-    ax.hist(list(lengths), bins=bins, color="#3b7dd8")
+    # Binned here, in one NumPy pass: ax.hist on a million lengths takes seconds.
+    counts, edges = np.histogram(np.asarray(lengths), bins=bins)
+    ax.stairs(counts, edges, fill=True, color="#3b7dd8")
     ax.axvline(max_length, color="#d8893b", linestyle="--", label=f"max_length {max_length}")
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
