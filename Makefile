@@ -44,7 +44,7 @@ test-fast: $(STAMP)  ## everything but the slow end-to-end tests
 
 ui: $(STAMP)  ## the Dagster UI on http://127.0.0.1:3000, same instance as the CLI
 	$(BIN)/lora-pipeline list  # prepares the instance and registers every config as a partition
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	VIRTUAL_ENV=$(CURDIR)/.venv $(BIN)/dg dev --host 127.0.0.1 --port 3000
 
 lock:  ## re-pin constraints.txt to what is installed in .venv
 	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/' > constraints.txt
