@@ -461,7 +461,7 @@ def test_real_world_alpaca_data_loads_and_formats(tokenizer):
         ("roles.jsonl", '{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}\n',
          r"roles.jsonl: line 1: field 'conversations' turn 1: unknown role 'bot' in 'from'"),
         ("parts.jsonl", '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}\n',
-         r"parts.jsonl: line 1: field 'messages' message 0: content part 0: only text parts"),
+         r"parts.jsonl: line 1: field 'messages' message 0: content part 0: its type is 'image_url': only text parts"),
         ("object.json", '[{"instruction": "a", "output": "b"}, 7]', r"object.json: row 1: expected an object, found int"),
         ("blank.json", '[{"instruction": " ", "output": "b"}, {"instruction": "c", "output": ""}]',
          r"blank.json: cleaning removed every row \(2 empty"),

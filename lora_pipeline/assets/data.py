@@ -110,6 +110,7 @@ def format_settings(model_config: ModelConfig) -> FormatSettings:
         overlong=dataset.overlong,
         eval_fraction=dataset.eval_fraction,
         loss_on_responses_only=training.completion_only_loss,
+        turn_flag_field=dataset.turn_flag_field,
     )
 
 

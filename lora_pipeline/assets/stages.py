@@ -47,6 +47,7 @@ ADDED_LATER = {
     "training.attention": "auto",
     "training.dequant_cache": "auto",
     "training.liger_kernel": False,
+    "dataset.turn_flag_field": None,
 }
 
 

@@ -70,6 +70,13 @@ class DatasetSettings(_Strict):
         default=None,
         description="System prompt added to every example that has none of its own.",
     )
+    turn_flag_field: Optional[str] = Field(
+        default=None,
+        description="The message field that says whether a conversation turn is learned (1 or true) or only "
+        "context (0 or false), as other tools write it. By default the first of 'loss_weight', 'train' and "
+        "'weight' a message carries; turns without one follow the usual rule (every assistant turn is "
+        "learned). Applies while training.completion_only_loss is on.",
+    )
     dedupe: Literal["normalized", "exact", "none"] = Field(
         default="normalized",
         description="Duplicate removal: 'normalized' drops exact duplicates and rows equal up to case "

@@ -134,6 +134,8 @@ def sharegpt_problem(value: Any) -> str | None:
                     f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         if not isinstance(turn["value"], str):
             return f"turn {index}: 'value' must be a string, found {type(turn['value']).__name__}"
+        if (problem := _turn_flag_problem(turn)) is not None:
+            return f"turn {index}: {problem}"
     return None
 
 
@@ -156,13 +158,67 @@ def messages_problem(value: Any) -> str | None:
             return f"message {index}: needs 'content'"
         if isinstance(content, list):
             for part_index, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    return (f"message {index}: content part {part_index}: only text parts "
-                            "({\"type\": \"text\", \"text\": ...}) are supported")
+                if (problem := _content_part_problem(part)) is not None:
+                    return f"message {index}: content part {part_index}: {problem}"
         elif not isinstance(content, str):
             return f"message {index}: 'content' must be a string or a list of text parts, found {type(content).__name__}"
         if "tool_calls" in message and message["tool_calls"] is not None and not isinstance(message["tool_calls"], list):
             return f"message {index}: 'tool_calls' must be a list"
+        if (problem := _turn_flag_problem(message)) is not None:
+            return f"message {index}: {problem}"
+    return None
+
+
+def _content_part_problem(part: Any) -> str | None:
+    """Why a content part is not text, or None: text parts carry their text as 'text' or 'value', or are plain strings."""
+    if isinstance(part, str):
+        return None
+    if not isinstance(part, dict):
+        return f"must be text or an object with type and text, found {type(part).__name__}"
+    if part.get("type", "text") != "text":
+        return f"its type is {part.get('type')!r}: only text parts are supported"
+    if not isinstance(_part_text(part), str):
+        return "a text part needs its text as 'text' or 'value' (a string)"
+    return None
+
+
+def _part_text(part: Any) -> Any:
+    if isinstance(part, str):
+        return part
+    return part.get("text") if part.get("text") is not None else part.get("value")
+
+
+# --- per-turn training flags ----------------------------------------------------------------------
+
+TURN_FLAG_FIELDS = ("loss_weight", "train", "weight")  # as other tools write it, in the order looked for
+LEARN = "learn"  # the key converted messages carry their flag under: True learned, False context only
+
+
+def turn_flag(message: dict, field: str | None = None) -> bool | None:
+    """Whether a message is learned (True) or only context (False) by its flag field; None when it has none.
+
+    field: the configured flag field; by default the first of TURN_FLAG_FIELDS the message carries.
+    Raises ValueError naming the field when the value is not 0/1 or true/false.
+    """
+    for name in (field,) if field else TURN_FLAG_FIELDS:
+        value = message.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+            return value.strip().lower() in ("1", "true")
+        raise ValueError(f"'{name}' must be 0 or 1 (or true/false), found {value!r}")
+    return None
+
+
+def _turn_flag_problem(message: dict) -> str | None:
+    try:
+        turn_flag(message)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -250,7 +306,7 @@ def describe_failures(failures: pd.DataFrame, frame: pd.DataFrame, fmt: str, whe
 
 def _text_of(content: Any) -> str:
     if isinstance(content, list):
-        return "".join(part["text"] for part in content)
+        return "".join(_part_text(part) for part in content)
     return content or ""
 
 
@@ -265,22 +321,23 @@ def _tool_call_from(value: str) -> dict | None:
     return None
 
 
-def sharegpt_messages(turns: Any, system: Any = None) -> list[dict]:
-    """ShareGPT turns as role/content messages; function_call turns become assistant tool calls."""
+def sharegpt_messages(turns: Any, system: Any = None, flag_field: str | None = None) -> list[dict]:
+    """ShareGPT turns as role/content messages; function_call turns become assistant tool calls; turn flags kept."""
     messages = []
     if isinstance(system, str) and system.strip():
         messages.append({"role": "system", "content": system})
     for turn in _maybe_json(turns):
         role = SHAREGPT_ROLES[turn["from"]]
         if turn["from"] == "function_call" and (call := _tool_call_from(turn["value"])) is not None:
-            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            converted = {"role": "assistant", "content": "", "tool_calls": [call]}
         else:
-            messages.append({"role": role, "content": turn["value"]})
+            converted = {"role": role, "content": turn["value"]}
+        messages.append(_with_flag(converted, turn, flag_field))
     return messages
 
 
-def openai_messages(messages: Any) -> list[dict]:
-    """Messages with content flattened to a string; tool calls kept."""
+def openai_messages(messages: Any, flag_field: str | None = None) -> list[dict]:
+    """Messages with content flattened to a string; tool calls and turn flags kept."""
     result = []
     for message in _maybe_json(messages):
         converted = {"role": message["role"], "content": _text_of(message.get("content"))}
@@ -288,8 +345,15 @@ def openai_messages(messages: Any) -> list[dict]:
             converted["tool_calls"] = [_plain_tool_call(call) for call in message["tool_calls"]]
         if message.get("name"):
             converted["name"] = message["name"]
-        result.append(converted)
+        result.append(_with_flag(converted, message, flag_field))
     return result
+
+
+def _with_flag(converted: dict, original: dict, flag_field: str | None) -> dict:
+    flag = turn_flag(original, flag_field)
+    if flag is not None:
+        converted[LEARN] = flag
+    return converted
 
 
 def _plain_tool_call(call: dict) -> dict:
@@ -299,13 +363,19 @@ def _plain_tool_call(call: dict) -> dict:
     return {"type": "function", "function": function}
 
 
-def conversations_of(frame: pd.DataFrame, fmt: str, system_prompt: str | None) -> list[list[dict]]:
-    """Every row as a chat, whatever its format (text rows excepted), with the default system prompt added."""
+def conversations_of(frame: pd.DataFrame, fmt: str, system_prompt: str | None, flag_field: str | None = None,
+                     where: Callable[[int], str] | None = None) -> list[list[dict]]:
+    """Every row as a chat, whatever its format (text rows excepted), with the default system prompt added.
+
+    Messages that carry a per-turn training flag (flag_field, or the usual fields) have it under LEARN.
+    A flag that is not 0/1 or true/false is a DataError naming the row (where) and the field.
+    """
     if fmt == "sharegpt":
         systems = frame["system"] if "system" in frame.columns else [None] * len(frame)
-        chats = [sharegpt_messages(turns, system) for turns, system in zip(frame["conversations"], systems)]
+        chats = _each_row(lambda row: sharegpt_messages(*row, flag_field=flag_field),
+                          zip(frame["conversations"], systems), where)
     elif fmt == "messages":
-        chats = [openai_messages(messages) for messages in frame["messages"]]
+        chats = _each_row(lambda row: openai_messages(row, flag_field=flag_field), frame["messages"], where)
     elif fmt == "alpaca":
         inputs = frame["input"] if "input" in frame.columns else [""] * len(frame)
         systems = frame["system"] if "system" in frame.columns else [None] * len(frame)
@@ -327,6 +397,16 @@ def conversations_of(frame: pd.DataFrame, fmt: str, system_prompt: str | None) -
     if system_prompt:
         chats = [chat if chat and chat[0]["role"] == "system" else [{"role": "system", "content": system_prompt}] + chat
                  for chat in chats]
+    return chats
+
+
+def _each_row(convert: Callable[[Any], list[dict]], rows, where: Callable[[int], str] | None) -> list[list[dict]]:
+    chats = []
+    for index, row in enumerate(rows):
+        try:
+            chats.append(convert(row))
+        except ValueError as exc:  # a turn flag's value
+            raise DataError(f"{where(index) if where else f'row {index}'}: {exc}") from None
     return chats
 
 

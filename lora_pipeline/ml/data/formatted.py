@@ -43,6 +43,7 @@ class FormatSettings:
     overlong: str = "truncate"
     eval_fraction: float = 0.1
     loss_on_responses_only: bool = True
+    turn_flag_field: str | None = None  # the message field with per-turn training flags (formats.turn_flag)
 
 
 @dataclass
@@ -115,9 +116,10 @@ def _render_chunk(tokenizer, loaded: LoadedDataset, template, settings: FormatSe
     eos = tokenizer.eos_token or ""
     fmt = loaded.format
     if template.is_chat:
-        chats = conversations_of(frame, fmt, settings.system_prompt)
         offset = rows.start or 0
-        return render_chats(tokenizer, template, chats, tools_of(frame), lambda i: loaded.rows.where(offset + i))
+        where = lambda i: loaded.rows.where(offset + i)  # noqa: E731
+        chats = conversations_of(frame, fmt, settings.system_prompt, settings.turn_flag_field, where)
+        return render_chats(tokenizer, template, chats, tools_of(frame), where)
     column = lambda name: text_column(frame, name).to_pylist()  # noqa: E731  (Arrow to Python in one call)
     if fmt == "alpaca":
         systems = column("system") if "system" in frame.columns else [""] * len(frame)
@@ -190,10 +192,20 @@ def format_dataset(
         token_lengths=np.concatenate(all_lengths),
         eos_token=tokenizer.eos_token,
         pad_token=tokenizer.pad_token,
-        preview=pd.concat(preview).head(5) if preview else pd.DataFrame(),
+        preview=_with_learned_parts(pd.concat(preview).head(5), tokenizer) if preview else pd.DataFrame(),
         train=sink.table("train"),
         eval=sink.table("eval"),
     )
+
+
+def _with_learned_parts(preview: pd.DataFrame, tokenizer) -> pd.DataFrame:
+    """The preview rows with what the loss is taken on, each learned stretch decoded and separated by ' | '."""
+    learned = []
+    for ids, mask in zip(preview.pop("input_ids"), preview.pop("loss_mask")):
+        mask = np.asarray(mask, dtype=bool)
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]])))
+        learned.append(" | ".join(tokenizer.decode(ids[start:stop]) for start, stop in zip(edges[::2], edges[1::2])))
+    return preview.assign(learned=learned)
 
 
 def _write_splits(table: "pa.Table", sink: SplitSink, counts: dict, preview: list) -> None:
@@ -209,4 +221,5 @@ def _write_splits(table: "pa.Table", sink: SplitSink, counts: dict, preview: lis
         if split == "train":
             counts["train_tokens"] += int(pc.sum(part.column("tokens")).as_py() or 0)
             if len(preview) < 5:
-                preview.append(part.select(["prompt", "completion", "tokens"]).slice(0, 5).to_pandas())
+                preview.append(part.select(["prompt", "completion", "tokens", "input_ids", "loss_mask"])
+                               .slice(0, 5).to_pandas())

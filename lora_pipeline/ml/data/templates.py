@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_pipeline.errors import ConfigError, DataError
+from lora_pipeline.ml.data.formats import LEARN
 
 NAMED_TEMPLATES = ("auto", "alpaca", "chatml", "tokenizer", "plain")
 
@@ -123,11 +124,14 @@ def render_chats(
     tools: list[list[dict] | None],
     where,
 ) -> Rendered:
-    """Render each chat with the Jinja template; every assistant turn, through its end-of-turn marker, is a span.
+    """Render each chat with the Jinja template; every learned turn, through its end-of-turn marker, is a span.
 
-    A turn's span runs from the end of the conversation rendered up to it with the generation
-    prompt to the end of the conversation rendered through it, so it covers exactly what the model
-    has to produce, whatever the template.
+    Learned turns are the assistant turns, unless a turn's training flag (LEARN, from the data's
+    loss_weight / train / weight field) says otherwise: 0 makes an assistant turn context only, 1
+    makes any turn learned. An assistant turn's span runs from the end of the conversation rendered
+    up to it with the generation prompt to the end of the conversation rendered through it, so it
+    covers exactly what the model has to produce, whatever the template; another learned turn's span
+    is the whole turn as rendered.
     """
     eos = tokenizer.eos_token or ""
     texts, spans, prompts, completions = [], [], [], []
@@ -146,13 +150,14 @@ def render_chats(
                             f"conversation: {str(exc).strip().splitlines()[0]}") from None
 
     for index, chat in enumerate(chats):
-        chat = _through_last_assistant(chat)
+        learned = [_is_learned(message) for message in chat]
+        chat = [_without_flag(message) for message in chat[: _last_true(learned) + 1]]
         full = render(chat, index) if chat else ""
         row_spans = []
         for turn, message in enumerate(chat):
-            if message["role"] != "assistant":
+            if not learned[turn]:
                 continue
-            before = render(chat[:turn], index, generation_prompt=True)
+            before = render(chat[:turn], index, generation_prompt=message["role"] == "assistant")
             through = render(chat[: turn + 1], index)
             if not (through.startswith(before) and full.startswith(through)):
                 raise DataError(
@@ -173,7 +178,16 @@ def render_chats(
     return Rendered(text=texts, spans=spans, prompt=prompts, completion=completions)
 
 
-def _through_last_assistant(chat: list[dict]) -> list[dict]:
-    """The chat without trailing turns after its last assistant turn (nothing would be learned from them)."""
-    last = max((i for i, message in enumerate(chat) if message["role"] == "assistant"), default=-1)
-    return chat[: last + 1]
+def _is_learned(message: dict) -> bool:
+    flag = message.get(LEARN)
+    return message["role"] == "assistant" if flag is None else flag
+
+
+def _last_true(flags: list[bool]) -> int:
+    """Index of the last True, or -1: turns after the last learned one teach nothing and are left out."""
+    return max((i for i, flag in enumerate(flags) if flag), default=-1)
+
+
+def _without_flag(message: dict) -> dict:
+    """The message as templates see it (the flag is ours, not a field they know)."""
+    return message if LEARN not in message else {key: value for key, value in message.items() if key != LEARN}
