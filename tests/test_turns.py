@@ -155,3 +155,34 @@ def test_the_preview_shows_the_learned_turns(tmp_path, tokenizer):
     assert len(parts) == 3  # the first answer, the flagged user turn, the last answer
     assert "First answer" in parts[0] and "Third" in parts[1] and "Third answer" in parts[2]
     assert "Second answer" not in learned
+
+
+def test_the_demo_config_takes_flagged_conversations_with_value_parts_through_the_data_stages(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    topics = ["rivers", "stars", "bread", "chess", "rain", "bees", "clocks", "maps", "tea", "wind"]
+    rows = [
+        {"messages": [
+            {"role": "user", "content": [{"type": "text", "value": f"Tell me about {topic} number {n}."}]},
+            {"role": "assistant", "content": [{"type": "text", "value": f"{topic} {n} are fine."}], "loss_weight": 0},
+            {"role": "user", "content": [{"type": "text", "value": "And more?"}]},
+            {"role": "assistant", "content": [{"type": "text", "value": f"More {topic}, {n} times."}],
+             "loss_weight": 1},
+        ]}
+        for topic in topics for n in range(8)
+    ]
+    source = _write(tmp_path / "flagged_chats.jsonl", rows)
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lora_pipeline.cli", "run", "configs/tiny-demo.yaml", "--select",
+         "raw_dataset,formatted_dataset", "--set", f"dataset.source={source}", "--json"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]  # the blocking data checks passed
+    metadata = json.loads(done.stdout.strip().splitlines()[-1])["assets"]["formatted_dataset"]["metadata"]
+    assert metadata["format"] == "messages" and metadata["train_rows"] + metadata["eval_rows"] == len(rows)
+    assert "More" in metadata["preview"] and "are fine" not in metadata["preview"].split("learned")[-1]

@@ -249,7 +249,10 @@ def tokenizer_corpus(cleaned: CleanedRows, eval_fraction: float) -> list[str]:
         return [_text(p) + _text(c) for p, c in zip(part["prompt"], part["completion"])]
     if fmt == "text":
         return [_text(t) for t in part["text"]]
-    return ["\n".join(m["content"] for m in chat) for chat in conversations_of(part, fmt, None)]
+    # As ChatML lays them out (what `auto` renders conversations in on a built-in base, which has no
+    # chat template of its own), so the tokenizer learns the markup too rather than spelling it out.
+    return ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chat)
+            for chat in conversations_of(part, fmt, None)]
 
 
 # --- rendering, tokenizing, the over-long policy and the split ------------------------------------
