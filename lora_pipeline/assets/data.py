@@ -2,6 +2,7 @@
 
 import time
 import warnings
+from dataclasses import asdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import dagster as dg
@@ -22,11 +23,11 @@ from lora_pipeline.assets.common import (
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.data.clean import CleanedRows, clean_rows, tokenizer_corpus
-from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
+from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset, lost_to_max_length
 from lora_pipeline.ml.data.raw import LoadedDataset, dataset_source_version, fingerprint, load_dataset, release_unused_memory
 from lora_pipeline.ml.data.formats import storable, validate_rows
 from lora_pipeline.ml.report.plots import length_histogram_png, markdown_image
-from lora_pipeline.ml.data.quality import CheckOutcome, check_disjoint, check_formatted, split_summary
+from lora_pipeline.ml.data.quality import CheckOutcome, LengthAdvice, check_disjoint, check_formatted, split_summary
 from lora_pipeline.ml.data.sources import SourceRows
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
@@ -126,7 +127,7 @@ def formatted_dataset(
     hub: ModelHub,
     raw_dataset: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
-    """Training examples: empty rows and duplicates dropped, the template applied with one EOS, tokenized with the base's tokenizer, over-long ones truncated or dropped, split train/eval by content hash."""
+    """Training examples: empty rows and duplicates dropped, the template applied with one EOS, tokenized with the base's tokenizer, over-long ones truncated, dropped or split into blocks (plain text), split train/eval by content hash."""
     model_config = resolve_model_config(context, config, registry)
     settings = format_settings(model_config)
     started = time.perf_counter()
@@ -136,11 +137,13 @@ def formatted_dataset(
         formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info, folder=staging)
         formatted_at = time.perf_counter()
         counts = formatted.counts
+        advice = LengthAdvice.of(formatted.token_lengths, settings.max_length)
         write_json(
             staging / FORMAT_SUMMARY,
             {"format": formatted.format, "template": formatted.template, "eos_token": formatted.eos_token,
              "pad_token": formatted.pad_token, "counts": counts, "max_length": settings.max_length,
-             "max_truncation_rate": model_config.dataset.max_truncation_rate},
+             "overlong": formatted.overlong, "max_truncation_rate": model_config.dataset.max_truncation_rate,
+             "length_advice": asdict(advice)},
         )
         record = stage_lineage(context, model_config, storage, {"raw_dataset": raw_dataset},
                             train_rows=counts["train_rows"], eval_rows=counts["eval_rows"])
@@ -165,13 +168,19 @@ def formatted_dataset(
             **{f"dropped_{name}": counts[name]
                for name in ("empty", "exact_duplicates", "normalized_duplicates", "too_long_dropped",
                             "no_trainable_tokens")},
+            "overlong": formatted.overlong,
             "truncated": counts["truncated"],
+            "split_documents": counts["split_documents"],
+            "tokens_lost_to_max_length": counts["tokens_lost_to_max_length"],
+            "max_length_keeping_95%": advice.keeps_95,
+            "max_length_keeping_99%": advice.keeps_99,
             "train_rows": counts["train_rows"],
             "eval_rows": counts["eval_rows"],
             "rows_per_step": dg.MetadataValue.md(_rows_per_step_table(counts)),
             "train_tokens": counts["train_tokens"],
             "max_tokens": int(lengths.max()),
-            "truncation_rate": float((lengths > settings.max_length).mean()),
+            # Split documents lose nothing: only truncating or dropping makes a rate of loss.
+            "truncation_rate": 0.0 if formatted.overlong == "split" else float((lengths > settings.max_length).mean()),
             "token_lengths": dg.MetadataValue.md(
                 markdown_image(length_histogram_png(lengths, settings.max_length), "token lengths")
             ),
@@ -191,16 +200,9 @@ def _cleaned_rows_and_tokenizer(model_config: ModelConfig, settings: FormatSetti
     cleaned_rows: Future = Future()
 
     def load_tokenizer():
-        from transformers import AutoTokenizer
-
-        tokenizer_dir = hub.resolve(
-            model_config.base_model,
-            model_config.base_revision,
-            lambda: tokenizer_corpus(cleaned_rows.result(), settings.eval_fraction),
-            tokenizer_only=True,
-            trust_remote_code=model_config.trust_remote_code,
-        )
-        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=model_config.trust_remote_code)
+        return hub.tokenizer(model_config.base_model, model_config.base_revision,
+                             lambda: tokenizer_corpus(cleaned_rows.result(), settings.eval_fraction),
+                             trust_remote_code=model_config.trust_remote_code)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-tokenizer") as pool:
         tokenizer = pool.submit(load_tokenizer)
@@ -242,14 +244,17 @@ def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactS
 @data_check(formatted_dataset)
 def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                            formatted_dataset: ArtifactRef) -> dg.AssetCheckResult:
-    """Each example has text, tokens, at least one trained token and ends with one EOS unless truncated; the truncation rate is within dataset.max_truncation_rate."""
+    """Each example has text, tokens, at least one trained token and ends with one EOS unless truncated or continued in the next block; the share of examples over max_length is within dataset.max_truncation_rate (a failure names the max_length that keeps 95% and 99% whole)."""
     folder = storage.local_path(formatted_dataset)
     summary = read_json(folder / FORMAT_SUMMARY)
     outcome = check_formatted(
         split_summary(folder / "train.parquet"),
         split_summary(folder / "eval.parquet"),
         summary["max_truncation_rate"],
-        summary["counts"]["too_long_dropped"],
+        lost_to_max_length(summary["counts"]),
+        # Datasets formatted before these were recorded are checked as before.
+        LengthAdvice(**summary["length_advice"]) if "length_advice" in summary else None,
+        summary["counts"].get("tokens_lost_to_max_length"),
     )
     return _check_result(outcome)
 
@@ -279,7 +284,10 @@ STEP_LABELS = {
     "normalized_duplicates": "case/whitespace duplicates (dropped)",
     "too_long_dropped": "longer than max_length (dropped)",
     "no_trainable_tokens": "no response tokens within max_length (dropped)",
+    "responses_beyond_max_length": "of those, over max_length with the whole response beyond it",
     "truncated": "truncated to max_length (kept)",
+    "split_documents": "split into max_length blocks (kept)",
+    "blocks_added": "blocks added by splitting",
     "train_rows": "train",
     "eval_rows": "eval",
 }
@@ -294,8 +302,10 @@ def _rows_per_step_line(counts: dict) -> str:
     dropped = {k: counts[k] for k in ("empty", "exact_duplicates", "normalized_duplicates", "too_long_dropped",
                                       "no_trainable_tokens") if counts[k]}
     dropped_text = ", ".join(f"{v} {STEP_LABELS[k].split(' (')[0]}" for k, v in dropped.items()) or "none"
+    split = (f"; split: {counts['split_documents']} documents into {counts['blocks_added']} more blocks"
+             if counts["split_documents"] else "")
     return (f"{counts['rows_in']} rows -> {counts['train_rows']} train + {counts['eval_rows']} eval; dropped: "
-            f"{dropped_text}; truncated: {counts['truncated']}")
+            f"{dropped_text}; truncated: {counts['truncated']}{split}")
 
 
 def _preview(frame: pd.DataFrame, rows: int = 5) -> str:

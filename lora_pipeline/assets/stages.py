@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 import dagster as dg
 
 from lora_pipeline.config.registry import value_at
+from lora_pipeline.ml.data.formatted import overlong_policy
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig
@@ -48,6 +49,14 @@ ADDED_LATER = {
     "training.dequant_cache": "auto",
     "training.liger_kernel": False,
     "dataset.turn_flag_field": None,
+}
+
+
+# Config values that took a new meaning after models were trained: hashed as the value that made the same
+# output before, so upgrading redoes nothing it need not. `dataset.overlong: auto` truncates as the old
+# default did, except a text-format corpus, whose documents it now splits (those are redone).
+RESPELLED = {
+    "dataset.overlong": lambda data: overlong_policy(data["dataset"]["overlong"], data["dataset"]["format"]),
 }
 
 
@@ -78,6 +87,9 @@ class Reads:
     def of(self, model_config: "ModelConfig") -> dict:
         """The part of the config the stage reads (so a change elsewhere leaves its version alone)."""
         data = model_config.model_dump(mode="json")
+        for path, hashed_as in RESPELLED.items():
+            section, key = path.split(".")
+            data[section][key] = hashed_as(data)
         paths = self.config + (self.with_source if self.reads_source(model_config) else ())
         unchanged = tuple(key for key, default in ADDED_LATER.items() if value_at(data, key) == default)
         return {path.split(".")[-1]: _without(value_at(data, path), path, self.ignoring + unchanged) for path in paths}

@@ -331,6 +331,7 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
                                            "tracebacks": plan.debug}}},
     }
     definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
+    previous = [run.run_id for run in instance.get_runs(limit=1)]
     try:
         return definitions.resolve_job_def(tune.name).execute_in_process(
             asset_selection=[dg.AssetKey(name) for name in to_run],
@@ -342,7 +343,9 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
         )
     except Exception:
         latest = instance.get_runs(limit=1)
-        failed_checks = failed_checks_of(instance, latest[0].run_id) if latest else []
+        # Only this run's checks: one that failed before it started has no run, and an earlier run's are not its.
+        ours = latest and latest[0].run_id not in previous
+        failed_checks = failed_checks_of(instance, latest[0].run_id) if ours else []
         if failed_checks and all(check.startswith("champion check") for check in failed_checks):
             raise ChampionRefused(latest[0].run_id, failed_checks) from None
         if failed_checks:

@@ -1,4 +1,5 @@
-"""`lora-pipeline validate`: a config, its data and its memory plan checked, without loading any model."""
+"""`lora-pipeline validate`: a config, its data (tokenized as formatted_dataset would) and its memory plan
+checked, without loading any model's weights."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from lora_pipeline.cli.session import check_data_early
 from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for
+from lora_pipeline.errors import DataError, ModelError
 
 
 def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
@@ -16,7 +18,9 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "validate", parents=parents,
         help="check a config and its data without loading any model",
-        description="Validate CONFIG against the schema and read and check its dataset; no model is loaded.",
+        description="Validate CONFIG against the schema, read and check its dataset and tokenize it with the "
+                    "base's tokenizer (its weights are not loaded): too many examples over training.max_length "
+                    "are refused with the max_length that would keep 95%% and 99%% of them whole.",
     )
     parser.add_argument("config", type=Path, help="model config YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +68,7 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
         "cleaning": cleaned.counts if cleaned else None,
         "train_rows": train_rows,
         "eval_rows": eval_rows,
+        "tokens": token_summary(model_config, cleaned) if cleaned else None,
     }
     summary["memory_plan"], memory_lines = memory_summary(model_config)
     return summary, cleaned, memory_lines
@@ -86,7 +91,61 @@ def print_summary(path: Path, model_config, summary: dict, cleaned, memory_lines
                   "checked when formatted_dataset runs)")
     else:
         print(f"  dataset     {source}: remote, read when raw_dataset runs")
+    tokens = summary["tokens"]
+    if tokens and "unknown" in tokens:
+        print(f"  tokens      checked when formatted_dataset runs ({tokens['unknown']})")
+    elif tokens:
+        split = f", {tokens['split_documents']} documents split into blocks" if tokens["split_documents"] else ""
+        print(f"  tokens      {tokens['examples']:,} examples, longest {tokens['longest']:,}; "
+              f"max_length {tokens['max_length_keeping_95%']:,} keeps 95% whole, "
+              f"{tokens['max_length_keeping_99%']:,} keeps 99%")
+        print(f"              {tokens['longer']:,} over max_length {tokens['max_length']} "
+              f"({tokens['overlong']}: {tokens['tokens_lost_to_max_length']:,} tokens lost{split})")
     print("\n".join(memory_lines))
+
+
+def token_summary(model_config, cleaned) -> dict:
+    """Token lengths and the over-length check of formatted_dataset, on the same rows with the same code
+    (formatted into a folder that is then removed); refused as that check would refuse. A hub base's
+    tokenizer files are fetched; when they cannot be, the check is left to formatted_dataset."""
+    import tempfile
+
+    from lora_pipeline.assets.data import format_settings
+    from lora_pipeline.ml.data.clean import tokenizer_corpus
+    from lora_pipeline.ml.data.formatted import format_dataset, lost_to_max_length
+    from lora_pipeline.ml.data.quality import LengthAdvice, over_length_problem, over_length_rate
+    from lora_pipeline.resources.hub import ModelHub
+
+    settings = format_settings(model_config)
+    try:
+        tokenizer = ModelHub().tokenizer(model_config.base_model, model_config.base_revision,
+                                         lambda: tokenizer_corpus(cleaned, settings.eval_fraction),
+                                         trust_remote_code=model_config.trust_remote_code)
+    except ModelError as exc:
+        return {"unknown": f"no tokenizer here: {exc}"}
+    with tempfile.TemporaryDirectory(prefix="lora-pipeline-validate-") as folder:
+        formatted = format_dataset(cleaned, tokenizer, settings, folder=Path(folder))
+    counts = formatted.counts
+    advice = LengthAdvice.of(formatted.token_lengths, settings.max_length)
+    examples = counts["train_rows"] + counts["eval_rows"]
+    dropped = lost_to_max_length(counts)
+    rate = over_length_rate(counts["truncated"], dropped, examples)
+    limit = model_config.dataset.max_truncation_rate
+    if rate > limit:
+        raise DataError(f"{cleaned.loaded.source}: " + over_length_problem(
+            rate, limit, counts["truncated"], dropped, counts["tokens_lost_to_max_length"], advice))
+    return {
+        "examples": examples,
+        "longest": int(formatted.token_lengths.max()),
+        "max_length": settings.max_length,
+        "overlong": formatted.overlong,
+        "longer": advice.longer,
+        "truncation_rate": rate,
+        "tokens_lost_to_max_length": counts["tokens_lost_to_max_length"],
+        "split_documents": counts["split_documents"],
+        "max_length_keeping_95%": advice.keeps_95,
+        "max_length_keeping_99%": advice.keeps_99,
+    }
 
 
 def is_local_source(source: str) -> bool:

@@ -83,11 +83,14 @@ class DatasetSettings(_Strict):
         "and whitespace; 'exact' only identical rows; 'none' keeps them (they still never straddle "
         "the train/eval split).",
     )
-    overlong: Literal["truncate", "drop"] = Field(
-        default="truncate",
+    overlong: Literal["auto", "truncate", "drop", "split"] = Field(
+        default="auto",
         description="Examples longer than training.max_length tokens (counted with the real tokenizer): "
-        "'truncate' keeps their first max_length tokens, 'drop' removes them. Either way an example "
-        "left with no response tokens is removed, and every count is recorded.",
+        "'truncate' keeps their first max_length tokens, 'drop' removes them, 'split' cuts them into "
+        "max_length blocks (each led by BOS where the tokenizer uses one, EOS only at the document's "
+        "end), so nothing is lost: the continued-pretraining way. 'auto': split for the text format, "
+        "truncate for the others. An example left with no response tokens is removed, and every "
+        "count is recorded.",
     )
     max_truncation_rate: float = Field(
         default=0.05,

@@ -63,6 +63,13 @@ class ModelHub(dg.ConfigurableResource):
         description="Folder where built-in models are built and cached.",
     )
 
+    def tokenizer(self, base_model: str, revision: str | None, corpus: CorpusFn, trust_remote_code: bool = False):
+        """The base model's tokenizer, loaded (a hub download fetches the tokenizer's files, not the weights)."""
+        from transformers import AutoTokenizer
+
+        folder = self.resolve(base_model, revision, corpus, tokenizer_only=True, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
     def resolve(
         self,
         base_model: str,

@@ -19,9 +19,10 @@ import pandas as pd
 from lora_pipeline.errors import DataError
 from lora_pipeline.ml.data.clean import CleanedRows, require_both_splits, text_column
 from lora_pipeline.ml.data.formats import conversations_of, tools_of
+from lora_pipeline.ml.data.quality import LengthAdvice
 from lora_pipeline.ml.data.raw import LoadedDataset
 from lora_pipeline.ml.data.templates import Rendered, alpaca_prompt, render_chats, render_single_turn, resolve_template
-from lora_pipeline.ml.data.tokenized import examples_table, tokenized_chunks
+from lora_pipeline.ml.data.tokenized import Blocks, examples_table, tokenized_chunks
 from lora_pipeline.ml.heap import long_lived_heap_frozen
 
 if TYPE_CHECKING:
@@ -40,10 +41,15 @@ class FormatSettings:
     template: str = "auto"
     system_prompt: str | None = None
     max_length: int = 512
-    overlong: str = "truncate"
+    overlong: str = "auto"  # truncate, drop or split; auto: overlong_policy of the format
     eval_fraction: float = 0.1
     loss_on_responses_only: bool = True
     turn_flag_field: str | None = None  # the message field with per-turn training flags (formats.turn_flag)
+
+
+def lost_to_max_length(counts: dict) -> int:
+    """Examples dropped because of max_length: over it and dropped, or with their whole response beyond it."""
+    return counts["too_long_dropped"] + counts.get("responses_beyond_max_length", 0)
 
 
 @dataclass
@@ -52,6 +58,7 @@ class FormattedDataset:
 
     template: str
     format: str
+    overlong: str  # the policy that applied (overlong_policy)
     counts: dict[str, int]
     token_lengths: np.ndarray  # before truncation, every example that was tokenized
     eos_token: str
@@ -59,6 +66,15 @@ class FormattedDataset:
     preview: pd.DataFrame  # the first training examples
     train: "pa.Table | None" = None
     eval: "pa.Table | None" = None
+
+
+def overlong_policy(overlong: str, fmt: str) -> str:
+    """The over-long policy that applies: `auto` splits plain-text documents (continued pretraining,
+    where every token is data) and truncates instructions and conversations (where a block without
+    its prompt would teach answers to nothing)."""
+    if overlong != "auto":
+        return overlong
+    return "split" if fmt == "text" else "truncate"
 
 
 class SplitSink:
@@ -156,8 +172,10 @@ def format_dataset(
     held_out = cleaned.held_out(settings.eval_fraction)
     sink = SplitSink(folder)
     all_lengths, preview = [], []
-    counts = dict(cleaned.counts, too_long_dropped=0, truncated=0, no_trainable_tokens=0, train_rows=0,
-                  eval_rows=0, train_tokens=0)
+    overlong = overlong_policy(settings.overlong, loaded.format)
+    blocks = Blocks(settings.max_length, tokenizer.bos_token_id) if overlong == "split" else None
+    counts = dict(cleaned.counts, too_long_dropped=0, truncated=0, split_documents=0, blocks_added=0,
+                  tokens_lost_to_max_length=0, responses_beyond_max_length=0, no_trainable_tokens=0, train_rows=0, eval_rows=0, train_tokens=0)
     chunks = [slice(start, min(start + TOKENIZE_CHUNK_ROWS, total)) for start in range(0, total, TOKENIZE_CHUNK_ROWS)]
 
     def render(rows: slice) -> Rendered:
@@ -166,11 +184,12 @@ def format_dataset(
     # The tokenizer hands back thousands of GC-tracked Encoding objects a batch; the collections they
     # set off need not walk the rest of the process's heap. Measured: ~5% of the stage's CPU.
     try:
-        tokenized = tokenized_chunks(tokenizer, render, chunks, add_special_tokens, settings.loss_on_responses_only)
+        tokenized = tokenized_chunks(tokenizer, render, chunks, add_special_tokens, settings.loss_on_responses_only,
+                                     blocks)
         with long_lived_heap_frozen(), closing(tokenized):
             for rows, (rendered, tokens) in zip(chunks, tokenized):
                 table = examples_table(tokens, rendered, cleaned.hashes[rows], held_out[rows],
-                                       tokenizer.eos_token_id, settings.max_length, settings.overlong, counts)
+                                       tokenizer.eos_token_id, settings.max_length, overlong, counts, blocks)
                 all_lengths.append(tokens.lengths)
                 del rendered, tokens  # the table holds what is still needed
                 _write_splits(table, sink, counts, preview)
@@ -179,15 +198,17 @@ def format_dataset(
     finally:
         sink.close()
     if not counts["train_rows"] + counts["eval_rows"]:
+        advice = LengthAdvice.of(np.concatenate(all_lengths), settings.max_length)
         raise DataError(
             f"{loaded.source}: no example is left with tokens to train on within training.max_length="
             f"{settings.max_length} ({counts['too_long_dropped']} too long, {counts['no_trainable_tokens']} with "
-            "the response cut off); raise training.max_length"
+            f"the response cut off); {advice.suggestion()}"
         )
     require_both_splits(counts["train_rows"], counts["eval_rows"], settings.eval_fraction, loaded.source)
     return FormattedDataset(
         template=template.name,
         format=loaded.format,
+        overlong=overlong,
         counts=counts,
         token_lengths=np.concatenate(all_lengths),
         eos_token=tokenizer.eos_token,
