@@ -3,7 +3,7 @@ schedules, resources."""
 
 import dagster as dg
 
-from lora_pipeline.assets import OTHER_ASSETS, PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
+from lora_pipeline.assets import ON_DEMAND_ASSETS, OTHER_ASSETS, PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
 from lora_pipeline.resources.factory import default_resources
 from lora_pipeline.sensors import TUNE_JOB, dataset_changes, model_configs, model_schedules
 
@@ -17,6 +17,12 @@ rank_sweep = dg.define_asset_job(
     selection=OTHER_ASSETS,
     description="A sweep's leaderboard, from its variants' current eval reports (run the variants first).",
 )
+publish = dg.define_asset_job(
+    "publish",
+    selection=dg.AssetSelection.assets("published_model"),
+    description="Upload a model's champion to the Hugging Face Hub (publish.repo_id in its config, $HF_TOKEN); "
+    "on demand only: no sensor or schedule launches it.",
+)
 
 
 def build_definitions(resources: dict | None = None, loggers: dict | None = None,
@@ -24,9 +30,9 @@ def build_definitions(resources: dict | None = None, loggers: dict | None = None
     """The definitions of this code location; the CLI builds them with its own resources and logger
     and without the sensors and schedules, which only a daemon runs."""
     return dg.Definitions(
-        assets=[*PIPELINE_ASSETS, *OTHER_ASSETS, *SETTINGS_SPECS],
+        assets=[*PIPELINE_ASSETS, *ON_DEMAND_ASSETS, *OTHER_ASSETS, *SETTINGS_SPECS],
         asset_checks=PIPELINE_CHECKS,
-        jobs=[tune, rank_sweep],
+        jobs=[tune, rank_sweep, publish],
         sensors=[model_configs, dataset_changes] if automation else None,
         schedules=model_schedules() if automation else None,
         resources=default_resources() if resources is None else resources,

@@ -17,3 +17,7 @@ class DataError(LoraPipelineError):
 
 class ModelError(LoraPipelineError):
     """The base model cannot be resolved or loaded."""
+
+
+class PublishError(LoraPipelineError):
+    """A model cannot be published: no promoted champion, no Hub token, or the Hub refused it."""

@@ -67,6 +67,7 @@ def fake_resources(tmp_path):
         FixedCompute,
         LocalModelHub,
         ModelRegistry,
+        NoTracking,
     )
 
     store = ArtifactStore(root=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
@@ -76,6 +77,7 @@ def fake_resources(tmp_path):
         "hub": LocalModelHub(cache_dir=str(tmp_path / "models")),
         "compute": FixedCompute(device="cpu"),
         "registry": ModelRegistry(config_dir=str(tmp_path / "configs")),
+        "tracker": NoTracking(),
     }
 
 

@@ -61,7 +61,7 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
 
     adapter_output = trained_adapter(
         context_for(), config=run_config, formatted_dataset=formatted, quantized_base=base,
-        **_resources(r, "registry", "storage", "compute"),
+        **_resources(r, "registry", "storage", "compute", "tracker"),
     )
     adapter = adapter_output.value
     assert adapter_output.metadata["steps"].value == 8
@@ -89,7 +89,7 @@ def test_assets_in_order_with_fake_resources(write_config, fake_resources, conte
     report_output = eval_report(
         context_for(), config=run_config, formatted_dataset=formatted, quantized_base=base,
         trained_adapter=adapter, merged_model=merged_output.value,
-        **_resources(r, "registry", "storage", "hub", "compute"),
+        **_resources(r, "registry", "storage", "hub", "compute", "tracker"),
     )
     report_dir = r["storage"].local_path(report_output.value)
     metrics = json.loads((report_dir / "metrics.json").read_text())

@@ -59,7 +59,8 @@ def test_definitions_load_with_the_stages_the_leaderboard_the_checks_the_jobs_an
     graph = defs.resolve_asset_graph()
     stages = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
               "champion"]
-    assert {key for key in graph.materializable_asset_keys} == {dg.AssetKey(stage) for stage in [*stages, "leaderboard"]}
+    assert {key for key in graph.materializable_asset_keys} == {
+        dg.AssetKey(stage) for stage in [*stages, "leaderboard", "published_model"]}
     assert {key for key in graph.external_asset_keys} == {dg.AssetKey(f"{stage}_settings") for stage in stages}
     checks = {(key.asset_key.path[-1], key.name) for key in graph.asset_check_keys}
     gates = {("champion", name) for name in ("better_than_base", "no_regression", "forgetting", "merge_fidelity",
@@ -68,6 +69,7 @@ def test_definitions_load_with_the_stages_the_leaderboard_the_checks_the_jobs_an
                       ("formatted_dataset", "train_eval_disjoint"), *gates}
     job = defs.resolve_job_def("tune")
     assert {key.name for key in job.asset_layer.asset_graph.asset_check_keys} >= {name for _, name in checks}
+    assert dg.AssetKey("published_model") not in job.asset_layer.asset_graph.get_all_asset_keys()  # on demand only
     assert defs.resolve_sensor_def("model_configs") is not None
 
 

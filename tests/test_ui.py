@@ -39,6 +39,8 @@ CHECKS = {
 }
 # Partitioned by sweep, not by model: each sweep file's leaderboard.
 SWEEP_ASSETS = [("leaderboard",)]
+# On demand, after the champion: partitioned by model, in the `publish` job, never in `tune`.
+ON_DEMAND_ASSETS = [("published_model",)]
 # Edges every version of the graph has (an asset may read more upstream assets than these).
 EDGES = [
     ("raw_dataset", "formatted_dataset"),
@@ -280,7 +282,9 @@ def test_graphql_lists_assets_partitions_checks_and_config(webserver):
 
     # Exactly the stages, each described, in its group, partitioned by `models`; their settings; the leaderboard.
     nodes = {tuple(node["assetKey"]["path"]): node for node in webserver.graphql(ASSETS_QUERY)["assetNodes"]}
-    assert sorted(nodes) == sorted([(name,) for name in ASSETS] + SETTINGS + SWEEP_ASSETS)
+    assert sorted(nodes) == sorted([(name,) for name in ASSETS] + SETTINGS + SWEEP_ASSETS + ON_DEMAND_ASSETS)
+    for path in ON_DEMAND_ASSETS:
+        assert "tune" not in nodes[path]["jobNames"] and "publish" in nodes[path]["jobNames"], nodes[path]
     for path in SETTINGS:
         node = nodes[path]
         assert node["description"] and "model_configs sensor" in node["description"], (path, node["description"])
@@ -378,8 +382,9 @@ def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             # A large viewport: the graph zooms to fit, and only above a certain zoom level are the
-            # nodes drawn in full (checks, partitions, kinds; bare names below it).
-            page = browser.new_page(viewport={"width": 2400, "height": 1500})
+            # nodes drawn in full (checks, partitions, kinds; bare names below it). Wide enough for the
+            # columns from raw_dataset's settings to published_model.
+            page = browser.new_page(viewport={"width": 2800, "height": 1500})
             page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(f"{webserver.url}/asset-groups", timeout=60_000)  # "Global asset lineage"
             expect(page.get_by_text("Global asset lineage").first).to_be_visible(timeout=60_000)
@@ -405,7 +410,7 @@ def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
                 expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
             # Full nodes (not the zoomed-out labels): each shows its partition count, the settings' too.
             expect(page.get_by_text(f"{len(webserver.partitions)} partitions", exact=True)).to_have_count(
-                len(ASSETS) + len(SETTINGS), timeout=30_000
+                len(ASSETS) + len(SETTINGS) + len(ON_DEMAND_ASSETS), timeout=30_000
             )
             _wait_stable(node)
             page.screenshot(path=str(screenshot), full_page=True)

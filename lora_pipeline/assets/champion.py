@@ -32,6 +32,7 @@ from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.records import ChampionHistory, ScoreCache
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactIntegrityError, ArtifactRef, ArtifactStore
+from lora_pipeline.resources.tracking import ExperimentTracker
 
 SWEEP_TAG = "lora_pipeline/sweep"
 DECISION_FILE = "CHAMPION.json"
@@ -166,6 +167,7 @@ def champion(
     registry: ModelRegistry,
     storage: ArtifactStore,
     compute: Compute,
+    tracker: ExperimentTracker,
     quantized_base: ArtifactRef,
     trained_adapter: ArtifactRef,
     merged_model: ArtifactRef,
@@ -177,7 +179,8 @@ def champion(
     CHAMPION.json holds the decision; README.md is the card that carries the verdict (published
     artifacts are never amended); serving/ has `serve-vllm.sh` for every champion on this base.
     A refused candidate leaves the current champion in place (`lora-pipeline rollback` restores
-    an earlier one).
+    an earlier one). With `tracking.report_to: [mlflow]` a promotion moves the registered model's
+    alias `champion` to the candidate.
     """
     model_config = resolve_model_config(context, config, registry)
     key = context.partition_key
@@ -199,7 +202,10 @@ def champion(
                                                                "serving": decision.serving},
                        decision.suite, decision.summary()["gates"], context.run_id, key)
         context.log.info(f"{decision.owner}: {decision.candidate_version} is the champion now")
+        tracked = tracker.promoted(model_config.tracking, decision.owner, storage, trained_adapter, quantized_base,
+                                   model_config.trust_remote_code)
     else:
+        tracked = {}
         failed = [gate.name for gate in decision.gates if not gate.passed]
         context.log.warning(f"{decision.owner}: candidate {decision.candidate_version} refused by {', '.join(failed)}; "
                             f"champion stays {decision.current_version or 'none'}")
@@ -210,6 +216,7 @@ def champion(
         "candidate_version": decision.candidate_version,
         "serving_mode": decision.serving["mode"],
         "gates": dg.MetadataValue.md(gates_table(decision.gates)),
+        **tracked,
     })
     names = {gate.name for gate in decision.gates}
     for gate in decision.gates:

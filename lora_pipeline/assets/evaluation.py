@@ -26,6 +26,7 @@ from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.records import ScoreCache
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+from lora_pipeline.resources.tracking import ExperimentTracker
 
 EVAL_SPLIT = "eval.parquet"
 
@@ -62,6 +63,7 @@ def eval_report(
     storage: ArtifactStore,
     hub: ModelHub,
     compute: Compute,
+    tracker: ExperimentTracker,
     formatted_dataset: ArtifactRef,
     quantized_base: ArtifactRef,
     trained_adapter: ArtifactRef,
@@ -76,7 +78,8 @@ def eval_report(
     examples again recomputes nothing. When the model (or its sweep) has a champion on the same base,
     it is scored beside the candidate, so the report shows base, candidate and champion answering the
     same prompts. Published artifacts are never changed: the card that carries the verdict ships with
-    the champion.
+    the champion. With `tracking.report_to: [mlflow]` the metrics go into the adapter's MLflow run and the
+    adapter is registered with the alias `challenger`.
     """
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.eval
@@ -134,18 +137,23 @@ def eval_report(
         for name, value in values.items()
         if name in ("loss", "perplexity", "token_accuracy") or name.startswith("mean_")
     }
+    changes = {name: comparison[name] for name in ("adapter_vs_base_loss_change", "merged_vs_adapter_loss_change")}
+    forgetting = ({"forgetting_change": comparison["forgetting"]["relative_change"]}
+                  if "forgetting" in comparison else {})
+    tracked = tracker.evaluated(model_config.tracking, champion_owner(context, registry), storage, trained_adapter,
+                                quantized_base, {**metrics, **changes, **forgetting}, model_config.trust_remote_code)
     return stage_output(
         ref, record, model_config,
         {
             **metrics,
             **{f"adapter_{entry['metric']}_vs_base": entry["verdict"] for entry in comparison["paired"]
                if entry["candidate"] == "adapter" and entry["reference"] == "base"},
-            **({"forgetting_change": comparison["forgetting"]["relative_change"]} if "forgetting" in comparison else {}),
+            **forgetting,
             "eval_suite": digest,
             "scored_now": ", ".join(result.scored_now) or "nothing (all cached)",
-            "adapter_vs_base_loss_change": comparison["adapter_vs_base_loss_change"],
-            "merged_vs_adapter_loss_change": comparison["merged_vs_adapter_loss_change"],
+            **changes,
             "eval_examples": result.examples,
             "report": dg.MetadataValue.md(report.replace("![held-out loss](loss_by_model.png)", "")),
+            **tracked,
         },
     )

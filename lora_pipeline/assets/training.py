@@ -7,6 +7,7 @@ import json
 import dagster as dg
 import pandas as pd
 
+from lora_pipeline.assets.champion import champion_owner
 from lora_pipeline.assets.common import (
     Reads,
     pipeline_asset,
@@ -27,6 +28,7 @@ from lora_pipeline.ml.training import StepOptions, TrainingDivergedError, TrainR
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+from lora_pipeline.resources.tracking import ExperimentTracker
 
 TRAINING_SUMMARY = "training_summary.json"
 TRAIN_SPLIT = "train.parquet"  # the one file of formatted_dataset that training reads
@@ -108,6 +110,7 @@ def trained_adapter(
     registry: ModelRegistry,
     storage: ArtifactStore,
     compute: Compute,
+    tracker: ExperimentTracker,
     formatted_dataset: ArtifactRef,
     quantized_base: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
@@ -115,25 +118,27 @@ def trained_adapter(
 
     Training checkpoints go to the store; a relaunch after a crash resumes from the newest one made
     from the same inputs, and an adapter already made from the same inputs is reused, not retrained.
+    With `tracking.report_to: [mlflow]` the training is one MLflow run (linked in the metadata).
     """
     model_config = resolve_model_config(context, config, registry)
     run = _TrainingRun(context, model_config, storage, compute,
-                       {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base})
+                       {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base},
+                       tracker, champion_owner(context, registry))
     finished = storage.remembered(run.partition, STAGE, run.key)
     if finished is not None:
         return run.reuse(finished)
     resume_from = run.resume_point()
-    ref, record, result, loss_png = run.train_and_publish(formatted_dataset, quantized_base, resume_from)
-    return _adapter_output(ref, record, model_config, result, loss_png, reused=False)
+    ref, record, result, loss_png, tracked = run.train_and_publish(formatted_dataset, quantized_base, resume_from)
+    return _adapter_output(ref, record, model_config, result, loss_png, reused=False, tracked=tracked)
 
 
 class _TrainingRun:
     """One materialization of trained_adapter, in named steps: reuse, resume, train and publish."""
 
     def __init__(self, context: dg.AssetExecutionContext, model_config: ModelConfig, storage: ArtifactStore,
-                 compute: Compute, parents: dict[str, ArtifactRef]) -> None:
+                 compute: Compute, parents: dict[str, ArtifactRef], tracker: ExperimentTracker, owner: str) -> None:
         self.context, self.model_config, self.storage, self.compute = context, model_config, storage, compute
-        self.parents = parents
+        self.parents, self.tracker, self.owner = parents, tracker, owner
         self.partition = context.partition_key
         self.device = compute.info()
         self.inputs = training_inputs(model_config, storage, parents["formatted_dataset"], parents["quantized_base"])
@@ -152,8 +157,10 @@ class _TrainingRun:
         summary = read_json(folder / TRAINING_SUMMARY)
         result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
         record = self.lineage(memory_plan=parent_lineage(folder).get("memory_plan"))  # as planned when it trained
+        tracked = self.tracker.adapter_run(self.model_config.tracking, self.owner, self.storage, finished,
+                                           self.parents["quantized_base"], self.model_config.trust_remote_code)
         return _adapter_output(finished, record, self.model_config, result, (folder / LOSS_CURVE).read_bytes(),
-                               reused=True)
+                               reused=True, tracked=tracked)
 
     def resume_point(self):
         """The newest checkpoint made from these inputs (or None), saying why others are not resumed."""
@@ -184,8 +191,10 @@ class _TrainingRun:
         plan = check_fits(model_config, self.device, base_dir)  # before the model is loaded
         base_name = quantized_base.uri if model_config.builtin_base else model_config.base_model
         options = step_options(model_config.training, self.device, dequant_cache=bool(plan and plan.dequant_cache))
-        with storage.staging_dir() as staging:
-            result = self.train(base_dir, train, staging, base_name, resume_from, options)
+        with self.tracker.training(model_config.tracking, self.owner, self.partition, self.lineage()) as live, \
+                storage.staging_dir() as staging:
+            result = self.train(base_dir, train, staging, base_name, resume_from, options,
+                                live.log if live is not None else None)
             loss_png = loss_curve_png(result.loss_history)
             (staging / LOSS_CURVE).write_bytes(loss_png)
             write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": self.key})
@@ -193,12 +202,14 @@ class _TrainingRun:
                                   memory_plan=plan.terms() if plan is not None else None)
             (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
             ref = publish_stage(self.context, storage, staging, record)
-        storage.remember(self.partition, STAGE, self.key, ref)
-        storage.drop_checkpoints(self.partition, STAGE)
-        return ref, record, result, loss_png
+            storage.remember(self.partition, STAGE, self.key, ref)
+            storage.drop_checkpoints(self.partition, STAGE)
+            tracked = {} if live is None else live.finish(ref, storage.local_path(ref), base_dir, vars(result),
+                                                          model_config.trust_remote_code)
+        return ref, record, result, loss_png, tracked
 
     def train(self, base_dir, train: pd.DataFrame, staging, base_name: str, resume_from,
-              options: StepOptions) -> TrainResult:
+              options: StepOptions, on_log=None) -> TrainResult:
         """Train; a diverged run names the last good checkpoint it kept."""
         try:
             return train_adapter(
@@ -206,6 +217,9 @@ class _TrainingRun:
                 self.report, on_checkpoint=self.publish_checkpoint,
                 resume_from=resume_from[1] if resume_from is not None else None,
                 trust_remote_code=self.model_config.trust_remote_code, options=options,
+                # MLflow is the pipeline's own (on_log); the Trainer reports to the other trackers itself.
+                report_to=tuple(name for name in self.model_config.tracking.report_to if name != "mlflow"),
+                on_log=on_log,
             )
         except TrainingDivergedError as diverged:
             kept = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
@@ -216,7 +230,7 @@ class _TrainingRun:
 
 
 def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, result: TrainResult,
-                    loss_png: bytes, reused: bool) -> dg.Output[ArtifactRef]:
+                    loss_png: bytes, reused: bool, tracked: dict) -> dg.Output[ArtifactRef]:
     return stage_output(
         ref, record, model_config,
         {
@@ -242,6 +256,7 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
             "target_modules": 
                 result.target_modules if isinstance(result.target_modules, str) else ", ".join(result.target_modules)
             ,
+            **tracked,
         },
     )
 

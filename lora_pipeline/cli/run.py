@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from lora_pipeline.assets import PIPELINE_ASSETS, SETTINGS_SPECS
+from lora_pipeline.assets import ON_DEMAND_ASSETS, PIPELINE_ASSETS, SETTINGS_SPECS
 from lora_pipeline.assets.provenance import (
     plain_metadata,
     readable_source_version,
@@ -45,6 +45,8 @@ from lora_pipeline.config.registry import (
 )
 from lora_pipeline.errors import ConfigError, DataError
 
+# Stages that run only when --select names them (publishing): never part of '*', 'name+' or an up-to-date check.
+ON_DEMAND = [asset.key.path[-1] for asset in ON_DEMAND_ASSETS]
 
 EPILOG = f"""\
 examples:
@@ -52,6 +54,7 @@ examples:
   lora-pipeline run configs/tiny-demo.yaml --select +trained_adapter --set lora.r=8
   lora-pipeline run my-model.yaml --storage s3://bucket/lora --json
   lora-pipeline run configs/tiny-demo.yaml --select raw_dataset,formatted_dataset --set dataset.source=chats.jsonl
+  HF_TOKEN=hf_... lora-pipeline run my-model.yaml --select published_model --set publish.repo_id=me/my-model
   lora-pipeline validate configs/llama-3.1-8b-qlora.yaml
   lora-pipeline list
 
@@ -59,7 +62,7 @@ selection (--select): comma-separated parts. A plain asset name selects it; '+na
 everything it depends on, 'name+' everything that depends on it (as Dagster's '+key:name' and
 'key:name+'). Any other part is Dagster's selection syntax, e.g. 'key:merged_model or
 key:eval_report', '1+key:eval_report' (one level up).
-assets: {', '.join(stage_names())}.
+assets: {', '.join(stage_names())}; on demand, only when named: {', '.join(ON_DEMAND)}.
 """
 
 
@@ -75,7 +78,8 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", type=Path, help="model config YAML (in configs/ or anywhere)")
-    parser.add_argument("--select", default="*", metavar="SELECTION", help="assets to materialize (default: all)")
+    parser.add_argument("--select", default="*", metavar="SELECTION",
+                        help="assets to materialize (default: all but the on-demand published_model)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.max_steps=20 (repeatable; values parsed as YAML)",
@@ -191,7 +195,11 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
     """Run every variant of a sweep (sharing what they have in common), rank them, and promote the recommended one."""
     sweep = partition_key_for(args.config)
     selected = selected_asset_names(selection(args.select))
-    per_variant = [name for name in selected if name != "champion"]
+    per_variant = [name for name in selected if name != "champion" and name not in ON_DEMAND]
+    after_ranking = [name for name in selected if name == "champion" or name in ON_DEMAND]
+    if set(after_ranking) & set(ON_DEMAND) and "eval_report" not in per_variant:
+        raise ConfigError(f"a sweep publishes the variant its leaderboard recommends: select +{ON_DEMAND[0]} "
+                          "(what is up to date is not run again)")
     started = time.perf_counter()
     stream = sys.stderr if args.json else sys.stdout
     results = {}
@@ -209,15 +217,18 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
         summary["leaderboard"] = {"uri": board_uri, "recommended": board["recommended"]}
         print(f"\nleaderboard: {board_uri}/leaderboard.md\nrecommended: {board['recommended']} ({board['why']})",
               file=stream)
-        if "champion" in selected:
+        if after_ranking:
             key = board["recommended"]
-            plan = RunPlan(args.config, key, variants[key], ["champion"], readable_source_version(variants[key]),
+            plan = RunPlan(args.config, key, variants[key], after_ranking, readable_source_version(variants[key]),
                            args.overrides, args.storage, args.force, args.debug, tags={SWEEP_TAG: sweep})
             _, assets, _, refused = run_reporting_refusal(plan)
             champion = champion_summary(plan, assets)
             if champion is not None:
                 summary["champion"] = champion
                 print_champion(champion, stream)
+            if "published_model" in assets:
+                summary["published"] = assets["published_model"]["metadata"].get("commit_url")
+                print(f"published: {summary['published']}", file=stream)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     if args.json:
         print(json.dumps(summary))
@@ -268,10 +279,11 @@ def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:
     resources = default_resources(storage_root=plan.storage)
     with settings_reported(instance, plan.key, plan.model_config, plan.source_version, plan.config_path,
                            plan.overrides):
-        current = {} if plan.force else up_to_date_assets(instance, plan.key, plan.selected, plan.model_config,
+        stages = [name for name in plan.selected if name not in ON_DEMAND]  # an on-demand stage runs when asked
+        current = {} if plan.force else up_to_date_assets(instance, plan.key, stages, plan.model_config,
                                                            resources["storage"], plan.source_version)
         if plan.siblings and not plan.force:
-            reused = reuse_from_siblings(instance, plan.key, plan.siblings, [n for n in plan.selected if n not in current],
+            reused = reuse_from_siblings(instance, plan.key, plan.siblings, [n for n in stages if n not in current],
                                          plan.model_config, resources["storage"], plan.source_version)
             if reused:
                 print(f"same as in another variant, reused: {', '.join(reused)}", file=sys.stderr)
@@ -332,8 +344,11 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
     }
     definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
     previous = [run.run_id for run in instance.get_runs(limit=1)]
+    # The tune job leaves on-demand stages out; Dagster's implicit job of every asset holds them too.
+    job = (definitions.resolve_implicit_global_asset_job_def() if set(to_run) & set(ON_DEMAND)
+           else definitions.resolve_job_def(tune.name))
     try:
-        return definitions.resolve_job_def(tune.name).execute_in_process(
+        return job.execute_in_process(
             asset_selection=[dg.AssetKey(name) for name in to_run],
             partition_key=plan.key,
             run_config=run_config,
@@ -399,6 +414,9 @@ def selection(text: str) -> dg.AssetSelection:
                 piece = dg.AssetSelection.from_string(part)
             except Exception as exc:  # Dagster's parser raises several types
                 raise ConfigError(f"--select {part!r}: {str(exc).splitlines()[0]}") from None
+        unnamed = [name for name in ON_DEMAND if name not in part]
+        if unnamed:  # '*' or 'champion+' must not publish
+            piece = piece - dg.AssetSelection.assets(*unnamed)
         chosen = piece if chosen is None else chosen | piece
     if chosen is None:
         raise ConfigError("--select is empty")
@@ -410,11 +428,11 @@ def selected_asset_names(chosen: dg.AssetSelection) -> list[str]:
     try:
         # With the settings assets in the graph, 'key:trained_adapter_settings+' selects what that stage's
         # settings feed; only pipeline assets are run.
-        keys = chosen.resolve([*PIPELINE_ASSETS, dg.AssetsDefinition(specs=SETTINGS_SPECS)])
+        keys = chosen.resolve([*PIPELINE_ASSETS, *ON_DEMAND_ASSETS, dg.AssetsDefinition(specs=SETTINGS_SPECS)])
     except Exception as exc:  # Dagster raises several types for bad selections
         raise ConfigError(f"--select: {exc}".splitlines()[0]) from None
     names = {key.to_user_string() for key in keys}
-    return [name for name in stage_names() if name in names]
+    return [name for name in [*stage_names(), *ON_DEMAND] if name in names]
 
 
 def failed_checks_of(instance, run_id: str) -> list[str]:
@@ -444,3 +462,9 @@ def print_summary(key: str, run_id: str | None, assets: dict, wall: float, strea
             file=stream,
         )
         print(f"report: {Path(report['uri']) / 'report.md'}", file=stream)
+    tracked = assets.get("trained_adapter", {}).get("metadata", {})
+    if tracked.get("mlflow_run_id"):
+        print(f"mlflow run: {tracked.get('mlflow_run_url') or tracked['mlflow_run_id']}", file=stream)
+    published = assets.get("published_model")
+    if published:
+        print(f"published: {published['metadata'].get('commit_url')}", file=stream)

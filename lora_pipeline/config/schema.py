@@ -403,6 +403,118 @@ class RetrainSettings(_Strict):
         return value
 
 
+# The names transformers' Trainer accepts in report_to (its INTEGRATION_TO_CALLBACK); a test keeps them in step.
+TRAINER_INTEGRATIONS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
+                        "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb")
+
+
+class TrackingSettings(_Strict):
+    """Experiment tracking: which trackers see each training, and where MLflow records it.
+
+    Tracking records what a stage did; it never changes what a stage makes, so no stage's version
+    reads this section (turning a tracker on redoes nothing).
+    """
+
+    report_to: list[str] = Field(
+        default=[],
+        description="Trackers, in the Trainer's report_to spelling: mlflow, tensorboard, wandb, trackio, comet_ml, "
+        "... Empty: none, and nothing is contacted. 'mlflow' is the pipeline's own: one MLflow run per trained "
+        "adapter with the training curves, the evaluation's metrics, the adapter as a model and registry aliases "
+        "(see the other keys). The others go to the Trainer as they are and read their usual variables "
+        "(WANDB_PROJECT, TENSORBOARD_LOGGING_DIR, ...).",
+    )
+    tracking_uri: Optional[str] = Field(
+        default=None,
+        description="MLflow tracking URI: a server (http://host:5000), a database (postgresql://user@host/db, "
+        "sqlite:///path/mlflow.db) or databricks. Unset: $MLFLOW_TRACKING_URI, else the SQLite file mlflow.db in "
+        "the Dagster instance folder ($DAGSTER_HOME, .dagster by default).",
+    )
+    experiment: Optional[str] = Field(
+        default=None,
+        description="MLflow experiment of the runs. Unset: the model's name (a sweep's name for its variants, so "
+        "they are compared side by side).",
+    )
+    log_model: bool = Field(
+        default=True,
+        description="Log each adapter as an MLflow transformers model that points at its quantized base by local "
+        "path (base_model_path), so mlflow.transformers.load_model needs no hub. Loads the base once more.",
+    )
+    register_model: bool = Field(
+        default=True,
+        description="Register each evaluated adapter in the MLflow model registry with the alias 'challenger', "
+        "and move the alias 'champion' to it when the champion stage promotes it. Needs log_model.",
+    )
+    registered_model: Optional[str] = Field(
+        default=None,
+        description="Name of the registered model. Unset: the model's name (a sweep's name for its variants).",
+    )
+
+    @pydantic.field_validator("report_to", mode="before")
+    @classmethod
+    def _accept_a_single_name(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @pydantic.field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        # 'all' would report to whatever happens to be installed, 'none' is spelled [] here.
+        unknown = [name for name in value if name not in TRAINER_INTEGRATIONS]
+        if unknown:
+            raise ValueError(f"unknown tracker(s) {unknown}; known: {list(TRAINER_INTEGRATIONS)} ([] for none)")
+        return list(dict.fromkeys(value))
+
+    @pydantic.model_validator(mode="after")
+    def _registering_needs_the_model(self) -> "TrackingSettings":
+        if self.register_model and not self.log_model and "mlflow" in self.report_to:
+            raise ValueError("register_model needs log_model (the registry versions the logged model); "
+                             "set register_model: false as well")
+        return self
+
+    @property
+    def mlflow(self) -> bool:
+        """Whether MLflow records this model's runs."""
+        return "mlflow" in self.report_to
+
+
+# A Hub repo id: an optional namespace (user or organization) and a name, as the Hub spells them.
+HUB_REPO_ID = r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class PublishSettings(_Strict):
+    """Publishing the champion to the Hugging Face Hub: the on-demand `published_model` stage.
+
+    Nothing is published unless that stage is asked for (the UI, or `lora-pipeline run CONFIG
+    --select published_model`); the token comes from $HF_TOKEN, never from here. Like tracking,
+    publishing never changes what a stage makes, so no stage's version reads this section.
+    """
+
+    repo_id: Optional[str] = Field(
+        default=None, pattern=HUB_REPO_ID,
+        description="Hub repo to publish to, 'user-or-org/name' (created when missing). Required to publish; "
+        "unset: published_model refuses, naming this key.",
+    )
+    private: bool = Field(
+        default=True,
+        description="Create the repo private (the Hub ignores this for a repo that exists already: its "
+        "visibility is left as it is).",
+    )
+    revision: str = Field(
+        default="main", min_length=1,
+        description="Branch to commit to; a branch other than main is created from main when missing.",
+    )
+    include_merged: bool = Field(
+        default=False,
+        description="Also upload the champion's merged model (full weights, in the repo's merged/ folder). Off: "
+        "the adapter and its card only, a few MB.",
+    )
+    commit_message: Optional[str] = Field(
+        default=None,
+        description="Message of the Hub commit. Unset: 'lora-pipeline: champion VERSION of MODEL'.",
+    )
+
+
 class ModelConfig(_Strict):
     """One model to fine-tune: a YAML file under configs/ is one of these, and one partition."""
 
@@ -433,6 +545,12 @@ class ModelConfig(_Strict):
     eval: EvalSettings = Field(default=EvalSettings(), description="Evaluation.")
     promotion: PromotionSettings = Field(default=PromotionSettings(), description="Promotion gates.")
     retrain: RetrainSettings = Field(default=RetrainSettings(), description="Scheduled and data-triggered retraining.")
+    tracking: TrackingSettings = Field(
+        default=TrackingSettings(), description="Experiment tracking (MLflow, TensorBoard, W&B, ...); off by default."
+    )
+    publish: PublishSettings = Field(
+        default=PublishSettings(), description="Publishing the champion to the Hugging Face Hub (on demand)."
+    )
 
     @pydantic.model_validator(mode="after")
     def _promotion_metric_is_evaluated(self) -> "ModelConfig":
@@ -480,6 +598,12 @@ class TuningRunConfig(dg.Config):
     eval: Optional[EvalSettings] = Field(default=None, description="Evaluation.")
     promotion: Optional[PromotionSettings] = Field(default=None, description="Promotion gates.")
     retrain: Optional[RetrainSettings] = Field(default=None, description="Scheduled and data-triggered retraining.")
+    tracking: Optional[TrackingSettings] = Field(
+        default=None, description="Experiment tracking (MLflow, TensorBoard, W&B, ...); off by default."
+    )
+    publish: Optional[PublishSettings] = Field(
+        default=None, description="Publishing the champion to the Hugging Face Hub (on demand)."
+    )
 
     def sections_given(self) -> dict:
         """The sections this run sets explicitly, as plain data."""
@@ -488,5 +612,6 @@ class TuningRunConfig(dg.Config):
 
 # Dagster shows these docstrings as descriptions, some as Markdown: without the source's indentation.
 for _config_class in (DatasetSettings, LoraSettings, QuantizationSettings, TrainingSettings, MergeSettings,
-                      EvalSettings, PromotionSettings, RetrainSettings, ModelConfig, TuningRunConfig):
+                      EvalSettings, PromotionSettings, RetrainSettings, TrackingSettings, PublishSettings, ModelConfig,
+                      TuningRunConfig):
     _config_class.__doc__ = inspect.cleandoc(_config_class.__doc__ or "")

@@ -158,3 +158,40 @@ def with_evaluation(card_text: str, document: dict, role: str, model_name: str, 
     anchor = body.find("## Lineage")
     body = body[:anchor] + "\n".join(section) + body[anchor:] if anchor >= 0 else body.rstrip() + "\n\n" + "\n".join(section)
     return f"---\n{card.data.to_yaml()}\n---\n{body}"
+
+
+# A Hub model id: an optional namespace and a name (what the Hub's base_model metadata accepts).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a base_model names a Hub model (not a built-in, a local folder or a URL)."""
+    return bool(_HUB_ID.fullmatch(name)) and not name.startswith(("builtin:", ".")) and "://" not in name
+
+
+def hub_card(card_text: str, base_model: str, repo_id: str, revision: str, merged_folder: str | None) -> str:
+    """The champion's card as published to a Hub repo: how to load it from there, and front matter the Hub accepts.
+
+    The Hub refuses a card whose base_model is not a model on the Hub, so a built-in or local base
+    is named in the text only. merged_folder: the repo folder holding the merged model, if uploaded.
+    """
+    card = ModelCard(card_text)
+    on_hub = is_hub_id(base_model)
+    card.data.base_model = base_model if on_hub else None
+    at = "" if revision == "main" else f", revision={revision!r}"
+    if on_hub:
+        usage = ["## Loading it from the Hub", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+                 f"model = AutoPeftModelForCausalLM.from_pretrained({repo_id!r}{at})", "```", ""]
+    else:
+        usage = ["## Loading it from the Hub", "",
+                 f"The base model ({base_model}) is not on the Hub: load a copy of it and attach this adapter "
+                 f"with `PeftModel.from_pretrained(base, {repo_id!r}{at})`.", ""]
+    if merged_folder is not None:
+        usage += [f"The merged model (no PEFT needed) is in `{merged_folder}/`:", "", "```python",
+                  "from transformers import AutoModelForCausalLM", "",
+                  f"model = AutoModelForCausalLM.from_pretrained({repo_id!r}, subfolder={merged_folder!r}{at})",
+                  "```", ""]
+    body, section = card.text, "\n".join(usage)
+    anchor = body.find("## Lineage")
+    body = body[:anchor] + section + "\n" + body[anchor:] if anchor >= 0 else body.rstrip() + "\n\n" + section
+    return f"---\n{card.data.to_yaml()}\n---\n{body}"

@@ -11,6 +11,7 @@ from lora_pipeline.ml.base.precision import DeviceInfo
 
 ProgressFn = Callable[[dict], None]
 CheckpointFn = Callable[[Path, int], None]
+LogFn = Callable[[int, dict], None]  # (optimizer step, the Trainer's logs): an experiment tracker
 
 
 def reset_peak_memory(device: DeviceInfo) -> None:
@@ -69,6 +70,19 @@ def progress_callback(progress: ProgressFn, tokens_per_step: float):
     return ProgressCallback()
 
 
+def log_callback(on_log: LogFn):
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        """Hands every Trainer log (loss, learning rate, grad norm, the end-of-training summary) to on_log, at its step:
+        what transformers' MLflowCallback would log, into a run the pipeline owns rather than one set up from
+        environment variables and the process's active run."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                on_log(state.global_step, dict(logs))
+
+    return LogCallback()
 
 
 def checkpoint_callback(on_checkpoint: CheckpointFn | None):

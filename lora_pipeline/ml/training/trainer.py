@@ -15,8 +15,10 @@ from lora_pipeline.ml.heap import long_lived_heap_frozen
 from lora_pipeline.ml.training.step import step_trainer_class
 from lora_pipeline.ml.training.telemetry import (
     CheckpointFn,
+    LogFn,
     ProgressFn,
     checkpoint_callback,
+    log_callback,
     peak_memory_bytes,
     progress_callback,
     reset_peak_memory,
@@ -145,6 +147,8 @@ def train_adapter(
     resume_from: Path | None = None,
     trust_remote_code: bool = False,
     options: StepOptions | None = None,
+    report_to: tuple[str, ...] = (),
+    on_log: LogFn | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
 
@@ -155,7 +159,8 @@ def train_adapter(
     scheduler, RNG states, step) is handed to on_checkpoint(folder, step); resume_from is such a
     folder to continue from, so a killed run ends with the same steps as an uninterrupted one.
     options: the step's levers; by default what the config asks for on this device, without the
-    dequantization cache (the memory plan decides that one).
+    dequantization cache (the memory plan decides that one). report_to: the Trainer's own trackers
+    (tensorboard, wandb, ...); on_log(step, logs) receives every Trainer log (the pipeline's MLflow run).
     """
     import torch
     from peft import prepare_model_for_kbit_training
@@ -186,7 +191,7 @@ def train_adapter(
     ensure_distinct_pad(tokenizer)
     trainer = step_trainer_class(SFTTrainer, lean=options.lean_loss)(
         model=model,
-        args=_trainer_arguments(training, out_dir, device, precision, checkpointing, options),
+        args=_trainer_arguments(training, out_dir, device, precision, checkpointing, options, report_to),
         train_dataset=_token_dataset(train, training.max_length),
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -201,6 +206,8 @@ def train_adapter(
     if progress is not None:
         trainer.add_callback(progress_callback(progress, tokens_per_step))
     trainer.add_callback(checkpoint_callback(on_checkpoint))
+    if on_log is not None:
+        trainer.add_callback(log_callback(on_log))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     logger.info("training %s trainable of %s parameters; step %s", trainable, total, options)
 
@@ -259,7 +266,7 @@ def _token_dataset(train: "pd.DataFrame", max_length: int):
 
 
 def _trainer_arguments(training: "TrainingSettings", out_dir: Path, device: DeviceInfo, precision: str,
-                       checkpointing: bool, options: StepOptions):
+                       checkpointing: bool, options: StepOptions, report_to: tuple[str, ...] = ()):
     from trl import SFTConfig
 
     padding_free = options.padding_free and not training.packing
@@ -287,7 +294,7 @@ def _trainer_arguments(training: "TrainingSettings", out_dir: Path, device: Devi
         save_strategy="steps" if training.checkpoint_every else "no",
         save_steps=training.checkpoint_every or 500,
         save_total_limit=1,  # the store keeps the published ones
-        report_to=[],
+        report_to=list(report_to),  # [] unless the config names the Trainer's own trackers
         disable_tqdm=True,
         use_cpu=device.device == "cpu",
         seed=training.seed,
