@@ -4,6 +4,7 @@ schedules, resources."""
 import dagster as dg
 
 from lora_pipeline.assets import ON_DEMAND_ASSETS, OTHER_ASSETS, PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
+from lora_pipeline.deploy import step_executor
 from lora_pipeline.resources.factory import default_resources
 from lora_pipeline.sensors import TUNE_JOB, dataset_changes, model_configs, model_schedules
 
@@ -37,6 +38,7 @@ def build_definitions(resources: dict | None = None, loggers: dict | None = None
         schedules=model_schedules() if automation else None,
         resources=default_resources() if resources is None else resources,
         loggers=loggers,
+        executor=step_executor(),  # one pod per step with LORA_PIPELINE_EXECUTOR=k8s; else in the run worker
     )
 
 

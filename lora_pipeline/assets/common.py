@@ -17,6 +17,7 @@ from lora_pipeline.assets.provenance import (
 from lora_pipeline.assets.stages import Reads, Stage, declare, settings_key
 from lora_pipeline.config.registry import PARTITION_KEY_PATTERN, validate_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
+from lora_pipeline.deploy import k8s_step_tags
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.artifacts import LINEAGE
@@ -43,7 +44,8 @@ def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Rea
     reads besides its parent assets (`Reads`, hashed into its settings version; see stages.py).
 
     Stages that put a model on the accelerator run in the `gpu` pool, so an instance never runs
-    more of them at once than its pool limit (the number of GPUs). Data stages run first. A stage
+    more of them at once than its pool limit (the number of GPUs); on Kubernetes only their pods
+    ask for a GPU (`dagster-k8s/config` tags, lora_pipeline/deploy.py). Data stages run first. A stage
     runs holding its partition's writer lock in the store, so two runs of one model never
     interleave their writes: the second stops with the first one named. Each stage depends on its
     settings asset (<stage>_settings), whose observed versions are how the UI learns of config,
@@ -68,7 +70,7 @@ def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Rea
                     return compute(context, **inputs)
 
         definition = dg.asset(
-            op_tags=DATA_FIRST if group == "data" else None,
+            op_tags={**(DATA_FIRST if group == "data" else {}), **k8s_step_tags(uses_gpu)} or None,
             partitions_def=MODEL_PARTITIONS,
             io_manager_key=ARTIFACT_IO,
             kinds=kinds,
