@@ -133,13 +133,13 @@ def test_the_demo_meets_its_acceptance_figures(tmp_path):
     ],
 )
 def test_selection_syntax(text, expected):
-    from lora_pipeline.cli.run import selected_asset_names, selection
+    from lora_pipeline.cli.selection import selected_asset_names, selection
 
     assert selected_asset_names(selection(text)) == expected
 
 
 def test_an_unknown_asset_in_the_selection_is_a_config_error():
-    from lora_pipeline.cli.run import selected_asset_names, selection
+    from lora_pipeline.cli.selection import selected_asset_names, selection
     from lora_pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--select"):

@@ -186,7 +186,7 @@ def test_the_hub_card_names_a_hub_base_in_its_metadata_and_no_other():
 
 
 def test_publishing_is_on_demand_only():
-    from lora_pipeline.cli.run import selected_asset_names, selection
+    from lora_pipeline.cli.selection import selected_asset_names, selection
     from lora_pipeline.definitions import defs
     from lora_pipeline.sensors import stage_names
 

@@ -95,7 +95,8 @@ def test_tracking_is_no_part_of_any_stage_settings():
 def test_report_to_takes_the_trainers_names_and_reaches_its_arguments(tmp_path, monkeypatch):
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    from lora_pipeline.config.schema import TRAINER_INTEGRATIONS, ModelConfig, TrackingSettings, TrainingSettings
+    from lora_pipeline.config.downstream import TRAINER_INTEGRATIONS
+    from lora_pipeline.config.schema import ModelConfig, TrackingSettings, TrainingSettings
     from lora_pipeline.ml.base.precision import DeviceInfo
     from lora_pipeline.ml.tracking import default_tracking_uri
     from lora_pipeline.ml.training.trainer import StepOptions, _trainer_arguments
