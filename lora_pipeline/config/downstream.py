@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import pydantic
 from pydantic import Field
 
-from lora_pipeline.config.base import DtypeName, StrictSection
+from lora_pipeline.config.base import DtypeName, StrictSection, names_from_string
 
 # Per-example metrics eval_report can compute; loss is the only one where lower is better.
 EVAL_METRICS = ("loss", "token_accuracy", "exact_match", "normalized_match", "rouge_l", "chrf")
@@ -201,9 +201,7 @@ class TrackingSettings(StrictSection):
     @pydantic.field_validator("report_to", mode="before")
     @classmethod
     def _accept_a_single_name(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return names_from_string(value)
 
     @pydantic.field_validator("report_to")
     @classmethod

@@ -19,7 +19,7 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
-from lora_pipeline.config.base import DtypeName, StrictSection
+from lora_pipeline.config.base import DtypeName, StrictSection, names_from_string
 from lora_pipeline.config.downstream import (
     EvalSettings,
     MergeSettings,
@@ -155,9 +155,7 @@ class LoraSettings(StrictSection):
     @pydantic.field_validator("target_modules", "modules_to_save", mode="before")
     @classmethod
     def _accept_a_single_name(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return names_from_string(value)
 
     @pydantic.field_validator("target_modules")
     @classmethod
