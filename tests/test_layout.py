@@ -30,7 +30,7 @@ def test_every_asset_and_config_field_describes_itself():
     for cls in (schema.ModelConfig, schema.TuningRunConfig, schema.DatasetSettings, schema.LoraSettings,
                 schema.QuantizationSettings, schema.TrainingSettings, schema.MergeSettings, schema.EvalSettings,
                 schema.PromotionSettings, schema.RetrainSettings, schema.TrackingSettings,
-                schema.PublishSettings):
+                schema.PublishSettings, schema.ExportSettings):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
 

@@ -260,3 +260,29 @@ class PublishSettings(StrictSection):
         default=None,
         description="Message of the Hub commit. Unset: 'lora-pipeline: champion VERSION of MODEL'.",
     )
+
+
+class ExportSettings(StrictSection):
+    """Exporting to GGUF for llama.cpp and Ollama: the opt-in `gguf_export` stage.
+
+    Off by default. The conversion runs llama.cpp's own converter scripts, taken from the pinned
+    llama-cpp-python source distribution (nothing is built). Like publishing, exporting never
+    changes what the training stages make, so no other stage's version reads this section.
+    """
+
+    gguf: Optional[Literal["f16", "q8_0", "q4_k_m"]] = Field(
+        default=None,
+        description="GGUF type of the exported merged model and adapter: 'f16' (lossless up to fp16 rounding), "
+        "'q8_0' (8-bit blocks, about half the size), or 'q4_k_m' (needs llama_quantize: the f16 file is "
+        "quantized by llama.cpp's own binary). Unset: no GGUF export.",
+    )
+    llama_quantize: Optional[str] = Field(
+        default=None,
+        description="Path of a llama.cpp `llama-quantize` binary; only q4_k_m needs it. Unset: q4_k_m is refused "
+        "with a message naming this key.",
+    )
+    modelfile: bool = Field(
+        default=True,
+        description="Also write Ollama Modelfiles next to the GGUF files: one FROM the merged model, one FROM the "
+        "base with the adapter as ADAPTER, each with the chat template as TEMPLATE.",
+    )

@@ -22,6 +22,7 @@ from pydantic import Field
 from lora_pipeline.config.base import DtypeName, StrictSection, names_from_string
 from lora_pipeline.config.downstream import (
     EvalSettings,
+    ExportSettings,
     MergeSettings,
     PromotionSettings,
     PublishSettings,
@@ -305,6 +306,9 @@ class ModelConfig(StrictSection):
     publish: PublishSettings = Field(
         default=PublishSettings(), description="Publishing the champion to the Hugging Face Hub (on demand)."
     )
+    export: ExportSettings = Field(
+        default=ExportSettings(), description="GGUF export for llama.cpp and Ollama; off by default."
+    )
 
     @pydantic.model_validator(mode="after")
     def _promotion_metric_is_evaluated(self) -> "ModelConfig":
@@ -358,6 +362,9 @@ class TuningRunConfig(dg.Config):
     publish: Optional[PublishSettings] = Field(
         default=None, description="Publishing the champion to the Hugging Face Hub (on demand)."
     )
+    export: Optional[ExportSettings] = Field(
+        default=None, description="GGUF export for llama.cpp and Ollama; off by default."
+    )
 
     def sections_given(self) -> dict:
         """The sections this run sets explicitly, as plain data."""
@@ -366,6 +373,7 @@ class TuningRunConfig(dg.Config):
 
 # Dagster shows these docstrings as descriptions, some as Markdown: without the source's indentation.
 for _config_class in (DatasetSettings, LoraSettings, QuantizationSettings, TrainingSettings, MergeSettings,
-                      EvalSettings, PromotionSettings, RetrainSettings, TrackingSettings, PublishSettings, ModelConfig,
+                      EvalSettings, PromotionSettings, RetrainSettings, TrackingSettings, PublishSettings, ExportSettings,
+                      ModelConfig,
                       TuningRunConfig):
     _config_class.__doc__ = inspect.cleandoc(_config_class.__doc__ or "")
