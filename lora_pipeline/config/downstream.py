@@ -262,6 +262,10 @@ class PublishSettings(StrictSection):
     )
 
 
+# GGUF types export.gguf accepts: the first two the converters write, q4_k_m through llama-quantize.
+GGUF_TYPES = ("f16", "q8_0", "q4_k_m")
+
+
 class ExportSettings(StrictSection):
     """Exporting to GGUF for llama.cpp and Ollama: the opt-in `gguf_export` stage.
 
@@ -270,7 +274,7 @@ class ExportSettings(StrictSection):
     changes what the training stages make, so no other stage's version reads this section.
     """
 
-    gguf: Optional[Literal["f16", "q8_0", "q4_k_m"]] = Field(
+    gguf: Optional[str] = Field(
         default=None,
         description="GGUF type of the exported merged model and adapter: 'f16' (lossless up to fp16 rounding), "
         "'q8_0' (8-bit blocks, about half the size), or 'q4_k_m' (needs llama_quantize: the f16 file is "
@@ -286,3 +290,11 @@ class ExportSettings(StrictSection):
         description="Also write Ollama Modelfiles next to the GGUF files: one FROM the merged model, one FROM the "
         "base with the adapter as ADAPTER, each with the chat template as TEMPLATE.",
     )
+
+    # Dagster's config types cannot spell Optional[Literal[...]]: the choice is checked here.
+    @pydantic.field_validator("gguf")
+    @classmethod
+    def _known_type(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {value!r}; known: {list(GGUF_TYPES)} (unset: no export)")
+        return value
