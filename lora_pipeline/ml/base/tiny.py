@@ -65,23 +65,60 @@ def shape_config(shape: TinyLlamaShape, vocab_size: int) -> dict:
     }
 
 
+# Special tokens first, so BOS, EOS and pad keep ids 0, 1 and 2; the pad is distinct from EOS, so EOS
+# stays in the labels and the model learns to stop.
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+
+
+def _byte_fallback_bpe(corpus: list[str], vocab_size: int):
+    """A Llama-style BPE trained on the corpus: words marked with '▁' (Metaspace), and any character the
+    merges do not cover spelled as its UTF-8 bytes, <0x00>..<0xFF>, which are all in the vocabulary.
+
+    This is the tokenizer layout llama.cpp's converter reads without a pre-tokenizer hash (its
+    LlamaHfVocab path), so the built-in models export to GGUF."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
+    reserved = len(SPECIAL_TOKENS) + len(byte_tokens)
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size - len(byte_tokens), len(SPECIAL_TOKENS) + 1),
+        special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    )
+    # Newlines are pieces of their own: no token spans a line break, so a prompt ending in one (Alpaca's
+    # "### Response:\n") ends on a token boundary and the loss mask starts exactly at the answer.
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+    ])
+    draft = Tokenizer(models.BPE())
+    draft.pre_tokenizer = pre_tokenizer
+    draft.train_from_iterator(corpus, trainer)
+    trained = json.loads(draft.to_str())["model"]
+    # The byte tokens go right after the specials, then the trained pieces in their order.
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *byte_tokens])}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        if token not in vocab and len(vocab) < max(vocab_size, reserved):
+            vocab[token] = len(vocab)
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    merges = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True))
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
+    ])
+    return tokenizer
+
+
 def build_tiny_llama(corpus: list[str], out_dir: Path, shape: TinyLlamaShape, seed: int = 0) -> Path:
-    """Train a byte-level BPE tokenizer on the corpus and save it with a randomly initialised Llama."""
+    """Train a byte-fallback BPE tokenizer on the corpus and save it with a randomly initialised Llama."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=shape.vocab_size,
-        # A pad token distinct from EOS, so EOS stays in the labels and the model learns to stop.
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer = _byte_fallback_bpe(corpus, shape.vocab_size)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )

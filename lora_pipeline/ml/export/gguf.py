@@ -1,0 +1,220 @@
+"""GGUF export for llama.cpp and Ollama: convert, verify, and write Ollama Modelfiles.
+
+Dagster-free. The conversion runs llama.cpp's own converter scripts (convert_hf_to_gguf.py and
+convert_lora_to_gguf.py) as subprocesses with this interpreter. They are not copied into this
+repository: they are taken from the pinned llama-cpp-python source distribution on PyPI, which is
+downloaded once into a cache folder and only the scripts and their gguf-py package are extracted.
+Every file written is read back with the `gguf` package and compared with the safetensors weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# The llama-cpp-python sdist the converter scripts come from (tested with these scripts' output).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+# What the converter scripts need from the sdist's vendored llama.cpp tree.
+_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
+# Types the Python converters write themselves; anything else goes through llama-quantize.
+CONVERTER_TYPES = ("f16", "q8_0")
+QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}
+
+
+def converter_dir(cache: Path, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """The folder holding llama.cpp's converter scripts, fetching the pinned sdist on first use."""
+    target = cache / f"llama.cpp-{version}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / f"llama_cpp_python-{version}.tar.gz"
+    if not archive.is_file():
+        # pip is the ordinary client of the package index (and honours the user's index settings).
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
+             "--no-binary", ":all:", "-d", str(cache)],
+            check=True, capture_output=True, text=True,
+        )
+    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    staging = cache / f".staging-{os.getpid()}"
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                   and any(m.name[len(prefix):].startswith(part) for part in _CONVERTER_PARTS)
+                   and (m.isfile() or m.isdir())]
+        tar.extractall(staging, members=members, filter="data")
+    # Atomic rename, so a half-extracted folder is never taken for a complete one.
+    if not target.exists():
+        (staging / prefix).rename(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _run_converter(scripts: Path, script: str, args: list[str]) -> None:
+    """Run one converter script with this interpreter; its output is in the error if it fails."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(scripts / "gguf-py")}
+    done = subprocess.run([sys.executable, str(scripts / script), *args], cwd=scripts, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+
+
+def check_quantize(gguf_type: str, llama_quantize: str | None) -> str | None:
+    """The llama-quantize binary a type needs (None for the converters' own types); refuses clearly."""
+    if gguf_type in CONVERTER_TYPES:
+        return None
+    if gguf_type not in QUANTIZE_TYPES:
+        raise ConfigError(f"export.gguf: unknown type {gguf_type!r} (use f16, q8_0 or q4_k_m)")
+    if not llama_quantize:
+        raise ConfigError(f"export.gguf: {gguf_type} needs llama.cpp's llama-quantize binary; set "
+                          "export.llama_quantize to its path, or use f16 or q8_0")
+    if shutil.which(llama_quantize) is None:
+        raise ConfigError(f"export.llama_quantize: {llama_quantize!r} is not an executable")
+    return llama_quantize
+
+
+def convert_model(model_dir: Path, out_file: Path, gguf_type: str, cache: Path,
+                  llama_quantize: str | None = None) -> Path:
+    """A Hugging Face model folder (weights + tokenizer) as one GGUF file of the given type."""
+    quantizer = check_quantize(gguf_type, llama_quantize)
+    scripts = converter_dir(cache)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    first = out_file.with_suffix(".f16.gguf") if quantizer else out_file
+    _run_converter(scripts, "convert_hf_to_gguf.py",
+                   [str(model_dir), "--outfile", str(first), "--outtype", "f16" if quantizer else gguf_type])
+    if quantizer:
+        subprocess.run([quantizer, str(first), str(out_file), QUANTIZE_TYPES[gguf_type]], check=True)
+        first.unlink()
+    return out_file
+
+
+def convert_adapter(adapter_dir: Path, base_dir: Path, out_file: Path, gguf_type: str, cache: Path) -> Path:
+    """A PEFT LoRA adapter folder as a GGUF adapter; the base folder gives its config (no hub)."""
+    # llama.cpp's adapter converter writes f16/q8_0 only; a q4 adapter is not a thing llama.cpp reads.
+    adapter_type = gguf_type if gguf_type in CONVERTER_TYPES else "f16"
+    scripts = converter_dir(cache)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    _run_converter(scripts, "convert_lora_to_gguf.py",
+                   [str(adapter_dir), "--base", str(base_dir), "--outfile", str(out_file), "--outtype", adapter_type])
+    return out_file
+
+
+@dataclass(frozen=True)
+class GgufCheck:
+    """What reading a GGUF file back found: its tensors and the largest difference from the source."""
+
+    tensors: int
+    max_abs_diff: float
+    compared: int
+
+
+def read_tensors(path: Path) -> dict:
+    """The tensors of a GGUF file, dequantized to float32 numpy arrays in the source's shape."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {}
+    for tensor in GGUFReader(path).tensors:
+        values = dequantize(tensor.data, tensor.tensor_type)
+        # GGUF lists dimensions innermost first; numpy's order is the reverse.
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        tensors[tensor.name] = np.asarray(values, dtype=np.float32).reshape(shape)
+    return tensors
+
+
+def _llama_permute(weights, heads: int):
+    """The row order llama.cpp gives q/k projections (its rotary layout) applied to HF weights."""
+    rows = weights.shape[0]
+    return (weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def _gguf_name(hf_name: str, name_map) -> tuple[str, str]:
+    """The GGUF name of an HF tensor (and its suffix: weight, lora_a or lora_b)."""
+    for hf_suffix, gguf_suffix in ((".lora_A.weight", ".weight.lora_a"), (".lora_B.weight", ".weight.lora_b"),
+                                   (".weight", ".weight"), (".bias", ".bias")):
+        if hf_name.endswith(hf_suffix):
+            stem = hf_name[: -len(hf_suffix)].removeprefix("base_model.model.")
+            mapped = name_map.get_name(stem)
+            if mapped is None:
+                raise KeyError(f"no GGUF name for {hf_name}")
+            return mapped + gguf_suffix, gguf_suffix
+    raise KeyError(f"no GGUF name for {hf_name}")
+
+
+def compare_with_safetensors(gguf_file: Path, weights_file: Path, config: dict) -> GgufCheck:
+    """Read a GGUF file back and compare every tensor with the safetensors it was converted from.
+
+    config is the model's config.json (its heads and layers); q/k projections are compared in
+    llama.cpp's row order. Raises if a source tensor is missing from the file or changed shape."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    exported = read_tensors(gguf_file)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    largest, compared = 0.0, 0
+    sources = load_file(weights_file).items() if _numpy_safe(weights_file) else _torch_load(weights_file)
+    for hf_name, source in sources:
+        name, suffix = _gguf_name(hf_name, name_map)
+        values = np.asarray(source, dtype=np.float32)
+        if suffix != ".weight.lora_a":
+            if ".q_proj" in hf_name:
+                values = _llama_permute(values, config["num_attention_heads"])
+            elif ".k_proj" in hf_name:
+                values = _llama_permute(values, config.get("num_key_value_heads", config["num_attention_heads"]))
+        if name not in exported:
+            raise KeyError(f"{gguf_file.name}: {name} (from {hf_name}) is missing")
+        if exported[name].shape != values.shape:
+            raise ValueError(f"{name}: shape {exported[name].shape} in GGUF, {values.shape} in safetensors")
+        largest = max(largest, float(np.abs(exported[name] - values).max()))
+        compared += 1
+    return GgufCheck(tensors=len(exported), max_abs_diff=largest, compared=compared)
+
+
+def _numpy_safe(weights_file: Path) -> bool:
+    """Whether numpy can read the file's dtypes (bf16 needs torch)."""
+    import json
+    import struct
+
+    with open(weights_file, "rb") as handle:
+        header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+    return all(entry.get("dtype") != "BF16" for key, entry in header.items() if key != "__metadata__")
+
+
+def _torch_load(weights_file: Path):
+    """The tensors of a safetensors file as float32 numpy arrays, through torch (for bf16)."""
+    from safetensors.torch import load_file
+
+    return [(name, tensor.float().numpy()) for name, tensor in load_file(weights_file).items()]
+
+
+# The project's prompt formats in Ollama's Go-template syntax (ollama.com/library Modelfile docs).
+OLLAMA_TEMPLATES = {
+    "chatml": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+               "<|im_start|>assistant\n"),
+    "alpaca": ("{{ if .System }}{{ .System }}\n\n{{ end }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n"
+               "{{ .Response }}"),
+}
+OLLAMA_STOPS = {"chatml": ["<|im_end|>", "<|im_start|>"], "alpaca": ["### Instruction:"]}
+
+
+def modelfile(from_file: str, template: str | None, adapter_file: str | None = None, eos: str | None = None) -> str:
+    """An Ollama Modelfile: FROM a GGUF (and ADAPTER a GGUF adapter), with the template as TEMPLATE."""
+    lines = [f"FROM {from_file}"]
+    if adapter_file:
+        lines.append(f"ADAPTER {adapter_file}")
+    if template in OLLAMA_TEMPLATES:
+        lines.append(f'TEMPLATE """{OLLAMA_TEMPLATES[template]}"""')
+        lines += [f'PARAMETER stop "{stop}"' for stop in [*OLLAMA_STOPS[template], *([eos] if eos else [])]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,70 @@
+"""GGUF export: the built-in model and an adapter converted by llama.cpp's own scripts, read back and compared."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lora_pipeline.errors import ConfigError
+from lora_pipeline.ml.export import gguf as export
+
+# The converter scripts are fetched once per checkout (pip download of the pinned sdist).
+CACHE = Path(os.environ.get("LORA_PIPELINE_LLAMA_CPP_CACHE", Path(__file__).parents[1] / ".cache" / "llama-cpp"))
+
+
+@pytest.fixture(scope="module")
+def micro_adapter(micro_base, tmp_path_factory) -> Path:
+    """A LoRA adapter on the micro base with non-zero A and B (as if trained), saved the PEFT way."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(micro_base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero; a trained adapter's is not
+                parameter.normal_(std=0.02)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(("gguf_type", "tolerance"), [("f16", 2e-3), ("q8_0", 2e-2)])
+def test_the_built_in_model_exports_and_reads_back_as_its_weights(micro_base, tmp_path, gguf_type, tolerance):
+    out = export.convert_model(micro_base, tmp_path / f"micro.{gguf_type}.gguf", gguf_type, CACHE)
+    config = json.loads((micro_base / "config.json").read_text())
+    check = export.compare_with_safetensors(out, micro_base / "model.safetensors", config)
+    assert check.compared == check.tensors  # every tensor in the file came from the safetensors, none left out
+    assert 0 < check.max_abs_diff < tolerance  # fp16 rounding / q8_0 block error, not zero (it was converted)
+
+
+def test_the_adapter_exports_and_its_lora_tensors_read_back(micro_base, micro_adapter, tmp_path):
+    out = export.convert_adapter(micro_adapter, micro_base, tmp_path / "adapter.gguf", "f16", CACHE)
+    config = json.loads((micro_base / "config.json").read_text())
+    check = export.compare_with_safetensors(out, micro_adapter / "adapter_model.safetensors", config)
+    assert check.compared == check.tensors == 2 * 4 * config["num_hidden_layers"]  # A and B of 4 modules a layer
+    assert check.max_abs_diff < 1e-3
+
+
+def test_modelfiles_name_the_files_and_the_template_in_ollama_syntax():
+    merged = export.modelfile("./merged.q8_0.gguf", "chatml", eos="</s>")
+    assert merged.splitlines()[0] == "FROM ./merged.q8_0.gguf" and "ADAPTER" not in merged
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in merged
+    assert 'PARAMETER stop "<|im_end|>"' in merged and 'PARAMETER stop "</s>"' in merged
+    with_adapter = export.modelfile("./base.gguf", "alpaca", adapter_file="./adapter.gguf")
+    assert with_adapter.splitlines()[:2] == ["FROM ./base.gguf", "ADAPTER ./adapter.gguf"]
+    assert "### Instruction:\n{{ .Prompt }}\n\n### Response:\n" in with_adapter
+    assert "TEMPLATE" not in export.modelfile("./m.gguf", "plain")  # no chat format: Ollama's raw prompt
+
+
+def test_q4_k_m_needs_llama_quantize_and_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="export.llama_quantize"):
+        export.check_quantize("q4_k_m", None)
+    with pytest.raises(ConfigError, match="not an executable"):
+        export.check_quantize("q4_k_m", str(tmp_path / "llama-quantize"))
+    assert export.check_quantize("q8_0", None) is None
