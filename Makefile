@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 # not used: `playwright install` fetches from a CDN).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser demo test test-fast ui lock bench bench-data clean
+.PHONY: install browser llama-cpp demo test test-fast ui lock bench bench-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	mkdir -p $(DAGSTER_HOME)
 	touch $(STAMP)
 
-install: $(STAMP) browser  ## create .venv and install the pinned dependencies (and Chromium for the UI test)
+install: $(STAMP) browser llama-cpp  ## create .venv and install the pinned dependencies (and Chromium for the UI test)
+
+llama-cpp: $(STAMP)  ## llama.cpp's GGUF converter scripts from the pinned llama-cpp-python sdist, into .cache/llama-cpp
+	$(BIN)/python -c "from pathlib import Path; from lora_pipeline.ml.export.gguf import converter_dir; print(converter_dir(Path('.cache/llama-cpp')))"
 
 browser:  ## Chromium for the UI screenshot test: apt-get when root, a hint otherwise
 	@if [ -x $(CHROMIUM) ]; then :; \
