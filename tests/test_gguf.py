@@ -68,3 +68,18 @@ def test_q4_k_m_needs_llama_quantize_and_says_so(tmp_path):
     with pytest.raises(ConfigError, match="not an executable"):
         export.check_quantize("q4_k_m", str(tmp_path / "llama-quantize"))
     assert export.check_quantize("q8_0", None) is None
+
+
+def test_export_gguf_writes_both_files_checked_and_the_modelfiles(micro_base, micro_adapter, tmp_path):
+    facts = export.export_gguf(micro_base, micro_adapter, tmp_path, "q8_0", CACHE, None, "chatml")
+    assert facts["merged_max_abs_diff"] < 2e-2 and facts["adapter_max_abs_diff"] < 2e-2
+    assert (tmp_path / facts["merged_file"]).stat().st_size == facts["merged_bytes"] > 0
+    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./merged.q8_0.gguf\nTEMPLATE")
+    assert "ADAPTER ./adapter.gguf" in (tmp_path / "Modelfile.adapter").read_text()
+
+
+def test_gguf_export_is_an_on_demand_stage():
+    from lora_pipeline.assets import ON_DEMAND_ASSETS, PIPELINE_ASSETS
+
+    assert "gguf_export" in [a.key.path[-1] for a in ON_DEMAND_ASSETS]
+    assert "gguf_export" not in [a.key.path[-1] for a in PIPELINE_ASSETS]

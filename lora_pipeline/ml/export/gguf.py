@@ -218,3 +218,31 @@ def modelfile(from_file: str, template: str | None, adapter_file: str | None = N
         lines.append(f'TEMPLATE """{OLLAMA_TEMPLATES[template]}"""')
         lines += [f'PARAMETER stop "{stop}"' for stop in [*OLLAMA_STOPS[template], *([eos] if eos else [])]]
     return "\n".join(lines) + "\n"
+
+
+def export_gguf(merged_dir: Path, adapter_dir: Path, out_dir: Path, gguf_type: str, cache: Path,
+                llama_quantize: str | None, template: str | None, write_modelfile: bool = True) -> dict:
+    """Convert the merged model and the adapter into out_dir, check both, write Modelfiles; plain facts back."""
+    import json
+
+    config = json.loads((merged_dir / "config.json").read_text())
+    merged = convert_model(merged_dir, out_dir / f"merged.{gguf_type}.gguf", gguf_type, cache, llama_quantize)
+    # The merged folder has the base's config and tokenizer, all the adapter converter reads from --base.
+    adapter = convert_adapter(adapter_dir, merged_dir, out_dir / "adapter.gguf", gguf_type, cache)
+    facts = {"gguf_type": gguf_type}
+    for label, path, weights in (("merged", merged, merged_dir / "model.safetensors"),
+                                 ("adapter", adapter, adapter_dir / "adapter_model.safetensors")):
+        if label == "merged" and gguf_type not in CONVERTER_TYPES:
+            facts[f"{label}_tensors"] = len(read_tensors(path))  # llama-quantize's k-quants: no dequantized check
+        else:
+            check = compare_with_safetensors(path, weights, config)
+            facts.update({f"{label}_tensors": check.tensors, f"{label}_max_abs_diff": check.max_abs_diff})
+        facts[f"{label}_bytes"] = path.stat().st_size
+        facts[f"{label}_file"] = path.name
+    if write_modelfile:
+        eos = json.loads((merged_dir / "tokenizer_config.json").read_text()).get("eos_token")
+        (out_dir / "Modelfile").write_text(modelfile(f"./{merged.name}", template, eos=eos), encoding="utf-8")
+        # No base GGUF is written here: point FROM at the base model's own GGUF in Ollama.
+        (out_dir / "Modelfile.adapter").write_text(
+            modelfile("BASE_MODEL.gguf", template, adapter_file=f"./{adapter.name}", eos=eos), encoding="utf-8")
+    return facts
