@@ -1,0 +1,1 @@
+"""Exports to formats other tools run: GGUF for llama.cpp and Ollama (gguf.py). Dagster-free."""
