@@ -60,7 +60,7 @@ def test_definitions_load_with_the_stages_the_leaderboard_the_checks_the_jobs_an
     stages = ["raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report",
               "champion"]
     assert {key for key in graph.materializable_asset_keys} == {
-        dg.AssetKey(stage) for stage in [*stages, "leaderboard", "published_model"]}
+        dg.AssetKey(stage) for stage in [*stages, "leaderboard", "published_model", "gguf_export"]}
     assert {key for key in graph.external_asset_keys} == {dg.AssetKey(f"{stage}_settings") for stage in stages}
     checks = {(key.asset_key.path[-1], key.name) for key in graph.asset_check_keys}
     gates = {("champion", name) for name in ("better_than_base", "no_regression", "forgetting", "merge_fidelity",

@@ -88,7 +88,8 @@ def test_every_stage_depends_on_its_settings_asset_and_the_tune_job_runs_only_th
         assert "model_configs sensor" in spec.description and "lora-pipeline run" in spec.description
     graph = defs.resolve_asset_graph()
     assert graph.get_all_asset_keys() == ({dg.AssetKey(s) for s in STAGES} | {settings_key(s) for s in STAGES}
-                                          | {dg.AssetKey("leaderboard"), dg.AssetKey("published_model")})
+                                          | {dg.AssetKey("leaderboard"), dg.AssetKey("published_model"),
+                                             dg.AssetKey("gguf_export")})
     executed = defs.resolve_job_def("tune").asset_layer.executable_asset_keys
     assert executed == {dg.AssetKey(stage) for stage in STAGES}
 
