@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) browser llama-cpp  ## create .venv and install the pinned dependencies (and Chromium for the UI test)
 
-llama-cpp: $(STAMP)  ## llama.cpp's GGUF converter scripts from the pinned llama-cpp-python sdist, into .cache/llama-cpp
-	$(BIN)/python -c "from pathlib import Path; from lora_pipeline.ml.export.gguf import converter_dir; print(converter_dir(Path('.cache/llama-cpp')))"
+llama-cpp: $(STAMP)  ## llama.cpp's GGUF converter scripts from the pinned llama-cpp-python sdist, into the user's cache
+	$(BIN)/python -c "from lora_pipeline.ml.export.gguf import converter_dir, default_cache; print(converter_dir(default_cache()))"
 
 browser:  ## Chromium for the UI screenshot test: apt-get when root, a hint otherwise
 	@if [ -x $(CHROMIUM) ]; then :; \

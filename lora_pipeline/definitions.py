@@ -24,6 +24,12 @@ publish = dg.define_asset_job(
     description="Upload a model's champion to the Hugging Face Hub (publish.repo_id in its config, $HF_TOKEN); "
     "on demand only: no sensor or schedule launches it.",
 )
+export = dg.define_asset_job(
+    "export",
+    selection=dg.AssetSelection.assets("gguf_export"),
+    description="Convert a model's merged model, base and adapter to GGUF for llama.cpp and Ollama (export.gguf in "
+    "its config), with Modelfiles; on demand only.",
+)
 
 
 def build_definitions(resources: dict | None = None, loggers: dict | None = None,
@@ -33,7 +39,7 @@ def build_definitions(resources: dict | None = None, loggers: dict | None = None
     return dg.Definitions(
         assets=[*PIPELINE_ASSETS, *ON_DEMAND_ASSETS, *OTHER_ASSETS, *SETTINGS_SPECS],
         asset_checks=PIPELINE_CHECKS,
-        jobs=[tune, rank_sweep, publish],
+        jobs=[tune, rank_sweep, publish, export],
         sensors=[model_configs, dataset_changes] if automation else None,
         schedules=model_schedules() if automation else None,
         resources=default_resources() if resources is None else resources,

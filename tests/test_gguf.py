@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,8 @@ import pytest
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.ml.export import gguf as export
 
-# The converter scripts are fetched once per checkout (pip download of the pinned sdist).
-CACHE = Path(os.environ.get("LORA_PIPELINE_LLAMA_CPP_CACHE", Path(__file__).parents[1] / ".cache" / "llama-cpp"))
+# The converter scripts are fetched once (pip download of the pinned sdist) into the user's cache.
+CACHE = export.default_cache()
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +55,12 @@ def test_modelfiles_name_the_files_and_the_template_in_ollama_syntax():
     assert merged.splitlines()[0] == "FROM ./merged.q8_0.gguf" and "ADAPTER" not in merged
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in merged
     assert 'PARAMETER stop "<|im_end|>"' in merged and 'PARAMETER stop "</s>"' in merged
-    with_adapter = export.modelfile("./base.gguf", "alpaca", adapter_file="./adapter.gguf")
+    with_adapter = export.modelfile("./base.gguf", "alpaca", adapter_file="./adapter.gguf", eos="</s>")
     assert with_adapter.splitlines()[:2] == ["FROM ./base.gguf", "ADAPTER ./adapter.gguf"]
     assert "### Instruction:\n{{ .Prompt }}\n\n### Response:\n" in with_adapter
     assert "TEMPLATE" not in export.modelfile("./m.gguf", "plain")  # no chat format: Ollama's raw prompt
+    # A tokenizer's own Jinja template has no Ollama spelling here: Ollama reads it from the GGUF.
+    assert export.modelfile("./m.gguf", "tokenizer", eos="</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
 
 
 def test_q4_k_m_needs_llama_quantize_and_says_so(tmp_path):
@@ -70,12 +71,36 @@ def test_q4_k_m_needs_llama_quantize_and_says_so(tmp_path):
     assert export.check_quantize("q8_0", None) is None
 
 
-def test_export_gguf_writes_both_files_checked_and_the_modelfiles(micro_base, micro_adapter, tmp_path):
-    facts = export.export_gguf(micro_base, micro_adapter, tmp_path, "q8_0", CACHE, None, "chatml")
-    assert facts["merged_max_abs_diff"] < 2e-2 and facts["adapter_max_abs_diff"] < 2e-2
+def test_export_gguf_writes_every_file_checked_and_the_modelfiles(micro_base, micro_adapter, tmp_path):
+    # The micro base stands in for the merged model too: both are Llama folders with a tokenizer.
+    facts = export.export_gguf(micro_base, micro_adapter, micro_base, tmp_path, "q8_0", CACHE, None, "chatml")
+    assert max(facts[f"{label}_max_abs_diff"] for label in ("merged", "base", "adapter")) < 2e-2
     assert (tmp_path / facts["merged_file"]).stat().st_size == facts["merged_bytes"] > 0
     assert (tmp_path / "Modelfile").read_text().startswith("FROM ./merged.q8_0.gguf\nTEMPLATE")
-    assert "ADAPTER ./adapter.gguf" in (tmp_path / "Modelfile.adapter").read_text()
+    assert (tmp_path / "Modelfile.adapter").read_text().startswith("FROM ./base.q8_0.gguf\nADAPTER ./adapter.gguf\n")
+
+
+def test_a_sharded_model_folder_is_compared_shard_by_shard(micro_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(micro_base).save_pretrained(sharded, max_shard_size="200KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    out = export.convert_model(micro_base, tmp_path / "micro.gguf", "f16", CACHE)
+    config = json.loads((micro_base / "config.json").read_text())
+    whole = export.compare_with_safetensors(out, micro_base / "model.safetensors", config)
+    assert export.compare_with_safetensors(out, sharded, config) == whole
+
+
+def test_a_tensor_that_differs_is_caught(micro_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = export.convert_model(micro_base, tmp_path / "micro.gguf", "f16", CACHE)
+    weights = load_file(micro_base / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] += 1.0
+    save_file(weights, tmp_path / "changed.safetensors")
+    config = json.loads((micro_base / "config.json").read_text())
+    assert export.compare_with_safetensors(out, tmp_path / "changed.safetensors", config).max_abs_diff > 0.99
 
 
 def test_gguf_export_is_an_on_demand_stage():
@@ -83,3 +108,25 @@ def test_gguf_export_is_an_on_demand_stage():
 
     assert "gguf_export" in [a.key.path[-1] for a in ON_DEMAND_ASSETS]
     assert "gguf_export" not in [a.key.path[-1] for a in PIPELINE_ASSETS]
+
+
+@pytest.mark.slow
+def test_cli_exports_a_trained_model_when_asked(tmp_path, write_config):
+    from test_cli import _cli
+
+    path = write_config("micro")  # NF4 base: the base GGUF comes from the unquantized weights kept beside it
+    trained = json.loads(_cli(["run", str(path), "--select", "+merged_model", "--json"], tmp_path,
+                              check_rc=0).stdout.splitlines()[-1])
+    assert "gguf_export" not in trained["assets"]  # not even downstream of what was selected: only when named
+    refused = _cli(["run", str(path), "--select", "gguf_export"], tmp_path, check_rc=2)
+    assert "export.gguf is not set" in refused.stderr
+    done = _cli(["run", str(path), "--select", "gguf_export", "--set", "export.gguf=q8_0", "--json"], tmp_path,
+                check_rc=0)
+    meta = json.loads(done.stdout.splitlines()[-1])["assets"]["gguf_export"]["metadata"]
+    folder = Path(meta["uri"])
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".gguf") == [
+        "adapter.gguf", "base.q8_0.gguf", "merged.q8_0.gguf"]
+    assert meta["merged_max_abs_diff"] < 2e-2 and meta["base_max_abs_diff"] < 2e-2 and meta["adapter_max_abs_diff"] < 1e-3
+    assert meta["template"] == "alpaca"  # the micro data is alpaca rows: 'auto' resolved, as training rendered it
+    assert "### Instruction:" in (folder / "Modelfile").read_text()
+    assert f"gguf: {meta['uri']}" in done.stderr

@@ -39,8 +39,9 @@ CHECKS = {
 }
 # Partitioned by sweep, not by model: each sweep file's leaderboard.
 SWEEP_ASSETS = [("leaderboard",)]
-# On demand, after the champion: partitioned by model, in the `publish` job, never in `tune`.
-ON_DEMAND_ASSETS = [("published_model",)]
+# On demand, after the stage they hand off: partitioned by model, each in its own job, never in `tune`.
+ON_DEMAND_JOBS = {("published_model",): "publish", ("gguf_export",): "export"}
+ON_DEMAND_ASSETS = list(ON_DEMAND_JOBS)
 # Edges every version of the graph has (an asset may read more upstream assets than these).
 EDGES = [
     ("raw_dataset", "formatted_dataset"),
@@ -284,7 +285,7 @@ def test_graphql_lists_assets_partitions_checks_and_config(webserver):
     nodes = {tuple(node["assetKey"]["path"]): node for node in webserver.graphql(ASSETS_QUERY)["assetNodes"]}
     assert sorted(nodes) == sorted([(name,) for name in ASSETS] + SETTINGS + SWEEP_ASSETS + ON_DEMAND_ASSETS)
     for path in ON_DEMAND_ASSETS:
-        assert "tune" not in nodes[path]["jobNames"] and "publish" in nodes[path]["jobNames"], nodes[path]
+        assert "tune" not in nodes[path]["jobNames"] and ON_DEMAND_JOBS[path] in nodes[path]["jobNames"], nodes[path]
     for path in SETTINGS:
         node = nodes[path]
         assert node["description"] and "model_configs sensor" in node["description"], (path, node["description"])
@@ -384,7 +385,7 @@ def test_asset_graph_page_screenshot(chromium, webserver, tmp_path):
             # A large viewport: the graph zooms to fit, and only above a certain zoom level are the
             # nodes drawn in full (checks, partitions, kinds; bare names below it). Wide enough for the
             # columns from raw_dataset's settings to published_model.
-            page = browser.new_page(viewport={"width": 2800, "height": 1500})
+            page = browser.new_page(viewport={"width": 2800, "height": 2000})
             page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(f"{webserver.url}/asset-groups", timeout=60_000)  # "Global asset lineage"
             expect(page.get_by_text("Global asset lineage").first).to_be_visible(timeout=60_000)

@@ -1,23 +1,29 @@
-"""The gguf_export stage: the merged model and the adapter as GGUF files for llama.cpp and Ollama, on demand.
+"""The gguf_export stage: the merged model, the base and the adapter as GGUF files for llama.cpp and Ollama, on demand.
 
-Opt-in: it runs only when asked for (the UI, or `lora-pipeline run CONFIG --select gguf_export`) and
-refuses unless export.gguf names a type. The conversion, the read-back check and the Modelfiles are
-plain functions in ml/export/gguf.py; this asset resolves the config and persists the files.
+Opt-in: it runs only when asked for (the UI, the `export` job, or `lora-pipeline run CONFIG --select
+gguf_export`) and refuses unless export.gguf names a type. The conversion, the read-back check and
+the Modelfiles are plain functions in ml/export/gguf.py; this asset resolves the config and the
+inputs' folders and persists the files.
 """
-
-from pathlib import Path
 
 import dagster as dg
 
-from lora_pipeline.assets.common import ARTIFACT_IO, MODEL_PARTITIONS, config_metadata, ref_metadata, resolve_model_config
+from lora_pipeline.assets.base import original_weights_dir
+from lora_pipeline.assets.common import (
+    ARTIFACT_IO,
+    MODEL_PARTITIONS,
+    config_metadata,
+    read_json,
+    ref_metadata,
+    resolve_model_config,
+)
+from lora_pipeline.assets.data import FORMAT_SUMMARY
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.errors import ConfigError
-from lora_pipeline.ml.export.gguf import export_gguf
+from lora_pipeline.ml.export.gguf import check_quantize, default_cache, export_gguf
+from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
-
-# Where the converter scripts are cached (fetched once from the pinned llama-cpp-python sdist).
-CONVERTER_CACHE = Path(".cache/llama-cpp")
 
 
 @dg.asset(
@@ -32,26 +38,33 @@ def gguf_export(
     config: TuningRunConfig,
     registry: ModelRegistry,
     storage: ArtifactStore,
-    merged_model: ArtifactRef,
+    hub: ModelHub,
+    formatted_dataset: ArtifactRef,
+    quantized_base: ArtifactRef,
     trained_adapter: ArtifactRef,
+    merged_model: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
-    """The merged model and the adapter as GGUF files (export.gguf: f16 or q8_0; q4_k_m with export.llama_quantize),
-    converted by llama.cpp's own scripts, read back and compared with the safetensors weights, with Ollama
-    Modelfiles. On demand only; refuses when export.gguf is unset."""
+    """The merged model, the base and the adapter as GGUF files (export.gguf: f16 or q8_0; q4_k_m with
+    export.llama_quantize), converted by llama.cpp's own scripts, read back and compared with the safetensors
+    weights, with Ollama Modelfiles (FROM the merged model; FROM the base + ADAPTER). On demand only; refuses
+    when export.gguf is unset."""
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.export
     if settings.gguf is None:
         raise ConfigError("export.gguf is not set: name a GGUF type (f16 or q8_0) in the model's config "
                           "(export: {gguf: q8_0}) or in the run config")
-    template = model_config.dataset.template if model_config.dataset.template in ("chatml", "alpaca") else None
+    check_quantize(settings.gguf, settings.llama_quantize)  # before any conversion starts
+    # The template the data was rendered with ('auto' resolved), so Ollama prompts the model the same way.
+    template = read_json(storage.local_path(formatted_dataset) / FORMAT_SUMMARY)["template"]
+    base_dir = original_weights_dir(storage.local_path(quantized_base), hub, model_config.trust_remote_code)
     with storage.writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
         with storage.staging_dir() as staging:
-            facts = export_gguf(storage.local_path(merged_model), storage.local_path(trained_adapter), staging,
-                                settings.gguf, CONVERTER_CACHE, settings.llama_quantize, template,
-                                settings.modelfile)
+            facts = export_gguf(storage.local_path(merged_model), storage.local_path(trained_adapter), base_dir,
+                                staging, settings.gguf, default_cache(), settings.llama_quantize, template,
+                                settings.modelfile, progress=context.log.info)
             ref = storage.publish(staging, context.partition_key, context.asset_key.path[-1])
-    context.log.info(f"GGUF export ({settings.gguf}): {facts}")
-    return dg.Output(ref, metadata={**ref_metadata(ref), **config_metadata(model_config), **facts})
+    return dg.Output(ref, metadata={**ref_metadata(ref), **config_metadata(model_config), "template": template,
+                                    **facts})
 
 
 # On-demand stages: in the graph after the stage they hand off, outside the tune job (assets/__init__.py).

@@ -76,7 +76,7 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     )
     parser.add_argument("config", type=Path, help="model config YAML (in configs/ or anywhere)")
     parser.add_argument("--select", default="*", metavar="SELECTION",
-                        help="assets to materialize (default: all but the on-demand published_model)")
+                        help=f"assets to materialize (default: all but the on-demand {' and '.join(ON_DEMAND)})")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.max_steps=20 (repeatable; values parsed as YAML)",
@@ -195,7 +195,8 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
     per_variant = [name for name in selected if name != "champion" and name not in ON_DEMAND]
     after_ranking = [name for name in selected if name == "champion" or name in ON_DEMAND]
     if set(after_ranking) & set(ON_DEMAND) and "eval_report" not in per_variant:
-        raise ConfigError(f"a sweep publishes the variant its leaderboard recommends: select +{ON_DEMAND[0]} "
+        asked = next(name for name in after_ranking if name in ON_DEMAND)
+        raise ConfigError(f"a sweep hands off the variant its leaderboard recommends: select +{asked} "
                           "(what is up to date is not run again)")
     started = time.perf_counter()
     stream = sys.stderr if args.json else sys.stdout
@@ -424,3 +425,7 @@ def print_summary(key: str, run_id: str | None, assets: dict, wall: float, strea
     published = assets.get("published_model")
     if published:
         print(f"published: {published['metadata'].get('commit_url')}", file=stream)
+    exported = assets.get("gguf_export")
+    if exported:
+        print(f"gguf: {exported['metadata'].get('uri')} ({exported['metadata'].get('merged_file')}, "
+              f"{exported['metadata'].get('adapter_file')}, Modelfile)", file=stream)

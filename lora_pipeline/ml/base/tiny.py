@@ -78,7 +78,7 @@ def _byte_fallback_bpe(corpus: list[str], vocab_size: int):
     LlamaHfVocab path), so the built-in models export to GGUF."""
     import json
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
     reserved = len(SPECIAL_TOKENS) + len(byte_tokens)

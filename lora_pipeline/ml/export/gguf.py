@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,14 @@ _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "convers
 # Types the Python converters write themselves; anything else goes through llama-quantize.
 CONVERTER_TYPES = ("f16", "q8_0")
 QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}
+
+
+def default_cache() -> Path:
+    """Where the converter scripts are cached: $LORA_PIPELINE_LLAMA_CPP_CACHE, else the user's cache folder
+    (shared by every checkout and run; a cache, so deleting it only costs a download)."""
+    if os.environ.get("LORA_PIPELINE_LLAMA_CPP_CACHE"):
+        return Path(os.environ["LORA_PIPELINE_LLAMA_CPP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-pipeline" / "llama-cpp"
 
 
 def converter_dir(cache: Path, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
@@ -117,19 +126,21 @@ class GgufCheck:
     compared: int
 
 
-def read_tensors(path: Path) -> dict:
-    """The tensors of a GGUF file, dequantized to float32 numpy arrays in the source's shape."""
+def _dequantized(tensor):
+    """One GGUF tensor as a float32 numpy array in the source's shape."""
     import numpy as np
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    tensors = {}
-    for tensor in GGUFReader(path).tensors:
-        values = dequantize(tensor.data, tensor.tensor_type)
-        # GGUF lists dimensions innermost first; numpy's order is the reverse.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        tensors[tensor.name] = np.asarray(values, dtype=np.float32).reshape(shape)
-    return tensors
+    # GGUF lists dimensions innermost first; numpy's order is the reverse.
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+
+
+def read_tensors(path: Path) -> dict:
+    """The tensors of a GGUF file, dequantized to float32 numpy arrays in the source's shape."""
+    from gguf import GGUFReader
+
+    return {tensor.name: _dequantized(tensor) for tensor in GGUFReader(path).tensors}
 
 
 def _llama_permute(weights, heads: int):
@@ -152,22 +163,33 @@ def _gguf_name(hf_name: str, name_map) -> tuple[str, str]:
     raise KeyError(f"no GGUF name for {hf_name}")
 
 
-def compare_with_safetensors(gguf_file: Path, weights_file: Path, config: dict) -> GgufCheck:
+def _safetensors_tensors(weights: Path):
+    """(name, float32 numpy array) for every tensor of a safetensors file or of every one in a folder,
+    one tensor at a time (a 7B model is never held twice in memory)."""
+    from safetensors import safe_open
+
+    files = sorted(weights.glob("*.safetensors")) if weights.is_dir() else [weights]
+    for file in files:
+        # The torch framework reads bf16, which numpy cannot.
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name).float().numpy()
+
+
+def compare_with_safetensors(gguf_file: Path, weights: Path, config: dict) -> GgufCheck:
     """Read a GGUF file back and compare every tensor with the safetensors it was converted from.
 
-    config is the model's config.json (its heads and layers); q/k projections are compared in
-    llama.cpp's row order. Raises if a source tensor is missing from the file or changed shape."""
+    weights is a safetensors file or a model folder (sharded or not); config is the model's
+    config.json (its heads and layers); q/k projections are compared in llama.cpp's row order.
+    Raises if a source tensor is missing from the file or changed shape."""
     import gguf
     import numpy as np
-    from safetensors.numpy import load_file
 
-    exported = read_tensors(gguf_file)
+    exported = {tensor.name: tensor for tensor in gguf.GGUFReader(gguf_file).tensors}
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
     largest, compared = 0.0, 0
-    sources = load_file(weights_file).items() if _numpy_safe(weights_file) else _torch_load(weights_file)
-    for hf_name, source in sources:
+    for hf_name, values in _safetensors_tensors(weights):
         name, suffix = _gguf_name(hf_name, name_map)
-        values = np.asarray(source, dtype=np.float32)
         if suffix != ".weight.lora_a":
             if ".q_proj" in hf_name:
                 values = _llama_permute(values, config["num_attention_heads"])
@@ -175,28 +197,12 @@ def compare_with_safetensors(gguf_file: Path, weights_file: Path, config: dict) 
                 values = _llama_permute(values, config.get("num_key_value_heads", config["num_attention_heads"]))
         if name not in exported:
             raise KeyError(f"{gguf_file.name}: {name} (from {hf_name}) is missing")
-        if exported[name].shape != values.shape:
-            raise ValueError(f"{name}: shape {exported[name].shape} in GGUF, {values.shape} in safetensors")
-        largest = max(largest, float(np.abs(exported[name] - values).max()))
+        read_back = _dequantized(exported[name])
+        if read_back.shape != values.shape:
+            raise ValueError(f"{name}: shape {read_back.shape} in GGUF, {values.shape} in safetensors")
+        largest = max(largest, float(np.abs(read_back - values).max()))
         compared += 1
     return GgufCheck(tensors=len(exported), max_abs_diff=largest, compared=compared)
-
-
-def _numpy_safe(weights_file: Path) -> bool:
-    """Whether numpy can read the file's dtypes (bf16 needs torch)."""
-    import json
-    import struct
-
-    with open(weights_file, "rb") as handle:
-        header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-    return all(entry.get("dtype") != "BF16" for key, entry in header.items() if key != "__metadata__")
-
-
-def _torch_load(weights_file: Path):
-    """The tensors of a safetensors file as float32 numpy arrays, through torch (for bf16)."""
-    from safetensors.torch import load_file
-
-    return [(name, tensor.float().numpy()) for name, tensor in load_file(weights_file).items()]
 
 
 # The project's prompt formats in Ollama's Go-template syntax (ollama.com/library Modelfile docs).
@@ -210,39 +216,58 @@ OLLAMA_STOPS = {"chatml": ["<|im_end|>", "<|im_start|>"], "alpaca": ["### Instru
 
 
 def modelfile(from_file: str, template: str | None, adapter_file: str | None = None, eos: str | None = None) -> str:
-    """An Ollama Modelfile: FROM a GGUF (and ADAPTER a GGUF adapter), with the template as TEMPLATE."""
+    """An Ollama Modelfile: FROM a GGUF (and ADAPTER a GGUF adapter), with the template as TEMPLATE.
+
+    Only ChatML and Alpaca have an Ollama spelling here; for a tokenizer's own or an inline Jinja
+    template there is no TEMPLATE line, and Ollama takes the chat template the converter stored in
+    the GGUF (tokenizer.chat_template). Plain text gets Ollama's raw prompt."""
     lines = [f"FROM {from_file}"]
     if adapter_file:
         lines.append(f"ADAPTER {adapter_file}")
     if template in OLLAMA_TEMPLATES:
         lines.append(f'TEMPLATE """{OLLAMA_TEMPLATES[template]}"""')
         lines += [f'PARAMETER stop "{stop}"' for stop in [*OLLAMA_STOPS[template], *([eos] if eos else [])]]
+    elif eos:
+        lines.append(f'PARAMETER stop "{eos}"')
     return "\n".join(lines) + "\n"
 
 
-def export_gguf(merged_dir: Path, adapter_dir: Path, out_dir: Path, gguf_type: str, cache: Path,
-                llama_quantize: str | None, template: str | None, write_modelfile: bool = True) -> dict:
-    """Convert the merged model and the adapter into out_dir, check both, write Modelfiles; plain facts back."""
+def export_gguf(merged_dir: Path, adapter_dir: Path, base_dir: Path, out_dir: Path, gguf_type: str, cache: Path,
+                llama_quantize: str | None, template: str | None, write_modelfile: bool = True,
+                progress=logger.info) -> dict:
+    """Convert the merged model, the base and the adapter into out_dir, check each, write Modelfiles.
+
+    The base GGUF is what the adapter applies to (Ollama's FROM + ADAPTER, llama.cpp's --lora);
+    base_dir holds the unquantized base weights. Returns plain facts for the asset's metadata."""
     import json
 
     config = json.loads((merged_dir / "config.json").read_text())
-    merged = convert_model(merged_dir, out_dir / f"merged.{gguf_type}.gguf", gguf_type, cache, llama_quantize)
-    # The merged folder has the base's config and tokenizer, all the adapter converter reads from --base.
-    adapter = convert_adapter(adapter_dir, merged_dir, out_dir / "adapter.gguf", gguf_type, cache)
-    facts = {"gguf_type": gguf_type}
-    for label, path, weights in (("merged", merged, merged_dir / "model.safetensors"),
-                                 ("adapter", adapter, adapter_dir / "adapter_model.safetensors")):
-        if label == "merged" and gguf_type not in CONVERTER_TYPES:
-            facts[f"{label}_tensors"] = len(read_tensors(path))  # llama-quantize's k-quants: no dequantized check
+    facts: dict = {"gguf_type": gguf_type}
+
+    def converted(label: str, target: Path, weights: Path, quantized_by_llama_cpp: bool, started: float) -> None:
+        if quantized_by_llama_cpp:
+            facts[f"{label}_tensors"] = len(read_tensors(target))  # llama-quantize's k-quants: no dequantized check
         else:
-            check = compare_with_safetensors(path, weights, config)
+            check = compare_with_safetensors(target, weights, config)
             facts.update({f"{label}_tensors": check.tensors, f"{label}_max_abs_diff": check.max_abs_diff})
-        facts[f"{label}_bytes"] = path.stat().st_size
-        facts[f"{label}_file"] = path.name
+        facts.update({f"{label}_bytes": target.stat().st_size, f"{label}_file": target.name})
+        progress(f"GGUF {label}: {target.name}, {target.stat().st_size / 2**20:,.1f} MiB, {facts[f'{label}_tensors']} "
+                 f"tensors, converted and checked in {time.perf_counter() - started:.1f}s")
+
+    by_quantize = gguf_type not in CONVERTER_TYPES
+    for label, model_dir in (("merged", merged_dir), ("base", base_dir)):
+        started = time.perf_counter()
+        target = convert_model(model_dir, out_dir / f"{label}.{gguf_type}.gguf", gguf_type, cache, llama_quantize)
+        converted(label, target, model_dir, by_quantize, started)
+    started = time.perf_counter()
+    # The merged folder has the base's config and tokenizer, all the adapter converter reads from --base.
+    target = convert_adapter(adapter_dir, merged_dir, out_dir / "adapter.gguf", gguf_type, cache)
+    converted("adapter", target, adapter_dir / "adapter_model.safetensors", False, started)
     if write_modelfile:
         eos = json.loads((merged_dir / "tokenizer_config.json").read_text()).get("eos_token")
-        (out_dir / "Modelfile").write_text(modelfile(f"./{merged.name}", template, eos=eos), encoding="utf-8")
-        # No base GGUF is written here: point FROM at the base model's own GGUF in Ollama.
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        (out_dir / "Modelfile").write_text(modelfile(f"./{facts['merged_file']}", template, eos=eos), encoding="utf-8")
         (out_dir / "Modelfile.adapter").write_text(
-            modelfile("BASE_MODEL.gguf", template, adapter_file=f"./{adapter.name}", eos=eos), encoding="utf-8")
+            modelfile(f"./{facts['base_file']}", template, adapter_file=f"./{facts['adapter_file']}", eos=eos),
+            encoding="utf-8")
     return facts
