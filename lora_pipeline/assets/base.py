@@ -20,7 +20,7 @@ from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
 from lora_pipeline.ml.data.raw import dataset_source_version, load_dataset
 from lora_pipeline.ml.base.precision import compute_dtype_name
-from lora_pipeline.ml.base.quantize import quantize_base
+from lora_pipeline.ml.base.quantize import quant_storage_name, quantize_base
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
@@ -57,10 +57,11 @@ def quantized_base(
     settings = model_config.quantization
     built_in = model_config.builtin_base
     compute_dtype = compute_dtype_name(settings.compute_dtype, device)
+    quant_storage = quant_storage_name(settings.quant_storage, compute_dtype, model_config.training.distributed.strategy)
     with storage.staging_dir() as staging:
         result = quantize_base(
             source_dir, staging, settings.mode, settings.double_quant, compute_dtype, device,
-            trust_remote_code=model_config.trust_remote_code,
+            trust_remote_code=model_config.trust_remote_code, quant_storage=quant_storage,
         )
         if built_in and settings.mode != "none":
             # Built-in models exist nowhere else; keep the originals for merging into them.
@@ -74,6 +75,7 @@ def quantized_base(
                 "quantization": settings.mode,
                 "double_quant": settings.double_quant,
                 "compute_dtype": compute_dtype,
+                "quant_storage": quant_storage,
                 "model_type": result.model_type,
             },
         )
@@ -89,6 +91,7 @@ def quantized_base(
             "quantization": settings.mode,
             "double_quant": settings.double_quant,
             "compute_dtype": compute_dtype,
+            "quant_storage": quant_storage,
             "device": device.device,
             "parameters": result.parameter_count,
             "quantized_layers": result.quantized_modules,

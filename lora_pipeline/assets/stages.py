@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 import dagster as dg
 
 from lora_pipeline.config.registry import value_at
+from lora_pipeline.ml.base.quantize import quant_storage_name
 from lora_pipeline.ml.data.formatted import overlong_policy
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ ADDED_LATER = {
     "training.dequant_cache": "auto",
     "training.liger_kernel": False,
     "dataset.turn_flag_field": None,
+    "quantization.quant_storage": "uint8",
+    "training.distributed": {"strategy": "auto", "nproc_per_node": "auto", "nnodes": 1},
 }
 
 
@@ -57,6 +60,9 @@ ADDED_LATER = {
 # default did, except a text-format corpus, whose documents it now splits (those are redone).
 RESPELLED = {
     "dataset.overlong": lambda data: overlong_policy(data["dataset"]["overlong"], data["dataset"]["format"]),
+    # 'auto' stores 4-bit weights as uint8, as before the key existed, except under FSDP.
+    "quantization.quant_storage": lambda data: quant_storage_name(
+        data["quantization"]["quant_storage"], "compute_dtype", data["training"]["distributed"]["strategy"]),
 }
 
 

@@ -20,6 +20,7 @@ import pydantic
 from pydantic import Field
 
 from lora_pipeline.config.base import DtypeName, StrictSection, names_from_string
+from lora_pipeline.config.distributed import DistributedSettings
 from lora_pipeline.config.downstream import (
     EvalSettings,
     ExportSettings,
@@ -184,6 +185,12 @@ class QuantizationSettings(StrictSection):
         description="dtype the 4-bit layers compute in. 'auto': bfloat16 on GPUs that support it, "
         "float16 on older GPUs, float32 on CPU (bf16 matmuls are slow on most CPUs).",
     )
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="4-bit only: the dtype the packed 4-bit weights are stored in (bitsandbytes' "
+        "bnb_4bit_quant_storage). FSDP shards parameters of one dtype, so under FSDP it must equal the compute "
+        "dtype. 'auto': the compute dtype when training.distributed.strategy is fsdp, uint8 otherwise.",
+    )
 
 
 class TrainingSettings(StrictSection):
@@ -268,6 +275,10 @@ class TrainingSettings(StrictSection):
         "the newest one. 0: no checkpoints.",
     )
     seed: int = Field(default=0, description="Seed for adapter initialisation, dropout and data order.")
+    distributed: DistributedSettings = Field(
+        default=DistributedSettings(),
+        description="Several processes (GPUs, machines) training together through torchrun.",
+    )
 
 
 class ModelConfig(StrictSection):

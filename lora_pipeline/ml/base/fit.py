@@ -18,6 +18,7 @@ from lora_pipeline.ml.base.memory import (
     usable_memory_bytes,
 )
 from lora_pipeline.ml.base.precision import DeviceInfo
+from lora_pipeline.ml.training.distributed import plan_launch
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import ModelConfig
@@ -57,6 +58,8 @@ def assess_fit(model_config: "ModelConfig", device: DeviceInfo, local_folder: Pa
     if plan is None:
         return None
     available = usable_memory_bytes(device)
+    if device.device != "cuda":  # the ranks of one machine share its memory; each GPU rank has its own
+        available //= plan_launch(model_config.training.distributed, device).nproc_per_node
     plan = resolve_dequant_cache(plan, available)
     fit = fits(plan, available)
     return FitAssessment(plan, device, available, fit, [] if fit else knobs(plan, available))

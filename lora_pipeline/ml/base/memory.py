@@ -8,6 +8,7 @@ footprint and an allocator margin. bench/memory_plan.py compares it with measure
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from lora_pipeline.ml.base.architectures import DTYPE_BYTES, Architecture, architecture_config
 from lora_pipeline.ml.base.modules import resolve_target_modules
 from lora_pipeline.ml.base.precision import DeviceInfo, compute_dtype_name, gradient_checkpointing_enabled, mixed_precision
+from lora_pipeline.ml.training.distributed import plan_launch
 
 if TYPE_CHECKING:
     from lora_pipeline.config.schema import LoraSettings, ModelConfig, QuantizationSettings, TrainingSettings
@@ -152,6 +154,17 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
         loss_head += 4 * arch.vocab * arch.hidden  # a trained head's weight gradient accumulates in fp32
     framework = CUDA_CONTEXT_BYTES if gpu else CPU_PROCESS_BASELINE_BYTES
     margin = ALLOCATOR_MARGIN["cuda" if gpu else "cpu"] * (activations + loss_head)
+    # Per device: FSDP shards weights, adapter, gradients and optimizer states over the ranks and gathers one
+    # layer at a time (two with prefetching); DDP keeps everything whole, plus its gradient buckets.
+    launch = plan_launch(training.distributed, device)
+    gradients = adapter
+    if launch.strategy == "fsdp":
+        layer = sum(n_in * n_out for _, n_in, n_out, _, _ in linears) * (compute if quantized else arch.dtype_bytes)
+        weights, adapter, gradients, optimizer = (term / launch.world_size
+                                                  for term in (weights, adapter, gradients, optimizer))
+        weights += 2 * layer
+    elif launch.strategy == "ddp":
+        gradients *= 2
     dtype = {4: "fp32", 2: "16-bit"}
     double = " + double quant" if quantization.mode in ("nf4", "fp4") and quantization.double_quant else ""
     notes = {
@@ -159,14 +172,19 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
                         else f"all {dtype[arch.dtype_bytes]}",
         "adapter": f"LoRA r={lora.r} on {', '.join(sorted({lin[0] for lin in adapted}))} in {dtype[adapter_bytes]}"
                    + (f", {'/'.join(lora.modules_to_save)} trained in full" if full else ""),
-        "gradients": "one per trainable parameter", "optimizer_states": training.optimizer,
+        "gradients": "one per trainable parameter" + (" and DDP's buckets" if launch.strategy == "ddp" else ""),
+        "optimizer_states": training.optimizer,
         "activations": f"{training.batch_size * training.max_length} tokens{' packed' if training.packing else ''},"
                        f" checkpointing {'on' if checkpointing else 'off'}, {dtype[act]}",
         "loss_head": "TRL's chunked log-probabilities, Triton" if gpu else "log-probabilities of the labelled tokens",
         "dequant_cache": "4-bit weights dequantized once, in the compute dtype" if cache else "off",
         "framework": "CUDA context" if gpu else "Python process with the training stack",
         "allocator_margin": f"{ALLOCATOR_MARGIN['cuda' if gpu else 'cpu']:.0%} of activations and loss head"}
-    return MemoryPlan(int(weights), int(adapter), int(adapter), int(optimizer), int(activations), int(loss_head),
+    if launch.strategy == "fsdp":
+        for name in ("base_weights", "adapter", "gradients", "optimizer_states"):
+            notes[name] += f"; sharded over {launch.world_size} ranks (FSDP)"
+        notes["base_weights"] += ", two layers gathered whole"
+    return MemoryPlan(int(weights), int(adapter), int(gradients), int(optimizer), int(activations), int(loss_head),
                       int(cache), int(framework), int(margin), device.device, arch.parameter_count(), trainable, checkpointing,
                       notes, PlanInputs(architecture, lora, quantization, training, device))
 
@@ -303,6 +321,11 @@ def _candidates(plan: MemoryPlan) -> dict[str, list[dict[str, object]]]:
         found["training.optimizer"] = [{"training.optimizer": "paged_adamw_8bit"}]
     if lora.modules_to_save:
         found["lora.modules_to_save"] = [{"lora.modules_to_save": []}]
+    gpus = plan.inputs.device.gpu_count if plan.device == "cuda" else 0
+    if gpus > 1 and t.distributed.strategy != "fsdp":  # shard the model over more of this machine's GPUs
+        found["training.distributed.nproc_per_node"] = [
+            {"training.distributed.strategy": "fsdp", "training.distributed.nproc_per_node": str(n)}
+            for n in (2, 4, 8) if n <= gpus]
     return {key: options for key, options in found.items() if options}
 
 
@@ -323,8 +346,12 @@ def resolve_dequant_cache(plan: MemoryPlan, device_memory_bytes: int) -> MemoryP
 def _replan(plan: MemoryPlan, changes: dict[str, object]) -> MemoryPlan:
     sections = {"lora": plan.inputs.lora, "quantization": plan.inputs.quantization, "training": plan.inputs.training}
     for key, value in changes.items():
-        section, name = key.split(".")
-        sections[section] = sections[section].model_copy(update={name: value})
+        section, *path = key.split(".")
+        if len(path) == 2:  # training.distributed.X
+            inner = getattr(sections[section], path[0]).model_copy(update={path[1]: value})
+            sections[section] = sections[section].model_copy(update={path[0]: inner})
+        else:
+            sections[section] = sections[section].model_copy(update={path[0]: value})
     return plan_memory(plan.inputs.architecture, sections["lora"], sections["quantization"], sections["training"],
                        plan.inputs.device)
 
@@ -339,8 +366,7 @@ def _try(plan: MemoryPlan, applied: dict, options: list[dict], memory: int) -> t
 
 
 def _knob(plan: MemoryPlan, changes: dict, after: MemoryPlan, memory: int) -> Knob:
-    current = {f"{section}.{name}": getattr(getattr(plan.inputs, section), name) for section, name in
-               (key.split(".") for key in changes)}
+    current = {key: functools.reduce(getattr, key.split("."), plan.inputs) for key in changes}
     return Knob(tuple((key, current[key], value) for key, value in changes.items()), plan.total - after.total,
                 after.total, fits(after, memory))
 

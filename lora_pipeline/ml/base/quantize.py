@@ -10,7 +10,15 @@ from lora_pipeline.errors import ModelError
 from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, torch_dtype
 
 
-def bitsandbytes_config(mode: str, double_quant: bool, compute_dtype: str):
+def quant_storage_name(requested: str, compute_dtype: str, strategy: str) -> str:
+    """Resolve quantization.quant_storage: under FSDP the packed weights must share the compute dtype (FSDP
+    flattens parameters of one dtype); elsewhere uint8, bitsandbytes' own default."""
+    if requested != "auto":
+        return requested
+    return compute_dtype if strategy == "fsdp" else "uint8"
+
+
+def bitsandbytes_config(mode: str, double_quant: bool, compute_dtype: str, quant_storage: str = "uint8"):
     """transformers' BitsAndBytesConfig for a quantization mode, or None for 'none'."""
     if mode == "none":
         return None
@@ -23,7 +31,14 @@ def bitsandbytes_config(mode: str, double_quant: bool, compute_dtype: str):
         bnb_4bit_quant_type=mode,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+        bnb_4bit_quant_storage=_storage_dtype(quant_storage),
     )
+
+
+def _storage_dtype(name: str):
+    import torch
+
+    return torch.uint8 if name == "uint8" else torch_dtype(name)
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,7 @@ def quantize_base(
     compute_dtype: str,
     device: DeviceInfo,
     trust_remote_code: bool = False,
+    quant_storage: str = "uint8",
 ) -> QuantizedBase:
     """Load the base model with bitsandbytes quantization and save it (safetensors) with its tokenizer.
 
@@ -53,7 +69,7 @@ def quantize_base(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    quantization = bitsandbytes_config(mode, double_quant, compute_dtype)
+    quantization = bitsandbytes_config(mode, double_quant, compute_dtype, quant_storage)
     model = AutoModelForCausalLM.from_pretrained(
         source_dir,
         quantization_config=quantization,

@@ -46,7 +46,6 @@ def lean_loss(model, inputs: dict, num_items_in_batch=None, with_metrics: bool =
     is {} unless with_metrics: then the batch's labelled-token count, correct top-1 count and entropy sum.
     """
     import torch
-    import torch.nn.functional as F
 
     inputs = dict(inputs)
     labels = inputs.pop("labels")
@@ -127,6 +126,10 @@ def step_trainer_class(trainer_class, lean: bool):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             logging_step = (self.state.global_step + 1) % self.args.logging_steps == 0
             loss, metrics = lean_loss(model, inputs, num_items_in_batch, with_metrics=logging_step)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every rank's tokens and DDP averages the gradients over ranks: scaled
+                # as the Trainer scales its own loss, so N ranks step as one process with their whole batch would.
+                loss = loss * self.accelerator.num_processes
             if metrics:
                 recorded = self._metrics["train"]
                 recorded["mean_token_accuracy"].append(metrics["correct"] / max(metrics["tokens"], 1))

@@ -41,6 +41,13 @@ def peak_memory_bytes(device: DeviceInfo) -> tuple[int, str]:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
 
 
+def progress_line(progress: dict) -> str:
+    """One progress report in words, as the run log shows it."""
+    return (f"step {progress['step']}/{progress['max_steps']} loss {progress['loss']:.4f} "
+            f"lr {progress['learning_rate']:.2e} {progress['tokens_per_second']:.0f} tokens/s "
+            f"eta {progress['eta_seconds']:.0f}s")
+
+
 def progress_callback(progress: ProgressFn, tokens_per_step: float):
     from transformers import TrainerCallback
 

@@ -12,6 +12,7 @@ from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, gradient
 from lora_pipeline.ml.batches import IGNORE_INDEX
 from lora_pipeline.ml.data.formatted import ensure_distinct_pad
 from lora_pipeline.ml.heap import long_lived_heap_frozen
+from lora_pipeline.ml.training.distributed import Launch, check_world, local_rank, summed_over_ranks, trainer_arguments
 from lora_pipeline.ml.training.step import step_trainer_class
 from lora_pipeline.ml.training.telemetry import (
     CheckpointFn,
@@ -79,6 +80,8 @@ class TrainResult:
     pad_fraction: float = 0.0  # share of the tokens in training batches that were padding
     step_options: dict = field(default_factory=dict)  # StepOptions as they ran
     dequantized_cache_bytes: int = 0
+    world_size: int = 1  # processes that trained together (the Trainer's own count, checked against the launch)
+    distributed_type: str = "NO"  # accelerate's: NO, MULTI_CPU, MULTI_GPU, FSDP
 
 
 def training_labels(train: "pd.DataFrame") -> list[list[int]]:
@@ -149,6 +152,7 @@ def train_adapter(
     options: StepOptions | None = None,
     report_to: tuple[str, ...] = (),
     on_log: LogFn | None = None,
+    launch: Launch | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
 
@@ -161,11 +165,13 @@ def train_adapter(
     options: the step's levers; by default what the config asks for on this device, without the
     dequantization cache (the memory plan decides that one). report_to: the Trainer's own trackers
     (tensorboard, wandb, ...); on_log(step, logs) receives every Trainer log (the pipeline's MLflow run).
+    launch: a distributed launch when this process is one rank of it (under torchrun); every rank
+    calls this function, rank 0 alone saves the adapter (FSDP: gathered whole) and gets the callbacks.
     """
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from lora_pipeline.ml.training.attention import restore_attention, use_per_document_attention
     from lora_pipeline.ml.training.dequant_cache import cache_dequantized_weights
@@ -176,9 +182,10 @@ def train_adapter(
     reset_peak_memory(device)
     checkpointing = gradient_checkpointing_enabled(training.gradient_checkpointing, device)
     precision = mixed_precision(training.precision, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        base_dir, device_map=device_map_for(device), trust_remote_code=trust_remote_code
-    )
+    distributed = launch is not None and launch.distributed
+    # Each rank on its own GPU, never all on GPU 0.
+    placement = {"": local_rank()} if distributed and device.device == "cuda" else device_map_for(device)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, device_map=placement, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "right"
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
@@ -191,18 +198,20 @@ def train_adapter(
     ensure_distinct_pad(tokenizer)
     trainer = step_trainer_class(SFTTrainer, lean=options.lean_loss)(
         model=model,
-        args=_trainer_arguments(training, out_dir, device, precision, checkpointing, options, report_to),
+        args=_trainer_arguments(training, out_dir, device, precision, checkpointing, options, report_to, launch),
         train_dataset=_token_dataset(train, training.max_length),
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    world = check_world(trainer, launch)
     trainable_dtype = _keep_trainable_dtype(trainer.model, precision)
     shared_dropouts = share_dropout_masks(trainer.model) if options.shared_dropout else 0
     # Progress goes through the callback below (and so to the Dagster run log), not raw prints.
     trainer.remove_callback(PrinterCallback)
     tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     sequences = len(trainer.train_dataset)
-    tokens_per_step = tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
+    tokens_per_step = (tokens_per_epoch / max(1, sequences) * training.batch_size * training.grad_accumulation
+                       * world["world_size"])
     if progress is not None:
         trainer.add_callback(progress_callback(progress, tokens_per_step))
     trainer.add_callback(checkpoint_callback(on_checkpoint))
@@ -222,12 +231,10 @@ def train_adapter(
     if loaded_attention is not None:
         restore_attention(trainer.model, loaded_attention)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.peft_config["default"].base_model_name_or_path = base_model_name
-    trainer.model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    _remove_tree(out_dir / "_trainer")
-    ran_tokens = trainer.tally.real_tokens  # the real tokens this process trained on (after a resume: since it)
+    _save_adapter(trainer, tokenizer, out_dir, launch)
+    # The real tokens every rank trained on (after a resume: since it).
+    ran_tokens = summed_over_ranks(trainer.tally.real_tokens)
     return TrainResult(
         steps=steps,
         train_loss=float(result.training_loss),
@@ -250,7 +257,25 @@ def train_adapter(
         pad_fraction=trainer.tally.pad_fraction,
         step_options={**asdict(options), "dequant_cache": bool(cached_bytes), "shared_dropout": shared_dropouts > 0},
         dequantized_cache_bytes=cached_bytes,
+        **world,
     )
+
+
+def _save_adapter(trainer, tokenizer, out_dir: Path, launch: Launch | None) -> None:
+    """Rank 0 writes the adapter and tokenizer; under FSDP every rank first helps gather the LoRA weights whole."""
+    if launch is not None and launch.strategy == "fsdp":
+        from lora_pipeline.ml.training.fsdp import save_full_adapter
+
+        saved = save_full_adapter(trainer.model, out_dir)
+    elif trainer.is_world_process_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(out_dir, safe_serialization=True)
+        saved = True
+    else:
+        saved = False
+    if saved:
+        tokenizer.save_pretrained(out_dir)
+        _remove_tree(out_dir / "_trainer")
 
 
 def _token_dataset(train: "pd.DataFrame", max_length: int):
@@ -266,7 +291,8 @@ def _token_dataset(train: "pd.DataFrame", max_length: int):
 
 
 def _trainer_arguments(training: "TrainingSettings", out_dir: Path, device: DeviceInfo, precision: str,
-                       checkpointing: bool, options: StepOptions, report_to: tuple[str, ...] = ()):
+                       checkpointing: bool, options: StepOptions, report_to: tuple[str, ...] = (),
+                       launch: Launch | None = None):
     from trl import SFTConfig
 
     padding_free = options.padding_free and not training.packing
@@ -299,6 +325,7 @@ def _trainer_arguments(training: "TrainingSettings", out_dir: Path, device: Devi
         use_cpu=device.device == "cpu",
         seed=training.seed,
         data_seed=training.seed,
+        **trainer_arguments(launch, checkpointing),
     )
 
 
