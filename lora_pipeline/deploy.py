@@ -24,11 +24,15 @@ GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 # default); the GPU stages tolerate that taint, nothing else does.
 GPU_TOLERATIONS = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
 SHM_VOLUME = "dshm"
-# One GPU per GPU stage today. A stage that starts several processes (one per GPU) passes their
-# number to gpu_step_k8s_config; a launch can also override any stage with the executor's
+# One GPU per GPU stage, but trained_adapter, which asks for one per torchrun process
+# ($LORA_PIPELINE_TRAINING_GPUS); a launch can also override any stage with the executor's
 # `per_step_k8s_config` run config, e.g. {trained_adapter: {container_config: {resources:
 # {limits: {nvidia.com/gpu: 4}}}}}.
 GPUS_PER_STEP = 1
+
+# GPUs trained_adapter's pod asks for on Kubernetes: one per torchrun process (training.distributed.
+# nproc_per_node 'auto' takes every GPU the pod sees). Read when the code location loads.
+TRAINING_GPUS_ENV = "LORA_PIPELINE_TRAINING_GPUS"
 
 EXECUTOR_ENV = "LORA_PIPELINE_EXECUTOR"
 EXECUTORS = ("in_process", "multiprocess", "k8s")
@@ -52,6 +56,16 @@ def gpu_step_k8s_config(processes: int = GPUS_PER_STEP) -> dict:
             "volumes": [{"name": SHM_VOLUME, "empty_dir": {"medium": "Memory"}}],
         },
     }
+
+
+def training_gpus() -> int:
+    """The GPUs of trained_adapter's pod: $LORA_PIPELINE_TRAINING_GPUS, else one."""
+    value = os.environ.get(TRAINING_GPUS_ENV, "").strip()
+    if not value:
+        return GPUS_PER_STEP
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{TRAINING_GPUS_ENV}={value!r}: a positive number of GPUs")
+    return int(value)
 
 
 def k8s_step_tags(uses_gpu: bool, processes: int = GPUS_PER_STEP) -> dict[str, str]:

@@ -200,13 +200,18 @@ def test_a_failed_data_check_is_one_line_and_stops_the_run(tmp_path, write_confi
 
 
 @pytest.mark.slow
-def test_a_sigkilled_training_run_resumes_from_its_last_checkpoint(tmp_path, write_config):
-    """Kill -9 after the first checkpoint, launch again: same number of optimizer steps, a loadable adapter."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_sigkilled_training_run_resumes_from_its_last_checkpoint(tmp_path, write_config, processes):
+    """Kill -9 after the first checkpoint, launch again: same number of optimizer steps, a loadable adapter.
+    With two torchrun ranks, the orphaned ranks stop by themselves."""
     import signal
     import time
 
+    from test_distributed import _worker_processes
+
     path = write_config("micro", quantization={"mode": "nf4"},
-                        training={"max_steps": 40, "checkpoint_every": 5, "logging_steps": 5})
+                        training={"max_steps": 40, "checkpoint_every": 5, "logging_steps": 5,
+                                  "distributed": {"nproc_per_node": processes}})
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store")}
     command = [sys.executable, "-m", "lora_pipeline.cli", "run", str(path), "--select", "+trained_adapter", "--json"]
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -219,11 +224,15 @@ def test_a_sigkilled_training_run_resumes_from_its_last_checkpoint(tmp_path, wri
     saved = list(checkpoints.glob("*/step-*/MANIFEST.json"))
     assert saved and first.returncode == -signal.SIGKILL, "the first run ended before its first checkpoint"
     assert not (tmp_path / "store" / "micro" / "trained_adapter" / "CURRENT.json").exists()
+    deadline = time.time() + 60
+    while _worker_processes("lora_pipeline.torchrun.worker") and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _worker_processes("lora_pipeline.torchrun.worker"), "orphaned ranks still running"
 
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     meta = json.loads(second.stdout.strip().splitlines()[-1])["assets"]["trained_adapter"]["metadata"]
-    assert meta["resumed_from_step"] >= 5 and meta["steps"] == 40
+    assert meta["resumed_from_step"] >= 5 and meta["steps"] == 40 and meta["world_size"] == processes
     assert "resuming from the checkpoint at step" in second.stderr
     assert "was killed" in second.stderr  # its gpu pool slot was freed, or this run would wait forever
     assert not list(checkpoints.glob("*/step-*"))  # dropped once the adapter is published

@@ -194,6 +194,18 @@ def test_the_gpu_count_is_the_number_of_the_steps_processes():
         deploy.gpu_step_k8s_config(processes=0)
 
 
+def test_trained_adapters_pod_asks_for_one_gpu_per_torchrun_process(monkeypatch):
+    from lora_pipeline.assets import trained_adapter
+
+    limits = json.loads(trained_adapter.op.tags[deploy.K8S_CONFIG_TAG])["container_config"]["resources"]["limits"]
+    assert limits[deploy.GPU_RESOURCE] == 1  # unset: one GPU, training in the step's own process
+    monkeypatch.setenv(deploy.TRAINING_GPUS_ENV, "4")
+    assert deploy.training_gpus() == 4
+    monkeypatch.setenv(deploy.TRAINING_GPUS_ENV, "four")
+    with pytest.raises(ValueError, match="LORA_PIPELINE_TRAINING_GPUS"):
+        deploy.training_gpus()
+
+
 def test_the_k8s_step_executor_is_opt_in(monkeypatch):
     from dagster_k8s import k8s_job_executor
 

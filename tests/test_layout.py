@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
+
+import pydantic
 
 from conftest import REPO
 
@@ -27,12 +30,18 @@ def test_every_asset_and_config_field_describes_itself():
 
     for asset in PIPELINE_ASSETS:
         assert asset.descriptions_by_key[asset.key], asset.key
-    for cls in (schema.ModelConfig, schema.TuningRunConfig, schema.DatasetSettings, schema.LoraSettings,
-                schema.QuantizationSettings, schema.TrainingSettings, schema.MergeSettings, schema.EvalSettings,
-                schema.PromotionSettings, schema.RetrainSettings, schema.TrackingSettings,
-                schema.PublishSettings, schema.ExportSettings):
+    # Every section reachable from the run config, nested ones (training.distributed) included.
+    sections, found = [schema.TuningRunConfig, schema.ModelConfig], []
+    while sections:
+        cls = sections.pop()
+        found.append(cls)
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
+            for inner in (field.annotation, *typing.get_args(field.annotation)):  # Optional[Section] too
+                if isinstance(inner, type) and issubclass(inner, pydantic.BaseModel) and inner not in found + sections:
+                    sections.append(inner)
+    names = {cls.__name__ for cls in found}
+    assert {"ModelConfig", "DistributedSettings", "ExportSettings", "TrackingSettings"} <= names, names
 
 
 def test_the_production_instance_config_is_valid_and_recovers_crashed_runs():

@@ -240,3 +240,22 @@ def test_one_mlflow_run_per_adapter_with_curves_metrics_model_and_aliases(write_
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["type"].startswith("PeftModel") and loaded["lora"] > 0 and loaded["equal"]
+
+
+@pytest.mark.slow
+def test_a_distributed_training_reaches_its_mlflow_run_from_rank_0(write_config, fake_resources, mlflow_server):
+    """With two torchrun ranks the Trainer's logs come back from rank 0 through Pipes into the same kind of run."""
+    from lora_pipeline.assets import PIPELINE_ASSETS
+    from lora_pipeline.resources import ExperimentTracker
+
+    write_config("micro", quantization={"mode": "none"}, tracking={"report_to": ["mlflow"], "tracking_uri": mlflow_server},
+                 training={"distributed": {"nproc_per_node": 2}})
+    wanted = ("raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter")
+    result = _materialize({**fake_resources, "tracker": ExperimentTracker()},
+                          [a for a in PIPELINE_ASSETS if a.key.path[-1] in wanted], "micro")
+    adapter = _metadata(result, "trained_adapter")
+    assert adapter["world_size"] == 2
+    curve = _client(mlflow_server).get_metric_history(adapter["mlflow_run_id"], "train/loss")
+    summary = json.loads((Path(adapter["uri"]) / "training_summary.json").read_text())
+    assert [(point.step, point.value) for point in curve] == [tuple(entry) for entry in summary["loss_history"]]
+    assert [point.step for point in curve] == [2, 4, 6, 8]

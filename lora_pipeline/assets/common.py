@@ -38,7 +38,7 @@ DATA_FIRST = {"dagster/priority": "10"}
 
 
 def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Reads, uses_gpu: bool = False,
-                   check_specs: list[dg.AssetCheckSpec] | None = None):
+                   gpus: int = 1, check_specs: list[dg.AssetCheckSpec] | None = None):
     """The decorator of every stage, and its one declaration: one partition per model, ArtifactRef
     pointers, its code version (bump it when the code changes what the stage makes) and what it
     reads besides its parent assets (`Reads`, hashed into its settings version; see stages.py).
@@ -70,7 +70,7 @@ def pipeline_asset(*, kinds: set[str], group: str, code_version: str, reads: Rea
                     return compute(context, **inputs)
 
         definition = dg.asset(
-            op_tags={**(DATA_FIRST if group == "data" else {}), **k8s_step_tags(uses_gpu)} or None,
+            op_tags={**(DATA_FIRST if group == "data" else {}), **k8s_step_tags(uses_gpu, gpus)} or None,
             partitions_def=MODEL_PARTITIONS,
             io_manager_key=ARTIFACT_IO,
             kinds=kinds,

@@ -3,6 +3,8 @@
 import dataclasses
 import hashlib
 import json
+import tempfile
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -21,10 +23,14 @@ from lora_pipeline.assets.common import (
 from lora_pipeline.assets.provenance import library_versions, parent_lineage, stage_config
 from lora_pipeline.assets.stages import pipeline
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
+from lora_pipeline.deploy import training_gpus
 from lora_pipeline.ml.base.fit import check_fits
 from lora_pipeline.ml.report.modelcard import adapter_card
 from lora_pipeline.ml.report.plots import loss_curve_png, markdown_image
+from lora_pipeline.torchrun.launch import train_with_torchrun
 from lora_pipeline.ml.training import StepOptions, TrainingDivergedError, TrainResult, step_options, train_adapter
+from lora_pipeline.ml.training.distributed import Launch, plan_launch
+from lora_pipeline.ml.training.telemetry import progress_line
 from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -99,7 +105,7 @@ def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, i
 
 
 @pipeline_asset(
-    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True,
+    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, gpus=training_gpus(),
     code_version="3",  # 3: the lean step (own loss, per-document attention, padding-free batches, shared dropout)
     reads=Reads(config=("training", "lora", "trust_remote_code"),
                 ignoring=("training.checkpoint_every", "training.logging_steps")),
@@ -173,11 +179,7 @@ class _TrainingRun:
         return latest
 
     def report(self, progress: dict) -> None:
-        self.context.log.info(
-            f"step {progress['step']}/{progress['max_steps']} loss {progress['loss']:.4f} "
-            f"lr {progress['learning_rate']:.2e} {progress['tokens_per_second']:.0f} tokens/s "
-            f"eta {progress['eta_seconds']:.0f}s"
-        )
+        self.context.log.info(progress_line(progress))
 
     def publish_checkpoint(self, folder, step: int) -> None:
         uri = self.storage.publish_checkpoint(folder, self.partition, STAGE, self.key, step)
@@ -186,15 +188,16 @@ class _TrainingRun:
     def train_and_publish(self, formatted_dataset: ArtifactRef, quantized_base: ArtifactRef, resume_from):
         """Train (after the memory check), write the loss curve, summary and card, publish; drop the checkpoints."""
         model_config, storage = self.model_config, self.storage
-        train = pd.read_parquet(storage.local_path(formatted_dataset) / TRAIN_SPLIT)
+        train_file = storage.local_path(formatted_dataset) / TRAIN_SPLIT
         base_dir = storage.local_path(quantized_base)
-        plan = check_fits(model_config, self.device, base_dir)  # before the model is loaded
+        launch = plan_launch(model_config.training.distributed, self.device)  # refusals before anything loads
+        plan = check_fits(model_config, self.device, base_dir)  # before the model is loaded, per rank
         base_name = quantized_base.uri if model_config.builtin_base else model_config.base_model
         options = step_options(model_config.training, self.device, dequant_cache=bool(plan and plan.dequant_cache))
         with self.tracker.training(model_config.tracking, self.owner, self.partition, self.lineage()) as live, \
                 storage.staging_dir() as staging:
-            result = self.train(base_dir, train, staging, base_name, resume_from, options,
-                                live.log if live is not None else None)
+            result = self.train(base_dir, train_file, staging, base_name, resume_from, options,
+                                live.log if live is not None else None, launch)
             loss_png = loss_curve_png(result.loss_history)
             (staging / LOSS_CURVE).write_bytes(loss_png)
             write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": self.key})
@@ -208,18 +211,31 @@ class _TrainingRun:
                                                           model_config.trust_remote_code)
         return ref, record, result, loss_png, tracked
 
-    def train(self, base_dir, train: pd.DataFrame, staging, base_name: str, resume_from,
-              options: StepOptions, on_log=None) -> TrainResult:
-        """Train; a diverged run names the last good checkpoint it kept."""
+    def train(self, base_dir, train_file, staging, base_name: str, resume_from,
+              options: StepOptions, on_log=None, launch: Launch | None = None) -> TrainResult:
+        """Train, in this process or on several through torchrun; a diverged run names the last good checkpoint
+        it kept."""
+        model_config = self.model_config
+        arguments = {
+            "base_model_name": base_name,
+            "resume_from": resume_from[1] if resume_from is not None else None,
+            "trust_remote_code": model_config.trust_remote_code,
+            # MLflow is the pipeline's own (on_log); the Trainer reports to the other trackers itself.
+            "report_to": tuple(name for name in model_config.tracking.report_to if name != "mlflow"),
+        }
         try:
+            if launch is not None and launch.distributed:
+                spec = {"base_dir": str(base_dir), "train_file": str(train_file), "out_dir": str(staging),
+                        "lora": model_config.lora.model_dump(), "training": model_config.training.model_dump(),
+                        "device": dataclasses.asdict(self.device), "options": dataclasses.asdict(options),
+                        **arguments, "resume_from": str(resume_from[1]) if resume_from is not None else None}
+                with tempfile.TemporaryDirectory(prefix="lora-pipeline-torchrun-") as work:
+                    return train_with_torchrun(self.context, launch, spec, Path(work), self.publish_checkpoint,
+                                               on_log)
             return train_adapter(
-                base_dir, train, staging, self.model_config.lora, self.model_config.training, self.device, base_name,
-                self.report, on_checkpoint=self.publish_checkpoint,
-                resume_from=resume_from[1] if resume_from is not None else None,
-                trust_remote_code=self.model_config.trust_remote_code, options=options,
-                # MLflow is the pipeline's own (on_log); the Trainer reports to the other trackers itself.
-                report_to=tuple(name for name in self.model_config.tracking.report_to if name != "mlflow"),
-                on_log=on_log,
+                base_dir, pd.read_parquet(train_file), staging, model_config.lora, model_config.training, self.device,
+                progress=self.report, on_checkpoint=self.publish_checkpoint, options=options, on_log=on_log,
+                launch=launch, **arguments,
             )
         except TrainingDivergedError as diverged:
             kept = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
@@ -251,6 +267,8 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
             "precision": result.precision,
             "trainable_dtype": result.trainable_dtype,
             "pad_fraction": round(result.pad_fraction, 4),
+            "world_size": result.world_size,
+            "distributed_type": result.distributed_type,
             "training_step": dg.MetadataValue.json(result.step_options),
             "gradient_checkpointing": result.gradient_checkpointing,
             "target_modules": 

@@ -53,6 +53,10 @@ def do_cli(args: argparse.Namespace) -> int:
 def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
     """The validation summary of a config, its cleaned rows (None for a remote source, read when raw_dataset
     runs) and the memory plan's lines to print."""
+    from lora_pipeline.ml.base.precision import detect_device
+    from lora_pipeline.ml.training.distributed import plan_launch
+
+    launch = plan_launch(model_config.training.distributed, detect_device())  # refused before the data is read
     source = model_config.dataset.source
     cleaned, (train_rows, eval_rows) = check_data_early(model_config) if is_local_source(source) else (None, (None, None))
     mode = model_config.quantization.mode
@@ -71,6 +75,10 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
         "tokens": token_summary(model_config, cleaned) if cleaned else None,
     }
     summary["memory_plan"], memory_lines = memory_summary(model_config)
+    summary["launch"] = launch.as_dict()
+    memory_lines.insert(0, f"  training    {launch.world_size} process{'es' if launch.world_size > 1 else ''}"
+                           + (f" ({launch.strategy}, {launch.nproc_per_node} per machine x {launch.nnodes})"
+                              if launch.distributed else ", in the Dagster step"))
     return summary, cleaned, memory_lines
 
 
