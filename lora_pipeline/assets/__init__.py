@@ -1,17 +1,19 @@
 """The pipeline's stages, one module each, and the settings assets they depend on.
 
-Every module here that is not a helper declares its stages with `pipeline_asset` (and may list
-its asset checks as CHECKS, assets partitioned otherwise as OTHER_ASSETS, and on-demand ones that no
-job runs on its own as ON_DEMAND_ASSETS); importing the package imports them all, so a new stage is one new
-module. The order comes from the graph (stages.pipeline()).
+Every module here or in a sub-package (handoff/) that is not a helper declares its stages with
+`pipeline_asset` (and may list its asset checks as CHECKS, assets partitioned otherwise as
+OTHER_ASSETS, and on-demand ones that no job runs on its own as ON_DEMAND_ASSETS); importing the
+package imports them all, so a new stage is one new module. The order comes from the graph
+(stages.pipeline()).
 """
 import importlib
 import pkgutil
 
 # Modules of shared machinery, not stages.
 _HELPERS = {"common", "provenance", "settings", "stages"}
-_STAGE_MODULES = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)
-                  if info.name not in _HELPERS]
+# Stage modules here and in the sub-packages that group them by concern (handoff/: the on-demand stages).
+_STAGE_MODULES = [importlib.import_module(info.name) for info in pkgutil.walk_packages(__path__, f"{__name__}.")
+                  if not info.ispkg and info.name.rsplit(".", 1)[-1] not in _HELPERS]
 
 from lora_pipeline.assets import stages  # noqa: E402
 from lora_pipeline.assets.settings import settings_specs  # noqa: E402
