@@ -137,8 +137,9 @@ def test_a_rerun_with_nothing_changed_runs_nothing_and_a_new_rank_reruns_trainin
     assert {name: entry["uri"] for name, entry in again["assets"].items()} == {
         name: entry["uri"] for name, entry in first["assets"].items()}
 
-    # Whether the champion gates take the rank-4 adapter over the rank-8 one is not this test's concern.
-    ranked, _ = _run(tmp_path, config, "--set", "lora.r=4", refusal_ok=True)
+    # Refused by the champion's gates (an improvement no adapter makes): the summary still says what was up to date.
+    ranked, _ = _run(tmp_path, config, "--set", "lora.r=4", "--set", "promotion.min_improvement=100", refusal_ok=True)
+    assert ranked["champion"]["promoted"] is False
     assert ranked["up_to_date"] == ["raw_dataset", "formatted_dataset", "quantized_base"]
     assert ranked["assets"]["trained_adapter"]["uri"] != first["assets"]["trained_adapter"]["uri"]
     assert ranked["assets"]["eval_report"]["metadata"]["version"] != first["assets"]["eval_report"]["metadata"]["version"]

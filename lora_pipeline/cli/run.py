@@ -22,7 +22,6 @@ from lora_pipeline.assets.provenance import (
     up_to_date_assets,
 )
 from lora_pipeline.assets.settings import report_settings
-from lora_pipeline.assets.champion import SWEEP_TAG
 from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.selection import ON_DEMAND, selected_asset_names, selection
 from lora_pipeline.cli.session import (
@@ -34,14 +33,7 @@ from lora_pipeline.cli.session import (
     reclaim_dead_runs,
     register_partition,
 )
-from lora_pipeline.config.registry import (
-    load_config_file,
-    load_sweep_file,
-    partition_key_for,
-    read_yaml,
-    sweep_blends,
-    value_at,
-)
+from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for
 from lora_pipeline.errors import ConfigError, DataError
 
 
@@ -117,6 +109,7 @@ class ChampionRefused(Exception):
         self.run_id = run_id
         self.failed = failed
         self.assets: dict = {}
+        self.up_to_date: list[str] = []  # what the refused run did not need to run
 
 
 def do_cli(args: argparse.Namespace) -> int:
@@ -134,6 +127,8 @@ def do_cli(args: argparse.Namespace) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     variants = load_sweep_file(args.config, args.overrides)
     if variants is not None:
+        from lora_pipeline.cli.sweep import do_sweep  # sweep.py builds on this module
+
         return do_sweep(args, variants)
     model_config = load_config_file(args.config, args.overrides)
     selected = selected_asset_names(selection(args.select))
@@ -161,7 +156,7 @@ def run_reporting_refusal(plan: RunPlan) -> tuple[str | None, dict, list[str], b
         run_id, assets, up_to_date = do_run(plan)
         return run_id, assets, up_to_date, False
     except ChampionRefused as refusal:
-        return refusal.run_id, refusal.assets, [], True
+        return refusal.run_id, refusal.assets, refusal.up_to_date, True
 
 
 def champion_summary(plan: RunPlan, assets: dict) -> dict | None:
@@ -186,81 +181,6 @@ def print_champion(champion: dict, stream) -> None:
     for name, gate in champion["gates"].items():
         if not gate["passed"]:
             print(f"  gate {name} failed: {gate['detail']}", file=stream)
-
-
-def do_sweep(args: argparse.Namespace, variants: dict) -> int:
-    """Run every variant of a sweep (sharing what they have in common), rank them, and promote the recommended one."""
-    sweep = partition_key_for(args.config)
-    selected = selected_asset_names(selection(args.select))
-    per_variant = [name for name in selected if name != "champion" and name not in ON_DEMAND]
-    after_ranking = [name for name in selected if name == "champion" or name in ON_DEMAND]
-    if set(after_ranking) & set(ON_DEMAND) and "eval_report" not in per_variant:
-        asked = next(name for name in after_ranking if name in ON_DEMAND)
-        raise ConfigError(f"a sweep hands off the variant its leaderboard recommends: select +{asked} "
-                          "(what is up to date is not run again)")
-    started = time.perf_counter()
-    stream = sys.stderr if args.json else sys.stdout
-    results = {}
-    for index, (key, model_config) in enumerate(variants.items(), start=1):
-        print(f"\n=== sweep {sweep}: variant {index}/{len(variants)}: {key}", file=sys.stderr)
-        plan = RunPlan(args.config, key, model_config, per_variant, readable_source_version(model_config),
-                       args.overrides, args.storage, args.force, args.debug, siblings=list(variants),
-                       tags={SWEEP_TAG: sweep})
-        run_id, assets, up_to_date = do_run(plan)
-        results[key] = {"run_id": run_id, "assets": assets, "up_to_date": up_to_date}
-        print_summary(key, run_id, assets, time.perf_counter() - started, stream, set(up_to_date))
-    summary: dict = {"partition": sweep, "variants": results}
-    if "eval_report" in per_variant:
-        board_uri, board = rank_variants(args, sweep, variants)
-        summary["leaderboard"] = {"uri": board_uri, "recommended": board["recommended"]}
-        print(f"\nleaderboard: {board_uri}/leaderboard.md\nrecommended: {board['recommended']} ({board['why']})",
-              file=stream)
-        if after_ranking:
-            key = board["recommended"]
-            plan = RunPlan(args.config, key, variants[key], after_ranking, readable_source_version(variants[key]),
-                           args.overrides, args.storage, args.force, args.debug, tags={SWEEP_TAG: sweep})
-            _, assets, _, refused = run_reporting_refusal(plan)
-            champion = champion_summary(plan, assets)
-            if champion is not None:
-                summary["champion"] = champion
-                print_champion(champion, stream)
-            if "published_model" in assets:
-                summary["published"] = assets["published_model"]["metadata"].get("commit_url")
-                print(f"published: {summary['published']}", file=stream)
-    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-    if args.json:
-        print(json.dumps(summary))
-    champion = summary.get("champion")
-    return EXIT_REFUSED if champion is not None and not champion["promoted"] else 0
-
-
-def rank_variants(args: argparse.Namespace, sweep: str, variants: dict) -> tuple[str, dict]:
-    """Materialize the sweep's leaderboard from its variants' current reports; returns its folder and content."""
-    from lora_pipeline.assets.leaderboard import LEADERBOARD_FILE, SWEEP_PARTITIONS
-    from lora_pipeline.definitions import build_definitions
-    from lora_pipeline.resources.factory import default_resources
-    from lora_pipeline.terminal import terminal_logger
-
-    instance = open_instance()
-    if not instance.has_dynamic_partition(SWEEP_PARTITIONS.name, sweep):
-        instance.add_dynamic_partitions(SWEEP_PARTITIONS.name, [sweep])
-    data = read_yaml(args.config)
-    grid = data["sweep"]
-    settings = {key: json.dumps({path: value_at(config.model_dump(mode="json"), path) for path in grid})
-                for key, config in variants.items()}
-    blends = json.dumps(sweep_blends(data, variants, str(args.config)))
-    resources = default_resources(storage_root=args.storage)
-    definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
-    definitions.resolve_job_def("leaderboard_job").execute_in_process(
-        partition_key=sweep, instance=instance,
-        run_config={"ops": {"leaderboard": {"config": {"variants": list(variants), "settings": settings,
-                                                       "blends": blends}}},
-                    "loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "INFO",
-                                                       "tracebacks": args.debug}}}},
-    )
-    storage = resources["storage"]
-    folder = storage.local_path(storage.current(sweep, "leaderboard"))
-    return storage.current(sweep, "leaderboard").uri, json.loads((folder / LEADERBOARD_FILE).read_text())
 
 
 def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:
@@ -299,6 +219,7 @@ def do_run(plan: RunPlan) -> tuple[str | None, dict, list[str]]:
             run_id = execute(plan, to_run, instance, resources).run_id
         except ChampionRefused as refusal:
             refusal.assets = _assets_of_run(instance, refusal.run_id, plan.selected, current)
+            refusal.up_to_date = list(current)
             raise
     return run_id, _assets_of_run(instance, run_id, plan.selected, current), list(current)
 
