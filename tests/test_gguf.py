@@ -80,6 +80,18 @@ def test_export_gguf_writes_every_file_checked_and_the_modelfiles(micro_base, mi
     assert (tmp_path / "Modelfile.adapter").read_text().startswith("FROM ./base.q8_0.gguf\nADAPTER ./adapter.gguf\n")
 
 
+def test_an_adapter_that_trains_whole_modules_exports_only_the_merged_model(micro_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(micro_base),
+                   LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(adapter)
+    facts = export.export_gguf(micro_base, adapter, micro_base, tmp_path / "out", "f16", CACHE, None, "alpaca")
+    assert "lm_head in full" in facts["adapter_skipped"] and "adapter_file" not in facts and "base_file" not in facts
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "merged.f16.gguf"]
+
+
 def test_a_sharded_model_folder_is_compared_shard_by_shard(micro_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -130,3 +142,22 @@ def test_cli_exports_a_trained_model_when_asked(tmp_path, write_config):
     assert meta["template"] == "alpaca"  # the micro data is alpaca rows: 'auto' resolved, as training rendered it
     assert "### Instruction:" in (folder / "Modelfile").read_text()
     assert f"gguf: {meta['uri']}" in done.stderr
+
+
+def test_built_in_bases_of_the_old_builder_are_neither_reused_nor_mixed_with_new_tokens(tmp_path):
+    """The tokenizer change (byte-fallback BPE) bumps BUILTIN_REVISION: a new cache folder, new stage versions."""
+    from conftest import micro_config_data, sample_corpus
+
+    from lora_pipeline.assets.stages import pipeline
+    from lora_pipeline.config.schema import ModelConfig
+    from lora_pipeline.ml.base.tiny import BUILTIN_REVISION
+    from lora_pipeline.resources import LocalModelHub
+
+    built = LocalModelHub(cache_dir=str(tmp_path)).resolve("builtin:micro-llama", None, sample_corpus)
+    assert built.name.startswith(f"micro-llama-r{BUILTIN_REVISION}-")
+    stages = pipeline()
+    builtin = ModelConfig(**micro_config_data())
+    for stage in ("formatted_dataset", "quantized_base"):
+        assert stages[stage].reads.of(builtin)["base_model"] == f"builtin:micro-llama@r{BUILTIN_REVISION}"
+    hub = ModelConfig(**micro_config_data(base_model="org/model"))
+    assert stages["quantized_base"].reads.of(hub)["base_model"] == "org/model"  # hub models: as written

@@ -31,6 +31,7 @@ import dagster as dg
 
 from lora_pipeline.config.registry import value_at
 from lora_pipeline.ml.base.quantize import quant_storage_name
+from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX, BUILTIN_REVISION
 from lora_pipeline.ml.data.formatted import overlong_policy
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class Reads:
         for path, hashed_as in RESPELLED.items():
             section, key = path.split(".")
             data[section][key] = hashed_as(data)
+        if data["base_model"].startswith(BUILTIN_PREFIX):  # what the builder makes is part of the base
+            data["base_model"] += f"@r{BUILTIN_REVISION}"
         paths = self.config + (self.with_source if self.reads_source(model_config) else ())
         unchanged = tuple(key for key, default in ADDED_LATER.items() if value_at(data, key) == default)
         return {path.split(".")[-1]: _without(value_at(data, path), path, self.ignoring + unchanged) for path in paths}

@@ -348,5 +348,8 @@ def print_summary(key: str, run_id: str | None, assets: dict, wall: float, strea
         print(f"published: {published['metadata'].get('commit_url')}", file=stream)
     exported = assets.get("gguf_export")
     if exported:
-        print(f"gguf: {exported['metadata'].get('uri')} ({exported['metadata'].get('merged_file')}, "
-              f"{exported['metadata'].get('adapter_file')}, Modelfile)", file=stream)
+        meta = exported["metadata"]
+        files = [meta.get("merged_file"), meta.get("base_file"), meta.get("adapter_file"), "Modelfile"]
+        print(f"gguf: {meta.get('uri')} ({', '.join(name for name in files if name)})", file=stream)
+        if meta.get("adapter_skipped"):
+            print(f"  no adapter GGUF: {meta['adapter_skipped']}", file=stream)

@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from lora_pipeline.errors import ModelError
-from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX, build_tiny_llama, builtin_shape
+from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX, BUILTIN_REVISION, build_tiny_llama, builtin_shape
 
 CorpusFn = Callable[[], list[str]]
 
@@ -111,7 +111,8 @@ class ModelHub(dg.ConfigurableResource):
     def _build_builtin(self, base_model: str, corpus: list[str]) -> Path:
         shape = builtin_shape(base_model)
         digest = hashlib.sha256("\x1e".join(corpus).encode()).hexdigest()[:16]
-        target = Path(self.cache_dir).resolve() / f"{base_model.removeprefix(BUILTIN_PREFIX)}-{digest}"
+        target = (Path(self.cache_dir).resolve()
+                  / f"{base_model.removeprefix(BUILTIN_PREFIX)}-r{BUILTIN_REVISION}-{digest}")
         if not (target / "config.json").exists():
             partial = target.with_name(target.name + f".partial-{uuid.uuid4().hex[:8]}")
             try:

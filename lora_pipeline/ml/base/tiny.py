@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
+# What the builder makes: 2 is the byte-fallback BPE tokenizer llama.cpp's converter reads (1 was a
+# byte-level BPE it refused). Part of the built models' cache key and of every stage version that reads
+# base_model, so an upgrade rebuilds built-in bases and redoes what their tokens fed, never mixing the two.
+BUILTIN_REVISION = 2
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,9 @@ def export_gguf(merged_dir: Path, adapter_dir: Path, base_dir: Path, out_dir: Pa
     """Convert the merged model, the base and the adapter into out_dir, check each, write Modelfiles.
 
     The base GGUF is what the adapter applies to (Ollama's FROM + ADAPTER, llama.cpp's --lora);
-    base_dir holds the unquantized base weights. Returns plain facts for the asset's metadata."""
+    base_dir holds the unquantized base weights. An adapter that trains whole modules (modules_to_save,
+    e.g. the demo's lm_head) has no GGUF form: then only the merged model is written, and the facts say
+    why. Returns plain facts for the asset's metadata."""
     import json
 
     config = json.loads((merged_dir / "config.json").read_text())
@@ -255,19 +257,27 @@ def export_gguf(merged_dir: Path, adapter_dir: Path, base_dir: Path, out_dir: Pa
                  f"tensors, converted and checked in {time.perf_counter() - started:.1f}s")
 
     by_quantize = gguf_type not in CONVERTER_TYPES
-    for label, model_dir in (("merged", merged_dir), ("base", base_dir)):
+    trained_in_full = json.loads((adapter_dir / "adapter_config.json").read_text()).get("modules_to_save") or []
+    if trained_in_full:
+        # llama.cpp's adapter format holds lora_a/lora_b pairs only; its converter refuses full tensors.
+        facts["adapter_skipped"] = (f"the adapter trains {', '.join(trained_in_full)} in full (lora.modules_to_save), "
+                                    "which llama.cpp's LoRA format cannot hold: use the merged model's GGUF")
+        progress(f"GGUF adapter and base not written: {facts['adapter_skipped']}")
+    for label, model_dir in (("merged", merged_dir),) + ((("base", base_dir),) if not trained_in_full else ()):
         started = time.perf_counter()
         target = convert_model(model_dir, out_dir / f"{label}.{gguf_type}.gguf", gguf_type, cache, llama_quantize)
         converted(label, target, model_dir, by_quantize, started)
-    started = time.perf_counter()
-    # The merged folder has the base's config and tokenizer, all the adapter converter reads from --base.
-    target = convert_adapter(adapter_dir, merged_dir, out_dir / "adapter.gguf", gguf_type, cache)
-    converted("adapter", target, adapter_dir / "adapter_model.safetensors", False, started)
+    if not trained_in_full:
+        started = time.perf_counter()
+        # The merged folder has the base's config and tokenizer, all the adapter converter reads from --base.
+        target = convert_adapter(adapter_dir, merged_dir, out_dir / "adapter.gguf", gguf_type, cache)
+        converted("adapter", target, adapter_dir / "adapter_model.safetensors", False, started)
     if write_modelfile:
         eos = json.loads((merged_dir / "tokenizer_config.json").read_text()).get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         (out_dir / "Modelfile").write_text(modelfile(f"./{facts['merged_file']}", template, eos=eos), encoding="utf-8")
-        (out_dir / "Modelfile.adapter").write_text(
-            modelfile(f"./{facts['base_file']}", template, adapter_file=f"./{facts['adapter_file']}", eos=eos),
-            encoding="utf-8")
+        if not trained_in_full:
+            (out_dir / "Modelfile.adapter").write_text(
+                modelfile(f"./{facts['base_file']}", template, adapter_file=f"./{facts['adapter_file']}", eos=eos),
+                encoding="utf-8")
     return facts
