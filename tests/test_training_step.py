@@ -208,3 +208,23 @@ def test_padding_free_training_counts_no_padding_and_padded_training_does(micro_
     assert free.step_options["padding_free"] and not padded.step_options["padding_free"]
     # Same examples, same order, exact attention: the same first-step loss up to float noise.
     assert free.loss_history[0][1] == pytest.approx(padded.loss_history[0][1], rel=1e-4)
+
+
+def test_the_frozen_heap_is_restored_as_it_was():
+    """A process that froze its heap itself (lora-pipeline run) keeps it frozen after a hot loop; others get it back."""
+    import gc
+
+    from lora_pipeline.ml.heap import long_lived_heap_frozen
+
+    gc.unfreeze()
+    with long_lived_heap_frozen():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with long_lived_heap_frozen():
+            pass
+        assert gc.get_freeze_count() >= before  # not handed back to the collector
+    finally:
+        gc.unfreeze()
