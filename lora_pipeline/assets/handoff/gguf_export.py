@@ -9,15 +9,9 @@ inputs' folders and persists the files.
 import dagster as dg
 
 from lora_pipeline.assets.base import original_weights_dir
-from lora_pipeline.assets.common import (
-    ARTIFACT_IO,
-    MODEL_PARTITIONS,
-    config_metadata,
-    read_json,
-    ref_metadata,
-    resolve_model_config,
-)
+from lora_pipeline.assets.common import config_metadata, read_json, ref_metadata, resolve_model_config
 from lora_pipeline.assets.data import FORMAT_SUMMARY
+from lora_pipeline.assets.handoff import handoff_asset
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.ml.export.gguf import check_quantize, default_cache, export_gguf
@@ -26,13 +20,7 @@ from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"gguf"},
-    group_name="decision",
-    code_version="1",
-)
+@handoff_asset(kinds={"gguf"})
 def gguf_export(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,

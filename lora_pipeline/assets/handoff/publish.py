@@ -15,15 +15,8 @@ from pathlib import Path
 import dagster as dg
 
 from lora_pipeline.assets.champion import DECISION_FILE
-from lora_pipeline.assets.common import (
-    ARTIFACT_IO,
-    MODEL_PARTITIONS,
-    config_metadata,
-    read_json,
-    ref_metadata,
-    resolve_model_config,
-    write_json,
-)
+from lora_pipeline.assets.common import config_metadata, read_json, ref_metadata, resolve_model_config, write_json
+from lora_pipeline.assets.handoff import handoff_asset
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.errors import ConfigError, PublishError
 from lora_pipeline.ml.publishing import CARD_FILE, MERGED_FOLDER, assemble_upload, default_commit_message
@@ -36,13 +29,7 @@ from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 PUBLISHED_FILE = "PUBLISHED.json"
 
 
-@dg.asset(
-    partitions_def=MODEL_PARTITIONS,
-    io_manager_key=ARTIFACT_IO,
-    kinds={"huggingface"},
-    group_name="decision",
-    code_version="1",
-)
+@handoff_asset(kinds={"huggingface"})
 def published_model(
     context: dg.AssetExecutionContext,
     config: TuningRunConfig,
