@@ -147,6 +147,22 @@ def test_a_configured_flag_field_is_checked_when_formatting_with_its_row(tmp_pat
                     turn_flag_field="trainable")
 
 
+def test_with_a_configured_flag_field_other_fields_are_not_flags_and_its_values_are_checked_on_reading(tmp_path):
+    from lora_pipeline.ml.data.raw import load_dataset
+
+    rows = _rows(6, FLAGGED[0], "trainable")
+    for row in rows:
+        row["messages"][0]["weight"] = 0.5  # another tool's per-message field, not a training flag here
+    path = _write(tmp_path / "custom.jsonl", rows)
+    with pytest.raises(DataError, match=r"'weight' must be 0 or 1"):
+        load_dataset(dataset_settings(source=str(path)))  # without the setting, 'weight' is read as a flag
+    assert len(load_dataset(dataset_settings(source=str(path), turn_flag_field="trainable")).frame) == 6
+    rows[4]["messages"][1]["trainable"] = "often"
+    path = _write(tmp_path / "custom.jsonl", rows)
+    with pytest.raises(DataError, match=r"custom\.jsonl.*line 5.*message 1: 'trainable' must be 0 or 1"):
+        load_dataset(dataset_settings(source=str(path), turn_flag_field="trainable"))
+
+
 def test_the_preview_shows_the_learned_turns(tmp_path, tokenizer):
     path = _write(tmp_path / "flagged.jsonl", _rows(10, FLAGGED[0]))
     formatted = format_rows(tokenizer, dataset_settings(source=str(path)), eval_fraction=0.2, max_length=2048)
@@ -186,3 +202,24 @@ def test_the_demo_config_takes_flagged_conversations_with_value_parts_through_th
     metadata = json.loads(done.stdout.strip().splitlines()[-1])["assets"]["formatted_dataset"]["metadata"]
     assert metadata["format"] == "messages" and metadata["train_rows"] + metadata["eval_rows"] == len(rows)
     assert "More" in metadata["preview"] and "are fine" not in metadata["preview"].split("learned")[-1]
+
+
+def test_the_raw_rows_check_reads_the_flag_field_the_rows_were_read_with(tmp_path, write_config, fake_resources):
+    import dagster as dg
+
+    from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
+
+    rows = _rows(6, FLAGGED[0], "trainable")
+    for row in rows:
+        row["messages"][0]["weight"] = 0.5
+    write_config("micro", dataset={"source": str(_write(tmp_path / "custom.jsonl", rows)), "format": "messages",
+                                   "turn_flag_field": "trainable", "max_rows": None})
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("models", ["micro"])
+    raw = [asset for asset in PIPELINE_ASSETS if asset.key.path[-1] == "raw_dataset"]
+    checks = [check for check in PIPELINE_CHECKS
+              if any(key.asset_key == dg.AssetKey("raw_dataset") for key in check.check_keys)]
+    result = dg.materialize([*raw, *checks], partition_key="micro", instance=instance, resources=fake_resources)
+    assert result.success
+    [evaluation] = result.get_asset_check_evaluations()
+    assert evaluation.passed

@@ -37,7 +37,8 @@ ROWS_FILE = "rows.parquet"
 DATASET_INFO = "dataset_info.json"
 FORMAT_SUMMARY = "format_summary.json"
 # The dataset fields that say which rows are read (the rest say what is done with them).
-SOURCE_FIELDS = ("source", "format", "columns", "split", "subset", "revision", "max_rows")
+# turn_flag_field: which per-turn field the raw rows' flags are checked in.
+SOURCE_FIELDS = ("source", "format", "columns", "split", "subset", "revision", "max_rows", "turn_flag_field")
 
 
 @pipeline_asset(
@@ -63,6 +64,8 @@ def raw_dataset(
         "columns": [str(column) for column in stored.columns],
         "rows": len(stored),
         "fingerprint": content_hash,
+        # Only when set, so the default's file is as it was before the key existed.
+        **({"turn_flag_field": flag_field} if (flag_field := model_config.dataset.turn_flag_field) else {}),
     }
     with storage.staging_dir() as staging:
         stored.to_parquet(staging / ROWS_FILE, index=False)
@@ -233,7 +236,8 @@ def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactS
                       raw_dataset: ArtifactRef) -> dg.AssetCheckResult:
     """The stored rows pass the pandera schema of their format (required columns, types, roles, turns)."""
     loaded = stored_rows(storage, raw_dataset)
-    validate_rows(loaded.frame, loaded.format, loaded.rows.where, loaded.source)
+    flag_field = read_json(storage.local_path(raw_dataset) / DATASET_INFO).get("turn_flag_field")
+    validate_rows(loaded.frame, loaded.format, loaded.rows.where, loaded.source, flag_field)
     return dg.AssetCheckResult(
         passed=True,
         description=f"{len(loaded.frame)} rows match the {loaded.format} schema",

@@ -101,7 +101,9 @@ class Reads:
             data["base_model"] += f"@r{BUILTIN_REVISION}"
         paths = self.config + (self.with_source if self.reads_source(model_config) else ())
         unchanged = tuple(key for key, default in ADDED_LATER.items() if value_at(data, key) == default)
-        return {path.split(".")[-1]: _without(value_at(data, path), path, self.ignoring + unchanged) for path in paths}
+        # A key added later and read on its own is left out at its default, as it was before it existed.
+        return {path.split(".")[-1]: _without(value_at(data, path), path, self.ignoring + unchanged)
+                for path in paths if path not in unchanged}
 
     def describe(self) -> str:
         """The same in words, for the UI."""

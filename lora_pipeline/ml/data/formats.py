@@ -13,6 +13,7 @@ Dagster-free. Formats:
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable
 
@@ -117,8 +118,8 @@ def _tools_problem(value: Any) -> str | None:
     return None
 
 
-def sharegpt_problem(value: Any) -> str | None:
-    """Why a ShareGPT conversation is malformed, or None."""
+def sharegpt_problem(value: Any, flag_field: str | None = None) -> str | None:
+    """Why a ShareGPT conversation is malformed, or None (flag_field: dataset.turn_flag_field)."""
     value = _maybe_json(value)
     if not isinstance(value, list):
         return f"must be a list of {{from, value}} turns, found {type(value).__name__}"
@@ -134,13 +135,13 @@ def sharegpt_problem(value: Any) -> str | None:
                     f"(expected one of {', '.join(SHAREGPT_ROLES)})")
         if not isinstance(turn["value"], str):
             return f"turn {index}: 'value' must be a string, found {type(turn['value']).__name__}"
-        if (problem := _turn_flag_problem(turn)) is not None:
+        if (problem := _turn_flag_problem(turn, flag_field)) is not None:
             return f"turn {index}: {problem}"
     return None
 
 
-def messages_problem(value: Any) -> str | None:
-    """Why an OpenAI-style messages list is malformed, or None."""
+def messages_problem(value: Any, flag_field: str | None = None) -> str | None:
+    """Why an OpenAI-style messages list is malformed, or None (flag_field: dataset.turn_flag_field)."""
     value = _maybe_json(value)
     if not isinstance(value, list):
         return f"must be a list of {{role, content}} messages, found {type(value).__name__}"
@@ -164,7 +165,7 @@ def messages_problem(value: Any) -> str | None:
             return f"message {index}: 'content' must be a string or a list of text parts, found {type(content).__name__}"
         if "tool_calls" in message and message["tool_calls"] is not None and not isinstance(message["tool_calls"], list):
             return f"message {index}: 'tool_calls' must be a list"
-        if (problem := _turn_flag_problem(message)) is not None:
+        if (problem := _turn_flag_problem(message, flag_field)) is not None:
             return f"message {index}: {problem}"
     return None
 
@@ -214,9 +215,10 @@ def turn_flag(message: dict, field: str | None = None) -> bool | None:
     return None
 
 
-def _turn_flag_problem(message: dict) -> str | None:
+def _turn_flag_problem(message: dict, flag_field: str | None = None) -> str | None:
+    # With a configured field only that one is a flag: another tool's 'weight' may mean something else.
     try:
-        turn_flag(message)
+        turn_flag(message, flag_field)
     except ValueError as exc:
         return str(exc)
     return None
@@ -240,19 +242,21 @@ def _column(problem: Callable[[Any], str | None], label: str, required: bool = T
     )
 
 
-def raw_schema(fmt: str):
-    """The pandera schema rows of a format must satisfy."""
+def raw_schema(fmt: str, flag_field: str | None = None):
+    """The pandera schema rows of a format must satisfy (flag_field: dataset.turn_flag_field)."""
     import pandera.pandas as pa
 
     string = _string_problem
+    turns = functools.partial(sharegpt_problem, flag_field=flag_field)
+    chat = functools.partial(messages_problem, flag_field=flag_field)
     columns = {
         "alpaca": {"instruction": _column(string, "string"), "output": _column(string, "string"),
                    "input": _column(string, "string", required=False),
                    "system": _column(string, "string", required=False)},
-        "sharegpt": {"conversations": _column(sharegpt_problem, "sharegpt_turns"),
+        "sharegpt": {"conversations": _column(turns, "sharegpt_turns"),
                      "system": _column(string, "string", required=False),
                      "tools": _column(_tools_problem, "tool_schemas", required=False)},
-        "messages": {"messages": _column(messages_problem, "chat_messages"),
+        "messages": {"messages": _column(chat, "chat_messages"),
                      "tools": _column(_tools_problem, "tool_schemas", required=False)},
         "prompt_completion": {"prompt": _column(string, "string"), "completion": _column(string, "string"),
                               "system": _column(string, "string", required=False)},
@@ -261,24 +265,27 @@ def raw_schema(fmt: str):
     return pa.DataFrameSchema(columns, name=f"raw_{fmt}", strict=False)
 
 
-PROBLEM_OF = {"string": _string_problem, "sharegpt_turns": sharegpt_problem, "chat_messages": messages_problem,
-              "tool_schemas": _tools_problem}
+_PROBLEMS = {"string": _string_problem, "sharegpt_turns": sharegpt_problem, "chat_messages": messages_problem,
+             "tool_schemas": _tools_problem}
 
 
-def validate_rows(frame: pd.DataFrame, fmt: str, where: Callable[[int], str], source: str) -> None:
-    """Check the rows against the format's pandera schema; raise one DataError naming the first problem."""
+def validate_rows(frame: pd.DataFrame, fmt: str, where: Callable[[int], str], source: str,
+                  flag_field: str | None = None) -> None:
+    """Check the rows against the format's pandera schema; raise one DataError naming the first problem.
+
+    flag_field: dataset.turn_flag_field, the only per-turn flag field then checked."""
     import pandera.pandas as pa
 
     if fmt not in FORMATS:
         raise DataError(f"{source}: unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
     try:
-        raw_schema(fmt).validate(frame, lazy=True)
+        raw_schema(fmt, flag_field).validate(frame, lazy=True)
     except pa.errors.SchemaErrors as errors:
-        raise DataError(describe_failures(errors.failure_cases, frame, fmt, where, source)) from None
+        raise DataError(describe_failures(errors.failure_cases, frame, fmt, where, source, flag_field)) from None
 
 
 def describe_failures(failures: pd.DataFrame, frame: pd.DataFrame, fmt: str, where: Callable[[int], str],
-                      source: str) -> str:
+                      source: str, flag_field: str | None = None) -> str:
     """One line for the first of pandera's failure cases, plus how many more there are."""
     expected = ", ".join(REQUIRED_COLUMNS[fmt])
     optional = ", ".join(OPTIONAL_COLUMNS[fmt])
@@ -296,7 +303,10 @@ def describe_failures(failures: pd.DataFrame, frame: pd.DataFrame, fmt: str, whe
     if first["check"] == "not_nullable":
         detail = f"missing field '{column}' ({fmt} rows need {expected}; found {found})"
     else:
-        problem = PROBLEM_OF.get(str(first["check"]), _string_problem)(frame[column].iloc[row])
+        problem_of = _PROBLEMS.get(str(first["check"]), _string_problem)
+        if problem_of in (sharegpt_problem, messages_problem):
+            problem_of = functools.partial(problem_of, flag_field=flag_field)
+        problem = problem_of(frame[column].iloc[row])
         detail = f"field '{column}' {problem or 'is invalid'}"
     more = len(failures) - 1
     return f"{where(row)}: {detail}" + (f" ({more} more problem{'s' if more > 1 else ''} in other rows)" if more else "")

@@ -51,7 +51,7 @@ def load_dataset(settings) -> LoadedDataset:
     detected = settings.format == "auto"
     fmt = detect_format(rows.frame, rows.source) if detected else settings.format
     rows.frame = with_format_columns(rows.frame, fmt)
-    validate_rows(rows.frame, fmt, rows.where, rows.source)
+    validate_rows(rows.frame, fmt, rows.where, rows.source, getattr(settings, "turn_flag_field", None))
     return LoadedDataset(rows=rows, format=fmt, detected=detected)
 
 
