@@ -62,12 +62,12 @@ def _publish_handed_over_checkpoints(work: Path, publish: Callable[[Path, int], 
     """Publish each checkpoint rank 0 hands over, answering .done (or .failed with the reason)."""
     while not stop.wait(0.2):
         for request in sorted(work.glob("checkpoint-*.json")):
-            step = json.loads(request.read_text())["step"]
-            _, done, failed = checkpoint_files(work, step)
+            handed = json.loads(request.read_text())
+            _, done, failed = checkpoint_files(work, handed["step"])
             if done.exists() or failed.exists():
                 continue
             try:
-                publish(Path(json.loads(request.read_text())["folder"]), step)
+                publish(Path(handed["folder"]), handed["step"])
             except Exception as error:  # noqa: BLE001 - rank 0 raises it and the step fails with it
                 failed.write_text(f"{type(error).__name__}: {error}")
             else:

@@ -53,7 +53,9 @@ def _check_step_alive(pid: int) -> None:
 
 def _hand_over_checkpoint(folder: Path, parent_pid: int, checkpoint: Path, step: int) -> None:
     request, done, failed = checkpoint_files(folder, step)
-    request.write_text(json.dumps({"folder": str(checkpoint), "step": step}))
+    partial = request.with_suffix(".partial")
+    partial.write_text(json.dumps({"folder": str(checkpoint), "step": step}))
+    partial.rename(request)  # the step never reads a half-written request
     deadline = time.monotonic() + CHECKPOINT_TIMEOUT_SECONDS
     while not done.exists():
         if failed.exists():
