@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +42,9 @@ def main() -> int:
     from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
     from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
     from lora_pipeline.ml.data.raw import load_dataset
-    from lora_pipeline.ml.training import StepOptions, step_options
+    from lora_pipeline.ml.training import step_options
     from lora_pipeline.ml.training.distributed import Launch, torchrun_command
+    from lora_pipeline.torchrun.worker import training_spec, write_spec
     from lora_pipeline.config.schema import DatasetSettings
 
     device = DeviceInfo("cpu") if args.cpu else detect_device()
@@ -67,15 +67,11 @@ def main() -> int:
     training = TrainingSettings(max_steps=args.steps, batch_size=8, max_length=256, logging_steps=2,
                                 checkpoint_every=0, warmup=0.0)
     launch = Launch("ddp" if args.nproc > 1 else "none", args.nproc)
-    spec = {"base_dir": str(work / "nf4"), "train_file": str(work / "train.parquet"), "out_dir": str(work / "adapter"),
-            "lora": LoraSettings(r=8, alpha=16).model_dump(), "training": training.model_dump(),
-            "device": asdict(device), "options": asdict(step_options(training, device)),
-            "base_model_name": "builtin:micro-llama", "resume_from": None, "trust_remote_code": False,
-            "report_to": [], "launch": asdict(launch), "parent_pid": os.getpid(), "live_logs": False}
-    assert StepOptions(**spec["options"])
-    (work / "spec.json").write_text(json.dumps(spec))
+    spec = training_spec(work / "nf4", work / "train.parquet", work / "adapter", LoraSettings(r=8, alpha=16), training,
+                         device, step_options(training, device), base_model_name="builtin:micro-llama")
+    spec_file = write_spec(work, spec, launch, live_logs=False)
     started = time.perf_counter()
-    command = torchrun_command(launch, "lora_pipeline.torchrun.worker", [str(work / "spec.json")])
+    command = torchrun_command(launch, "lora_pipeline.torchrun.worker", [str(spec_file)])
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     record = {"check": "torchrun_entry_point", "device": device.device, "nproc": args.nproc, "rc": done.returncode,
               "wall_seconds": round(time.perf_counter() - started, 1), "quant_storage": stored}

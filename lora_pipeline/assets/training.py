@@ -27,7 +27,6 @@ from lora_pipeline.deploy import training_gpus
 from lora_pipeline.ml.base.fit import check_fits
 from lora_pipeline.ml.report.modelcard import adapter_card
 from lora_pipeline.ml.report.plots import loss_curve_png, markdown_image
-from lora_pipeline.torchrun.launch import train_with_torchrun
 from lora_pipeline.ml.training import StepOptions, TrainingDivergedError, TrainResult, step_options, train_adapter
 from lora_pipeline.ml.training.distributed import Launch, plan_launch
 from lora_pipeline.ml.training.telemetry import progress_line
@@ -35,6 +34,8 @@ from lora_pipeline.resources.compute import Compute
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 from lora_pipeline.resources.tracking import ExperimentTracker
+from lora_pipeline.torchrun.launch import train_with_torchrun
+from lora_pipeline.torchrun.worker import training_spec
 
 TRAINING_SUMMARY = "training_summary.json"
 TRAIN_SPLIT = "train.parquet"  # the one file of formatted_dataset that training reads
@@ -225,10 +226,8 @@ class _TrainingRun:
         }
         try:
             if launch is not None and launch.distributed:
-                spec = {"base_dir": str(base_dir), "train_file": str(train_file), "out_dir": str(staging),
-                        "lora": model_config.lora.model_dump(), "training": model_config.training.model_dump(),
-                        "device": dataclasses.asdict(self.device), "options": dataclasses.asdict(options),
-                        **arguments, "resume_from": str(resume_from[1]) if resume_from is not None else None}
+                spec = training_spec(base_dir, train_file, staging, model_config.lora, model_config.training,
+                                     self.device, options, **arguments)
                 with tempfile.TemporaryDirectory(prefix="lora-pipeline-torchrun-") as work:
                     return train_with_torchrun(self.context, launch, spec, Path(work), self.publish_checkpoint,
                                                on_log)

@@ -9,7 +9,6 @@ The asset then publishes the adapter exactly as after an in-process training.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -21,7 +20,7 @@ from dagster._core.errors import DagsterPipesExecutionError  # not re-exported a
 
 from lora_pipeline.ml.training import TrainResult
 from lora_pipeline.ml.training.distributed import Launch, threads_per_rank, torchrun_command
-from lora_pipeline.torchrun.worker import RESULT_FILE, SPEC_FILE, checkpoint_files, error_file
+from lora_pipeline.torchrun.worker import RESULT_FILE, checkpoint_files, error_file, write_spec
 
 WORKER_MODULE = "lora_pipeline.torchrun.worker"
 
@@ -33,11 +32,9 @@ class DistributedTrainingError(RuntimeError):
 def train_with_torchrun(context: dg.AssetExecutionContext, launch: Launch, spec: dict, work: Path,
                         publish_checkpoint: Callable[[Path, int], None],
                         on_log: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run the training spec on launch's ranks; rank 0's TrainResult. work: an empty folder for the talk."""
-    work.mkdir(parents=True, exist_ok=True)
-    spec_file = work / SPEC_FILE
-    spec_file.write_text(json.dumps({**spec, "launch": dataclasses.asdict(launch), "parent_pid": os.getpid(),
-                                     "live_logs": on_log is not None}))
+    """Run the training spec (worker.training_spec) on launch's ranks; rank 0's TrainResult. work: an empty folder
+    for the talk."""
+    spec_file = write_spec(work, spec, launch, live_logs=on_log is not None)
     command = torchrun_command(launch, WORKER_MODULE, [str(spec_file)])
     env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(threads_per_rank(launch))}
     context.log.info(f"training on {launch.world_size} processes ({launch.strategy}): {' '.join(command[1:])}")

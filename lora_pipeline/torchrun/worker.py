@@ -40,6 +40,27 @@ def checkpoint_files(folder: Path, step: int) -> tuple[Path, Path, Path]:
     return stem.with_suffix(".json"), stem.with_suffix(".done"), stem.with_suffix(".failed")
 
 
+def training_spec(base_dir: Path, train_file: Path, out_dir: Path, lora, training, device, options, *,
+                  base_model_name: str, resume_from: Path | None = None, trust_remote_code: bool = False,
+                  report_to: tuple[str, ...] = ()) -> dict:
+    """train_adapter's arguments as the JSON data every rank reads back (_train): the split as its file."""
+    return {"base_dir": str(base_dir), "train_file": str(train_file), "out_dir": str(out_dir),
+            "lora": lora.model_dump(), "training": training.model_dump(), "device": asdict(device),
+            "options": asdict(options), "base_model_name": base_model_name,
+            "resume_from": str(resume_from) if resume_from is not None else None,
+            "trust_remote_code": trust_remote_code, "report_to": list(report_to)}
+
+
+def write_spec(folder: Path, spec: dict, launch, live_logs: bool) -> Path:
+    """The spec file in folder: the training's arguments (training_spec), the launch, this process's pid (rank 0
+    stops when it is gone) and whether rank 0 sends the Trainer's logs back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_file = folder / SPEC_FILE
+    spec_file.write_text(json.dumps({**spec, "launch": asdict(launch), "parent_pid": os.getpid(),
+                                     "live_logs": live_logs}))
+    return spec_file
+
+
 class StepGone(RuntimeError):
     """The Dagster step that launched the training has exited."""
 
