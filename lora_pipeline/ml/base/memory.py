@@ -347,13 +347,15 @@ def _replan(plan: MemoryPlan, changes: dict[str, object]) -> MemoryPlan:
     sections = {"lora": plan.inputs.lora, "quantization": plan.inputs.quantization, "training": plan.inputs.training}
     for key, value in changes.items():
         section, *path = key.split(".")
-        if len(path) == 2:  # training.distributed.X
-            inner = getattr(sections[section], path[0]).model_copy(update={path[1]: value})
-            sections[section] = sections[section].model_copy(update={path[0]: inner})
-        else:
-            sections[section] = sections[section].model_copy(update={path[0]: value})
+        sections[section] = _with_value(sections[section], path, value)
     return plan_memory(plan.inputs.architecture, sections["lora"], sections["quantization"], sections["training"],
                        plan.inputs.device)
+
+
+def _with_value(section, path: list[str], value):
+    """A copy of a config section with the value at path (nested sections, e.g. training.distributed.X, too)."""
+    inner = value if len(path) == 1 else _with_value(getattr(section, path[0]), path[1:], value)
+    return section.model_copy(update={path[0]: inner})
 
 
 def _try(plan: MemoryPlan, applied: dict, options: list[dict], memory: int) -> tuple[dict, MemoryPlan]:
