@@ -383,8 +383,7 @@ class TuningRunConfig(dg.Config):
 
 
 # Dagster shows these docstrings as descriptions, some as Markdown: without the source's indentation.
-for _config_class in (DatasetSettings, LoraSettings, QuantizationSettings, TrainingSettings, MergeSettings,
-                      EvalSettings, PromotionSettings, RetrainSettings, TrackingSettings, PublishSettings, ExportSettings,
-                      ModelConfig,
-                      TuningRunConfig):
+for _config_class in (DatasetSettings, LoraSettings, QuantizationSettings, TrainingSettings, DistributedSettings,
+                      MergeSettings, EvalSettings, PromotionSettings, RetrainSettings, TrackingSettings, PublishSettings,
+                      ExportSettings, ModelConfig, TuningRunConfig):
     _config_class.__doc__ = inspect.cleandoc(_config_class.__doc__ or "")
