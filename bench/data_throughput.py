@@ -15,6 +15,10 @@ process's peak RSS.
     python bench/data_throughput.py --rows 20000   # quick look
     python bench/data_throughput.py --repeat 3     # best of 3 on a busy machine
 
+The class of a base's tokenizer is chosen once per folder and remembered (lora_pipeline/ml/base/tokenizer.py),
+so that formatting need not import torch; the benchmark loads the tokenizer once before timing, as every
+run after a base's first finds it.
+
 Right after each run it times the tokenizer alone on the same rows: the texts the stage wrote,
 chunk by chunk as it tokenized them, with encode_batch as the stage calls it, each chunk's
 encodings freed before the next as the stage must. Formatting cannot be faster than that; the
@@ -80,6 +84,13 @@ def build_base(data: Path, out: Path) -> None:
             row = json.loads(line)
             corpus.append(f"{row['instruction']}\n{row['input']}\n{row['output']}")
     build_tiny_llama(corpus, out, TinyLlamaShape(hidden_size=64, layers=1, vocab_size=VOCAB, max_positions=2048))
+
+
+def warm_tokenizer_choice(base: Path) -> None:
+    """Load the base's tokenizer once through the hub the pipeline runs with (cwd REPO), so its class is remembered."""
+    from lora_pipeline.resources.hub import ModelHub
+
+    ModelHub(cache_dir=str(REPO / ModelHub().cache_dir)).tokenizer(str(base), None, lambda: [])
 
 
 def run_pipeline(config: Path, data: Path, base: Path, work: Path) -> dict:
@@ -183,6 +194,7 @@ def main() -> None:
             base = work / f"base_{rows}"
             if not (base / "config.json").exists():
                 build_base(data, base)
+            warm_tokenizer_choice(base)
             runs, alone = [], []
             for _ in range(args.repeat):
                 runs.append(run_pipeline(config, data, base, work / f"run_{rows}"))

@@ -158,3 +158,73 @@ def test_a_trusted_model_with_its_own_code_runs_through_the_whole_graph(micro_ba
     merged = fake_resources["storage"].local_path(fake_resources["storage"].current("custom", "merged_model"))
     assert json.loads((merged / "config.json").read_text())["model_type"] == "acme_llama"
     assert (merged / "modeling_acme.py").exists()  # the code travels with the model that needs it
+
+
+def _tokenizer_facts(tokenizer) -> dict:
+    """What formatting reads from a tokenizer: its class, its whole Rust tokenizer, its special tokens and template."""
+    return {
+        "class": type(tokenizer).__name__,
+        "backend": tokenizer.backend_tokenizer.to_str(),
+        "special": tokenizer.special_tokens_map,
+        "ids": (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id),
+        "chat_template": tokenizer.chat_template,
+        "encoded": tokenizer("### Instruction:\nName a colour.\n\n### Response:\nBlue.</s>").input_ids,
+    }
+
+
+@pytest.mark.parametrize("declared", ["TokenizersBackend", "PreTrainedTokenizerFast", "LlamaTokenizer"])
+def test_a_remembered_tokenizer_class_loads_what_autotokenizer_loads(micro_base, tmp_path, declared):
+    """The class AutoTokenizer chose is remembered per folder and files; a later load calls it directly and
+    gets the same tokenizer, whatever class the folder declares (a Llama-declared byte-level one included)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.ml.base.tokenizer import load_tokenizer
+
+    folder = tmp_path / "base"
+    shutil.copytree(micro_base, folder)
+    config_file = folder / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer_class": declared}))
+    memo = tmp_path / "memo"
+    expected = _tokenizer_facts(AutoTokenizer.from_pretrained(folder))
+    assert _tokenizer_facts(load_tokenizer(folder, memo)) == expected  # chosen by AutoTokenizer, then remembered
+    [remembered] = memo.iterdir()
+    assert json.loads(remembered.read_text())["class"] == expected["class"]
+    assert _tokenizer_facts(load_tokenizer(folder, memo)) == expected  # loaded with the remembered class
+
+
+def test_a_tokenizer_class_is_chosen_again_when_the_files_change_or_the_memo_is_unusable(micro_base, tmp_path):
+    import json
+    import shutil
+
+    from lora_pipeline.ml.base.tokenizer import load_tokenizer
+
+    folder, memo = tmp_path / "base", tmp_path / "memo"
+    shutil.copytree(micro_base, folder)
+    load_tokenizer(folder, memo)
+    [first] = memo.iterdir()
+    config_file = folder / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
+    load_tokenizer(folder, memo)
+    assert len(list(memo.iterdir())) == 2  # other files, another choice
+    first.write_text(json.dumps({"module": "transformers.no_such_module", "class": "Gone"}))  # a newer transformers'
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tokenizer_class": "TokenizersBackend"}))
+    assert type(load_tokenizer(folder, memo)).__name__ == "TokenizersBackend"
+
+
+def test_loading_a_remembered_tokenizer_does_not_import_torch(micro_base, tmp_path):
+    """The point of remembering: the data stages load the tokenizer without the seconds of importing torch."""
+    import subprocess
+    import sys
+
+    from lora_pipeline.ml.base.tokenizer import load_tokenizer
+
+    memo = tmp_path / "memo"
+    load_tokenizer(micro_base, memo)
+    script = (f"import sys; from pathlib import Path; from lora_pipeline.ml.base.tokenizer import load_tokenizer; "
+              f"load_tokenizer(Path({str(micro_base)!r}), Path({str(memo)!r})); "
+              "print(sorted(m for m in ('torch', 'transformers.models.llama.configuration_llama') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from lora_pipeline.errors import ModelError
 from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX, BUILTIN_REVISION, build_tiny_llama, builtin_shape
+from lora_pipeline.ml.base.tokenizer import load_tokenizer
 
 CorpusFn = Callable[[], list[str]]
 
@@ -21,6 +22,8 @@ HUB_FILE_PATTERNS = [*TOKENIZER_FILE_PATTERNS, "*.safetensors"]
 PICKLE_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 REMOTE_CODE_PATTERNS = ["*.py"]
+# Under cache_dir: which tokenizer class AutoTokenizer chose for which files (ml/base/tokenizer.py).
+TOKENIZER_CHOICES = "tokenizer-classes"
 # Files whose auto_map names Python classes that transformers would import from the model's folder.
 CODE_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 
@@ -64,11 +67,13 @@ class ModelHub(dg.ConfigurableResource):
     )
 
     def tokenizer(self, base_model: str, revision: str | None, corpus: CorpusFn, trust_remote_code: bool = False):
-        """The base model's tokenizer, loaded (a hub download fetches the tokenizer's files, not the weights)."""
-        from transformers import AutoTokenizer
+        """The base model's tokenizer, loaded (a hub download fetches the tokenizer's files, not the weights).
 
+        The class AutoTokenizer chooses for a folder is remembered in cache_dir, so later loads skip
+        reading the model's config, which imports torch (see ml/base/tokenizer.py).
+        """
         folder = self.resolve(base_model, revision, corpus, tokenizer_only=True, trust_remote_code=trust_remote_code)
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return load_tokenizer(folder, Path(self.cache_dir) / TOKENIZER_CHOICES, trust_remote_code)
 
     def resolve(
         self,
