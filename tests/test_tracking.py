@@ -169,15 +169,17 @@ def test_with_tracking_off_nothing_contacts_mlflow(write_config, fake_resources,
 
 
 @pytest.mark.slow
-def test_one_mlflow_run_per_adapter_with_curves_metrics_model_and_aliases(write_config, fake_resources, mlflow_server):
+def test_one_mlflow_run_per_adapter_with_curves_metrics_model_and_aliases(write_config, fake_resources, mlflow_server,
+                                                                         monkeypatch, capsys):
     """The whole pipeline reporting to a live MLflow server: one run for the adapter, tagged with the Dagster run,
     the partition and the data versions, with the training curve and the evaluation's metrics, linked from the
-    metadata; the adapter registered, challenger then champion; loaded back by alias in a process without the hub."""
+    metadata; the adapter registered, challenger then champion; loaded back by alias in a process without the hub;
+    a rollback moves the alias back."""
     from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
     from lora_pipeline.ml.tracking import ADAPTER_TAG
     from lora_pipeline.resources import ExperimentTracker
 
-    write_config("micro", tracking={"report_to": ["mlflow"], "tracking_uri": mlflow_server})
+    config_path = write_config("micro", tracking={"report_to": ["mlflow"], "tracking_uri": mlflow_server})
     resources = {**fake_resources, "tracker": ExperimentTracker()}
     result = _materialize(resources, [*PIPELINE_ASSETS, *PIPELINE_CHECKS], "micro")
     adapter, report, champion = (_metadata(result, name) for name in ("trained_adapter", "eval_report", "champion"))
@@ -240,6 +242,23 @@ def test_one_mlflow_run_per_adapter_with_curves_metrics_model_and_aliases(write_
     assert out.returncode == 0, out.stderr[-3000:]
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded["type"].startswith("PeftModel") and loaded["lora"] > 0 and loaded["equal"]
+
+    # A newer champion (registered as version 2, the alias moved to it), then `lora-pipeline rollback`: the
+    # alias follows the champion history back to the first adapter's version.
+    from lora_pipeline.cli import main
+    from lora_pipeline.resources.records import ChampionHistory
+
+    history = ChampionHistory(resources["storage"], "micro")
+    first = history.current()
+    other_run = client.create_run(experiment.experiment_id).info.run_id
+    newer = client.create_model_version("micro", f"runs:/{other_run}/model", other_run)
+    client.set_registered_model_alias("micro", "champion", newer.version)
+    history.append("promote", "bbbb2222bbbb2222", first.candidate, first.suite, first.gates, None, "micro")
+    monkeypatch.setenv("LORA_PIPELINE_CONFIG_DIR", str(config_path.parent))
+    assert main(["rollback", "micro", "--storage", resources["storage"].root, "--json"]) == 0
+    back = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert back["version"] == first.version and back["mlflow_model_version"] == "1"
+    assert client.get_model_version_by_alias("micro", "champion").version == "1"
 
 
 @pytest.mark.slow

@@ -111,17 +111,47 @@ def _sweep_of(key: str) -> str | None:
 
 
 def do_rollback(args: argparse.Namespace) -> int:
-    """Restore an earlier champion."""
+    """Restore an earlier champion, and with MLflow tracking move the registered model's alias back to it."""
     from lora_pipeline.resources.factory import default_resources
     from lora_pipeline.resources.records import ChampionHistory
 
-    storage = default_resources(storage_root=args.storage)["storage"]
-    history = ChampionHistory(storage, args.model)
+    resources = default_resources(storage_root=args.storage)
+    history = ChampionHistory(resources["storage"], args.model)
     before = history.current()
     event = history.rollback(args.to)
     stream = sys.stderr if args.json else sys.stdout
     print(f"champion of {args.model}: {event.version} (was {before.version})", file=stream)
+    tracked = _champion_alias_moved(resources, args.model, event)
+    if tracked:
+        print(f"MLflow: {tracked['mlflow_champion']} is version {tracked['mlflow_model_version']} again", file=stream)
     if args.json:
         print(json.dumps({"model": args.model, "version": event.version, "previous": before.version,
-                          "sequence": event.sequence}))
+                          "sequence": event.sequence, **_alias_summary(tracked)}))
     return 0
+
+
+def _champion_alias_moved(resources: dict, owner: str, event) -> dict:
+    """The MLflow alias 'champion' pointed at the restored champion's registered version, as a promotion points it;
+    nothing when its config (the partition it was promoted from) has MLflow tracking off or is gone."""
+    from lora_pipeline.resources.artifacts import ArtifactRef
+
+    try:
+        model_config = ConfigRegistry().load(event.partition)
+    except ConfigError:
+        return {}
+    if not model_config.tracking.mlflow:
+        return {}
+    adapter, base = (ArtifactRef.from_entry(event.candidate[name]) for name in ("trained_adapter", "quantized_base"))
+    try:
+        return resources["tracker"].promoted(model_config.tracking, owner, resources["storage"], adapter, base,
+                                             model_config.trust_remote_code)
+    except Exception as exc:  # the MLflow client raises many types; all mean the alias did not move
+        raise RuntimeError(
+            f"champion of {owner} is {event.version} again, but MLflow's alias 'champion' did not move "
+            f"({type(exc).__name__}: {exc}); run `lora-pipeline rollback {owner} --to {event.version}` once MLflow "
+            "answers"
+        ) from exc
+
+
+def _alias_summary(tracked: dict) -> dict:
+    return {key: tracked[key] for key in ("mlflow_champion", "mlflow_model_version") if key in tracked}
