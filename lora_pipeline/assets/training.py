@@ -3,8 +3,6 @@
 import dataclasses
 import hashlib
 import json
-import tempfile
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -228,9 +226,9 @@ class _TrainingRun:
             if launch is not None and launch.distributed:
                 spec = training_spec(base_dir, train_file, staging, model_config.lora, model_config.training,
                                      self.device, options, **arguments)
-                with tempfile.TemporaryDirectory(prefix="lora-pipeline-torchrun-") as work:
-                    return train_with_torchrun(self.context, launch, spec, Path(work), self.publish_checkpoint,
-                                               on_log)
+                # A staging folder, not /tmp: a local store's writers remove what a killed step left there.
+                with self.storage.staging_dir() as work:
+                    return train_with_torchrun(self.context, launch, spec, work, self.publish_checkpoint, on_log)
             return train_adapter(
                 base_dir, pd.read_parquet(train_file), staging, model_config.lora, model_config.training, self.device,
                 progress=self.report, on_checkpoint=self.publish_checkpoint, options=options, on_log=on_log,
