@@ -157,6 +157,23 @@ def test_debug_is_honoured_before_or_after_the_command():
     assert not parser.parse_args(["list"]).debug
 
 
+def test_the_libraries_progress_bars_are_off_without_importing_them():
+    """The CLI silences transformers' and datasets' bars before they are imported (importing them costs 1.6 s
+    that commands which load no model would pay), and they honour it when a stage imports them."""
+    probe = (
+        "import sys, json\n"
+        "from lora_pipeline.cli.session import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "imported = [name for name in ('transformers', 'datasets') if name in sys.modules]\n"
+        "from transformers.utils import logging\n"
+        "from datasets.utils.tqdm import are_progress_bars_disabled\n"
+        "print(json.dumps([imported, logging.is_progress_bar_enabled(), are_progress_bars_disabled()]))\n"
+    )
+    env = {name: value for name, value in os.environ.items() if "PROGRESS_BARS" not in name}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, check=True)
+    assert json.loads(out.stdout) == [[], False, True]
+
+
 FORMAT_SAMPLES = {
     "alpaca.json": json.dumps([{"instruction": f"Name {i}", "input": "", "output": f"Number {i}"} for i in range(40)]),
     "sharegpt.jsonl": "".join(json.dumps({"conversations": [{"from": "human", "value": f"Hi {i}"},
