@@ -56,7 +56,8 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
     from lora_pipeline.ml.base.precision import detect_device
     from lora_pipeline.ml.training.distributed import plan_launch
 
-    launch = plan_launch(model_config.training.distributed, detect_device())  # refused before the data is read
+    device = detect_device()
+    launch = plan_launch(model_config.training.distributed, device)  # refused before the data is read
     source = model_config.dataset.source
     cleaned, (train_rows, eval_rows) = check_data_early(model_config) if is_local_source(source) else (None, (None, None))
     mode = model_config.quantization.mode
@@ -74,7 +75,7 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
         "eval_rows": eval_rows,
         "tokens": token_summary(model_config, cleaned) if cleaned else None,
     }
-    summary["memory_plan"], memory_lines = memory_summary(model_config)
+    summary["memory_plan"], memory_lines = memory_summary(model_config, device)
     summary["launch"] = launch.as_dict()
     memory_lines.insert(0, f"  training    {launch.world_size} process{'es' if launch.world_size > 1 else ''}"
                            + (f" ({launch.strategy}, {launch.nproc_per_node} per machine x {launch.nnodes})"
@@ -162,12 +163,11 @@ def is_local_source(source: str) -> bool:
     return "://" not in local and not local.startswith("hf:") and (Path(local).exists() or bool(glob.glob(local)))
 
 
-def memory_summary(model_config) -> tuple[dict | None, list[str]]:
+def memory_summary(model_config, device) -> tuple[dict | None, list[str]]:
     """The training's memory plan on this machine's device, as JSON and as lines to print."""
     from lora_pipeline.ml.base.fit import assess_fit
-    from lora_pipeline.ml.base.precision import detect_device
 
-    assessment = assess_fit(model_config, detect_device())  # a local base_model folder's config.json is read as is
+    assessment = assess_fit(model_config, device)  # a local base_model folder's config.json is read as is
     if assessment is None:
         return None, ["  memory      unknown here: the base model's config.json is not shipped or local"]
     lines = ["  " + line for line in assessment.plan.render().splitlines()]
