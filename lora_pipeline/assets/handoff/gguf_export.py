@@ -44,10 +44,11 @@ def gguf_export(
     check_quantize(settings.gguf, settings.llama_quantize)  # before any conversion starts
     # The template the data was rendered with ('auto' resolved), so Ollama prompts the model the same way.
     template = read_json(storage.local_path(formatted_dataset) / FORMAT_SUMMARY)["template"]
-    base_dir = original_weights_dir(storage.local_path(quantized_base), hub, model_config.trust_remote_code)
     with storage.writer_lock(context.partition_key, context.asset_key.path[-1], context.run_id):
         with storage.staging_dir() as staging:
-            facts = export_gguf(storage.local_path(merged_model), storage.local_path(trained_adapter), base_dir,
+            facts = export_gguf(storage.local_path(merged_model), storage.local_path(trained_adapter),
+                                lambda: original_weights_dir(storage.local_path(quantized_base), hub,
+                                                             model_config.trust_remote_code),
                                 staging, settings.gguf, default_cache(), settings.llama_quantize, template,
                                 settings.modelfile, progress=context.log.info)
             ref = storage.publish(staging, context.partition_key, context.asset_key.path[-1])

@@ -18,6 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lora_pipeline.errors import ConfigError
 
@@ -232,15 +233,16 @@ def modelfile(from_file: str, template: str | None, adapter_file: str | None = N
     return "\n".join(lines) + "\n"
 
 
-def export_gguf(merged_dir: Path, adapter_dir: Path, base_dir: Path, out_dir: Path, gguf_type: str, cache: Path,
-                llama_quantize: str | None, template: str | None, write_modelfile: bool = True,
+def export_gguf(merged_dir: Path, adapter_dir: Path, locate_base: Callable[[], Path], out_dir: Path, gguf_type: str,
+                cache: Path, llama_quantize: str | None, template: str | None, write_modelfile: bool = True,
                 progress=logger.info) -> dict:
     """Convert the merged model, the base and the adapter into out_dir, check each, write Modelfiles.
 
     The base GGUF is what the adapter applies to (Ollama's FROM + ADAPTER, llama.cpp's --lora);
-    base_dir holds the unquantized base weights. An adapter that trains whole modules (modules_to_save,
-    e.g. the demo's lm_head) has no GGUF form: then only the merged model is written, and the facts say
-    why. Returns plain facts for the asset's metadata."""
+    locate_base gives the folder of the unquantized base weights, and is called only when the base is
+    converted (for a hub base it may download them). An adapter that trains whole modules
+    (modules_to_save, e.g. the demo's lm_head) has no GGUF form: then only the merged model is
+    written, and the facts say why. Returns plain facts for the asset's metadata."""
     import json
 
     config = json.loads((merged_dir / "config.json").read_text())
@@ -263,7 +265,8 @@ def export_gguf(merged_dir: Path, adapter_dir: Path, base_dir: Path, out_dir: Pa
         facts["adapter_skipped"] = (f"the adapter trains {', '.join(trained_in_full)} in full (lora.modules_to_save), "
                                     "which llama.cpp's LoRA format cannot hold: use the merged model's GGUF")
         progress(f"GGUF adapter and base not written: {facts['adapter_skipped']}")
-    for label, model_dir in (("merged", merged_dir),) + ((("base", base_dir),) if not trained_in_full else ()):
+    for label, locate in [("merged", lambda: merged_dir)] + ([] if trained_in_full else [("base", locate_base)]):
+        model_dir = locate()
         started = time.perf_counter()
         target = convert_model(model_dir, out_dir / f"{label}.{gguf_type}.gguf", gguf_type, cache, llama_quantize)
         converted(label, target, model_dir, by_quantize, started)
