@@ -24,6 +24,12 @@ chunk by chunk as it tokenized them, with encode_batch as the stage calls it, ea
 encodings freed before the next as the stage must. Formatting cannot be faster than that; the
 ratios say how close it comes, for the whole step and for its per-row work (cleaning and
 formatting, without loading the tokenizer, which the tokenizer-alone figure does not count either).
+
+With --cpu it also runs the stage's work again in its own process (stage_cpu) and compares CPU seconds:
+the tokenizer's share of the stage's CPU says how much of the gap is work outside the tokenizer,
+which on cores the tokenizer fills costs wall time however it is overlapped.
+
+    python bench/data_throughput.py --rows 100000 --cpu
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS_FROM = [REPO.parent / "shared" / "data" / "alpaca_en_demo.json", REPO / "lora_pipeline" / "data" / "sample_instructions.json"]
 TOKENIZER_ROWS = 50_000
 VOCAB = 32_000
+MAX_LENGTH = 512
 
 
 def write_rows(path: Path, rows: int, seed: int = 0) -> None:
@@ -120,6 +127,7 @@ def run_pipeline(config: Path, data: Path, base: Path, work: Path) -> dict:
         "stage_seconds": _stage_seconds(log),
         "formatted": summary["assets"]["formatted_dataset"]["metadata"],
         "formatted_folder": Path(summary["assets"]["formatted_dataset"]["uri"]),
+        "raw_folder": Path(summary["assets"]["raw_dataset"]["uri"]),
     }
 
 
@@ -137,23 +145,48 @@ def tokenizer_alone(base: Path, formatted_folder: Path) -> dict:
 
     encode_batch = AutoTokenizer.from_pretrained(base).backend_tokenizer.encode_batch
     splits = [pq.ParquetFile(formatted_folder / f"{split}.parquet") for split in ("train", "eval")]
-    seconds, rows, tokens = 0.0, 0, 0
+    seconds, cpu_seconds, rows, tokens = 0.0, 0.0, 0, 0
     gc.freeze()  # as formatted_dataset does around its tokenizer calls
     for groups in zip_longest(*(range(split.num_row_groups) for split in splits)):
         texts = []
         for split, group in zip(splits, groups):
             if group is not None:
                 texts += split.read_row_group(group, columns=["text"]).column(0).to_pylist()
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         encodings = encode_batch(texts, add_special_tokens=True)
-        encoded = time.perf_counter()
+        encoded, encoded_cpu = time.perf_counter(), time.process_time()
         tokens += sum(map(len, encodings))
-        counted = time.perf_counter()
+        counted, counted_cpu = time.perf_counter(), time.process_time()
         del encodings
         seconds += (encoded - started) + (time.perf_counter() - counted)
+        cpu_seconds += (encoded_cpu - started_cpu) + (time.process_time() - counted_cpu)
         rows += len(texts)
     gc.unfreeze()
-    return {"rows": rows, "seconds": seconds, "tokens_per_s": round(tokens / seconds)}
+    return {"rows": rows, "seconds": seconds, "cpu_seconds": cpu_seconds, "tokens_per_s": round(tokens / seconds)}
+
+
+def stage_cpu(base: Path, raw_folder: Path) -> dict:
+    """CPU seconds (every thread's) of formatted_dataset's work, in this process, with the stage's own functions:
+    reading and cleaning the raw rows, then formatting them, the tokenizer's share included.
+
+    The stage overlaps its per-row work with the tokenizer, but where the tokenizer alone keeps every core
+    busy (2 cores here), each CPU-second outside it costs wall time all the same: the formatted_dataset /
+    tokenizer-alone ratio can then come near the tokenizer's share of the stage's CPU, not above it by
+    much. The CPU the stage's threads lose to each other (allocator locks, three threads on two cores)
+    counts as outside the tokenizer.
+    """
+    from lora_pipeline.assets.data import rows_in_folder
+    from lora_pipeline.ml.data.clean import clean_rows
+    from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
+    from lora_pipeline.resources.hub import ModelHub
+
+    tokenizer = ModelHub(cache_dir=str(REPO / ModelHub().cache_dir)).tokenizer(str(base), None, lambda: [])
+    started = time.process_time()
+    cleaned = clean_rows(rows_in_folder(raw_folder))
+    cleaned_at = time.process_time()
+    with tempfile.TemporaryDirectory(prefix="lora-data-cpu-") as folder:
+        format_dataset(cleaned, tokenizer, FormatSettings(max_length=MAX_LENGTH), folder=Path(folder))
+    return {"clean_cpu_seconds": cleaned_at - started, "format_cpu_seconds": time.process_time() - cleaned_at}
 
 
 def _stage_seconds(log: str) -> dict[str, float]:
@@ -178,13 +211,15 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the generated data and base here (reused when present)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per size, each followed by the tokenizer alone; "
                         "the best of each is reported")
+    parser.add_argument("--cpu", action="store_true", help="also run the stage's work in this process once per run and "
+                        "report its CPU seconds against the tokenizer's (stage_cpu)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lora-data-bench-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         config = work / "bench-data.yaml"
         config.write_text("base_model: builtin:tiny-llama\ndataset:\n  source: unused\n  format: auto\n"
-                          "training:\n  max_length: 512\n")
+                          f"training:\n  max_length: {MAX_LENGTH}\n")
         results = []
         for rows in args.rows:
             data = work / f"alpaca_{rows}.jsonl"
@@ -195,11 +230,13 @@ def main() -> None:
             if not (base / "config.json").exists():
                 build_base(data, base)
             warm_tokenizer_choice(base)
-            runs, alone = [], []
+            runs, alone, cpu = [], [], []
             for _ in range(args.repeat):
                 runs.append(run_pipeline(config, data, base, work / f"run_{rows}"))
                 alone.append(tokenizer_alone(base, runs[-1]["formatted_folder"]))
-            results.append(_summary(rows, data, runs, alone))
+                if args.cpu:
+                    cpu.append(stage_cpu(base, runs[-1]["raw_folder"]))
+            results.append(_summary(rows, data, runs, alone, cpu))
             print(json.dumps(results[-1]), flush=True)
     print(f"\n{os.cpu_count()} cores; best of {args.repeat}. Tokenizer alone: encode_batch with offsets, in the stage's "
           "chunks, on the same texts. Per-row work: cleaning + formatting, without loading the tokenizer.")
@@ -212,13 +249,22 @@ def main() -> None:
               f"{r['clean_s']} / {r['tokenizer_wait_s']} / {r['format_s']} | {r['tokenizer_alone_s']} | "
               f"{r['rows_per_s_formatted']:,} | {r['rows_per_s_tokenizer_alone']:,} | {r['ratio_step']:.0%} | "
               f"{_percent(r['ratio_per_row_work'])} | {r['rows_per_s_assets']:,} | {r['peak_rss_mb']:,} |")
+    if args.cpu:
+        print("\nCPU seconds of every thread, the stage's work run in the benchmark's process; the tokenizer's share "
+              "is the tokenizer alone's.\n\n| rows | clean CPU s | format CPU s | tokenizer alone CPU s "
+              "| outside the tokenizer CPU s | tokenizer's share of the stage's CPU |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            c = r["cpu"]
+            print(f"| {r['rows']:,} | {c['clean_s']} | {c['format_s']} | {c['tokenizer_s']} | {c['outside_tokenizer_s']} "
+                  f"| {c['tokenizer_share']:.0%} |")
 
 
 def _percent(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.0%}"
 
 
-def _summary(rows: int, data: Path, runs: list[dict], alone: list[dict]) -> dict:
+def _summary(rows: int, data: Path, runs: list[dict], alone: list[dict], cpu: list[dict]) -> dict:
     """The best of the runs of one size (each figure on its own), beside the best tokenizer-alone time."""
     def best(values):
         return min(values)
@@ -251,6 +297,22 @@ def _summary(rows: int, data: Path, runs: list[dict], alone: list[dict]) -> dict
         "rows_per_s_process": round(rows / min(r["process_wall_seconds"] for r in runs)),
         "process_wall_s": round(min(r["process_wall_seconds"] for r in runs), 1),
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs)),
+        **({"cpu": _cpu_summary(rows, alone, cpu)} if cpu else {}),
+    }
+
+
+def _cpu_summary(rows: int, alone: list[dict], cpu: list[dict]) -> dict:
+    """The least CPU the stage's work took, beside the tokenizer alone's (scaled, like the ratios above, from the
+    rows it tokenized to every row read)."""
+    stage = min(cpu, key=lambda c: c["clean_cpu_seconds"] + c["format_cpu_seconds"])
+    stage_s = stage["clean_cpu_seconds"] + stage["format_cpu_seconds"]
+    tokenizer_s = min(a["cpu_seconds"] for a in alone) * rows / alone[0]["rows"]
+    return {
+        "clean_s": round(stage["clean_cpu_seconds"], 1),
+        "format_s": round(stage["format_cpu_seconds"], 1),
+        "tokenizer_s": round(tokenizer_s, 1),
+        "outside_tokenizer_s": round(stage_s - tokenizer_s, 1),
+        "tokenizer_share": round(tokenizer_s / stage_s, 3),
     }
 
 

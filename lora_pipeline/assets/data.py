@@ -96,7 +96,11 @@ def raw_dataset(
 
 def stored_rows(storage: ArtifactStore, ref: ArtifactRef) -> LoadedDataset:
     """The raw_dataset artifact as loaded rows again (nested values stay JSON text; the format readers parse it)."""
-    folder = storage.local_path(ref)
+    return rows_in_folder(storage.local_path(ref))
+
+
+def rows_in_folder(folder) -> LoadedDataset:
+    """The rows of a raw_dataset folder (its local copy), as stored_rows gives them."""
     info = read_json(folder / DATASET_INFO)
     frame = pd.read_parquet(folder / ROWS_FILE)
     label = f"{info['source']} (raw_dataset)"
