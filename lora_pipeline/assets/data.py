@@ -200,7 +200,8 @@ def _cleaned_rows_and_tokenizer(model_config: ModelConfig, settings: FormatSetti
                                 hub: ModelHub, raw_dataset: ArtifactRef) -> tuple[CleanedRows, object, float]:
     """The cleaned rows, the base's tokenizer, and when the rows were cleaned.
 
-    Loading the tokenizer first imports transformers (and torch): seconds of Python. Reading and
+    Loading the tokenizer imports transformers' tokenizer classes, and the first time a folder is seen,
+    torch too, to choose the class (ml/base/tokenizer.py): a second or more of Python. Reading and
     cleaning the rows is mostly Arrow work that releases the GIL, so the two run side by side. A
     built-in base trains its tokenizer on the cleaned rows, so its loading waits for them.
     """
