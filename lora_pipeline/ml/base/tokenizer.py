@@ -19,6 +19,8 @@ import uuid
 from importlib.metadata import version
 from pathlib import Path
 
+from lora_pipeline.hashing import sha256_of_file
+
 # What AutoTokenizer's choice reads: the tokenizer's and the model's configs, tokenizer.json (a
 # Llama-declared tokenizer with a byte-level tokenizer.json gets the generic class) and whether a
 # Mistral tekken.json exists.
@@ -50,8 +52,7 @@ def _choice_key(folder: Path, trust_remote_code: bool) -> str:
         path = folder / name
         digest.update(b"\x1e" + name.encode() + b"\x1f")
         if path.is_file():
-            with path.open("rb") as handle:
-                digest.update(hashlib.file_digest(handle, "sha256").digest())
+            digest.update(sha256_of_file(path).encode())
     return digest.hexdigest()[:32]
 
 
