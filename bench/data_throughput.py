@@ -93,11 +93,11 @@ def build_base(data: Path, out: Path) -> None:
     build_tiny_llama(corpus, out, TinyLlamaShape(hidden_size=64, layers=1, vocab_size=VOCAB, max_positions=2048))
 
 
-def warm_tokenizer_choice(base: Path) -> None:
-    """Load the base's tokenizer once through the hub the pipeline runs with (cwd REPO), so its class is remembered."""
+def warm_tokenizer_choice(base: Path):
+    """The base's tokenizer, loaded through the hub the pipeline runs with (cwd REPO), so its class is remembered."""
     from lora_pipeline.resources.hub import ModelHub
 
-    ModelHub(cache_dir=str(REPO / ModelHub().cache_dir)).tokenizer(str(base), None, lambda: [])
+    return ModelHub(cache_dir=str(REPO / ModelHub().cache_dir)).tokenizer(str(base), None, lambda: [])
 
 
 def run_pipeline(config: Path, data: Path, base: Path, work: Path) -> dict:
@@ -178,9 +178,8 @@ def stage_cpu(base: Path, raw_folder: Path) -> dict:
     from lora_pipeline.assets.data import rows_in_folder
     from lora_pipeline.ml.data.clean import clean_rows
     from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset
-    from lora_pipeline.resources.hub import ModelHub
 
-    tokenizer = ModelHub(cache_dir=str(REPO / ModelHub().cache_dir)).tokenizer(str(base), None, lambda: [])
+    tokenizer = warm_tokenizer_choice(base)
     started = time.process_time()
     cleaned = clean_rows(rows_in_folder(raw_folder))
     cleaned_at = time.process_time()
