@@ -329,10 +329,13 @@ def test_the_tokenizers_own_chat_template_wins_and_an_inline_one_can_be_given(tm
     path = _write_jsonl(tmp_path / "chat.jsonl", MESSAGES)
     own = AutoTokenizer.from_pretrained(micro_base)
     own.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
-    formatted = format_rows(own, dataset_settings(source=str(path)), eval_fraction=0.2)
+    # Neither template renders tool calls: the 30 rows with calls are dropped (counted), never trained without them.
+    drop = {"unrenderable": "drop", "max_unrenderable_rate": 0.5}
+    formatted = format_rows(own, dataset_settings(source=str(path)), eval_fraction=0.2, **drop)
     assert formatted.template == "tokenizer" and "[user] Name number" in formatted.train.column("text")[0].as_py()
+    assert formatted.counts["unrenderable_dropped"] == 30
     inline = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-    formatted = format_rows(own, dataset_settings(source=str(path)), eval_fraction=0.2, template=inline)
+    formatted = format_rows(own, dataset_settings(source=str(path)), eval_fraction=0.2, template=inline, **drop)
     assert formatted.template == "inline" and "<user>Name number" in formatted.train.column("text")[0].as_py()
     with pytest.raises(ConfigError, match="unknown template 'vicuna'"):
         format_rows(own, dataset_settings(source=str(path)), template="vicuna")
@@ -461,7 +464,7 @@ def test_real_world_alpaca_data_loads_and_formats(tokenizer):
         ("roles.jsonl", '{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}\n',
          r"roles.jsonl: line 1: field 'conversations' turn 1: unknown role 'bot' in 'from'"),
         ("parts.jsonl", '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}\n',
-         r"parts.jsonl: line 1: field 'messages' message 0: content part 0: its type is 'image_url': only text parts"),
+         r"parts.jsonl: line 1: field 'messages' message 0: content part 0: its type is 'image_url': only text and reasoning parts"),
         ("object.json", '[{"instruction": "a", "output": "b"}, 7]', r"object.json: row 1: expected an object, found int"),
         ("blank.json", '[{"instruction": " ", "output": "b"}, {"instruction": "c", "output": ""}]',
          r"blank.json: cleaning removed every row \(2 empty"),

@@ -119,11 +119,15 @@ def format_settings(model_config: ModelConfig) -> FormatSettings:
         eval_fraction=dataset.eval_fraction,
         loss_on_responses_only=training.completion_only_loss,
         turn_flag_field=dataset.turn_flag_field,
+        turns=dataset.turns,
+        reasoning=dataset.reasoning,
+        unrenderable=dataset.unrenderable,
+        max_unrenderable_rate=dataset.max_unrenderable_rate,
     )
 
 
 @pipeline_asset(
-    kinds={"parquet", "pandera"}, group="data", code_version="1",
+    kinds={"parquet", "pandera"}, group="data", code_version="2",
     reads=Reads(config=("dataset", *BASE_MODEL_FIELDS, "training.max_length", "training.completion_only_loss")),
 )
 def formatted_dataset(

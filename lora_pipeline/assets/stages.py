@@ -51,6 +51,10 @@ ADDED_LATER = {
     "training.dequant_cache": "auto",
     "training.liger_kernel": False,
     "dataset.turn_flag_field": None,
+    "dataset.turns": "auto",
+    "dataset.reasoning": "auto",
+    "dataset.unrenderable": "refuse",
+    "dataset.max_unrenderable_rate": 0.05,
     "quantization.quant_storage": "uint8",
     "training.distributed": {"strategy": "auto", "nproc_per_node": "auto", "nnodes": 1},
 }

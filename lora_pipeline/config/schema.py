@@ -49,7 +49,7 @@ class DatasetSettings(StrictSection):
         description="Row format. 'auto' detects it from the columns and records which. 'alpaca': "
         "instruction, input (optional), output, system (optional). 'sharegpt': conversations = "
         "[{from, value}] with from human/gpt/system/function_call/observation/tool. 'messages': "
-        "OpenAI-style [{role, content}], content a string or a list of text parts. "
+        "OpenAI-style [{role, content}], content a string or a list of text and reasoning parts. "
         "'prompt_completion': prompt, completion. 'text': text (a TXT file gives one row per line).",
     )
     columns: dict[str, str] = Field(
@@ -83,6 +83,37 @@ class DatasetSettings(StrictSection):
         "context (0 or false), as other tools write it. By default the first of 'loss_weight', 'train' and "
         "'weight' a message carries; turns without one follow the usual rule (every assistant turn is "
         "learned). Applies while training.completion_only_loss is on.",
+    )
+    turns: Literal["auto", "conversation", "per_turn"] = Field(
+        default="auto",
+        description="How a conversation with several learned turns is trained. 'conversation': one sequence, "
+        "every learned turn in it; right when the template renders history as it renders the last turn "
+        "(ChatML, Llama 3). 'per_turn': one example per learned turn, the history before it rendered as "
+        "the template renders history; what inference sees with templates that render the last answer "
+        "differently (Qwen3 and DeepSeek-R1 style thinking templates drop earlier reasoning). 'auto': "
+        "one sequence where the template allows it, per turn for the rows where it does not. The "
+        "formatted_dataset metadata says how many rows were split and what it cost in tokens.",
+    )
+    reasoning: Literal["auto", "inline", "drop"] = Field(
+        default="auto",
+        description="Reasoning in the data (a 'reasoning' content part, a reasoning_content / reasoning / "
+        "thinking message field, or a <think>...</think> block opening an answer) is learned with its answer. "
+        "'auto': handed to templates that render reasoning_content (Qwen3's), written inline as a "
+        "<think>...</think> block before the answer for those that do not. 'inline': always inline. "
+        "'drop': left out.",
+    )
+    unrenderable: Literal["refuse", "drop"] = Field(
+        default="refuse",
+        description="A row the chat template cannot render (a role it refuses, as Gemma 3 refuses tool "
+        "turns; tool calls it leaves out): 'refuse' stops with the row, the reason and the fix; 'drop' "
+        "leaves such rows out and counts them, up to dataset.max_unrenderable_rate.",
+    )
+    max_unrenderable_rate: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="With dataset.unrenderable: drop, the largest share of rows that may be dropped; above "
+        "it formatting stops, naming the first dropped row and why.",
     )
     dedupe: Literal["normalized", "exact", "none"] = Field(
         default="normalized",

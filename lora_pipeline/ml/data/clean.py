@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from lora_pipeline.errors import DataError
-from lora_pipeline.ml.data.formats import conversations_of
+from lora_pipeline.ml.data.formats import REASONING, conversations_of
 from lora_pipeline.ml.data.raw import LoadedDataset
 from lora_pipeline.ml.data.sources import SourceRows
 from lora_pipeline.ml.data.templates import alpaca_prompt
@@ -57,7 +57,9 @@ def content_parts(loaded: LoadedDataset, chats: list[list[dict]] | None = None) 
     if fmt == "text":
         return [text_column(frame, "text")]
     return [pa.array(
-        ["\x1d".join(f"{m['role']}\x1e{m['content']}\x1e{m.get('tool_calls', '')}" for m in chat)
+        # Reasoning joins the key only where a turn has some, so rows without any keep their hashes.
+        ["\x1d".join(f"{m['role']}\x1e{m['content']}\x1e{m.get('tool_calls', '')}"
+                      + (f"\x1e{m[REASONING]}" if m.get(REASONING) else "") for m in chat)
          for chat in (chats if chats is not None else conversations_of(frame, fmt, None))],
         pa.string(),
     )]

@@ -6,7 +6,12 @@ Dagster-free. Formats:
 - ``sharegpt``: conversations = [{from, value}] with from in human/gpt/system/function_call/
   observation/tool; optional system and tools columns
 - ``messages``: messages = [{role, content}] (OpenAI style; content a string or a list of typed
-  text parts; assistant tool_calls allowed); optional tools column
+  text and reasoning parts; assistant tool_calls and reasoning allowed); optional tools column
+
+Reasoning arrives three ways, and each becomes the message's ``reasoning_content`` (the field
+Hugging Face templates of thinking models read): a ``{"type": "reasoning"}`` (or ``thinking``)
+content part, a ``reasoning_content`` / ``reasoning`` / ``thinking`` message field, or a
+``<think>...</think>`` block that opens an assistant answer.
 - ``prompt_completion``: prompt, completion
 - ``text``: text
 """
@@ -162,7 +167,8 @@ def messages_problem(value: Any, flag_field: str | None = None) -> str | None:
                 if (problem := _content_part_problem(part)) is not None:
                     return f"message {index}: content part {part_index}: {problem}"
         elif not isinstance(content, str):
-            return f"message {index}: 'content' must be a string or a list of text parts, found {type(content).__name__}"
+            return (f"message {index}: 'content' must be a string or a list of text and reasoning parts, "
+                    f"found {type(content).__name__}")
         if "tool_calls" in message and message["tool_calls"] is not None and not isinstance(message["tool_calls"], list):
             return f"message {index}: 'tool_calls' must be a list"
         if (problem := _turn_flag_problem(message, flag_field)) is not None:
@@ -170,23 +176,38 @@ def messages_problem(value: Any, flag_field: str | None = None) -> str | None:
     return None
 
 
+REASONING_PARTS = ("reasoning", "thinking")  # content part types that carry a model's reasoning
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")  # message fields that do, in the order looked for
+REASONING = "reasoning_content"  # where converted messages carry it: the field HF templates of thinking models read
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
 def _content_part_problem(part: Any) -> str | None:
-    """Why a content part is not text, or None: text parts carry their text as 'text' or 'value', or are plain strings."""
+    """Why a content part is neither text nor reasoning, or None: parts carry their text as 'text' or
+    'value' (reasoning parts also as 'reasoning' or 'thinking'), or are plain strings."""
     if isinstance(part, str):
         return None
     if not isinstance(part, dict):
         return f"must be text or an object with type and text, found {type(part).__name__}"
-    if part.get("type", "text") != "text":
-        return f"its type is {part.get('type')!r}: only text parts are supported"
+    kind = part.get("type", "text")
+    if kind not in ("text", *REASONING_PARTS):
+        return f"its type is {kind!r}: only text and reasoning parts are supported"
     if not isinstance(_part_text(part), str):
-        return "a text part needs its text as 'text' or 'value' (a string)"
+        return f"a {kind} part needs its text as 'text' or 'value' (a string)"
     return None
 
 
 def _part_text(part: Any) -> Any:
     if isinstance(part, str):
         return part
-    return part.get("text") if part.get("text") is not None else part.get("value")
+    for key in ("text", "value", *REASONING_PARTS):
+        if part.get(key) is not None:
+            return part[key]
+    return None
+
+
+def _is_reasoning_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in REASONING_PARTS
 
 
 # --- per-turn training flags ----------------------------------------------------------------------
@@ -316,8 +337,29 @@ def describe_failures(failures: pd.DataFrame, frame: pd.DataFrame, fmt: str, whe
 
 def _text_of(content: Any) -> str:
     if isinstance(content, list):
-        return "".join(_part_text(part) for part in content)
+        return "".join(_part_text(part) for part in content if not _is_reasoning_part(part))
     return content or ""
+
+
+def _reasoning_of(message: dict, content: str) -> tuple[str | None, str]:
+    """The message's reasoning (from its reasoning parts, a reasoning field or a leading think block) and
+    its content without a think block; (None, content) when it has none."""
+    parts = message.get("content")
+    if isinstance(parts, list) and any(_is_reasoning_part(part) for part in parts):
+        return "".join(_part_text(part) for part in parts if _is_reasoning_part(part)), content
+    for name in REASONING_FIELDS:
+        if isinstance(message.get(name), str):
+            return message[name], content
+    return split_think(content)
+
+
+def split_think(content: str) -> tuple[str | None, str]:
+    """A leading <think>...</think> block split off an answer: (reasoning, answer), or (None, content)."""
+    stripped = content.lstrip()
+    if not stripped.startswith(THINK_OPEN) or THINK_CLOSE not in stripped:
+        return None, content
+    reasoning, answer = stripped[len(THINK_OPEN):].split(THINK_CLOSE, 1)
+    return reasoning.strip("\n"), answer.lstrip("\n")
 
 
 def _tool_call_from(value: str) -> dict | None:
@@ -342,6 +384,8 @@ def sharegpt_messages(turns: Any, system: Any = None, flag_field: str | None = N
             converted = {"role": "assistant", "content": "", "tool_calls": [call]}
         else:
             converted = {"role": role, "content": turn["value"]}
+            if role == "assistant":
+                _add_reasoning(converted, turn)
         messages.append(_with_flag(converted, turn, flag_field))
     return messages
 
@@ -355,8 +399,17 @@ def openai_messages(messages: Any, flag_field: str | None = None) -> list[dict]:
             converted["tool_calls"] = [_plain_tool_call(call) for call in message["tool_calls"]]
         if message.get("name"):
             converted["name"] = message["name"]
+        if message["role"] == "assistant":
+            _add_reasoning(converted, message)
         result.append(_with_flag(converted, message, flag_field))
     return result
+
+
+def _add_reasoning(converted: dict, original: dict) -> None:
+    reasoning, content = _reasoning_of(original, converted["content"])
+    if reasoning is not None:
+        converted["content"] = content
+        converted[REASONING] = reasoning
 
 
 def _with_flag(converted: dict, original: dict, flag_field: str | None) -> dict:

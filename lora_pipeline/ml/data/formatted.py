@@ -21,7 +21,14 @@ from lora_pipeline.ml.data.clean import CleanedRows, require_both_splits, text_c
 from lora_pipeline.ml.data.formats import conversations_of, tools_of
 from lora_pipeline.ml.data.quality import LengthAdvice
 from lora_pipeline.ml.data.raw import LoadedDataset
-from lora_pipeline.ml.data.templates import Rendered, alpaca_prompt, render_chats, render_single_turn, resolve_template
+from lora_pipeline.ml.data.templates import (
+    ChatPolicy,
+    Rendered,
+    alpaca_prompt,
+    render_chats,
+    render_single_turn,
+    resolve_template,
+)
 from lora_pipeline.ml.data.tokenized import Blocks, examples_table, tokenized_chunks
 from lora_pipeline.ml.heap import long_lived_heap_frozen
 
@@ -45,6 +52,14 @@ class FormatSettings:
     eval_fraction: float = 0.1
     loss_on_responses_only: bool = True
     turn_flag_field: str | None = None  # the message field with per-turn training flags (formats.turn_flag)
+    turns: str = "auto"  # one sequence per conversation, or one example per learned turn (templates.ChatPolicy)
+    reasoning: str = "auto"  # reasoning to the template's field, inline, or dropped
+    unrenderable: str = "refuse"  # a row the template cannot render: refuse it, or drop it (counted)
+    max_unrenderable_rate: float = 0.05  # with 'drop': the largest share of rows that may be dropped
+
+    @property
+    def chat_policy(self) -> ChatPolicy:
+        return ChatPolicy(turns=self.turns, reasoning=self.reasoning, unrenderable=self.unrenderable)
 
 
 def lost_to_max_length(counts: dict) -> int:
@@ -135,7 +150,7 @@ def _render_chunk(tokenizer, loaded: LoadedDataset, template, settings: FormatSe
         offset = rows.start or 0
         where = lambda i: loaded.rows.where(offset + i)  # noqa: E731
         chats = conversations_of(frame, fmt, settings.system_prompt, settings.turn_flag_field, where)
-        return render_chats(tokenizer, template, chats, tools_of(frame), where)
+        return render_chats(tokenizer, template, chats, tools_of(frame), where, settings.chat_policy, offset)
     column = lambda name: text_column(frame, name).to_pylist()  # noqa: E731  (Arrow to Python in one call)
     if fmt == "alpaca":
         systems = column("system") if "system" in frame.columns else [""] * len(frame)
@@ -175,7 +190,9 @@ def format_dataset(
     overlong = overlong_policy(settings.overlong, loaded.format)
     blocks = Blocks(settings.max_length, tokenizer.bos_token_id) if overlong == "split" else None
     counts = dict(cleaned.counts, too_long_dropped=0, truncated=0, split_documents=0, blocks_added=0,
-                  tokens_lost_to_max_length=0, responses_beyond_max_length=0, no_trainable_tokens=0, train_rows=0, eval_rows=0, train_tokens=0)
+                  tokens_lost_to_max_length=0, responses_beyond_max_length=0, no_trainable_tokens=0, train_rows=0, eval_rows=0, train_tokens=0,
+                  unrenderable_dropped=0, per_turn_rows=0, per_turn_examples=0, per_turn_extra_tokens=0)
+    dropped: list[tuple[int, str]] = []
     chunks = [slice(start, min(start + TOKENIZE_CHUNK_ROWS, total)) for start in range(0, total, TOKENIZE_CHUNK_ROWS)]
 
     def render(rows: slice) -> Rendered:
@@ -188,6 +205,10 @@ def format_dataset(
                                      blocks)
         with long_lived_heap_frozen(), closing(tokenized):
             for rows, (rendered, tokens) in zip(chunks, tokenized):
+                if rendered.rows is not None:  # chat rows: examples per row vary (per-turn, dropped)
+                    rows = rendered.rows
+                    dropped += rendered.dropped
+                    _count_turn_examples(rendered, tokens.lengths, counts)
                 table = examples_table(tokens, rendered, cleaned.hashes[rows], held_out[rows],
                                        tokenizer.eos_token_id, settings.max_length, overlong, counts, blocks)
                 all_lengths.append(tokens.lengths)
@@ -197,6 +218,7 @@ def format_dataset(
                     progress(f"formatted {rows.stop:,}/{total:,} rows")
     finally:
         sink.close()
+    _check_dropped(dropped, total, settings.max_unrenderable_rate, loaded)
     if not counts["train_rows"] + counts["eval_rows"]:
         advice = LengthAdvice.of(np.concatenate(all_lengths), settings.max_length)
         raise DataError(
@@ -216,6 +238,33 @@ def format_dataset(
         preview=_with_learned_parts(pd.concat(preview).head(5), tokenizer) if preview else pd.DataFrame(),
         train=sink.table("train"),
         eval=sink.table("eval"),
+    )
+
+
+def _count_turn_examples(rendered: Rendered, lengths: np.ndarray, counts: dict) -> None:
+    """What one-example-per-learned-turn cost: rows split so, their examples, and their tokens beyond
+    the longest example of each row (about what the one sequence would have had)."""
+    counts["unrenderable_dropped"] += len(rendered.dropped)
+    split = rendered.per_turn
+    if not split.any():
+        return
+    rows, lengths = rendered.rows[split], lengths[split]
+    firsts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]]))  # a row's examples are adjacent
+    counts["per_turn_rows"] += len(firsts)
+    counts["per_turn_examples"] += int(split.sum())
+    counts["per_turn_extra_tokens"] += int(lengths.sum() - np.maximum.reduceat(lengths, firsts).sum())
+
+
+def _check_dropped(dropped: list[tuple[int, str]], total: int, max_rate: float, loaded: LoadedDataset) -> None:
+    """Refuse a dataset whose dropped rows pass the cap, naming the first and why (one bad row never
+    silently changes the rest; many mean the template is wrong for the data)."""
+    if not dropped or len(dropped) <= max_rate * total:
+        return
+    row, reason = dropped[0]
+    raise DataError(
+        f"{loaded.source}: the template cannot render {len(dropped):,} of {total:,} rows "
+        f"({len(dropped) / total:.1%}, above dataset.max_unrenderable_rate={max_rate}); the first, "
+        f"{loaded.rows.where(row)}: {reason}"
     )
 
 

@@ -119,11 +119,15 @@ def _one_ahead(work: Callable[[Item], Result], items: list[Item]) -> Iterator[Re
 def _joined_rendered(parts: list[Rendered]) -> Rendered:
     if len(parts) == 1:
         return parts[0]
+    chats = parts[0].rows is not None
     return Rendered(
         text=[text for part in parts for text in part.text],
         spans=None if parts[0].spans is None else [spans for part in parts for spans in part.spans],
         prompt=[prompt for part in parts for prompt in part.prompt],
         completion=[completion for part in parts for completion in part.completion],
+        rows=np.concatenate([part.rows for part in parts]) if chats else None,
+        per_turn=np.concatenate([part.per_turn for part in parts]) if chats else None,
+        dropped=[row for part in parts for row in part.dropped],
     )
 
 
