@@ -98,8 +98,9 @@ def test_a_refused_candidate_keeps_the_champion_and_rollback_restores_an_earlier
     first = json.loads(_cli(["run", str(path), "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
     champion = first["champion"]
     assert champion["promoted"] and set(champion["gates"]) == {
-        "better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable"}
+        "better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable", "template_fidelity"}
     assert all(gate["passed"] for gate in champion["gates"].values())
+    assert "every hand-off gives the training prompt ids" in champion["gates"]["template_fidelity"]["detail"]
     champion_dir = Path(first["assets"]["champion"]["uri"])
     first_metrics = json.loads((Path(first["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
     benchmarks = first_metrics["comparison"]["benchmarks"]

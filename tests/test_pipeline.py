@@ -64,7 +64,7 @@ def test_definitions_load_with_the_stages_the_leaderboard_the_checks_the_jobs_an
     assert {key for key in graph.external_asset_keys} == {dg.AssetKey(f"{stage}_settings") for stage in stages}
     checks = {(key.asset_key.path[-1], key.name) for key in graph.asset_check_keys}
     gates = {("champion", name) for name in ("better_than_base", "no_regression", "forgetting", "merge_fidelity",
-                                             "servable", "recommended")}
+                                             "servable", "template_fidelity", "recommended")}
     assert checks == {("raw_dataset", "rows_match_format"), ("formatted_dataset", "examples_are_trainable"),
                       ("formatted_dataset", "train_eval_disjoint"), *gates}
     job = defs.resolve_job_def("tune")

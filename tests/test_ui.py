@@ -35,7 +35,8 @@ GROUPS = {
 CHECKS = {
     "raw_dataset": {"rows_match_format"},
     "formatted_dataset": {"examples_are_trainable", "train_eval_disjoint"},
-    "champion": {"better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable", "recommended"},
+    "champion": {"better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable", "template_fidelity",
+                 "recommended"},
 }
 # Partitioned by sweep, not by model: each sweep file's leaderboard.
 SWEEP_ASSETS = [("leaderboard",)]

@@ -101,11 +101,51 @@ def decide_promotion(storage: ArtifactStore, device, model_config: ModelConfig, 
         promotion.forgetting(document, settings),
         promotion.merge_fidelity(document, settings),
         promotion.servable(servability, settings),
+        promotion.template_fidelity(*_template_fidelity(storage, model_config, refs, report_dir)),
     ]
     if sweep is not None:
         gates.append(promotion.recommended(partition, _recommendation(storage, sweep), sweep))
     return Decision(owner, candidate, candidate_version, current.version if current else None, suite, gates,
                     {"mode": servability.mode, "rank": servability.rank, "reasons": list(servability.reasons)})
+
+
+def _template_fidelity(storage: ArtifactStore, model_config: ModelConfig, refs: dict[str, ArtifactRef],
+                       report_dir: Path) -> tuple[list, str | None]:
+    """Held-out conversations put through every hand-off (merged folder, adapter folder, the serving template)."""
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.assets.data import FORMAT_SUMMARY, format_settings, stored_rows
+    from lora_pipeline.assets.evaluation import EVAL_SPLIT
+    from lora_pipeline.ml import fidelity
+    from lora_pipeline.ml.data.templates import resolve_template
+
+    formatted = _formatted_of(storage, report_dir)
+    formatted_dir = storage.local_path(formatted)
+    raw = ArtifactRef.from_entry(read_json(formatted_dir / "LINEAGE.json")["parents"]["raw_dataset"])
+    loaded = stored_rows(storage, raw)
+    dataset, trust = model_config.dataset, model_config.trust_remote_code
+    base_tokenizer = AutoTokenizer.from_pretrained(storage.local_path(refs["quantized_base"]), trust_remote_code=trust)
+    template = resolve_template(dataset.template, read_json(formatted_dir / FORMAT_SUMMARY)["format"],
+                                base_tokenizer.chat_template)
+    settings = format_settings(model_config)
+    prompts, not_checked = fidelity.held_out_prompts(
+        loaded, pd.read_parquet(formatted_dir / EVAL_SPLIT, columns=["content_hash", "prompt", "input_ids"]), base_tokenizer, template, dataset.dedupe,
+        settings.chat_policy, dataset.system_prompt, dataset.turn_flag_field)
+    adapter_dir = storage.local_path(refs["trained_adapter"])
+    handoffs = {
+        "merged folder": fidelity.folder_ids(storage.local_path(refs["merged_model"]), trust),
+        "adapter folder": fidelity.folder_ids(adapter_dir, trust),
+        # vLLM serves the adapters on the base's tokenizer, with the chat template the serving files pass.
+        "serving template": fidelity.chat_template_ids(base_tokenizer, serving_chat_template(adapter_dir, trust)),
+    }
+    return [fidelity.check_handoff(name, ids, prompts, base_tokenizer) for name, ids in handoffs.items()], not_checked
+
+
+def serving_chat_template(adapter_dir: Path, trust_remote_code: bool = False) -> str | None:
+    """The chat template the serving files pass to the server: the one training recorded in the adapter."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).chat_template
 
 
 def _recommendation(storage: ArtifactStore, sweep: str) -> str | None:

@@ -25,7 +25,7 @@ PROBE_EXAMPLES = 8
 
 
 @pipeline_asset(
-    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version="1",
+    kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version="2",  # 2: stops at the tokenizer EOS
     reads=Reads(config=("merge", "trust_remote_code")),
 )
 def merged_model(

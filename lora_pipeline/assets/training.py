@@ -18,11 +18,13 @@ from lora_pipeline.assets.common import (
     stage_output,
     write_json,
 )
+from lora_pipeline.assets.data import FORMAT_SUMMARY
 from lora_pipeline.assets.provenance import library_versions, parent_lineage, stage_config
 from lora_pipeline.assets.stages import pipeline
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.deploy import training_gpus
 from lora_pipeline.ml.base.fit import check_fits
+from lora_pipeline.ml.prompt_format import record_prompt_format
 from lora_pipeline.ml.report.modelcard import adapter_card
 from lora_pipeline.ml.report.plots import loss_curve_png, markdown_image
 from lora_pipeline.ml.training import StepOptions, TrainingDivergedError, TrainResult, step_options, train_adapter
@@ -105,7 +107,7 @@ def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, i
 
 @pipeline_asset(
     kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, gpus=training_gpus(),
-    code_version="3",  # 3: the lean step (own loss, per-document attention, padding-free batches, shared dropout)
+    code_version="4",  # 4: the training template in the adapter's tokenizer; 3: the lean step (own loss, per-document attention, padding-free batches, shared dropout)
     reads=Reads(config=("training", "lora", "trust_remote_code"),
                 ignoring=("training.checkpoint_every", "training.logging_steps")),
 )
@@ -197,6 +199,9 @@ class _TrainingRun:
                 storage.staging_dir() as staging:
             result = self.train(base_dir, train_file, staging, base_name, resume_from, options,
                                 live.log if live is not None else None, launch)
+            # The template the data was rendered with travels with the adapter (and so the merged model).
+            data_format = read_json(storage.local_path(formatted_dataset) / FORMAT_SUMMARY)["format"]
+            record_prompt_format(staging, model_config.dataset.template, data_format, model_config.trust_remote_code)
             loss_png = loss_curve_png(result.loss_history)
             (staging / LOSS_CURVE).write_bytes(loss_png)
             write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": self.key})

@@ -14,6 +14,7 @@ from pathlib import Path
 from lora_pipeline.ml.batches import example_batches, logits_of, max_relative_difference, pad_id_of
 from lora_pipeline.ml.base.loading import load_dequantized, load_full_precision
 from lora_pipeline.ml.base.precision import torch_dtype
+from lora_pipeline.ml.prompt_format import stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,19 @@ def merge_adapter(base_model, adapter_dir: Path, probe_batches: list):
 
 
 def save_merged(model, tokenizer_dir: Path, out_dir: Path, dtype: str, trust_remote_code: bool = False) -> None:
-    """Save a merged model in dtype as safetensors, with the tokenizer, loadable by plain transformers."""
+    """Save a merged model in dtype as safetensors, with the tokenizer (and its training template), loadable by
+    plain transformers; the generation config stops at the tokenizer's EOS too."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     model = model.to(torch_dtype(dtype))
     model.config.dtype = dtype
+    # Generation stops at the token training put after every answer, whatever the base's config said.
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = stop_token_ids(model.generation_config.eos_token_id, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
 
 
 def merge_to_dir(

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from lora_pipeline.config.schema import PromotionSettings
     from lora_pipeline.ml.serving import Servability
 
-GATES = ("better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable")
+GATES = ("better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable", "template_fidelity")
 GATE_DESCRIPTIONS = {
     "better_than_base": "The candidate beats the base on promotion.metric: the 95% interval of the paired "
     "difference clears promotion.min_improvement.",
@@ -24,6 +24,8 @@ GATE_DESCRIPTIONS = {
     "merge_fidelity": "The merged model's held-out loss is within promotion.max_merge_drift (relative) of the adapter's.",
     "servable": "vLLM can serve the adapter as an adapter (rank, no modules_to_save, no DoRA, bias none); required "
     "only when promotion.serving is 'adapter', otherwise an unservable adapter ships merged-only.",
+    "template_fidelity": "Every hand-off (transformers from the merged folder and from the adapter folder, the serving "
+    "files' chat template) turns held-out conversations into exactly the prompt ids training rendered them as.",
     "recommended": "For a sweep variant: it is the variant the sweep's leaderboard recommends.",
 }
 
@@ -109,6 +111,20 @@ def servable(servability: "Servability", settings: "PromotionSettings") -> Gate:
     if settings.serving == "adapter":
         return Gate("servable", False, f"promotion.serving is 'adapter' but vLLM cannot serve it as one: {reasons}")
     return Gate("servable", True, f"merged-only: {reasons}")
+
+
+def template_fidelity(results: list, not_checked: str | None) -> Gate:
+    """Every hand-off produced the training prompt ids on every held-out conversation checked (results:
+    fidelity.HandoffFidelity per hand-off; not_checked: why some or all rows were not checked)."""
+    if not results or not results[0].checked:
+        return Gate("template_fidelity", True, f"not checked: {not_checked or 'no held-out prompt to check'}")
+    failed = [result for result in results if not result.passed]
+    detail = "; ".join(f"{result.handoff} {result.equal}/{result.checked}"
+                       + (f" (first difference: {result.first_difference})" if result.first_difference else "")
+                       for result in results)
+    verdict = "every hand-off gives the training prompt ids" if not failed else (
+        f"{', '.join(result.handoff for result in failed)} put prompts differently from training")
+    return Gate("template_fidelity", not failed, f"{verdict}: {detail}" + (f"; {not_checked}" if not_checked else ""))
 
 
 def recommended(partition: str, recommendation: str | None, sweep: str) -> Gate:

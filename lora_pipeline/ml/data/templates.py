@@ -51,6 +51,11 @@ class Template:
     def is_chat(self) -> bool:
         return self.jinja is not None
 
+    @property
+    def renders_reasoning(self) -> bool:
+        """Whether the template has a field for reasoning (Qwen3's reasoning_content) rather than none."""
+        return self.jinja is not None and REASONING in self.jinja
+
 
 def resolve_template(setting: str, fmt: str, tokenizer_template: str | None) -> Template:
     """The template for a dataset.template setting, the rows' format and the tokenizer's own chat template."""
@@ -173,12 +178,11 @@ def render_chats(
     its row, or with policy.unrenderable 'drop' left out and listed in Rendered.dropped.
     """
     eos = tokenizer.eos_token or ""
-    renders_reasoning = template.jinja is not None and REASONING in template.jinja
     rendered = Rendered(text=[], spans=[], prompt=[], completion=[])
     rows, per_turn = [], []
     for index, chat in enumerate(chats):
-        learned = [_is_learned(message) for message in chat]
-        chat = [_for_template(message, policy.reasoning, renders_reasoning)
+        learned = [is_learned(message) for message in chat]
+        chat = [as_template_sees(message, policy.reasoning, template.renders_reasoning)
                 for message in chat[: _last_true(learned) + 1]]
         try:
             examples = _chat_examples(tokenizer, template, chat, learned, tools[index], policy.turns)
@@ -283,7 +287,7 @@ def _require_tool_calls(chat: list[dict], text: str, render) -> None:
         raise _ToolCallsLeftOut(missing)
 
 
-def _for_template(message: dict, reasoning: str, renders_reasoning: bool) -> dict:
+def as_template_sees(message: dict, reasoning: str, renders_reasoning: bool) -> dict:
     """The message as templates see it: our training flag removed, its reasoning where the policy puts it.
 
     reasoning 'auto' hands it to a template that renders reasoning_content and writes it inline (a
@@ -301,7 +305,7 @@ def _for_template(message: dict, reasoning: str, renders_reasoning: bool) -> dic
     return message
 
 
-def _is_learned(message: dict) -> bool:
+def is_learned(message: dict) -> bool:
     flag = message.get(LEARN)
     return message["role"] == "assistant" if flag is None else flag
 
