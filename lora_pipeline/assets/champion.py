@@ -310,7 +310,8 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
                           eval_report: ArtifactRef, key: str) -> None:
     """The champion's card (the adapter's, with the evaluation and the gates) and its serving files."""
     from lora_pipeline.ml.report.modelcard import with_evaluation
-    from lora_pipeline.ml.serving import ServedAdapter, serving_files
+    from lora_pipeline.assets.base import BASE_INFO, ORIGINAL_SUBDIR
+    from lora_pipeline.ml.serving import MeasuredDrift, ServedAdapter, served_base, serving_files
 
     adapter_dir = storage.local_path(ArtifactRef.from_entry(decision.candidate["trained_adapter"]))
     document = read_json(storage.local_path(eval_report) / "metrics.json")
@@ -328,7 +329,15 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
     merged = {} if decision.serving["mode"] == "adapter" else {decision.owner: decision.candidate["merged_model"]["uri"]}
     serving_dir = staging / "serving"
     serving_dir.mkdir()
-    for name, text in serving_files(model_config.base_model, adapters, merged).items():
+    # The adapters are served on the quantized_base they were trained against (a quantized one as stored),
+    # and SERVING.md quotes eval_report's measured drift of serving anything else.
+    quantized_ref = ArtifactRef.from_entry(decision.candidate["quantized_base"])
+    quantized_dir = storage.local_path(quantized_ref)
+    kept = (quantized_dir / ORIGINAL_SUBDIR).is_dir()
+    original = f"{quantized_ref.uri.rstrip('/')}/{ORIGINAL_SUBDIR}" if kept else None
+    base = served_base(model_config.base_model, quantized_ref.uri, read_json(quantized_dir / BASE_INFO), original)
+    template = serving_chat_template(adapter_dir, model_config.trust_remote_code)
+    for name, text in serving_files(base, adapters, merged, MeasuredDrift.from_metrics(document), template).items():
         (serving_dir / name).write_text(text, encoding="utf-8")
 
 
