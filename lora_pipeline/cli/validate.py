@@ -4,6 +4,7 @@ checked, without loading any model's weights."""
 from __future__ import annotations
 
 import argparse
+import textwrap
 import glob
 import json
 from pathlib import Path
@@ -110,7 +111,21 @@ def print_summary(path: Path, model_config, summary: dict, cleaned, memory_lines
               f"{tokens['max_length_keeping_99%']:,} keeps 99%")
         print(f"              {tokens['longer']:,} over max_length {tokens['max_length']} "
               f"({tokens['overlong']}: {tokens['tokens_lost_to_max_length']:,} tokens lost{split})")
+        turns = (f"; {tokens['per_turn_rows']:,} conversations as {tokens['per_turn_examples']:,} per-turn examples "
+                 f"(+{tokens['per_turn_extra_tokens']:,} tokens)" if tokens["per_turn_rows"] else "")
+        dropped = (f"; {tokens['unrenderable_dropped']:,} rows the template cannot render dropped"
+                   if tokens["unrenderable_dropped"] else "")
+        print(f"  template    {tokens['template']}{turns}{dropped}")
+        if tokens["first_example"]:
+            print("  first example as it will be trained (learned tokens between ⟦ ⟧):")
+            print(textwrap.indent(_shortened(tokens["first_example"]["marked"]), "    "))
     print("\n".join(memory_lines))
+
+
+def _shortened(text: str, limit: int = 1500) -> str:
+    """A long example's start and end, so the learned end of it stays in view."""
+    return text if len(text) <= limit else f"{text[: limit // 3]}\n[... {len(text) - limit:,} characters ...]\n" \
+        f"{text[-2 * limit // 3:]}"
 
 
 def token_summary(model_config, cleaned) -> dict:
@@ -143,7 +158,15 @@ def token_summary(model_config, cleaned) -> dict:
     if rate > limit:
         raise DataError(f"{cleaned.loaded.source}: " + over_length_problem(
             rate, limit, counts["truncated"], dropped, counts["tokens_lost_to_max_length"], advice))
+    first = formatted.preview.iloc[0] if len(formatted.preview) else None
     return {
+        "template": formatted.template,
+        "per_turn_rows": counts["per_turn_rows"],
+        "per_turn_examples": counts["per_turn_examples"],
+        "per_turn_extra_tokens": counts["per_turn_extra_tokens"],
+        "unrenderable_dropped": counts["unrenderable_dropped"],
+        # What will be trained, before any GPU hour: the first example as rendered, the learned parts marked.
+        "first_example": None if first is None else {"marked": first["marked"], "learned": first["learned"]},
         "examples": examples,
         "longest": int(formatted.token_lengths.max()),
         "max_length": settings.max_length,

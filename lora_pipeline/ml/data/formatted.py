@@ -268,14 +268,22 @@ def _check_dropped(dropped: list[tuple[int, str]], total: int, max_rate: float, 
     )
 
 
+LEARNED_OPEN, LEARNED_CLOSE = "⟦", "⟧"  # marks the learned stretches of an example shown to a person
+
+
 def _with_learned_parts(preview: pd.DataFrame, tokenizer) -> pd.DataFrame:
-    """The preview rows with what the loss is taken on, each learned stretch decoded and separated by ' | '."""
-    learned = []
+    """The preview rows with what the loss is taken on: each learned stretch decoded and separated by ' | ',
+    and the whole example with the learned stretches marked ⟦ ⟧ (marked)."""
+    learned, marked = [], []
     for ids, mask in zip(preview.pop("input_ids"), preview.pop("loss_mask")):
         mask = np.asarray(mask, dtype=bool)
-        edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]])))
-        learned.append(" | ".join(tokenizer.decode(ids[start:stop]) for start, stop in zip(edges[::2], edges[1::2])))
-    return preview.assign(learned=learned)
+        edges = [0, *np.flatnonzero(np.diff(mask.astype(np.int8))) + 1, len(mask)]
+        runs = [(start, stop, bool(mask[start])) for start, stop in zip(edges, edges[1:]) if stop > start]
+        texts = [tokenizer.decode(ids[start:stop]) for start, stop, _ in runs]
+        learned.append(" | ".join(text for text, (_, _, on) in zip(texts, runs) if on))
+        marked.append("".join(f"{LEARNED_OPEN}{text}{LEARNED_CLOSE}" if on else text
+                              for text, (_, _, on) in zip(texts, runs)))
+    return preview.assign(learned=learned, marked=marked)
 
 
 def _write_splits(table: "pa.Table", sink: SplitSink, counts: dict, preview: list) -> None:
