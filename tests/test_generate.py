@@ -107,3 +107,19 @@ def test_adapters_of_two_configs_answer_side_by_side_and_other_bases_are_refused
     code, _, err = cli("generate", str(never), "--prompt", "hi")
     assert code == 2
     assert "micro-never.yaml" in err and "run `lora-pipeline run" in err and "first" in err
+
+
+def test_thinking_is_switched_where_the_template_has_the_switch_and_refused_where_not(micro_base):
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.ml.adapters import NoThinkingSwitch, PromptStyle, prompt_ids
+    from lora_pipeline.ml.base.families import tokenizer_dir
+
+    qwen3 = AutoTokenizer.from_pretrained(tokenizer_dir("qwen3"))
+    style = PromptStyle("messages", template="tokenizer")
+    trained = qwen3.decode(prompt_ids(qwen3, "Hi", style))
+    off = qwen3.decode(prompt_ids(qwen3, "Hi", PromptStyle("messages", template="tokenizer", enable_thinking=False)))
+    assert trained.endswith("<|im_start|>assistant\n") and off == trained + "<think>\n\n</think>\n\n"
+    llama = AutoTokenizer.from_pretrained(micro_base)
+    with pytest.raises(NoThinkingSwitch, match="no thinking switch"):
+        prompt_ids(llama, "Hi", PromptStyle("messages", template="chatml", enable_thinking=True))

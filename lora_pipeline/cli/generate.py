@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
                         help="also answer with a weighted blend of the given adapters, in the order given "
                         "(PEFT's add_weighted_adapter: linear, cat, svd, ties, dare_ties, ...), e.g. "
                         "--blend mix=linear:0.5,0.5 or --blend t=ties:0.7,0.3@0.5 (repeatable)")
+    parser.add_argument("--thinking", choices=("on", "off"),
+                        help="switch a thinking model's reasoning on or off where its template has the switch "
+                        "(Qwen3's enable_thinking); by default the prompt ends as training's prompts did")
     parser.add_argument("--json", action="store_true",
                         help='print {"prompt": ..., "answers": {"base": ..., KEY: ...}} as the last stdout line')
 
@@ -74,7 +78,7 @@ class Model:
 
 def do_cli(args: argparse.Namespace) -> int:
     """Resolve configs and store, answer the prompt with the base and every adapter, print side by side."""
-    from lora_pipeline.ml.adapters import answer_side_by_side
+    from lora_pipeline.ml.adapters import NoThinkingSwitch, answer_side_by_side
     from lora_pipeline.ml.base.precision import detect_device
     from lora_pipeline.resources.factory import default_resources
 
@@ -82,17 +86,22 @@ def do_cli(args: argparse.Namespace) -> int:
     storage = default_resources(storage_root=args.storage)["storage"]
     base_dir = shared_base(storage, models, args.storage)
     adapters = {model.key: adapter_dir_of(storage, model, args.storage) for model in models}
-    styles = {model.key: prompt_style(storage, adapters[model.key], model) for model in models}
+    thinking = None if args.thinking is None else args.thinking == "on"
+    styles = {model.key: dataclasses.replace(prompt_style(storage, adapters[model.key], model),
+                                             enable_thinking=thinking) for model in models}
     blends = [parse_blend(text, list(adapters)) for text in args.blend]
     try:
         answers = answer_side_by_side(
             base_dir, adapters, args.prompt, styles, detect_device(), max_new_tokens=args.max_new_tokens,
             trust_remote_code=any(model.model_config.trust_remote_code for model in models), blends=blends,
         )
+    except NoThinkingSwitch as refused:
+        raise ConfigError(f"--thinking: {refused}") from None
     except ValueError as refused:  # a blend PEFT would get wrong, refused before any answer
         raise ConfigError(f"--blend: {refused}") from None
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "answers": answers}))
+        print(json.dumps({"prompt": args.prompt, "answers": answers,
+                          "thinking": "as trained" if thinking is None else args.thinking}))
     else:
         print_side_by_side(args.prompt, answers, sys.stdout)
     return 0

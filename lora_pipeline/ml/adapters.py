@@ -192,6 +192,10 @@ def _check_blendable(name: str, config, what: str) -> None:
                          "gives a single one's blend a fresh copy of the base module, dropping the trained one")
 
 
+class NoThinkingSwitch(ValueError):
+    """Thinking was switched on or off for a template that has no such switch."""
+
+
 @dataclass(frozen=True)
 class PromptStyle:
     """How training turned a row into the model's input, so that a free prompt can be put the same way.
@@ -203,6 +207,8 @@ class PromptStyle:
     format: str
     template: str = "auto"
     system_prompt: str | None = None
+    # Thinking on or off where the template has the switch (Qwen3's enable_thinking); None: as in training.
+    enable_thinking: bool | None = None
 
 
 def prompt_ids(tokenizer, prompt: str, style: PromptStyle) -> list[int]:
@@ -216,10 +222,15 @@ def prompt_ids(tokenizer, prompt: str, style: PromptStyle) -> list[int]:
     from lora_pipeline.ml.data.templates import alpaca_prompt, resolve_template
 
     template = resolve_template(style.template, style.format, tokenizer.chat_template)
+    switch = {} if style.enable_thinking is None else {"enable_thinking": style.enable_thinking}
+    if switch and not (template.is_chat and "enable_thinking" in template.jinja):
+        raise NoThinkingSwitch(f"the {template.name} template has no thinking switch (enable_thinking); leave thinking "
+                         "as training had it")
     if template.is_chat:
         system = [{"role": "system", "content": style.system_prompt}] if style.system_prompt else []
         text = tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}],
-                                             chat_template=template.jinja, tokenize=False, add_generation_prompt=True)
+                                             chat_template=template.jinja, tokenize=False, add_generation_prompt=True,
+                                             **switch)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if style.format == "alpaca":
         text = alpaca_prompt(prompt, "", style.system_prompt)
