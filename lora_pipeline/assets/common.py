@@ -15,7 +15,7 @@ from lora_pipeline.assets.provenance import (
     stage_versions,
 )
 from lora_pipeline.assets.stages import Reads, Stage, declare, settings_key
-from lora_pipeline.config.registry import PARTITION_KEY_PATTERN, validate_config
+from lora_pipeline.config.registry import is_model_key, validate_config
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.deploy import k8s_step_tags
 from lora_pipeline.errors import ConfigError
@@ -159,8 +159,9 @@ def resolve_model_config(
 ) -> ModelConfig:
     """The partition's model config: its YAML file, with any sections given in the run config replacing the file's."""
     key = context.partition_key
-    if not PARTITION_KEY_PATTERN.fullmatch(key):
-        raise ConfigError(f"model key {key!r} is not valid; use lowercase letters, digits, '.', '_' and '-'")
+    if not is_model_key(key):
+        raise ConfigError(f"model key {key!r} is not valid; use lowercase letters, digits, '.', '_' and '-' "
+                          "(never '..')")
     given = config.sections_given()
     known = registry.configs()
     if key in known.keys:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from lora_pipeline.assets.common import MODEL_PARTITIONS
 from lora_pipeline.assets.provenance import newest_materialization, readable_source_version, stale_assets
 from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.session import instance as open_instance
-from lora_pipeline.config.registry import ConfigRegistry
+from lora_pipeline.config.registry import ConfigRegistry, is_model_key
 from lora_pipeline.errors import LoraPipelineError
 
 
@@ -31,6 +32,8 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
 def do_cli(args: argparse.Namespace) -> int:
     """List the models (text or JSON)."""
     registry = ConfigRegistry()
+    for path, problem in registry.problems.items():  # reported, and the other models listed
+        print(f"warning: {path} is not listed: {problem}", file=sys.stderr)
     rows = do_list(registry, getattr(args, "storage", None))
     if args.json:
         print(json.dumps(rows))
@@ -56,7 +59,8 @@ def do_list(registry: ConfigRegistry, storage_root: str | None = None) -> list[d
     if new_keys:
         instance.add_dynamic_partitions(MODEL_PARTITIONS.name, new_keys)
     rows = []
-    for key in sorted(known | set(registry.keys)):
+    # A partition registered under a name the store refuses (by an older version, or by hand) is left out.
+    for key in sorted(key for key in known | set(registry.keys) if is_model_key(key)):
         states = {}
         for name in stage_names():
             record = newest_materialization(instance, key, name)

@@ -24,13 +24,41 @@ def default_config_dir() -> Path:
     return Path(os.environ.get(CONFIG_DIR_ENV, "configs")).resolve()
 
 
+# Config files are small: a cap stops a huge or runaway file before YAML parses it.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses YAML aliases: an alias bomb of a few hundred bytes expands to gigabytes
+    (and --set copies the expansion), so config files are data without references."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"found the alias *{event.anchor}: YAML aliases (*name) are not accepted in configs; "
+                "write the values out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    """YAML text as plain data, aliases refused."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def is_model_key(key: str) -> bool:
+    """The one rule for model names: a partition key, a store path segment and a file name stem at once."""
+    return bool(PARTITION_KEY_PATTERN.fullmatch(key)) and ".." not in key
+
+
 def partition_key_for(path: Path) -> str:
     """The partition key of a config file: its file name without extension, checked to be path-safe."""
     key = path.stem
-    if not PARTITION_KEY_PATTERN.fullmatch(key):
+    if not is_model_key(key):
         raise ConfigError(
             f"{path}: the file name {key!r} is not a valid model key; use lowercase letters, digits, "
-            "'.', '_' and '-' (it becomes a storage path and a partition key)"
+            "'.', '_' and '-', starting with a letter or digit, never '..' (it becomes a storage path and a "
+            "partition key)"
         )
     return key
 
@@ -63,8 +91,11 @@ def read_yaml(path: Path) -> dict:
     """Read a config file as plain data, with a clear error for missing files and bad YAML."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes is more than a config file may have ({MAX_CONFIG_BYTES:,})")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -84,7 +115,9 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example lora.r=8")
         try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+            value = safe_yaml(raw_value) if raw_value.strip() else ""
+        except yaml.composer.ComposerError as exc:
+            raise ConfigError(f"--set {item!r}: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw_value
         parts = key.strip().split(".")
@@ -172,9 +205,20 @@ class ConfigRegistry:
         entries: dict[str, RegisteredModel] = {}
         paths = sorted(self.config_dir.glob("*.yaml")) if self.config_dir.is_dir() else []
         self._variants: dict[str, dict] = {}
-        for path in [*paths, *(Path(p).resolve() for p in extra_files)]:
-            key = partition_key_for(path)
-            variants = _variants_of(path, key)
+        # A file of the folder that cannot be a model (a bad name, unreadable YAML, an alias bomb) is reported
+        # here and left out, so one bad file never stops the others; a file asked for by name still raises.
+        self.problems: dict[Path, str] = {}
+        extra = [Path(p).resolve() for p in extra_files]
+        for path in [*paths, *extra]:
+            try:
+                key = partition_key_for(path)
+                data = read_yaml(path)
+            except ConfigError as problem:
+                if path in extra:
+                    raise
+                self.problems[path] = str(problem)
+                continue
+            variants = sweep_variants(data, key, str(path)) if SWEEP_KEY in data else None
             for entry_key in variants or [key]:
                 known = entries.get(entry_key)
                 if known is not None and known.path != path:
@@ -220,15 +264,6 @@ class ConfigRegistry:
     def variants_of(self, sweep: str) -> list[str]:
         """The partition keys of a sweep's variants, in the file's order."""
         return [entry.key for entry in self._entries.values() if entry.sweep == sweep]
-
-
-def _variants_of(path: Path, key: str) -> dict[str, dict] | None:
-    """A sweep file's variants, or None for a plain config (or one that does not read: its loader will say why)."""
-    try:
-        data = read_yaml(path)
-    except ConfigError:
-        return None
-    return sweep_variants(data, key, str(path)) if SWEEP_KEY in data else None
 
 
 def load_config_file(path: Path, overrides: Iterable[str] = ()) -> ModelConfig:

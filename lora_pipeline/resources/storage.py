@@ -11,6 +11,8 @@ Layout under the store's root:
     .staging/<uuid>/                        work in progress of a local store; never read
     _records/scores/<suite>/<weights>.parquet  per-example scores of some weights on an eval suite (a cache)
     _records/champions/<model>/<n>.json     a model's champion history, one file per event (append-only)
+    _records/runs/<run id>/<partition>/<asset>.json  what one run made or read of an asset partition: the
+                                            ref every stage of that run reads (a run reads what it made)
 A version is the first 16 hex digits of the manifest's sha256, so publishing identical content
 twice yields the same artifact. A version folder counts as published only once its MANIFEST.json
 exists, and readers check every file against it (size and sha256): on a local store the folder
@@ -344,6 +346,25 @@ class ArtifactStore(dg.ConfigurableResource):
         except FileNotFoundError:
             return []
 
+    # --- what a run made or read: its stages read these, never "whatever is current now" ---
+
+    def record_run_ref(self, run_id: str, partition: str, asset: str, ref: ArtifactRef) -> None:
+        """The artifact this run made of the asset partition: what this run's later stages read."""
+        self.put_record(self._run_ref_path(run_id, partition, asset), ref.to_json().encode())
+
+    def run_ref(self, run_id: str, partition: str, asset: str) -> ArtifactRef:
+        """The asset partition as this run has it: what the run made, else the current artifact, pinned for the
+        rest of the run at its first read (so two stages of one run never read two versions of a parent)."""
+        relative = self._run_ref_path(run_id, partition, asset)
+        payload = self.get_record(relative)
+        if payload is None:
+            self.put_record(relative, self.current(partition, asset).to_json().encode())
+            payload = self.get_record(relative)
+        return ArtifactRef.from_json(payload.decode())
+
+    def _run_ref_path(self, run_id: str, partition: str, asset: str) -> str:
+        return f"runs/{plain_segment(run_id, 'run id')}/{plain_segment(partition, 'model')}/{plain_segment(asset, 'asset')}.json"
+
     def _record_path(self, relative: str) -> str:
         _, root = self._fs_and_root()
         return "/".join([root, RECORDS, *(plain_segment(part, "record path") for part in relative.split("/"))])
@@ -429,7 +450,14 @@ class ArtifactRefIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: ArtifactRef) -> None:
         if not isinstance(obj, ArtifactRef):
             raise TypeError(f"{context.asset_key.to_user_string()} must return an ArtifactRef, got {type(obj).__name__}")
+        self.store.record_run_ref(context.run_id, context.asset_partition_key, context.asset_key.path[-1], obj)
 
     def load_input(self, context: dg.InputContext) -> ArtifactRef:
-        asset = context.asset_key.path[-1]
-        return self.store.current(context.asset_partition_key, asset)
+        # The parent as this run made it, or as the run first read it: another run of the same model may move
+        # CURRENT.json between two of this run's steps.
+        asset, partition = context.asset_key.path[-1], context.asset_partition_key
+        try:
+            run_id = context.step_context.run_id
+        except Exception:  # an input loaded outside a run (tests, a bare build_input_context)
+            return self.store.current(partition, asset)
+        return self.store.run_ref(run_id, partition, asset)

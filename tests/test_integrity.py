@@ -1,0 +1,141 @@
+"""Integrity under concurrency: one run's stages read only that run's outputs (issue 26)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+
+
+def _ref(store_root, name: str) -> ArtifactRef:
+    return ArtifactRef(uri=f"{store_root}/m/a/{name}", sha256=name * 4, size_bytes=1, files=1)
+
+
+def test_a_run_reads_what_it_made_even_after_another_run_moves_current(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    mine, theirs = _ref(tmp_path, "aaaa"), _ref(tmp_path, "bbbb")
+    store.record_run_ref("run-1", "m", "a", mine)
+    store.point_current("m", "a", theirs)  # another run of the same model published after this one
+    assert store.run_ref("run-1", "m", "a") == mine
+    # A parent the run did not make is pinned at its first read: later stages of the run see the same version.
+    assert store.run_ref("run-2", "m", "a") == theirs
+    store.point_current("m", "a", mine)
+    assert store.run_ref("run-2", "m", "a") == theirs
+    assert store.run_ref("run-3", "m", "a") == mine
+
+
+def _run(config, tmp_path, seed: int) -> subprocess.Popen:
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store")}
+    return subprocess.Popen([sys.executable, "-m", "lora_pipeline.cli", "run", str(config), "--json",
+                             "--set", f"training.seed={seed}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _lineage(uri: str) -> dict:
+    return json.loads((Path(uri) / "LINEAGE.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_model_started_together_each_read_their_own_stages(tmp_path, write_config):
+    """Seeds 8 and 9 at once on one store and instance: the stage locks make their steps take turns, and
+    each run's merge, evaluation and champion decision are of its own adapter."""
+    config = write_config("micro", quantization={"mode": "none"}, training={"max_steps": 4})
+    (tmp_path / "dagster_home").mkdir()
+    runs = {seed: _run(config, tmp_path, seed) for seed in (8, 9)}
+    summaries = {}
+    for seed, process in runs.items():
+        out, err = process.communicate(timeout=1500)
+        assert process.returncode in (0, 3), err[-3000:]  # 3: a gate refused (the other run's champion is better)
+        summaries[seed] = json.loads(out.strip().splitlines()[-1])
+    adapters = {seed: summary["assets"]["trained_adapter"]["uri"] for seed, summary in summaries.items()}
+    assert adapters[8] != adapters[9]
+    for seed, summary in summaries.items():
+        assets = summary["assets"]
+        merged = _lineage(assets["merged_model"]["uri"])
+        assert merged["parents"]["trained_adapter"]["uri"] == adapters[seed]
+        report = _lineage(assets["eval_report"]["uri"])
+        assert report["parents"]["trained_adapter"]["uri"] == adapters[seed]
+        assert report["parents"]["merged_model"]["uri"] == assets["merged_model"]["uri"]
+        assert summary["champion"]["candidate"] == adapters[seed].rstrip("/").rsplit("/", 1)[-1]
+
+
+ALIAS_BOMB = """a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def test_a_yaml_alias_bomb_is_refused_naming_the_file_and_the_alias(tmp_path):
+    from lora_pipeline.config.registry import load_config_file
+    from lora_pipeline.errors import ConfigError
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(ConfigError, match=r"bomb.yaml: invalid YAML at line 2.*alias \*a.*not accepted"):
+        load_config_file(path)
+    with pytest.raises(ConfigError, match=r"--set 'lora.r=\[\*x\]'"):
+        load_config_file(_good(tmp_path), ["lora.r=[*x]"])
+
+
+def _good(tmp_path) -> Path:
+    import yaml
+
+    from conftest import micro_config_data
+
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(micro_config_data()))
+    return path
+
+
+def test_a_huge_config_file_is_refused_before_it_is_parsed(tmp_path):
+    from lora_pipeline.config.registry import MAX_CONFIG_BYTES, load_config_file
+    from lora_pipeline.errors import ConfigError
+
+    path = tmp_path / "huge.yaml"
+    path.write_text("base_model: x\n" + "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=r"huge.yaml: [\d,]+ bytes is more than a config file may have"):
+        load_config_file(path)
+
+
+@pytest.mark.parametrize("name", ["a..b", ".hidden", "-x", "Upper"])
+def test_a_model_name_the_store_would_refuse_is_refused_where_the_config_becomes_a_partition(tmp_path, name):
+    from lora_pipeline.config.registry import ConfigRegistry, is_model_key, partition_key_for
+    from lora_pipeline.errors import ConfigError
+
+    assert not is_model_key(name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(_good(tmp_path).read_text())
+    with pytest.raises(ConfigError, match="is not a valid model key"):
+        partition_key_for(path)
+    registry = ConfigRegistry(tmp_path)
+    assert registry.keys == ["good"] and path.resolve() in registry.problems
+
+
+def test_one_bad_file_in_configs_never_stops_list_for_the_others(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "good.yaml").write_text(_good(tmp_path).read_text())
+    (configs / "bomb.yaml").write_text(ALIAS_BOMB)
+    (configs / "a..b.yaml").write_text(_good(tmp_path).read_text())
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store"),
+           "LORA_PIPELINE_CONFIG_DIR": str(configs)}
+    (tmp_path / "home").mkdir()
+    listed = subprocess.run([sys.executable, "-m", "lora_pipeline.cli", "list", "--json"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert [row["model"] for row in json.loads(listed.stdout.strip().splitlines()[-1])] == ["good"]
+    assert "bomb.yaml is not listed" in listed.stderr and "alias" in listed.stderr
+    assert "a..b.yaml is not listed" in listed.stderr
