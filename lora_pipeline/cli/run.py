@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,7 +263,8 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
                                            "tracebacks": plan.debug}}},
     }
     definitions = build_definitions(resources, loggers={"console": terminal_logger}, automation=False)
-    previous = [run.run_id for run in instance.get_runs(limit=1)]
+    # The run's id is chosen here, so a failure is looked up in this run, never in whichever ran last.
+    run_id = str(uuid.uuid4())
     # The tune job leaves on-demand stages out; Dagster's implicit job of every asset holds them too.
     job = (definitions.resolve_implicit_global_asset_job_def() if set(to_run) & set(ON_DEMAND)
            else definitions.resolve_job_def(tune.name))
@@ -272,18 +274,17 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
             partition_key=plan.key,
             run_config=run_config,
             instance=instance,
+            run_id=run_id,
             tags={"lora_pipeline/config": str(plan.config_path), PID_TAG: str(os.getpid()),
                   HOST_TAG: socket.gethostname(), **plan.tags},
         )
     except Exception:
-        latest = instance.get_runs(limit=1)
-        # Only this run's checks: one that failed before it started has no run, and an earlier run's are not its.
-        ours = latest and latest[0].run_id not in previous
-        failed_checks = failed_checks_of(instance, latest[0].run_id) if ours else []
+        # Only this run's checks (a run that failed before it started has none).
+        failed_checks = failed_checks_of(instance, run_id) if instance.has_run(run_id) else []
         if failed_checks and all(check.startswith("champion check") for check in failed_checks):
-            raise ChampionRefused(latest[0].run_id, failed_checks) from None
+            raise ChampionRefused(run_id, failed_checks) from None
         if failed_checks:
-            raise DataError("; ".join(failed_checks) + f" (run {latest[0].run_id}; later assets were not built)") from None
+            raise DataError("; ".join(failed_checks) + f" (run {run_id}; later assets were not built)") from None
         raise
 
 

@@ -64,7 +64,8 @@ FAMILIES: dict[str, Family] = {
                {"tie_word_embeddings": False, "n_routed_experts": 4, "num_experts_per_tok": 2,
                 "n_shared_experts": 1, "moe_intermediate_size": 64, "first_k_dense_replace": 1,
                 "n_group": 1, "topk_group": 1, "q_lora_rank": 64, "kv_lora_rank": 64,
-                "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 32, "rope_scaling": None},
+                "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 32, "rope_scaling": None,
+                "head_dim": 16},  # DeepSeek-V3 rotates qk_rope_head_dim of each head: its head_dim is that
                "tool calls need content none and arguments as JSON text"),
     )
 }
