@@ -6,6 +6,7 @@ import dagster as dg
 from lora_pipeline.assets import ON_DEMAND_ASSETS, OTHER_ASSETS, PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
 from lora_pipeline.deploy import step_executor
 from lora_pipeline.resources.factory import default_resources
+from lora_pipeline.reclaim import dead_runs
 from lora_pipeline.sensors import TUNE_JOB, dataset_changes, model_configs, model_schedules
 
 tune = dg.define_asset_job(
@@ -40,7 +41,7 @@ def build_definitions(resources: dict | None = None, loggers: dict | None = None
         assets=[*PIPELINE_ASSETS, *ON_DEMAND_ASSETS, *OTHER_ASSETS, *SETTINGS_SPECS],
         asset_checks=PIPELINE_CHECKS,
         jobs=[tune, rank_sweep, publish, export],
-        sensors=[model_configs, dataset_changes] if automation else None,
+        sensors=[model_configs, dataset_changes, dead_runs] if automation else None,
         schedules=model_schedules() if automation else None,
         resources=default_resources() if resources is None else resources,
         loggers=loggers,

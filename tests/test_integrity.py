@@ -163,3 +163,32 @@ def test_two_concurrent_runs_each_report_their_own_failure(tmp_path, write_confi
     assert "better_than_base" in out + err
     code, (out, err) = results["bad-data"]
     assert code == 1 and "max_length" in err and "better_than_base" not in err, err[-3000:]
+
+
+def test_a_killed_ui_launched_run_gives_its_gpu_slot_back(tmp_path):
+    """A run worker started by the UI (DefaultRunLauncher), SIGKILLed while it held the `gpu` pool's slot: the
+    dead_runs sensor marks the run failed and frees the slot, so runs queued behind it start."""
+    import signal
+
+    import dagster as dg
+    from dagster._core.test_utils import instance_for_test
+
+    from lora_pipeline.reclaim import dead_runs
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with instance_for_test(temp_dir=str(tmp_path)) as instance:
+        run = instance.add_run(dg.DagsterRun(job_name="tune", run_id="a" * 8 + "-0000-0000-0000-" + "0" * 12,
+                                             status=dg.DagsterRunStatus.STARTED))
+        # What the run worker logs when it starts (dagster's api execute_run), and its claim on the pool.
+        instance.report_engine_event(f"Started process for run (pid: {worker.pid}).", run)
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("gpu", 1)
+        assert storage.claim_concurrency_slot("gpu", run.run_id, "trained_adapter").is_claimed
+        context = dg.build_sensor_context(instance=instance)
+        assert "no run of this machine lost its process" in dead_runs(context).skip_message
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED  # alive: left alone
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        assert f"pid {worker.pid} is gone" in dead_runs(context).skip_message
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert storage.get_concurrency_info("gpu").active_slot_count == 0

@@ -107,7 +107,7 @@ def test_the_code_location_has_the_sensors_and_a_schedule_per_scheduled_config(m
 
     try:
         reloaded = importlib.reload(definitions)
-        assert {sensor.name for sensor in reloaded.defs.sensors} == {"model_configs", "dataset_changes"}
+        assert {sensor.name for sensor in reloaded.defs.sensors} == {"model_configs", "dataset_changes", "dead_runs"}
         assert [schedule.name for schedule in reloaded.defs.schedules] == ["retrain_weekly"]
         reloaded.defs.resolve_all_job_defs()  # the schedule's job exists and validates
     finally:

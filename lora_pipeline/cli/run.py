@@ -27,8 +27,6 @@ from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.selection import ON_DEMAND, selected_asset_names, selection
 from lora_pipeline.cli.session import (
     EXIT_REFUSED,
-    HOST_TAG,
-    PID_TAG,
     check_data_early,
     instance as open_instance,
     reclaim_dead_runs,
@@ -36,6 +34,7 @@ from lora_pipeline.cli.session import (
 )
 from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for
 from lora_pipeline.errors import ConfigError, DataError
+from lora_pipeline.reclaim import HOST_TAG, PID_TAG
 
 
 EPILOG = f"""\

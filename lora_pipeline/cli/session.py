@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -19,8 +18,7 @@ from lora_pipeline.errors import ConfigError, LoraPipelineError
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
 EXIT_REFUSED = 3  # a promotion gate refused the candidate (the assets before it are published)
-PID_TAG = "lora_pipeline/pid"
-HOST_TAG = "lora_pipeline/host"
+
 
 DEFAULT_INSTANCE_YAML = """\
 # Written by lora-pipeline on first use; edit freely.
@@ -81,22 +79,11 @@ def instance() -> dg.DagsterInstance:
 
 
 def reclaim_dead_runs(instance: dg.DagsterInstance) -> None:
-    """Mark runs of this machine whose process was killed as failed and free their pool slots.
+    """Runs of this machine whose process was killed: marked failed, pool slots freed (reclaim.py), said on stderr."""
+    from lora_pipeline.reclaim import reclaim_dead_runs as reclaim
 
-    A run killed with SIGKILL cannot report its end, so it would hold its `gpu` pool slot forever
-    and the next run would wait for it; no daemon watches in-process CLI runs.
-    """
-    from lora_pipeline.resources.locks import process_alive
-
-    host = socket.gethostname()
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
-        pid = run.tags.get(PID_TAG)
-        if run.tags.get(HOST_TAG) != host or not pid or process_alive(int(pid)):
-            continue
-        instance.report_run_failed(run, message=f"the lora-pipeline process running it (pid {pid}) is gone")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        print(f"note: run {run.run_id} was killed (pid {pid} is gone); marked failed, its pool slot freed",
-              file=sys.stderr)
+    for line in reclaim(instance):
+        print(f"note: {line}", file=sys.stderr)
 
 
 def register_partition(instance: dg.DagsterInstance, key: str, config_path: Path) -> None:
