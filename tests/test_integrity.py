@@ -192,3 +192,21 @@ def test_a_killed_ui_launched_run_gives_its_gpu_slot_back(tmp_path):
         assert f"pid {worker.pid} is gone" in dead_runs(context).skip_message
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
         assert storage.get_concurrency_info("gpu").active_slot_count == 0
+
+
+def test_a_local_base_folder_is_versioned_by_its_files_not_its_path(tmp_path):
+    """Rebuilding a base in the same folder (new config or weights) must redo what was made from it."""
+    from conftest import micro_config_data
+    from lora_pipeline.assets.stages import pipeline
+    from lora_pipeline.config.registry import validate_config
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"num_key_value_heads": 1}')
+    (base / "model.safetensors").write_bytes(b"weights")
+    model_config = validate_config({**micro_config_data(), "base_model": str(base)}, "test")
+    reads = pipeline()["quantized_base"].reads
+    before = reads.of(model_config)["base_model"]
+    assert before.startswith(str(base) + "@") and reads.of(model_config)["base_model"] == before
+    (base / "config.json").write_text('{"num_key_value_heads": 2}')
+    assert reads.of(model_config)["base_model"] != before

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
 
 from lora_pipeline.config.registry import value_at
+from lora_pipeline.hashing import folder_fingerprint
 from lora_pipeline.ml.base.quantize import quant_storage_name
 from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX, BUILTIN_REVISION
 from lora_pipeline.ml.data.formatted import overlong_policy
@@ -103,6 +105,8 @@ class Reads:
             data[section][key] = hashed_as(data)
         if data["base_model"].startswith(BUILTIN_PREFIX):  # what the builder makes is part of the base
             data["base_model"] += f"@r{BUILTIN_REVISION}"
+        elif Path(data["base_model"]).is_dir():  # a local folder is its files, not its path: new weights redo
+            data["base_model"] += f"@{folder_fingerprint(data['base_model'])}"
         paths = self.config + (self.with_source if self.reads_source(model_config) else ())
         unchanged = tuple(key for key, default in ADDED_LATER.items() if value_at(data, key) == default)
         # A key added later and read on its own is left out at its default, as it was before it existed.

