@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,15 +138,35 @@ def test_champion_history_is_append_only_and_rolls_back(tmp_path):
     assert history.current() is None
     with pytest.raises(ConfigError, match="no champion"):
         history.rollback(None)
+    adapters = {}
     for version in ("aaaa1111", "bbbb2222", "cccc3333"):
-        history.append("promote", version, {"trained_adapter": {"uri": f"/x/{version}"}}, "suite", {}, "run", "demo")
+        folder = tmp_path / version
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_text(version)
+        ref = store.publish(folder, "demo", "trained_adapter")
+        adapters[version] = {"uri": ref.uri, "sha256": ref.sha256}
+        history.append("promote", version, {"trained_adapter": adapters[version]}, "suite", {}, "run", "demo")
     assert history.current().version == "cccc3333"
     assert history.rollback(None).version == "bbbb2222"
     assert history.rollback("aaaa").version == "aaaa1111"
     with pytest.raises(ConfigError, match="never had champion 'dddd'.*aaaa1111"):
         history.rollback("dddd")
+    for prefix in ("", " "):  # an empty prefix would match any champion
+        with pytest.raises(ConfigError, match="at least 4 characters"):
+            history.rollback(prefix)
     assert [event.action for event in history.events()] == ["promote"] * 3 + ["rollback"] * 2
     assert len(store.list_records("champions/demo")) == 5  # one file per event, none rewritten
+
+    # A forged record (pointing outside the store) or a damaged artifact is refused before anything moves.
+    history.append("promote", "eeee5555", {"trained_adapter": {"uri": "/etc", "sha256": "0" * 64}}, "suite", {},
+                   "run", "demo")
+    history.append("promote", "ffff6666", {"trained_adapter": adapters["bbbb2222"]}, "suite", {}, "run", "demo")
+    with pytest.raises(ConfigError, match="eeee5555 of 'demo' cannot be restored.*outside the store"):
+        history.rollback("eeee")
+    Path(adapters["cccc3333"]["uri"], "adapter_model.safetensors").write_text("tampered")
+    with pytest.raises(ConfigError, match="cccc3333 of 'demo' cannot be restored.*does not match"):
+        history.rollback("cccc")
+    assert history.current().version == "ffff6666"
 
     cache = ScoreCache(store)
     assert cache.get("weights", "suite") is None

@@ -210,3 +210,71 @@ def test_a_local_base_folder_is_versioned_by_its_files_not_its_path(tmp_path):
     assert before.startswith(str(base) + "@") and reads.of(model_config)["base_model"] == before
     (base / "config.json").write_text('{"num_key_value_heads": 2}')
     assert reads.of(model_config)["base_model"] != before
+
+
+def test_a_pointer_that_leaves_the_store_is_refused(tmp_path):
+    from lora_pipeline.resources.artifacts import ArtifactIntegrityError
+
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    folder = tmp_path / "made"
+    folder.mkdir()
+    (folder / "rows.parquet").write_text("rows")
+    ref = store.publish(folder, "m", "raw_dataset")
+    assert store.local_path(store.current("m", "raw_dataset")) == Path(ref.uri)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for uri in (str(outside), f"{tmp_path / 'store'}/../outside", "/etc"):
+        store.point_current("m", "raw_dataset", ArtifactRef(uri=uri, sha256=ref.sha256, size_bytes=1, files=1))
+        with pytest.raises(ArtifactIntegrityError, match="is outside the store"):
+            store.local_path(store.current("m", "raw_dataset"))
+    # A copied store keeps pointers to the original's files: refused, not silently read from there.
+    store.point_current("m", "raw_dataset", ref)
+    import shutil
+
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")
+    copy = ArtifactStore(root=str(tmp_path / "copy"))
+    with pytest.raises(ArtifactIntegrityError, match="is outside the store"):
+        copy.local_path(copy.current("m", "raw_dataset"))
+
+
+def test_a_full_disk_while_publishing_a_pointer_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    ref = _ref(tmp_path / "store", "aaaa")
+    store.point_current("m", "a", ref)
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        real_write(self, data[: len(data) // 2])  # part of it reached the disk, then the disk was full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.point_current("m", "a", _ref(tmp_path / "store", "bbbb"))
+    monkeypatch.undo()
+    folder = tmp_path / "store" / "m" / "a"
+    assert sorted(path.name for path in folder.iterdir()) == ["CURRENT.json"]
+    assert store.current("m", "a") == ref  # the old pointer, whole
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_writer_at_once(tmp_path):
+    import socket
+
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = f"{socket.gethostname()}-{dead.pid}-0123abcd"
+    staging = tmp_path / "store" / ".staging"
+    (staging / tag).mkdir(parents=True)
+    (staging / tag / "model.safetensors").write_bytes(b"\0" * 1024)
+    alive = f"{socket.gethostname()}-{os.getpid()}-0123abcd"
+    (staging / alive).mkdir()
+    store.point_current("m", "a", _ref(tmp_path / "store", "aaaa"))
+    leftover = tmp_path / "store" / "m" / "a" / f"CURRENT.json.partial-{tag}"
+    leftover.write_text("half")
+    with store.staging_dir():
+        pass
+    store.point_current("m", "a", _ref(tmp_path / "store", "bbbb"))
+    assert not (staging / tag).exists() and (staging / alive).exists()  # a live writer's work stays
+    assert not leftover.exists()

@@ -6,7 +6,9 @@ store (storage.py) publishes, finds and verifies artifacts with these.
 
 import hashlib
 import json
+import os
 import re
+import socket
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,12 +54,31 @@ class ArtifactRef:
                    files=entry.get("files", 0))
 
 
+def writer_tag() -> str:
+    """A name for a writer's work in progress: this machine, this process and a random part, so that what a
+    killed writer leaves can be told from what a live one is writing (left_by_dead_writer)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def left_by_dead_writer(tag: str) -> bool:
+    """Whether a writer_tag names a process of this machine that is gone (False for other machines' and old names)."""
+    from lora_pipeline.resources.locks import process_alive
+
+    writer = tag.rpartition("-")[0]
+    host, _, pid = writer.rpartition("-")
+    return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+
+
 def replace_file(path: Path, payload: bytes) -> None:
-    """Write a local file whole or not at all (readers see the old content or the new, never a mix)."""
+    """Write a local file whole or not at all (readers see the old content or the new, never a mix); a write
+    that fails (a full disk) leaves nothing behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(f"{path}.partial-{uuid.uuid4().hex[:8]}")
-    partial.write_bytes(payload)
-    partial.replace(path)
+    partial = Path(f"{path}.partial-{writer_tag()}")
+    try:
+        partial.write_bytes(payload)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def accepted_cards(local: Path) -> set[tuple[int, str]]:

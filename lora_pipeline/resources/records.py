@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lora_pipeline.errors import ConfigError
+from lora_pipeline.resources.artifacts import ArtifactIntegrityError, ArtifactRef
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -98,6 +99,16 @@ class ChampionHistory:
         self.storage.put_record(path, json.dumps(event.as_dict(), indent=1, sort_keys=True).encode())
         return event
 
+    def _verify(self, event: "ChampionEvent") -> None:
+        """Every artifact a champion record names is inside the store and matches its manifest and recorded digest."""
+        for name, entry in event.candidate.items():
+            ref = ArtifactRef.from_entry(entry)
+            try:
+                self.storage.local_path(ref)
+            except ArtifactIntegrityError as exc:
+                raise ConfigError(f"champion {event.version} of {self.model!r} cannot be restored: its {name} "
+                                  f"does not check out ({exc})") from None
+
     def rollback(self, to_version: str | None, run_id: str | None = None) -> ChampionEvent:
         """Make an earlier champion current again: the one with `to_version`, or the one before the current."""
         promotions = [event for event in self.events() if event.action == "promote"]
@@ -110,10 +121,17 @@ class ChampionHistory:
                 raise ConfigError(f"model {self.model!r} has had no champion before {current.version}")
             target = earlier[-1]
         else:
-            matches = [event for event in promotions if event.version.startswith(to_version)]
+            to_version = to_version.strip()
+            known = ", ".join(dict.fromkeys(event.version for event in promotions)) or "none"
+            if len(to_version) < 4:  # an empty or tiny prefix would match any champion
+                raise ConfigError(f"--to {to_version!r}: give at least 4 characters of a champion version; "
+                                  f"model {self.model!r}'s champions: {known}")
+            matches = {event.version: event for event in promotions if event.version.startswith(to_version)}
             if not matches:
-                known = ", ".join(dict.fromkeys(event.version for event in promotions)) or "none"
                 raise ConfigError(f"model {self.model!r} never had champion {to_version!r}; its champions: {known}")
-            target = matches[-1]
+            if len(matches) > 1:
+                raise ConfigError(f"--to {to_version!r} matches several champions ({', '.join(matches)}): give more of it")
+            target = next(iter(matches.values()))
+        self._verify(target)  # before anything moves: a forged or damaged record is refused here
         return self.append("rollback", target.version, target.candidate, target.suite, target.gates, run_id,
                            target.partition, note=f"rolled back from {current.version}")

@@ -44,6 +44,7 @@ from lora_pipeline.resources.artifacts import (
     build_manifest,
     CARD,
     INPUTS,
+    left_by_dead_writer,
     MANIFEST,
     manifest_digest,
     plain_segment,
@@ -52,6 +53,7 @@ from lora_pipeline.resources.artifacts import (
     replace_file,
     upload_manifest_last,
     VERSION_PATTERN,
+    writer_tag,
 )
 from lora_pipeline.resources.locks import local_writer_lock, s3_writer_lock
 
@@ -61,11 +63,12 @@ STALE_STAGING_SECONDS = 24 * 3600
 
 
 def _remove_stale(staging_parent: Path) -> None:
-    """Remove staging folders left by writers that were killed (older than a day: none is still running)."""
+    """Remove staging folders left by writers that were killed: at once when the writer was a process of this
+    machine that is gone, else once older than a day (a writer on another machine may still be at work)."""
     cutoff = time.time() - STALE_STAGING_SECONDS
     for entry in staging_parent.iterdir():
         try:
-            if entry.stat().st_mtime < cutoff:
+            if left_by_dead_writer(entry.name) or entry.stat().st_mtime < cutoff:
                 shutil.rmtree(entry, ignore_errors=True)
         except FileNotFoundError:
             pass  # another writer removed it first
@@ -144,7 +147,7 @@ class ArtifactStore(dg.ConfigurableResource):
             staging_parent = Path(root) / ".staging"
             staging_parent.mkdir(parents=True, exist_ok=True)
             _remove_stale(staging_parent)
-            path = staging_parent / uuid.uuid4().hex
+            path = staging_parent / writer_tag()
             path.mkdir()
         else:
             path = Path(tempfile.mkdtemp(prefix="lora-pipeline-staging-"))
@@ -219,6 +222,9 @@ class ArtifactStore(dg.ConfigurableResource):
         if self._get_small(path) == payload:
             return
         if self.is_local:
+            for leftover in Path(path).parent.glob(f"{Path(path).name}.partial-*"):  # of writers killed mid-write
+                if left_by_dead_writer(leftover.name.rsplit(".partial-", 1)[1]):
+                    leftover.unlink(missing_ok=True)
             replace_file(Path(path), payload)
         else:
             fs.pipe_file(path, payload)  # an object store PUT is atomic
@@ -259,8 +265,20 @@ class ArtifactStore(dg.ConfigurableResource):
             )
         return ArtifactRef.from_json(payload.decode())
 
+    def inside(self, uri: str) -> bool:
+        """Whether a URI lies inside the store's root (after resolving '..' and links, for a local store)."""
+        _, root = self._fs_and_root()
+        if self.is_local:
+            return Path(uri).resolve().is_relative_to(Path(root).resolve())
+        path = fsspec.core.strip_protocol(uri)
+        return path.startswith(root.rstrip("/") + "/") and "/../" not in path + "/"
+
     def local_path(self, ref: ArtifactRef) -> Path:
-        """A local folder with the artifact's files, verified against its manifest."""
+        """A local folder with the artifact's files, verified against its manifest; a ref that points outside
+        the store's root (a forged pointer or record, a copied store's pointer to the original) is refused."""
+        if not self.inside(ref.uri):
+            raise ArtifactIntegrityError(f"{ref.uri} is outside the store {self.root}; refusing a pointer that "
+                                         "leaves it (a copied store needs its pointers made again)")
         fs, _ = self._fs_and_root()
         if self.is_local:
             local = Path(ref.uri)
