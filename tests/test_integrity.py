@@ -278,3 +278,19 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_writer_at_once(tmp_pat
     store.point_current("m", "a", _ref(tmp_path / "store", "bbbb"))
     assert not (staging / tag).exists() and (staging / alive).exists()  # a live writer's work stays
     assert not leftover.exists()
+
+
+def test_an_adapter_whose_weights_are_only_a_pickle_is_refused_before_torch_sees_it(tmp_path):
+    import torch
+
+    from lora_pipeline.errors import ModelError
+    from lora_pipeline.ml.adapters import attach_adapters
+    from lora_pipeline.ml.base.loading import require_safetensors_adapter
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
+    torch.save({"weights": torch.zeros(1)}, folder / "adapter_model.bin")
+    with pytest.raises(ModelError, match=r"adapter's weights are a pickle \(adapter_model.bin\).*allow_pickle"):
+        attach_adapters(torch.nn.Linear(1, 1), {"hostile": folder})
+    require_safetensors_adapter(folder, allow_pickle=True)  # the opt-in: PEFT then loads it weights_only

@@ -54,6 +54,8 @@ def attach_adapters(base_model, adapters: dict[str, "str | Path"]):
     """
     from peft import PeftModel
 
+    from lora_pipeline.ml.base.loading import require_safetensors_adapter
+
     if not adapters:
         raise ValueError("no adapter to attach")
     if any(not isinstance(name, str) or not name.strip() for name in adapters):
@@ -65,6 +67,8 @@ def attach_adapters(base_model, adapters: dict[str, "str | Path"]):
     reused = [name for name in adapters if name in taken]
     if reused:
         raise ValueError(f"adapter name {reused[0]!r} is already attached to this model")
+    for path in adapters.values():
+        require_safetensors_adapter(Path(path))
     names = list(adapters)
     if isinstance(base_model, PeftModel):
         model = base_model

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_pipeline.ml.batches import example_batches, logits_of, max_relative_difference, pad_id_of
-from lora_pipeline.ml.base.loading import load_dequantized, load_full_precision
+from lora_pipeline.ml.base.loading import load_dequantized, load_full_precision, require_safetensors_adapter
 from lora_pipeline.ml.base.precision import torch_dtype
 from lora_pipeline.ml.prompt_format import stop_token_ids
 
@@ -33,6 +33,7 @@ def merge_adapter(base_model, adapter_dir: Path, probe_batches: list):
     """
     from peft import PeftModel
 
+    require_safetensors_adapter(adapter_dir)
     with_adapter = PeftModel.from_pretrained(base_model, adapter_dir)
     adapter_logits = logits_of(with_adapter, probe_batches)
     merged = with_adapter.merge_and_unload()

@@ -12,6 +12,24 @@ from __future__ import annotations
 from pathlib import Path
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def require_safetensors_adapter(adapter_dir: Path, allow_pickle: bool = False) -> None:
+    """Refuse an adapter folder whose weights are only a pickle (adapter_model.bin: unpickling can run code).
+
+    With allow_pickle (the opt-in bases have), PEFT loads the pickle with torch's weights_only loader."""
+    from lora_pipeline.errors import ModelError
+
+    folder = Path(adapter_dir)
+    if (folder / ADAPTER_WEIGHTS).is_file() or allow_pickle:
+        return
+    pickles = sorted(path.name for path in folder.glob("adapter_model.*") if path.suffix in (".bin", ".pt", ".pth"))
+    raise ModelError(f"{folder}: the adapter's weights are {'a pickle (' + ', '.join(pickles) + ')' if pickles else 'missing'}"
+                     f"; only {ADAPTER_WEIGHTS} is loaded (unpickling can run code): convert it, or set allow_pickle: "
+                     "true if you trust it")
+
+
 class StaleQuantStateError(RuntimeError):
     """A 4-bit layer has run on the CPU, so dequantizing it would return wrong weights."""
 
