@@ -19,5 +19,9 @@ class ModelError(LoraPipelineError):
     """The base model cannot be resolved or loaded."""
 
 
+class ModelRefused(ModelError):
+    """The base model can be loaded, but only by doing what the config does not allow (its own code, pickles)."""
+
+
 class PublishError(LoraPipelineError):
     """A model cannot be published: no promoted champion, no Hub token, or the Hub refused it."""

@@ -294,3 +294,52 @@ def test_an_adapter_whose_weights_are_only_a_pickle_is_refused_before_torch_sees
     with pytest.raises(ModelError, match=r"adapter's weights are a pickle \(adapter_model.bin\).*allow_pickle"):
         attach_adapters(torch.nn.Linear(1, 1), {"hostile": folder})
     require_safetensors_adapter(folder, allow_pickle=True)  # the opt-in: PEFT then loads it weights_only
+
+
+def test_a_symlink_out_of_the_dataset_folder_is_refused_unless_allowed(tmp_path):
+    from lora_pipeline.errors import DataError
+    from lora_pipeline.ml.data.raw import load_dataset
+    from conftest import dataset_settings
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "good.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (folder / "passwd.txt").symlink_to(secret)
+    (folder / "inside.jsonl").symlink_to(folder / "good.jsonl")  # a link that stays inside is followed
+    for source in (str(folder), str(folder / "*.txt"), str(folder / "passwd.txt")):
+        with pytest.raises(DataError, match=r"passwd.txt: a symlink to .*secret.txt, outside the dataset's folder"):
+            load_dataset(dataset_settings(source=source))
+    assert load_dataset(dataset_settings(source=str(folder / "*.jsonl"))).frame.shape[0] == 2
+    rows = load_dataset(dataset_settings(source=str(folder / "passwd.txt"), follow_symlinks=True))
+    assert "root:x" in rows.frame.iloc[0, 0]
+
+
+@pytest.mark.parametrize("problem", ["remote code", "pickle"])
+def test_validate_refuses_the_base_run_refuses_with_the_same_message(tmp_path, problem, micro_base):
+    import shutil
+
+    import yaml
+
+    from conftest import micro_config_data
+
+    base = tmp_path / "base"
+    shutil.copytree(micro_base, base)
+    if problem == "remote code":
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+        expected = "has an auto_map (x.Model), so loading it runs Python code"
+    else:
+        (base / "model.safetensors").rename(base / "pytorch_model.bin")
+        expected = "only pickle weights (pytorch_model.bin)"
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump({**micro_config_data(), "base_model": str(base)}))
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store")}
+    messages = []
+    for command in ("validate", "run"):
+        done = subprocess.run([sys.executable, "-m", "lora_pipeline.cli", command, str(path)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
+        messages.append(next(line for line in done.stderr.splitlines() if expected in line))
+    assert messages[0].split("base_model")[1] == messages[1].split("base_model")[1]

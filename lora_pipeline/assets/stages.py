@@ -57,6 +57,7 @@ ADDED_LATER = {
     "dataset.reasoning": "auto",
     "dataset.unrenderable": "refuse",
     "dataset.max_unrenderable_rate": 0.05,
+    "dataset.follow_symlinks": False,
     "quantization.quant_storage": "uint8",
     "training.distributed": {"strategy": "auto", "nproc_per_node": "auto", "nnodes": 1},
 }

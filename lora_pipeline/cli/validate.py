@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lora_pipeline.cli.session import check_data_early
 from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for
-from lora_pipeline.errors import DataError, ModelError
+from lora_pipeline.errors import DataError, ModelError, ModelRefused
 
 
 def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
@@ -138,15 +138,19 @@ def token_summary(model_config, cleaned) -> dict:
     from lora_pipeline.ml.data.clean import tokenizer_corpus
     from lora_pipeline.ml.data.formatted import format_dataset, lost_to_max_length
     from lora_pipeline.ml.data.quality import LengthAdvice, over_length_problem, over_length_rate
-    from lora_pipeline.resources.hub import ModelHub
+    from lora_pipeline.resources.hub import ModelHub, refuse_pickle_only
 
     settings = format_settings(model_config)
     try:
         tokenizer = ModelHub().tokenizer(model_config.base_model, model_config.base_revision,
                                          lambda: tokenizer_corpus(cleaned, settings.eval_fraction),
                                          trust_remote_code=model_config.trust_remote_code)
+    except ModelRefused:
+        raise  # what run refuses, validate refuses, with the same message
     except ModelError as exc:
         return {"unknown": f"no tokenizer here: {exc}"}
+    if Path(model_config.base_model).is_dir() and not model_config.allow_pickle:
+        refuse_pickle_only(Path(model_config.base_model), model_config.base_model)  # run checks it when it loads
     with tempfile.TemporaryDirectory(prefix="lora-pipeline-validate-") as folder:
         formatted = format_dataset(cleaned, tokenizer, settings, folder=Path(folder))
     counts = formatted.counts

@@ -149,6 +149,12 @@ class DatasetSettings(StrictSection):
         ge=1,
         description="Use at most this many rows of the source (the first ones), e.g. for a smoke test.",
     )
+    follow_symlinks: bool = Field(
+        default=False,
+        description="Read files that symlinks in a local source lead to outside the source's folder (its "
+        "folder, a glob's folder, or a file's folder). Off: such a link is refused, naming it, so a link to a "
+        "file elsewhere (/etc/passwd) is never read as rows. Links that stay inside the folder are followed.",
+    )
 
 
 class LoraSettings(StrictSection):

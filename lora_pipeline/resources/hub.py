@@ -10,7 +10,7 @@ from typing import Callable
 import dagster as dg
 from pydantic import Field
 
-from lora_pipeline.errors import ModelError
+from lora_pipeline.errors import ModelError, ModelRefused
 from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX, BUILTIN_REVISION, build_tiny_llama, builtin_shape
 from lora_pipeline.ml.base.tokenizer import load_tokenizer
 
@@ -33,7 +33,7 @@ def refuse_pickle_only(folder: Path, name: str) -> None:
     has_safetensors = any(folder.glob("*.safetensors"))
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and "tokenizer" not in p.name)
     if pickles and not has_safetensors:
-        raise ModelError(
+        raise ModelRefused(
             f"base_model {name!r}: only pickle weights ({', '.join(pickles[:3])}); unpickling can run code, so "
             "they are refused. Convert them to safetensors, or set allow_pickle: true if you trust the source"
         )
@@ -52,7 +52,7 @@ def refuse_remote_code(folder: Path, name: str) -> None:
         if auto_map:
             classes = auto_map.values() if isinstance(auto_map, dict) else auto_map
             shown = ", ".join(sorted({str(c if isinstance(c, str) else c[0]) for c in classes})[:3])
-            raise ModelError(
+            raise ModelRefused(
                 f"base_model {name!r}: {file_name} has an auto_map ({shown}), so loading it runs Python code "
                 "shipped with the model. Set trust_remote_code: true if you trust the source"
             )

@@ -37,6 +37,7 @@ def source_request(settings) -> SourceRequest:
         revision=settings.revision,
         columns=dict(settings.columns),
         max_rows=settings.max_rows,
+        follow_symlinks=getattr(settings, "follow_symlinks", False),
     )
 
 

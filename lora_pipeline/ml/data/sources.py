@@ -76,6 +76,7 @@ class SourceRequest:
     revision: str | None = None
     columns: dict[str, str] = field(default_factory=dict)
     max_rows: int | None = None
+    follow_symlinks: bool = False  # symlinks that lead out of the source's folder are refused unless this
 
 
 def read_source(request: SourceRequest) -> SourceRows:
@@ -88,6 +89,8 @@ def read_source(request: SourceRequest) -> SourceRows:
     else:
         local = source.removeprefix("file://")
         files = _expand_local(local)
+        if isinstance(files, list) and not request.follow_symlinks:
+            _refuse_links_out(local, files)
         if files is None:
             if _HUB_ID.match(local):
                 rows = _read_hub_dataset(local, request)
@@ -154,6 +157,19 @@ def _expand_local(path: str) -> list[str] | str | None:
             return "saved"
         return _only_data_files((str(p) for p in target.rglob("*") if p.is_file()), path)
     return None
+
+
+def _refuse_links_out(source: str, files: list[str]) -> None:
+    """Refuse a file that is (or lies under) a symlink leading out of the source's folder: a link to
+    /etc/passwd in a data folder would otherwise be read as rows. dataset.follow_symlinks allows it."""
+    prefix = source.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+    base = Path(prefix) if Path(prefix).is_dir() and not prefix.endswith(tuple(FILE_KINDS)) else Path(prefix).parent
+    home = Path(base or ".").resolve()
+    for name in files:
+        target = Path(name).resolve()
+        if not target.is_relative_to(home):
+            raise DataError(f"{name}: a symlink to {target}, outside the dataset's folder {home}; refused (set "
+                            "dataset.follow_symlinks: true to read files that links lead to)")
 
 
 def _expand_remote(url: str) -> list[str]:
@@ -291,6 +307,8 @@ def source_version(request: SourceRequest) -> str:
     else:
         local = source.removeprefix("file://")
         files = _expand_local(local)
+        if isinstance(files, list) and not request.follow_symlinks:
+            _refuse_links_out(local, files)
         if files is None:
             raise DataError(f"{source}: dataset not found (no such file or folder)")
         if files == "saved":
