@@ -343,3 +343,15 @@ def test_validate_refuses_the_base_run_refuses_with_the_same_message(tmp_path, p
         assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
         messages.append(next(line for line in done.stderr.splitlines() if expected in line))
     assert messages[0].split("base_model")[1] == messages[1].split("base_model")[1]
+
+
+def test_current_pointers_move_forward_only_in_run_order(tmp_path):
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    first, second = _ref(tmp_path / "store", "aaaa"), _ref(tmp_path / "store", "bbbb")
+    assert store.point_current("m", "a", second, run_order=200.0)
+    # The run launched earlier (order 100) publishes after the later one: the later one's version stays current.
+    assert not store.point_current("m", "a", first, run_order=100.0)
+    assert store.current("m", "a") == second
+    assert store.point_current("m", "a", first, run_order=300.0) and store.current("m", "a") == first
+    assert store.point_current("m", "a", second)  # no order (a reuse, a rollback): moves as before
+    assert store.current("m", "a") == second

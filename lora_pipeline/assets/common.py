@@ -118,7 +118,18 @@ def stage_lineage(
 def publish_stage(context: dg.AssetExecutionContext, storage: ArtifactStore, staging: Path, record: dict) -> ArtifactRef:
     """Write the stage's lineage into its staged artifact and publish it."""
     write_json(staging / LINEAGE, record)
-    return storage.publish(staging, context.partition_key, context.asset_key.path[-1])
+    asset, order = context.asset_key.path[-1], run_order(context)
+    ref = storage.publish(staging, context.partition_key, asset, order)
+    if order is not None and storage.current(context.partition_key, asset) != ref:
+        context.log.warning(f"a run launched after this one has published {asset} already: it stays current, and "
+                            "this run's version is used by this run alone")
+    return ref
+
+
+def run_order(context) -> float | None:
+    """When the run was launched (what orders the runs that move a model's current pointers), if known."""
+    record = context.instance.get_run_record_by_id(context.run_id)
+    return record.create_timestamp.timestamp() if record is not None and record.create_timestamp else None
 
 
 def stage_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, metadata: dict) -> dg.Output[ArtifactRef]:

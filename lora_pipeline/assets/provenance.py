@@ -299,7 +299,7 @@ def reuse_from_siblings(instance, key: str, siblings: list[str], names: list[str
             ref = _published_intact(storage, sibling, name, metadata)
             if ref is None:
                 continue
-            storage.point_current(key, name, ref)
+            storage.point_current(key, name, ref, run_order=time.time())  # as a run launched now would
             instance.report_runless_asset_event(dg.AssetMaterialization(
                 asset_key=name, partition=key, metadata={**materialization.metadata, "reused_from": sibling},
                 tags=materialization.tags,

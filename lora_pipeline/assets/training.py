@@ -15,6 +15,7 @@ from lora_pipeline.assets.common import (
     publish_stage,
     read_json,
     resolve_model_config,
+    run_order,
     stage_output,
     write_json,
 )
@@ -159,7 +160,7 @@ class _TrainingRun:
         """Point at the adapter already made from these inputs instead of training again."""
         self.context.log.info(f"an adapter made from these inputs (run {self.key}) is published at "
                               f"{finished.uri}; reusing it instead of training again")
-        self.storage.point_current(self.partition, STAGE, finished)
+        self.storage.point_current(self.partition, STAGE, finished, run_order(self.context))
         folder = self.storage.local_path(finished)
         summary = read_json(folder / TRAINING_SUMMARY)
         result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})

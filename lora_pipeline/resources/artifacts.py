@@ -45,7 +45,9 @@ class ArtifactRef:
 
     @classmethod
     def from_json(cls, payload: str) -> "ArtifactRef":
-        return cls(**json.loads(payload))
+        """The ref in a pointer's JSON (which may say more, e.g. the order of the run that wrote it)."""
+        data = json.loads(payload)
+        return cls(uri=data["uri"], sha256=data["sha256"], size_bytes=data["size_bytes"], files=data["files"])
 
     @classmethod
     def from_entry(cls, entry: dict) -> "ArtifactRef":

@@ -171,8 +171,9 @@ class ArtifactStore(dg.ConfigurableResource):
             return s3_writer_lock(fs, path, what, run_id)
         return contextlib.nullcontext()
 
-    def publish(self, local_dir: Path, partition: str, asset: str) -> ArtifactRef:
-        """Publish a finished folder as an immutable artifact and point CURRENT.json at it."""
+    def publish(self, local_dir: Path, partition: str, asset: str, run_order: float | None = None) -> ArtifactRef:
+        """Publish a finished folder as an immutable artifact and point CURRENT.json at it (unless a run launched
+        later has pointed it already: see point_current)."""
         fs, root = self._fs_and_root()
         manifest = build_manifest(local_dir)
         digest = manifest_digest(manifest)
@@ -188,7 +189,7 @@ class ArtifactStore(dg.ConfigurableResource):
                 self._remove_abandoned_uploads(self._asset_dir(partition, asset))
                 upload_manifest_last(fs, local_dir, target, manifest)
         ref = self._ref_for(target, manifest)
-        self.point_current(partition, asset, ref)
+        self.point_current(partition, asset, ref, run_order)
         return ref
 
     def _remove_abandoned_uploads(self, asset_dir: str) -> None:
@@ -208,9 +209,22 @@ class ArtifactStore(dg.ConfigurableResource):
             if newest < cutoff:
                 fs.rm(entry, recursive=True)
 
-    def point_current(self, partition: str, asset: str, ref: ArtifactRef) -> None:
-        """Make ref the asset partition's current artifact (what downstream stages read)."""
-        self._put_small(f"{self._asset_dir(partition, asset)}/{POINTER}", ref.to_json().encode())
+    def point_current(self, partition: str, asset: str, ref: ArtifactRef, run_order: float | None = None) -> bool:
+        """Make ref the asset partition's current artifact (what downstream stages read); False when it stays.
+
+        run_order (when the writing run was launched) moves pointers forward only, in run order: a run
+        launched earlier that publishes after a later one has leaves the later one's version current. The
+        stage's writer lock serialises the read and the write for one asset partition."""
+        path = f"{self._asset_dir(partition, asset)}/{POINTER}"
+        if run_order is not None and (existing := self._get_small(path)) is not None:
+            newer = json.loads(existing).get("run_order")
+            if newer is not None and newer > run_order:
+                return False
+        data = json.loads(ref.to_json())
+        if run_order is not None:
+            data["run_order"] = run_order
+        self._put_small(path, json.dumps(data, sort_keys=True).encode())
+        return True
 
     def _asset_dir(self, partition: str, asset: str) -> str:
         _, root = self._fs_and_root()
