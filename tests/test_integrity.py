@@ -355,3 +355,63 @@ def test_current_pointers_move_forward_only_in_run_order(tmp_path):
     assert store.point_current("m", "a", first, run_order=300.0) and store.current("m", "a") == first
     assert store.point_current("m", "a", second)  # no order (a reuse, a rollback): moves as before
     assert store.current("m", "a") == second
+
+
+STAGES = ("raw_dataset", "formatted_dataset", "quantized_base", "trained_adapter", "merged_model", "eval_report")
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_every_stage_boundary_leaves_a_consistent_store_and_finishes_when_run_again(
+        tmp_path, write_config):
+    """SIGKILL right after each stage publishes, then launch again: each launch goes on from there, the
+    killed writer's leftovers are gone once the next one writes, and the store checks out at the end."""
+    import signal
+
+    from lora_pipeline.resources.store_check import store_problems
+
+    config = write_config("micro", training={"max_steps": 4})
+    (tmp_path / "dagster_home").mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store"),
+           "PYTHONUNBUFFERED": "1"}
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    for stage in STAGES:
+        process = subprocess.Popen([sys.executable, "-m", "lora_pipeline.cli", "run", str(config)], cwd=REPO, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            if f'Finished execution of step "{stage}"' in line:
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=600)
+        assert process.returncode == -signal.SIGKILL, f"the run ended before {stage} finished"
+        # Only what a killed writer may leave until the next one writes: staging folders and partial files.
+        assert all("writer that is gone" in problem for problem in store_problems(store)), store_problems(store)
+    done = subprocess.run([sys.executable, "-m", "lora_pipeline.cli", "run", str(config), "--json"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(STAGES) <= set(summary["assets"]) and summary["champion"]["promoted"]
+    assert store_problems(store) == []
+
+
+def test_the_store_check_finds_every_kind_of_damage(tmp_path):
+    import socket
+
+    from lora_pipeline.resources.store_check import store_problems
+
+    store = ArtifactStore(root=str(tmp_path / "store"))
+    folder = tmp_path / "made"
+    folder.mkdir()
+    (folder / "rows.parquet").write_text("rows")
+    ref = store.publish(folder, "m", "raw_dataset")
+    assert store_problems(store) == []
+    (Path(ref.uri) / "rows.parquet").write_text("ROWS")  # corrupted, same size
+    (tmp_path / "store" / "m" / "raw_dataset" / "0123456789abcdef").mkdir()  # half-published
+    store.point_current("m", "other", ArtifactRef(uri="/etc", sha256="0" * 64, size_bytes=1, files=1))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "store" / ".staging" / f"{socket.gethostname()}-{dead.pid}-0123abcd").mkdir(parents=True)
+    problems = "\n".join(store_problems(store))
+    assert "rows.parquet does not match its sha256" in problems
+    assert "0123456789abcdef: a version folder without MANIFEST.json" in problems
+    assert "other/CURRENT.json: points outside the store (/etc)" in problems
+    assert "a staging folder of a writer that is gone" in problems

@@ -12,7 +12,9 @@ Layout under the store's root:
     _records/scores/<suite>/<weights>.parquet  per-example scores of some weights on an eval suite (a cache)
     _records/champions/<model>/<n>.json     a model's champion history, one file per event (append-only)
     _records/runs/<run id>/<partition>/<asset>.json  what one run made or read of an asset partition: the
-                                            ref every stage of that run reads (a run reads what it made)
+                                            ref every stage of that run reads (a run reads what it made);
+                                            dropped after RUN_RECORD_DAYS on a local store
+store_check.py checks a whole local store at once.
 A version is the first 16 hex digits of the manifest's sha256, so publishing identical content
 twice yields the same artifact. A version folder counts as published only once its MANIFEST.json
 exists, and readers check every file against it (size and sha256): on a local store the folder
@@ -60,6 +62,7 @@ from lora_pipeline.resources.locks import local_writer_lock, s3_writer_lock
 # Folders whose files were hashed against their manifest in this process.
 _HASHED: set[tuple[str, str]] = set()
 STALE_STAGING_SECONDS = 24 * 3600
+RUN_RECORD_DAYS = 7
 
 
 def _remove_stale(staging_parent: Path) -> None:
@@ -309,11 +312,11 @@ class ArtifactStore(dg.ConfigurableResource):
         self.verify(local, ref)
         return local
 
-    def verify(self, local: Path, ref: ArtifactRef) -> None:
+    def verify(self, local: Path, ref: ArtifactRef, rehash: bool = False) -> None:
         """Check every file's size and sha256 against the manifest, and the manifest against the reference.
 
-        A folder is hashed once per process (a version never changes once published); sizes are
-        checked on every read.
+        A folder is hashed once per process (a version never changes once published), unless rehash;
+        sizes are checked on every read.
         """
         manifest_path = local / MANIFEST
         if not manifest_path.exists():
@@ -334,7 +337,7 @@ class ArtifactStore(dg.ConfigurableResource):
             if not path.exists() or path.stat().st_size not in {size for size, _ in accepted[entry["path"]]}:
                 raise ArtifactIntegrityError(f"{ref.uri}: file {entry['path']} is missing or has the wrong size")
         key = (str(local.resolve()), ref.sha256)
-        if key in _HASHED:
+        if key in _HASHED and not rehash:
             return
         for entry in manifest["files"]:
             if sha256_of_file(local / entry["path"]) not in {digest for _, digest in accepted[entry["path"]]}:
@@ -381,8 +384,18 @@ class ArtifactStore(dg.ConfigurableResource):
     # --- what a run made or read: its stages read these, never "whatever is current now" ---
 
     def record_run_ref(self, run_id: str, partition: str, asset: str, ref: ArtifactRef) -> None:
-        """The artifact this run made of the asset partition: what this run's later stages read."""
+        """The artifact this run made of the asset partition: what this run's later stages read.
+
+        A local store drops other runs' records untouched for RUN_RECORD_DAYS (runs that long are over);
+        on an object store, a lifecycle rule on _records/runs/ does the same."""
         self.put_record(self._run_ref_path(run_id, partition, asset), ref.to_json().encode())
+        if self.is_local:
+            runs = Path(self._record_path("runs"))
+            cutoff = time.time() - RUN_RECORD_DAYS * 86400
+            for folder in runs.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if folder.name != run_id and folder.stat().st_mtime < cutoff:
+                        shutil.rmtree(folder, ignore_errors=True)
 
     def run_ref(self, run_id: str, partition: str, asset: str) -> ArtifactRef:
         """The asset partition as this run has it: what the run made, else the current artifact, pinned for the
