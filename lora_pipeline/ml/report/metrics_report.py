@@ -81,7 +81,10 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str, e
             + forgetting["paired"]["sentence"]
         )
     lines += benchmark_table(comparison.get("benchmarks", {}))
-    lines += ["", "![held-out loss](loss_by_model.png)", "", "## Samples", ""]
+    lines += ["", "![held-out loss](loss_by_model.png)", "", "## Samples", "",
+              "Each prompt is the held-out example's prompt exactly as training rendered it (its template, and "
+              "for a thinking model its thinking as the data had it: the template's own switch is not touched); "
+              "`lora-pipeline generate --thinking on|off` asks with the switch set.", ""]
     for index, sample in enumerate(samples, start=1):
         lines += [f"### {index}", "", "```", sample["prompt"].rstrip(), "```", ""]
         lines.append(f"- **reference**: {sample['reference'].strip()}")
