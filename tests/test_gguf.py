@@ -1,4 +1,5 @@
-"""GGUF export: the built-in model and an adapter converted by llama.cpp's own scripts, read back and compared."""
+"""GGUF export: the built-in model and an adapter converted by llama.cpp's own scripts, read back and compared,
+and the GGUF's tokenizer checked with llama.cpp's own llama-tokenize against the model's HF tokenizer."""
 
 from __future__ import annotations
 
@@ -9,9 +10,25 @@ import pytest
 
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.ml.export import gguf as export
+from lora_pipeline.ml.export import tokens
+from lora_pipeline.ml.export.llama_cpp import llama_cpp_token_ids
 
-# The converter scripts are fetched once (pip download of the pinned sdist) into the user's cache.
+# The converter scripts are fetched once (pip download of the pinned sdist) into the user's cache, and
+# llama-tokenize / llama-quantize built there from the same sdist (make install does both).
 CACHE = export.default_cache()
+
+# Texts a vocabulary gets wrong if llama.cpp does not replay the BPE merges in their order: words merged
+# with their punctuation ("▁largest." is one token of the micro vocabulary, which a left-to-right merge
+# spells "▁lar" "ge" "st" "."), digits, characters outside the vocabulary (byte fallback), blank
+# lines, and an Alpaca example ending in the EOS token, as the held-out examples do.
+BUILT_IN_TEXTS = [
+    "Sort the numbers from smallest to largest.",
+    "### Instruction:\nSort the numbers from smallest to largest.\n\n### Response:\n3, 8, 12</s>",
+    "What is 12 + 30? It is 42.",
+    "naïve café, 東京! ½ 😀",
+    "Count the letters in the word dragon: 6.\n\n\nDone.",
+    "(a) [b] {c} \"quoted\" 'single' 3.14% $5 #tag @me",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +80,22 @@ def test_modelfiles_name_the_files_and_the_template_in_ollama_syntax():
     assert export.modelfile("./m.gguf", "tokenizer", eos="</s>") == 'FROM ./m.gguf\nPARAMETER stop "</s>"\n'
 
 
-def test_q4_k_m_needs_llama_quantize_and_says_so(tmp_path):
-    with pytest.raises(ConfigError, match="export.llama_quantize"):
-        export.check_quantize("q4_k_m", None)
+def test_q4_k_m_takes_the_named_llama_quantize_or_the_built_one(tmp_path):
+    with pytest.raises(ConfigError, match="unknown type"):
+        export.check_quantize("q3_k", None)
     with pytest.raises(ConfigError, match="not an executable"):
         export.check_quantize("q4_k_m", str(tmp_path / "llama-quantize"))
     assert export.check_quantize("q8_0", None) is None
+    assert export.check_quantize("q4_k_m", None) is None  # convert_model then uses the one built into the cache
 
 
 def test_export_gguf_writes_every_file_checked_and_the_modelfiles(micro_base, micro_adapter, tmp_path):
     # The micro base stands in for the merged model too: both are Llama folders with a tokenizer.
-    facts = export.export_gguf(micro_base, micro_adapter, lambda: micro_base, tmp_path, "q8_0", CACHE, None, "chatml")
+    facts = export.export_gguf(micro_base, micro_adapter, lambda: micro_base, tmp_path, "q8_0", CACHE, None, "chatml",
+                               texts=BUILT_IN_TEXTS)
     assert max(facts[f"{label}_max_abs_diff"] for label in ("merged", "base", "adapter")) < 2e-2
+    assert (facts["tokenizer_texts_checked"], facts["tokenizer_texts_equal"]) == (len(BUILT_IN_TEXTS),) * 2
+    assert facts["tokenizer_first_differing_text"] is None
     assert (tmp_path / facts["merged_file"]).stat().st_size == facts["merged_bytes"] > 0
     assert (tmp_path / "Modelfile").read_text().startswith("FROM ./merged.q8_0.gguf\nTEMPLATE")
     assert (tmp_path / "Modelfile.adapter").read_text().startswith("FROM ./base.q8_0.gguf\nADAPTER ./adapter.gguf\n")
@@ -144,6 +165,9 @@ def test_cli_exports_a_trained_model_when_asked(tmp_path, write_config):
         "adapter.gguf", "base.q8_0.gguf", "merged.q8_0.gguf"]
     assert meta["merged_max_abs_diff"] < 2e-2 and meta["base_max_abs_diff"] < 2e-2 and meta["adapter_max_abs_diff"] < 1e-3
     assert meta["template"] == "alpaca"  # the micro data is alpaca rows: 'auto' resolved, as training rendered it
+    # Every held-out example and its prompt, tokenized by llama.cpp as by the model's tokenizer.
+    assert meta["tokenizer_texts_checked"] == meta["tokenizer_texts_equal"] > 20
+    assert meta["tokenizer_first_differing_text"] is None
     assert "### Instruction:" in (folder / "Modelfile").read_text()
     assert f"gguf: {meta['uri']}" in done.stderr
 
@@ -165,3 +189,153 @@ def test_built_in_bases_of_the_old_builder_are_neither_reused_nor_mixed_with_new
         assert stages[stage].reads.of(builtin)["base_model"] == f"builtin:micro-llama@r{BUILTIN_REVISION}"
     hub = ModelConfig(**micro_config_data(base_model="org/model"))
     assert stages["quantized_base"].reads.of(hub)["base_model"] == "org/model"  # hub models: as written
+
+
+@pytest.fixture(scope="module")
+def micro_gguf(micro_base, tmp_path_factory) -> Path:
+    return export.convert_model(micro_base, tmp_path_factory.mktemp("gguf") / "micro.f16.gguf", "f16", CACHE)
+
+
+def _gguf_value(path: Path, key: str):
+    from gguf import GGUFReader
+
+    return GGUFReader(path).fields[key].contents()
+
+
+def test_llama_cpp_splits_the_built_in_tokenizers_text_as_transformers_does(micro_base, micro_gguf):
+    check = tokens.check_tokenization(micro_gguf, micro_base, BUILT_IN_TEXTS, True, CACHE)
+    assert check.all_equal, [difference.describe() for difference in check.differences]
+    assert check.checked == len(BUILT_IN_TEXTS)
+    # The built-in tokenizer adds no BOS (training never had one): the GGUF says so, and llama.cpp adds none.
+    assert _gguf_value(micro_gguf, "tokenizer.ggml.add_bos_token") is False
+    assert _gguf_value(micro_gguf, "tokenizer.ggml.add_eos_token") is False
+    ids = llama_cpp_token_ids(micro_gguf, ["Sort the numbers", "<s>Sort the numbers"], CACHE)
+    assert 0 not in ids[0] and ids[1].count(0) == 1  # <s> is id 0: once when the text has it, never added
+
+
+def test_the_converters_flat_scores_split_words_otherwise_and_are_refused_naming_the_text(micro_base, micro_gguf,
+                                                                                          tmp_path):
+    import shutil
+
+    from gguf import GGUFReader
+
+    flat = tmp_path / "flat.gguf"
+    shutil.copy(micro_gguf, flat)
+    reader = GGUFReader(flat, mode="r+")
+    scores = reader.fields["tokenizer.ggml.scores"]
+    for index in scores.data:  # what convert_hf_to_gguf.py writes for a BPE without tokenizer.model
+        scores.parts[index][0] = -1000.0
+    reader.data.flush()
+    check = tokens.check_tokenization(flat, micro_base, BUILT_IN_TEXTS, True, CACHE)
+    # Merged left to right, the micro vocabulary spells "dragon:" "▁dragon" ":" where BPE gives "▁drag" "on:".
+    assert check.equal < check.checked
+    first = check.differences[0]
+    assert first.text in BUILT_IN_TEXTS and first.hf != first.llama_cpp
+    differing = check.checked - check.equal
+    with pytest.raises(tokens.TokenizationMismatch, match=f"splits {differing} of 6 texts") as refused:
+        check.require_equal(flat.name)
+    assert repr(first.text) in str(refused.value)
+    assert "'▁drag', 'on:'" in str(refused.value) and "'▁dragon', ':'" in str(refused.value)  # both splits
+
+
+def test_an_export_whose_bos_rule_differs_is_refused_naming_the_text(micro_base, micro_adapter, tmp_path,
+                                                                     monkeypatch):
+    repair = export.repair_vocabulary
+
+    def wrong_bos(gguf_file, model_dir, rule):  # as if the GGUF said: add a BOS, which training never had
+        return repair(gguf_file, model_dir, tokens.SpecialTokenRule(True, rule.add_eos, rule.bos_token, rule.eos_token))
+
+    monkeypatch.setattr(export, "repair_vocabulary", wrong_bos)
+    with pytest.raises(tokens.TokenizationMismatch, match=r"merged.f16.gguf: llama.cpp splits 6 of 6 texts") as refused:
+        export.export_gguf(micro_base, micro_adapter, lambda: micro_base, tmp_path, "f16", CACHE, None, "alpaca",
+                           texts=BUILT_IN_TEXTS)
+    assert "'Sort the numbers from smallest to largest.'" in str(refused.value)
+    assert "HF ['▁', 'Sort'" in str(refused.value) and "llama.cpp ['<s>', '▁', 'Sort'" in str(refused.value)
+    # Or recorded only, for a gate to judge: the counts and the first text that differs.
+    facts = export.export_gguf(micro_base, micro_adapter, lambda: micro_base, tmp_path / "recorded", "f16", CACHE,
+                               None, "alpaca", texts=BUILT_IN_TEXTS, require_same_tokens=False)
+    assert (facts["tokenizer_texts_checked"], facts["tokenizer_texts_equal"]) == (6, 0) == (
+        facts["base_tokenizer_texts_checked"], facts["base_tokenizer_texts_equal"])
+    assert facts["tokenizer_first_differing_text"] == BUILT_IN_TEXTS[0]
+
+
+def test_q4_k_m_is_quantized_by_the_built_llama_quantize_and_keeps_the_tokenizer(micro_base, tmp_path):
+    out = export.convert_model(micro_base, tmp_path / "micro.q4_k_m.gguf", "q4_k_m", CACHE)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".gguf") == ["micro.q4_k_m.gguf"]
+    assert tokens.check_tokenization(out, micro_base, BUILT_IN_TEXTS, True, CACHE).all_equal
+
+
+def test_held_out_texts_are_the_examples_then_their_prompts_distinct(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["p1 a1</s>", "p2 a2</s>", "p1 a1</s>"], "prompt": ["p1 ", "p2 ", "p1 "]}),
+                   tmp_path / "eval.parquet")
+    assert tokens.held_out_texts(tmp_path / "eval.parquet") == ["p1 a1</s>", "p1 ", "p2 a2</s>", "p2 "]
+    assert tokens.held_out_texts(tmp_path / "eval.parquet", limit=3) == ["p1 a1</s>", "p1 ", "p2 a2</s>"]
+    assert tokens.adds_special_tokens("alpaca") and not tokens.adds_special_tokens("chatml")
+
+
+# --- real families: their own tokenizer files around tiny random weights ------------------------------
+
+
+# llama.cpp's DeepSeek converter takes num_key_value_heads as MLA's head count, which a real DeepSeek-V3 has
+# equal to num_attention_heads (128); the tiny one must too.
+FAMILY_SHAPE = {"deepseek-v3": lambda fields: {"num_key_value_heads": fields["num_attention_heads"]}}
+
+
+def _family_base(name: str, tmp_path_factory) -> Path:
+    """A tiny random model of the family with its real tokenizer, when its files are in the cache (make families)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.ml.base.families import cached_tokenizer_dir, tiny_config
+
+    found = cached_tokenizer_dir(name)
+    if found is None:
+        pytest.skip(f"the {name} tokenizer files are not cached (make families)")
+    tokenizer = AutoTokenizer.from_pretrained(found)
+    fields = tiny_config(name, tokenizer)
+    fields.update(FAMILY_SHAPE.get(name, lambda _: {})(fields))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    out = tmp_path_factory.mktemp(name)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _chat(tokenizer, question: str, answer: str | None = None) -> str:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": question}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "llama3", "gemma3", "deepseek-v3"])
+def test_real_families_tokenize_in_llama_cpp_as_in_transformers(family, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    base = _family_base(family, tmp_path_factory)
+    out = export.convert_model(base, tmp_path_factory.mktemp("gguf") / f"{family}.f16.gguf", "f16", CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rule = tokens.special_token_rule(tokenizer)
+    assert _gguf_value(out, "tokenizer.ggml.add_bos_token") is rule.add_bos
+    # Rendered by the family's own chat template, which writes its own BOS: formatted without special tokens.
+    chats = [_chat(tokenizer, "Sort 12, 3 and 8 from smallest to largest."),
+             _chat(tokenizer, "naïve café, 東京? ½ 😀", "Yes: 3, 8, 12.\n\nDone!")]
+    # The Alpaca example ends in the family's own EOS. (A literal "</s>" is not Qwen3's EOS but an ordinary
+    # token its tokenizer splits "</" "s" ">"; llama.cpp makes any "</s>" a control token at load, so text
+    # holding one is tokenized differently there: a llama.cpp rule, which the export check would name.)
+    plain = [text.replace("</s>", tokenizer.eos_token) for text in BUILT_IN_TEXTS]
+    for texts, add_special_tokens in ((plain, True), (chats, False)):
+        check = tokens.check_tokenization(out, base, texts, add_special_tokens, CACHE)
+        assert check.all_equal, [difference.describe() for difference in check.differences]
+    # BOS exactly once where there is one: written by the chat template (dropped by llama.cpp's chat code when
+    # the GGUF adds its own) or added to plain text as the tokenizer adds it; Qwen3 has none.
+    if tokenizer.bos_token_id is not None:
+        ids = llama_cpp_token_ids(out, [tokens.as_llama_cpp_prompt(chats[0], rule), plain[0]], CACHE)
+        template_writes_bos = chats[0].startswith(tokenizer.bos_token)
+        assert [i.count(tokenizer.bos_token_id) for i in ids] == [int(rule.add_bos or template_writes_bos),
+                                                                  int(rule.add_bos)]

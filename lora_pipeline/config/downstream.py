@@ -277,13 +277,13 @@ class ExportSettings(StrictSection):
     gguf: Optional[str] = Field(
         default=None,
         description="GGUF type of the exported merged model and adapter: 'f16' (lossless up to fp16 rounding), "
-        "'q8_0' (8-bit blocks, about half the size), or 'q4_k_m' (needs llama_quantize: the f16 file is "
-        "quantized by llama.cpp's own binary). Unset: no GGUF export.",
+        "'q8_0' (8-bit blocks, about half the size), or 'q4_k_m' (the f16 file quantized by llama.cpp's own "
+        "llama-quantize, built once into the user's cache, or the one llama_quantize names). Unset: no GGUF export.",
     )
     llama_quantize: Optional[str] = Field(
         default=None,
-        description="Path of a llama.cpp `llama-quantize` binary; only q4_k_m needs it. Unset: q4_k_m is refused "
-        "with a message naming this key.",
+        description="Path of a llama.cpp `llama-quantize` binary to use for q4_k_m instead of the one built from "
+        "the pinned llama.cpp sources. Unset: the built one.",
     )
     modelfile: bool = Field(
         default=True,

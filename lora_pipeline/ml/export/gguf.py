@@ -1,72 +1,50 @@
 """GGUF export for llama.cpp and Ollama: convert, verify, and write Ollama Modelfiles.
 
 Dagster-free. The conversion runs llama.cpp's own converter scripts (convert_hf_to_gguf.py and
-convert_lora_to_gguf.py) as subprocesses with this interpreter. They are not copied into this
-repository: they are taken from the pinned llama-cpp-python source distribution on PyPI, which is
-downloaded once into a cache folder and only the scripts and their gguf-py package are extracted.
-Every file written is read back with the `gguf` package and compared with the safetensors weights.
+convert_lora_to_gguf.py) as subprocesses with this interpreter; q4_k_m goes through llama.cpp's own
+llama-quantize. None of it is copied into this repository: llama_cpp.py takes the scripts from the
+pinned llama-cpp-python source distribution on PyPI and builds the binaries from the llama.cpp
+sources it vendors, once per cache folder. Every file written is read back with the `gguf` package
+and compared with the safetensors weights, and the model's GGUF tokenizer is checked with llama.cpp's
+own llama-tokenize against the model's Hugging Face tokenizer (tokens.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from lora_pipeline.errors import ConfigError
 
+# Re-exported: where the scripts and binaries are cached is part of this module's interface.
+from lora_pipeline.ml.export.llama_cpp import (  # noqa: F401
+    LLAMA_CPP_PYTHON_VERSION,
+    converter_dir,
+    default_cache,
+    tools_dir,
+)
+from lora_pipeline.ml.export.tokens import (
+    check_tokenization,
+    converter_tokenizer_config,
+    repair_vocabulary,
+    special_token_rule,
+)
+
 logger = logging.getLogger(__name__)
 
-# The llama-cpp-python sdist the converter scripts come from (tested with these scripts' output).
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-# What the converter scripts need from the sdist's vendored llama.cpp tree.
-_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
 # Types the Python converters write themselves; anything else goes through llama-quantize.
 CONVERTER_TYPES = ("f16", "q8_0")
 QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}
-
-
-def default_cache() -> Path:
-    """Where the converter scripts are cached: $LORA_PIPELINE_LLAMA_CPP_CACHE, else the user's cache folder
-    (shared by every checkout and run; a cache, so deleting it only costs a download)."""
-    if os.environ.get("LORA_PIPELINE_LLAMA_CPP_CACHE"):
-        return Path(os.environ["LORA_PIPELINE_LLAMA_CPP_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-pipeline" / "llama-cpp"
-
-
-def converter_dir(cache: Path, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """The folder holding llama.cpp's converter scripts, fetching the pinned sdist on first use."""
-    target = cache / f"llama.cpp-{version}"
-    if (target / "convert_hf_to_gguf.py").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    archive = cache / f"llama_cpp_python-{version}.tar.gz"
-    if not archive.is_file():
-        # pip is the ordinary client of the package index (and honours the user's index settings).
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-deps",
-             "--no-binary", ":all:", "-d", str(cache)],
-            check=True, capture_output=True, text=True,
-        )
-    prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-    staging = cache / f".staging-{os.getpid()}"
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix)
-                   and any(m.name[len(prefix):].startswith(part) for part in _CONVERTER_PARTS)
-                   and (m.isfile() or m.isdir())]
-        tar.extractall(staging, members=members, filter="data")
-    # Atomic rename, so a half-extracted folder is never taken for a complete one.
-    if not target.exists():
-        (staging / prefix).rename(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _run_converter(scripts: Path, script: str, args: list[str]) -> None:
@@ -79,30 +57,60 @@ def _run_converter(scripts: Path, script: str, args: list[str]) -> None:
 
 
 def check_quantize(gguf_type: str, llama_quantize: str | None) -> str | None:
-    """The llama-quantize binary a type needs (None for the converters' own types); refuses clearly."""
+    """The llama-quantize binary the user named for a type that needs one (None: the converters' own types,
+    or llama.cpp's own built into the cache on first use); refuses clearly before any conversion starts."""
     if gguf_type in CONVERTER_TYPES:
         return None
     if gguf_type not in QUANTIZE_TYPES:
         raise ConfigError(f"export.gguf: unknown type {gguf_type!r} (use f16, q8_0 or q4_k_m)")
-    if not llama_quantize:
-        raise ConfigError(f"export.gguf: {gguf_type} needs llama.cpp's llama-quantize binary; set "
-                          "export.llama_quantize to its path, or use f16 or q8_0")
-    if shutil.which(llama_quantize) is None:
+    if llama_quantize and shutil.which(llama_quantize) is None:
         raise ConfigError(f"export.llama_quantize: {llama_quantize!r} is not an executable")
-    return llama_quantize
+    return llama_quantize or None
+
+
+@contextmanager
+def _converter_source(model_dir: Path, scratch: Path):
+    """The model folder as the converter should read it: every file linked, and tokenizer_config.json naming
+    add_bos_token / add_eos_token as the model's tokenizer behaves (see tokens.converter_tokenizer_config).
+    Yields (folder, rule); the folder keeps the model folder's name, which the converter writes as the
+    model's name."""
+    from transformers import AutoTokenizer
+
+    rule = special_token_rule(AutoTokenizer.from_pretrained(model_dir))
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".convert-") as parent:
+        source = Path(parent) / model_dir.name
+        source.mkdir()
+        for item in model_dir.iterdir():
+            if item.name != "tokenizer_config.json":
+                (source / item.name).symlink_to(item.resolve())
+        (source / "tokenizer_config.json").write_text(
+            json.dumps(converter_tokenizer_config(model_dir, rule), indent=2, ensure_ascii=False), encoding="utf-8")
+        yield source, rule
 
 
 def convert_model(model_dir: Path, out_file: Path, gguf_type: str, cache: Path,
                   llama_quantize: str | None = None) -> Path:
-    """A Hugging Face model folder (weights + tokenizer) as one GGUF file of the given type."""
+    """A Hugging Face model folder (weights + tokenizer) as one GGUF file of the given type, its tokenizer
+    made to add special tokens and split text as the HF tokenizer does (tokens.repair_vocabulary).
+
+    q4_k_m is quantized from an f16 file by llama_quantize, else by the llama-quantize built into the cache."""
+    quantize = gguf_type not in CONVERTER_TYPES
     quantizer = check_quantize(gguf_type, llama_quantize)
+    if quantize and quantizer is None:
+        quantizer = str(tools_dir(cache) / "llama-quantize")
     scripts = converter_dir(cache)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    first = out_file.with_suffix(".f16.gguf") if quantizer else out_file
-    _run_converter(scripts, "convert_hf_to_gguf.py",
-                   [str(model_dir), "--outfile", str(first), "--outtype", "f16" if quantizer else gguf_type])
-    if quantizer:
-        subprocess.run([quantizer, str(first), str(out_file), QUANTIZE_TYPES[gguf_type]], check=True)
+    first = out_file.with_suffix(".f16.gguf") if quantize else out_file
+    with _converter_source(model_dir, out_file.parent) as (source, rule):
+        _run_converter(scripts, "convert_hf_to_gguf.py",
+                       [str(source), "--outfile", str(first), "--outtype", "f16" if quantize else gguf_type])
+    # Before quantizing: llama-quantize copies the tokenizer metadata as it finds it.
+    repair_vocabulary(first, model_dir, rule)
+    if quantize:
+        done = subprocess.run([quantizer, str(first), str(out_file), QUANTIZE_TYPES[gguf_type]],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama-quantize failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
         first.unlink()
     return out_file
 
@@ -235,16 +243,23 @@ def modelfile(from_file: str, template: str | None, adapter_file: str | None = N
 
 def export_gguf(merged_dir: Path, adapter_dir: Path, locate_base: Callable[[], Path], out_dir: Path, gguf_type: str,
                 cache: Path, llama_quantize: str | None, template: str | None, write_modelfile: bool = True,
-                progress=logger.info) -> dict:
+                progress=logger.info, texts: list[str] | tuple[str, ...] = (), add_special_tokens: bool = True,
+                require_same_tokens: bool = True) -> dict:
     """Convert the merged model, the base and the adapter into out_dir, check each, write Modelfiles.
 
     The base GGUF is what the adapter applies to (Ollama's FROM + ADAPTER, llama.cpp's --lora);
     locate_base gives the folder of the unquantized base weights, and is called only when the base is
     converted (for a hub base it may download them). An adapter that trains whole modules
     (modules_to_save, e.g. the demo's lm_head) has no GGUF form: then only the merged model is
-    written, and the facts say why. Returns plain facts for the asset's metadata."""
-    import json
+    written, and the facts say why.
 
+    texts (the held-out examples) are tokenized by llama.cpp with each model GGUF and by the model's own
+    tokenizer, which adds special tokens as formatting did (add_special_tokens: False for a chat template);
+    any text split differently refuses the export (TokenizationMismatch, naming the texts and both splits),
+    since llama.cpp and Ollama would then prompt the model otherwise than it was trained; with
+    require_same_tokens=False it is only recorded, for a gate to judge. Returns plain facts for the asset's
+    metadata, the merged file's tokenizer check among them (tokenizer_texts_checked, tokenizer_texts_equal,
+    tokenizer_first_differing_text)."""
     config = json.loads((merged_dir / "config.json").read_text())
     facts: dict = {"gguf_type": gguf_type}
 
@@ -258,6 +273,17 @@ def export_gguf(merged_dir: Path, adapter_dir: Path, locate_base: Callable[[], P
         progress(f"GGUF {label}: {target.name}, {target.stat().st_size / 2**20:,.1f} MiB, {facts[f'{label}_tensors']} "
                  f"tensors, converted and checked in {time.perf_counter() - started:.1f}s")
 
+    def tokenizes_alike(label: str, target: Path, model_dir: Path) -> None:
+        if not texts:
+            return
+        started = time.perf_counter()
+        check = check_tokenization(target, model_dir, list(texts), add_special_tokens, cache)
+        facts.update(check.facts("tokenizer" if label == "merged" else f"{label}_tokenizer"))
+        progress(f"GGUF {label}: llama.cpp tokenizes {check.equal} of {check.checked} held-out texts as the model's "
+                 f"tokenizer does ({time.perf_counter() - started:.1f}s)")
+        if require_same_tokens:
+            check.require_equal(target.name)
+
     by_quantize = gguf_type not in CONVERTER_TYPES
     trained_in_full = json.loads((adapter_dir / "adapter_config.json").read_text()).get("modules_to_save") or []
     if trained_in_full:
@@ -269,6 +295,7 @@ def export_gguf(merged_dir: Path, adapter_dir: Path, locate_base: Callable[[], P
         model_dir = locate()
         started = time.perf_counter()
         target = convert_model(model_dir, out_dir / f"{label}.{gguf_type}.gguf", gguf_type, cache, llama_quantize)
+        tokenizes_alike(label, target, model_dir)
         converted(label, target, model_dir, by_quantize, started)
     if not trained_in_full:
         started = time.perf_counter()
