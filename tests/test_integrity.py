@@ -214,14 +214,19 @@ def test_a_local_base_folder_is_versioned_by_its_files_not_its_path(tmp_path):
     assert reads.of(model_config)["base_model"] != before
 
 
+def _published(store: ArtifactStore, tmp_path) -> ArtifactRef:
+    """A small raw_dataset artifact of model m, published."""
+    folder = tmp_path / "made"
+    folder.mkdir()
+    (folder / "rows.parquet").write_text("rows")
+    return store.publish(folder, "m", "raw_dataset")
+
+
 def test_a_pointer_that_leaves_the_store_is_refused(tmp_path):
     from lora_pipeline.resources.artifacts import ArtifactIntegrityError
 
     store = ArtifactStore(root=str(tmp_path / "store"))
-    folder = tmp_path / "made"
-    folder.mkdir()
-    (folder / "rows.parquet").write_text("rows")
-    ref = store.publish(folder, "m", "raw_dataset")
+    ref = _published(store, tmp_path)
     assert store.local_path(store.current("m", "raw_dataset")) == Path(ref.uri)
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -401,10 +406,7 @@ def test_the_store_check_finds_every_kind_of_damage(tmp_path):
     from lora_pipeline.resources.store_check import store_problems
 
     store = ArtifactStore(root=str(tmp_path / "store"))
-    folder = tmp_path / "made"
-    folder.mkdir()
-    (folder / "rows.parquet").write_text("rows")
-    ref = store.publish(folder, "m", "raw_dataset")
+    ref = _published(store, tmp_path)
     assert store_problems(store) == []
     (Path(ref.uri) / "rows.parquet").write_text("ROWS")  # corrupted, same size
     (tmp_path / "store" / "m" / "raw_dataset" / "0123456789abcdef").mkdir()  # half-published

@@ -250,16 +250,20 @@ def test_bash_passes_vllm_the_words_shlex_reads(base, tmp_path):
     adapters = [ServedAdapter(name, path, 8) for name, path in AWKWARD_PATHS.items()]
     script = tmp_path / "serve-vllm.sh"
     script.write_text(serving_files(base, adapters)["serve-vllm.sh"], encoding="utf-8")
+    received = _words_vllm_gets(script, tmp_path, "--port", "8080")
+    assert received == ["serve", *_serve_words(script.read_text()), "--port", "8080"]
+
+
+def _words_vllm_gets(script, tmp_path, *arguments: str, cwd=None) -> list[str]:
+    """Run the script with a stand-in vllm on PATH that writes the arguments it got, one per NUL-ended record."""
     fake = tmp_path / "bin" / "vllm"
     fake.parent.mkdir()
-    # Stands in for vllm: writes the arguments it got, one per NUL-ended record.
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n', encoding="utf-8")
     fake.chmod(0o755)
     out = tmp_path / "args"
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGS_OUT": str(out)}
-    subprocess.run(["bash", str(script), "--port", "8080"], check=True, env=env)
-    received = out.read_bytes().split(b"\0")[:-1]
-    assert [word.decode() for word in received] == ["serve", *_serve_words(script.read_text()), "--port", "8080"]
+    subprocess.run(["bash", str(script), *arguments], check=True, env=env, cwd=cwd)
+    return [word.decode() for word in out.read_bytes().split(b"\0")[:-1]]
 
 
 def test_a_builtin_base_is_served_from_its_stored_folder_under_its_own_name(tmp_path):
@@ -397,14 +401,7 @@ def test_the_training_template_ships_beside_the_script_and_every_server_is_given
     folder.mkdir()
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
-    fake = tmp_path / "bin" / "vllm"
-    fake.parent.mkdir()
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$ARGS_OUT"\n', encoding="utf-8")
-    fake.chmod(0o755)
-    out = tmp_path / "args"
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGS_OUT": str(out)}
-    subprocess.run(["bash", str(folder / "serve-vllm.sh")], check=True, env=env, cwd=tmp_path)
-    received = [word.decode() for word in out.read_bytes().split(b"\0")[:-1]]
+    received = _words_vllm_gets(folder / "serve-vllm.sh", tmp_path, cwd=tmp_path)
     given = received[received.index("--chat-template") + 1]
     assert given == str(folder / "chat_template.jinja") and Path(given).read_text() == template
     assert "--chat-template" not in serving_files("meta-llama/Llama-3.1-8B", adapters,
