@@ -150,7 +150,7 @@ def test_one_bad_file_in_configs_never_stops_list_for_the_others(tmp_path):
 
 @pytest.mark.slow
 def test_two_concurrent_runs_each_report_their_own_failure(tmp_path, write_config):
-    """One refused by a champion gate (exit 3, the gate named), one failing a data check (exit 1, the check named)."""
+    """One refused by a champion gate (exit 3, the gate named), one failing its data (exit 2, max_length named)."""
     refused = write_config("refused", quantization={"mode": "none"}, training={"max_steps": 2},
                            promotion={"min_improvement": 100.0})
     bad_data = write_config("bad-data", training={"max_length": 8}, dataset={"max_truncation_rate": 0.0})
@@ -164,7 +164,7 @@ def test_two_concurrent_runs_each_report_their_own_failure(tmp_path, write_confi
     assert code == 3, err[-3000:]
     assert "better_than_base" in out + err
     code, (out, err) = results["bad-data"]
-    assert code == 1 and "max_length" in err and "better_than_base" not in err, err[-3000:]
+    assert code == 2 and "max_length" in err and "better_than_base" not in err, err[-3000:]  # a user error: 2
 
 
 def test_a_killed_ui_launched_run_gives_its_gpu_slot_back(tmp_path):

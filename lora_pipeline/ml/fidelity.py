@@ -66,8 +66,8 @@ def held_out_prompts(loaded: LoadedDataset, eval_split: pd.DataFrame, tokenizer,
     last_example = {int(key): index for index, key in enumerate(wanted)}  # later examples of a row win
     rows = [row for row in np.flatnonzero(np.isin(cleaned.hashes, wanted))]
     skipped = None
-    if loaded.format == "alpaca" and "input" in loaded.frame.columns:
-        inputs = loaded.frame["input"].fillna("").astype(str).str.strip().to_numpy()
+    if loaded.format == "alpaca" and "input" in cleaned.frame.columns:  # row numbers are the cleaned rows'
+        inputs = cleaned.frame["input"].fillna("").astype(str).str.strip().to_numpy()
         with_input = [row for row in rows if inputs[row]]
         rows = [row for row in rows if not inputs[row]]
         if with_input:

@@ -102,6 +102,8 @@ class ChampionHistory:
     def _verify(self, event: "ChampionEvent") -> None:
         """Every artifact a champion record names is inside the store and matches its manifest and recorded digest."""
         for name, entry in event.candidate.items():
+            if not isinstance(entry, dict) or "uri" not in entry or "sha256" not in entry:
+                continue  # not an artifact (a record's own facts)
             ref = ArtifactRef.from_entry(entry)
             try:
                 self.storage.local_path(ref)
