@@ -384,12 +384,15 @@ def test_a_run_killed_at_every_stage_boundary_leaves_a_consistent_store_and_fini
     for stage in STAGES:
         process = subprocess.Popen([sys.executable, "-m", "lora_pipeline.cli", "run", str(config)], cwd=REPO, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
         for line in process.stdout:
+            seen.append(line)
             if f'Finished execution of step "{stage}"' in line:
                 process.send_signal(signal.SIGKILL)
                 break
         process.wait(timeout=600)
-        assert process.returncode == -signal.SIGKILL, f"the run ended before {stage} finished"
+        assert process.returncode == -signal.SIGKILL, \
+            f"the run ended ({process.returncode}) before {stage} finished:\n" + "".join(seen[-40:])
         # Only what a killed writer may leave until the next one writes: staging folders and partial files.
         assert all("writer that is gone" in problem for problem in store_problems(store)), store_problems(store)
     done = subprocess.run([sys.executable, "-m", "lora_pipeline.cli", "run", str(config), "--json"], cwd=REPO,
