@@ -110,10 +110,10 @@ def test_dpo_from_a_starting_adapter_beats_it_as_the_reference_on_held_out_pairs
     from lora_pipeline.ml.preference.training import PreferenceSettings, train_preference
 
     template = resolve_template("tokenizer", "messages", qwen3_tokenizer.chat_template)
-    table = tokenize_pairs(pairs_of(_pairs(96), _where), qwen3_tokenizer, template, _where, 0.25, 512).frame
+    table = tokenize_pairs(pairs_of(_pairs(64), _where), qwen3_tokenizer, template, _where, 0.25, 512).frame
     train, held_out = table[~table["held_out"]], table[table["held_out"]]
     start = _start_adapter(tiny_qwen3, tmp_path / "sft")
-    settings = PreferenceSettings(beta=0.1, learning_rate=5e-3, batch_size=8, max_steps=12, max_length=128)
+    settings = PreferenceSettings(beta=0.1, learning_rate=5e-3, batch_size=8, max_steps=8, max_length=128)
     result = train_preference(tiny_qwen3, train, tmp_path / "dpo", settings, start_adapter=start)
     assert result.reference.startswith("the starting adapter")
     assert result.margin_history[0] == 0.0 and result.margin_history[-1] > 0  # rewards 0 before any update
