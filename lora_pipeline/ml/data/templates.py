@@ -245,8 +245,8 @@ def _examples_in(tokenizer, template: Template, chat: list[dict], learned: list[
 
     learned_turns = [turn for turn in range(len(chat)) if learned[turn]]
     full = render(chat)
+    located = [turn_span(turn) for turn in learned_turns]  # each turn rendered as its own last turn
     if turns != "per_turn":
-        located = [turn_span(turn) for turn in learned_turns]
         if all(full.startswith(through) for _, through in located):
             _require_tool_calls(chat, full, render)
             return [(full, [(len(before), _turn_end(before, through)) for before, through in located])]
@@ -255,8 +255,7 @@ def _examples_in(tokenizer, template: Template, chat: list[dict], learned: list[
                                "later turns follow, so one sequence cannot show every turn as inference will; "
                                "set dataset.turns: auto (one example per learned turn) or use another template")
     examples = []
-    for turn in learned_turns:
-        before, through = turn_span(turn)
+    for turn, (before, through) in zip(learned_turns, located):
         _require_tool_calls(chat[: turn + 1], through, render)
         examples.append((through, [(len(before), _turn_end(before, through))]))
     return examples or [(full, [])]
