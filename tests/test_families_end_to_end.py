@@ -1,13 +1,15 @@
 """Each real family end to end on the CPU: QLoRA on multi-turn data with reasoning (and tools where the
 family's template renders them), merge, evaluation, the champion with its template_fidelity gate,
-`generate` with the trained prompt format. Tiny random weights of the family's own architecture
-around its real tokenizer (lora_pipeline/ml/base/families.py)."""
+`generate` with the trained prompt format, and the GGUF export (llama.cpp's converter, the read-back
+comparison with the safetensors, llama.cpp's tokenizer on held-out texts). Tiny random weights of the
+family's own architecture around its real tokenizer (lora_pipeline/ml/base/families.py)."""
 
 from __future__ import annotations
 
 import json
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +18,9 @@ from test_cli import _cli
 
 # Qwen3 renders tool calls (and learns them); the others' templates refuse or drop them (test_families.py).
 WITH_TOOLS = {"qwen3"}
+# llama.cpp's adapter converter cannot split a LoRA of DeepSeek's kv_b_proj (which 'auto' targets) into k_b and v_b,
+# so its export is the merged model alone; the others write the base and the adapter too.
+ADAPTER_NOT_CONVERTIBLE = {"deepseek-v3": "kv_b_proj"}
 
 
 def _rows(count: int, tools: bool) -> list[dict]:
@@ -94,6 +99,28 @@ def test_a_family_runs_qlora_to_champion_with_its_own_template_and_generates(tmp
     assert answer.returncode == 0, answer.stderr[-3000:]
     answers = json.loads(answer.stdout.strip().splitlines()[-1])["answers"]
     assert set(answers) == {"base", family} and all(isinstance(text, str) for text in answers.values())
+
+    exported = _cli(["run", str(config), "--select", "gguf_export", "--set", "export.gguf=f16", "--json"], tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    meta = json.loads(exported.stdout.strip().splitlines()[-1])["assets"]["gguf_export"]["metadata"]
+    merged_gguf = Path(meta["uri"]) / meta["merged_file"]
+    assert meta["merged_file"] == "merged.f16.gguf" and merged_gguf.stat().st_size == meta["merged_bytes"] > 0
+    # Every tensor read back and compared with the merged safetensors, in the family's own GGUF layout.
+    assert meta["merged_tensors_compared"] == meta["merged_tensors"] and meta["merged_tensors_not_compared"] == 0
+    assert meta["merged_max_abs_diff"] < 2e-3  # fp16 rounding
+    # llama.cpp's own tokenizer splits every held-out text (a subset: tokenizer_texts) as the family's does.
+    assert 0 < meta["tokenizer_texts_checked"] == meta["tokenizer_texts_equal"]
+    assert meta["tokenizer_first_differing_text"] is None
+    if family in ADAPTER_NOT_CONVERTIBLE:
+        assert ADAPTER_NOT_CONVERTIBLE[family] in meta["adapter_skipped"] and "adapter_file" not in meta
+    else:
+        assert meta["adapter_tensors_compared"] == meta["adapter_tensors"] > 0 and meta["adapter_max_abs_diff"] < 1e-3
+        assert (Path(meta["uri"]) / meta["adapter_file"]).is_file()
+    from lora_pipeline.ml.export.tokens import read_gguf
+
+    # Ollama and llama.cpp's chat code prompt with the GGUF's template: the one training rendered with.
+    written = read_gguf(merged_gguf).fields["tokenizer.chat_template"].contents()
+    assert written == AutoTokenizer.from_pretrained(adapter_dir).chat_template
 
 
 def test_validate_shows_the_first_example_as_it_will_be_trained_with_the_learned_parts_marked(tmp_path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_pipeline.errors import ConfigError
+from lora_pipeline.errors import ConfigError, ModelError
 from lora_pipeline.ml.export import gguf as export
 from lora_pipeline.ml.export import tokens
 from lora_pipeline.ml.export.llama_cpp import llama_cpp_token_ids
@@ -129,6 +129,50 @@ def test_a_sharded_model_folder_is_compared_shard_by_shard(micro_base, tmp_path)
     assert export.compare_with_safetensors(out, sharded, config) == whole
 
 
+def test_a_tensor_the_converter_drops_is_listed_as_not_compared_never_as_compared(micro_base, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = export.convert_model(micro_base, tmp_path / "micro.gguf", "f16", CACHE)
+    weights = load_file(micro_base / "model.safetensors")
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old checkpoints have it; llama.cpp not
+    save_file(weights, tmp_path / "with_inv_freq.safetensors")
+    config = json.loads((micro_base / "config.json").read_text())
+    check = export.compare_with_safetensors(out, tmp_path / "with_inv_freq.safetensors", config)
+    assert check.compared == check.tensors and check.unmatched == ()
+    assert [name for name, _ in check.not_compared] == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
+    facts = check.facts("merged")
+    assert facts["merged_tensors_not_compared"] == 1
+    assert "inv_freq (dropped by the converter" in facts["merged_not_compared"]
+
+
+def test_an_architecture_the_pinned_converter_lacks_is_refused_before_converting(micro_base, micro_adapter, tmp_path):
+    import shutil
+
+    unknown = tmp_path / "unknown"
+    shutil.copytree(micro_base, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    with pytest.raises(ModelError, match="no GGUF export for NoSuchModelForCausalLM: llama.cpp's convert_hf_to_gguf.py "
+                                         r"\(from the pinned llama-cpp-python .*\) has no converter"):
+        export.export_gguf(unknown, micro_adapter, lambda: unknown, tmp_path / "out", "f16", CACHE, None, "alpaca")
+    assert not (tmp_path / "out").exists()  # refused before anything was converted
+
+
+def test_a_deepseek_adapter_of_kv_b_proj_is_not_converted_saying_why(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["kv_b_proj", "o_proj"]}))
+    save_file({"base_model.model.model.layers.0.self_attn.kv_b_proj.lora_A.weight": torch.zeros(4, 64),
+               "base_model.model.model.layers.0.self_attn.kv_b_proj.lora_B.weight": torch.zeros(96, 4)},
+              tmp_path / "adapter_model.safetensors")
+    # llama.cpp's DeepSeek converter splits kv_b_proj per head, which its LoRA tensors cannot do (NotImplementedError).
+    why = export.adapter_not_convertible(tmp_path, {"architectures": ["DeepseekV3ForCausalLM"]})
+    assert why and "kv_b_proj" in why and "merged model's GGUF" in why
+    assert export.adapter_not_convertible(tmp_path, {"architectures": ["LlamaForCausalLM"]}) is None
+
+
 def test_a_tensor_that_differs_is_caught(micro_base, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -242,8 +286,9 @@ def test_an_export_whose_bos_rule_differs_is_refused_naming_the_text(micro_base,
                                                                      monkeypatch):
     repair = export.repair_vocabulary
 
-    def wrong_bos(gguf_file, model_dir, rule):  # as if the GGUF said: add a BOS, which training never had
-        return repair(gguf_file, model_dir, tokens.SpecialTokenRule(True, rule.add_eos, rule.bos_token, rule.eos_token))
+    def wrong_bos(gguf_file, model_dir, rule, **kwargs):  # as if the GGUF said: add a BOS, which training never had
+        return repair(gguf_file, model_dir, tokens.SpecialTokenRule(True, rule.add_eos, rule.bos_token, rule.eos_token),
+                      **kwargs)
 
     monkeypatch.setattr(export, "repair_vocabulary", wrong_bos)
     with pytest.raises(tokens.TokenizationMismatch, match=r"merged.f16.gguf: llama.cpp splits 6 of 6 texts") as refused:
@@ -305,6 +350,21 @@ def _family_base(name: str, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def family_gguf(tmp_path_factory):
+    """(base folder, its f16 GGUF) of a family, built and converted once for the tests that read it."""
+    built: dict = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in built:
+            base = _family_base(name, tmp_path_factory)
+            built[name] = base, export.convert_model(base, tmp_path_factory.mktemp("gguf") / f"{name}.f16.gguf", "f16",
+                                                     CACHE)
+        return built[name]
+
+    return get
+
+
 def _chat(tokenizer, question: str, answer: str | None = None) -> str:
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": question}]
     if answer is not None:
@@ -314,11 +374,10 @@ def _chat(tokenizer, question: str, answer: str | None = None) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3", "llama3", "gemma3", "deepseek-v3"])
-def test_real_families_tokenize_in_llama_cpp_as_in_transformers(family, tmp_path_factory):
+def test_real_families_tokenize_in_llama_cpp_as_in_transformers(family, family_gguf):
     from transformers import AutoTokenizer
 
-    base = _family_base(family, tmp_path_factory)
-    out = export.convert_model(base, tmp_path_factory.mktemp("gguf") / f"{family}.f16.gguf", "f16", CACHE)
+    base, out = family_gguf(family)
     tokenizer = AutoTokenizer.from_pretrained(base)
     rule = tokens.special_token_rule(tokenizer)
     assert _gguf_value(out, "tokenizer.ggml.add_bos_token") is rule.add_bos
@@ -339,3 +398,31 @@ def test_real_families_tokenize_in_llama_cpp_as_in_transformers(family, tmp_path
         template_writes_bos = chats[0].startswith(tokenizer.bos_token)
         assert [i.count(tokenizer.bos_token_id) for i in ids] == [int(rule.add_bos or template_writes_bos),
                                                                   int(rule.add_bos)]
+
+
+# Each family's GGUF architecture, and how far its tensors are from the safetensors compared as written (names
+# mapped, nothing else): what the converter changes and the read-back reproduces. Llama's q/k rows are permuted;
+# Gemma 3 stores its RMSNorm weights (zero at init) + 1; DeepSeek's kv_b_proj is split into k_b and v_b, so as
+# written its GGUF name is not in the file; Qwen3's are renamed only.
+FAMILY_LAYOUT = {"qwen3": ("qwen3", None), "llama3": ("llama", 1e-2), "gemma3": ("gemma3", 0.99),
+                 "deepseek-v3": ("deepseek2", "attn_kv_b")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "llama3", "gemma3", "deepseek-v3"])
+def test_real_families_read_back_as_their_weights_in_their_own_layout(family, family_gguf, monkeypatch):
+    base, out = family_gguf(family)
+    config = json.loads((base / "config.json").read_text())
+    check = export.compare_with_safetensors(out, base, config)
+    architecture, as_written = FAMILY_LAYOUT[family]
+    assert (check.architecture, check.compared, check.not_compared, check.unmatched) == (
+        architecture, check.tensors, (), ())
+    assert 0 < check.max_abs_diff < 2e-3  # fp16 rounding, every tensor
+    monkeypatch.setattr(export, "CONVERTER_RULES", {})  # compared as written
+    if isinstance(as_written, str):
+        with pytest.raises(KeyError, match=as_written):
+            export.compare_with_safetensors(out, base, config)
+    elif as_written is not None:
+        assert export.compare_with_safetensors(out, base, config).max_abs_diff > as_written
+    else:
+        assert export.compare_with_safetensors(out, base, config) == check

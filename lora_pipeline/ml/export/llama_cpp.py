@@ -96,6 +96,43 @@ def converter_dir(cache: Path, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     return target
 
 
+def converter_architectures(cache: Path, version: str = LLAMA_CPP_PYTHON_VERSION) -> frozenset[str]:
+    """The Hugging Face architectures (config.json's `architectures`) the pinned convert_hf_to_gguf.py converts as
+    text models: the keys of its conversion package's TEXT_MODEL_MAP, read from the source as written (importing
+    the package would import torch and every model module) so an export can refuse before it starts."""
+    import ast
+
+    source = converter_dir(cache, version) / "conversion" / "__init__.py"
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and node.value is not None:
+            return frozenset(ast.literal_eval(node.value))
+    raise RuntimeError(f"{source}: no TEXT_MODEL_MAP; the converter's layout is not the one this code was written for")
+
+
+def converter_tensor_name_map(cache: Path, architecture: str, blocks: int, version: str = LLAMA_CPP_PYTHON_VERSION):
+    """The tensor name map (HF name -> GGUF name) of the converter's own gguf-py for a GGUF architecture
+    (general.architecture, e.g. 'qwen3'), the one that named the tensors of a file it wrote.
+
+    The converter scripts run with their own gguf-py, which knows more names than the pinned `gguf` package;
+    only its constants and tensor_mapping modules are loaded, as a package of their own (so the installed
+    `gguf` is left as it is and nothing else of gguf-py is imported). None when it has no such architecture."""
+    import importlib
+    import importlib.machinery
+    import importlib.util
+
+    package = "_lora_pipeline_llama_cpp_gguf_" + version.replace(".", "_")
+    if package not in sys.modules:
+        module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(package, None, is_package=True))
+        module.__path__ = [str(converter_dir(cache, version) / "gguf-py" / "gguf")]
+        sys.modules[package] = module
+    constants = importlib.import_module(f"{package}.constants")
+    mapping = importlib.import_module(f"{package}.tensor_mapping")
+    arch = next((key for key, name in constants.MODEL_ARCH_NAMES.items() if name == architecture), None)
+    return None if arch is None else mapping.get_tensor_name_map(arch, blocks)
+
+
 def _ensure_build_tools() -> None:
     """cmake and a C++ compiler on PATH: installed with apt-get when missing and running as root on Debian,
     else an error saying what to install."""
