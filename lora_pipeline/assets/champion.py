@@ -128,15 +128,18 @@ def _template_fidelity(storage: ArtifactStore, model_config: ModelConfig, refs: 
     template = resolve_template(dataset.template, read_json(formatted_dir / FORMAT_SUMMARY)["format"],
                                 base_tokenizer.chat_template)
     settings = format_settings(model_config)
+    held_out = pd.read_parquet(formatted_dir / EVAL_SPLIT, columns=["content_hash", "prompt", "input_ids"])
     prompts, not_checked = fidelity.held_out_prompts(
-        loaded, pd.read_parquet(formatted_dir / EVAL_SPLIT, columns=["content_hash", "prompt", "input_ids"]), base_tokenizer, template, dataset.dedupe,
-        settings.chat_policy, dataset.system_prompt, dataset.turn_flag_field)
+        loaded, held_out, base_tokenizer, template, dataset.dedupe, settings.chat_policy, dataset.system_prompt,
+        dataset.turn_flag_field)
     adapter_dir = storage.local_path(refs["trained_adapter"])
+    adapter_tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust)
     handoffs = {
         "merged folder": fidelity.folder_ids(storage.local_path(refs["merged_model"]), trust),
-        "adapter folder": fidelity.folder_ids(adapter_dir, trust),
-        # vLLM serves the adapters on the base's tokenizer, with the chat template the serving files pass.
-        "serving template": fidelity.chat_template_ids(base_tokenizer, serving_chat_template(adapter_dir, trust)),
+        "adapter folder": fidelity.saved_tokenizer_ids(adapter_tokenizer, adapter_dir),
+        # vLLM serves the adapters on the base's tokenizer, with the chat template the serving files pass
+        # (serving_chat_template: the adapter's).
+        "serving template": fidelity.chat_template_ids(base_tokenizer, adapter_tokenizer.chat_template),
     }
     return [fidelity.check_handoff(name, ids, prompts, base_tokenizer) for name, ids in handoffs.items()], not_checked
 

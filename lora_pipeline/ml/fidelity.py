@@ -18,7 +18,7 @@ import pandas as pd
 from lora_pipeline.ml.data.clean import clean_rows
 from lora_pipeline.ml.data.formats import conversations_of, tools_of
 from lora_pipeline.ml.data.raw import LoadedDataset
-from lora_pipeline.ml.data.templates import ChatPolicy, Template, as_template_sees, is_learned
+from lora_pipeline.ml.data.templates import ChatPolicy, Template, as_template_sees, is_learned, last_learned
 
 PromptIds = Callable[[list[dict], "list[dict] | None"], list[int]]
 MAX_CONVERSATIONS = 32
@@ -46,10 +46,6 @@ class HandoffFidelity:
     def passed(self) -> bool:
         return self.checked > 0 and self.equal == self.checked
 
-    def as_dict(self) -> dict:
-        return {"handoff": self.handoff, "checked": self.checked, "equal": self.equal,
-                "first_difference": self.first_difference}
-
 
 def held_out_prompts(loaded: LoadedDataset, eval_split: pd.DataFrame, tokenizer, template: Template, dedupe: str,
                      policy: ChatPolicy, system_prompt: str | None, flag_field: str | None,
@@ -64,7 +60,7 @@ def held_out_prompts(loaded: LoadedDataset, eval_split: pd.DataFrame, tokenizer,
     cleaned = clean_rows(loaded, dedupe)
     wanted = eval_split["content_hash"].to_numpy().view(np.uint64)
     last_example = {int(key): index for index, key in enumerate(wanted)}  # later examples of a row win
-    rows = [row for row in np.flatnonzero(np.isin(cleaned.hashes, wanted))]
+    rows = list(np.flatnonzero(np.isin(cleaned.hashes, wanted)))
     skipped = None
     if loaded.format == "alpaca" and "input" in cleaned.frame.columns:  # row numbers are the cleaned rows'
         inputs = cleaned.frame["input"].fillna("").astype(str).str.strip().to_numpy()
@@ -77,9 +73,8 @@ def held_out_prompts(loaded: LoadedDataset, eval_split: pd.DataFrame, tokenizer,
     chats = conversations_of(frame, loaded.format, system_prompt, flag_field)
     prompts = []
     for row, chat, tools in zip(rows, chats, tools_of(frame)):
-        learned = [is_learned(message) for message in chat]
-        last = max(index for index, flag in enumerate(learned) if flag) if any(learned) else None
-        if last is None:
+        last = last_learned([is_learned(message) for message in chat])
+        if last < 0:
             continue
         example = eval_split.iloc[last_example[int(cleaned.hashes[row])]]
         # Text without a chat template was tokenized with the tokenizer's special tokens (formatted.py).
@@ -133,7 +128,11 @@ def folder_ids(model_dir, trust_remote_code: bool = False) -> PromptIds:
     """The hand-off of a saved folder: its tokenizer and the chat template saved with it, as a user loads it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return saved_tokenizer_ids(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code), model_dir)
+
+
+def saved_tokenizer_ids(tokenizer, model_dir) -> PromptIds:
+    """The hand-off of a tokenizer loaded from model_dir, with the chat template it was saved with (if any)."""
     if tokenizer.chat_template is None:
         def no_template(messages, tools):
             raise ValueError(f"{model_dir} has no chat template")

@@ -183,7 +183,7 @@ def render_chats(
     for index, chat in enumerate(chats):
         learned = [is_learned(message) for message in chat]
         chat = [as_template_sees(message, policy.reasoning, template.renders_reasoning)
-                for message in chat[: _last_true(learned) + 1]]
+                for message in chat[: last_learned(learned) + 1]]
         try:
             examples = _chat_examples(tokenizer, template, chat, learned, tools[index], policy.turns)
         except Unrenderable as problem:
@@ -309,6 +309,6 @@ def is_learned(message: dict) -> bool:
     return message["role"] == "assistant" if flag is None else flag
 
 
-def _last_true(flags: list[bool]) -> int:
+def last_learned(flags: list[bool]) -> int:
     """Index of the last True, or -1: turns after the last learned one teach nothing and are left out."""
     return max((i for i, flag in enumerate(flags) if flag), default=-1)

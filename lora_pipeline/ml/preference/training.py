@@ -11,6 +11,7 @@ reference; and a run whose reward margins never move (loss stuck at ln 2) fails 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,6 @@ def train_preference(base_dir: Path, train: pd.DataFrame, out_dir: Path, setting
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    import shutil
-
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
     return PreferenceResult(steps=trainer.state.global_step, train_seconds=round(seconds, 2),
                             loss_history=watch.losses, margin_history=watch.margins,
