@@ -29,7 +29,7 @@ def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) 
     does not validate is skipped with a warning, and a source that cannot be read leaves the stages
     whose settings cover it unreported; neither fails the tick.
     """
-    from lora_pipeline.ml.data.raw import dataset_source_version
+    from lora_pipeline.assets.starting import model_source_version
 
     known = registry.configs()
     existing = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
@@ -42,7 +42,7 @@ def model_configs(context: dg.SensorEvaluationContext, registry: ModelRegistry) 
             context.log.warning(f"settings of {key} not reported: {exc}")
             continue
         try:
-            source_version = dataset_source_version(model_config.dataset)
+            source_version = model_source_version(model_config, None)
         except Exception as exc:  # remote file systems raise many types; the other stages are still reported
             context.log.warning(f"{key}: dataset source not read, so the settings that cover it (raw_dataset's "
                                 f"and those after it) are not reported: {exc}")
@@ -73,13 +73,14 @@ def _stale_run(instance, key: str, model_config, storage: ArtifactStore, run_key
 @dg.sensor(job_name=TUNE_JOB, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 def dataset_changes(context: dg.SensorEvaluationContext, registry: ModelRegistry,
                     storage: ArtifactStore) -> dg.SensorResult:
-    """Re-runs a model's pipeline when its dataset source changes (file content, S3 ETag, hub revision).
+    """Re-runs a model's pipeline when its dataset source changes (file content, S3 ETag, hub revision), or when
+    the model it starts from (training.init_adapter) has a new champion.
 
     The cursor keeps each model's last seen source version; a model seen for the first time is
     recorded, not run. The run key is the model and the new version, so one change launches
     exactly one run, of the assets that the change made stale.
     """
-    from lora_pipeline.ml.data.raw import dataset_source_version
+    from lora_pipeline.assets.starting import model_source_version
 
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     known = registry.configs()
@@ -89,7 +90,7 @@ def dataset_changes(context: dg.SensorEvaluationContext, registry: ModelRegistry
             model_config = known.load(key)
             if not model_config.retrain.on_data_change:
                 continue
-            version = dataset_source_version(model_config.dataset)
+            version = model_source_version(model_config, storage)
         except (LoraPipelineError, OSError) as exc:  # one unreadable source must not stop the others
             notes.append(f"{key}: {exc}")
             continue

@@ -18,7 +18,8 @@ from lora_pipeline.assets.common import (
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
-from lora_pipeline.ml.data.raw import dataset_source_version, load_dataset
+from lora_pipeline.assets.starting import StartingAdapter, copy_starting_base, model_source_version, starting_adapter
+from lora_pipeline.ml.data.raw import load_dataset
 from lora_pipeline.ml.base.precision import compute_dtype_name
 from lora_pipeline.ml.base.quantize import quant_storage_name, quantize_base
 from lora_pipeline.resources.compute import Compute
@@ -46,6 +47,9 @@ def quantized_base(
 ) -> dg.Output[ArtifactRef]:
     """The base model loaded with bitsandbytes quantization (NF4/FP4/int8, or none) and saved, so retraining does not re-quantize."""
     model_config = resolve_model_config(context, config, registry)
+    start = starting_adapter(storage, model_config, context.partition_key)
+    if start is not None:
+        return _starting_base(context, model_config, storage, start)
     device = compute.info()
     source_dir = hub.resolve(
         model_config.base_model,
@@ -80,7 +84,7 @@ def quantized_base(
             },
         )
         record = stage_lineage(context, model_config, storage, {}, device=device,
-                            source_version=dataset_source_version(model_config.dataset) if built_in else "",
+                            source_version=model_source_version(model_config, storage) if built_in else "",
                             parameters=result.parameter_count, compute=compute.choices(model_config))
         ref = publish_stage(context, storage, staging, record)
     context.log.info(f"quantized {result.quantized_modules} linear layers to {settings.mode} in {result.load_seconds:.1f}s")
@@ -98,6 +102,24 @@ def quantized_base(
             "load_seconds": round(result.load_seconds, 3),
         },
     )
+
+
+def _starting_base(context: dg.AssetExecutionContext, model_config: ModelConfig, storage: ArtifactStore,
+                   start: StartingAdapter) -> dg.Output[ArtifactRef]:
+    """The base the starting adapter (training.init_adapter) was trained on, copied: an adapter means something only
+    on its own base, and a built-in base rebuilt from this model's data would have another tokenizer."""
+    with storage.staging_dir() as staging:
+        info = copy_starting_base(start, storage, model_config, staging)
+        record = stage_lineage(context, model_config, storage, {}, source_version=model_source_version(model_config, storage),
+                               copied_from=start.quantized_base.uri, init_adapter=start.as_entry())
+        ref = publish_stage(context, storage, staging, record)
+    context.log.info(f"the base of the {start.describe()}, copied from {start.quantized_base.uri}")
+    return stage_output(ref, record, model_config, {
+        "base_revision": model_config.base_revision or "default", "quantization": info["quantization"],
+        "double_quant": info["double_quant"], "compute_dtype": info["compute_dtype"],
+        "quant_storage": info.get("quant_storage", "uint8"), "copied_from": start.quantized_base.uri,
+        "init_adapter": start.describe(),
+    })
 
 
 def original_weights_dir(quantized_dir: Path, hub: ModelHub, trust_remote_code: bool = False) -> Path:

@@ -92,6 +92,12 @@ def decide_promotion(storage: ArtifactStore, device, model_config: ModelConfig, 
     candidate_version = artifact_version(refs["trained_adapter"])
     current = ChampionHistory(storage, owner).current()
     servability = read_servability(storage.local_path(refs["trained_adapter"]))
+    if model_config.preference_tuning:
+        gates = preference_gates(storage, model_config, refs, document, current, candidate_version, servability)
+        if sweep is not None:
+            gates.append(promotion.recommended(partition, _recommendation(storage, sweep), sweep))
+        return Decision(owner, candidate, candidate_version, current.version if current else None, suite, gates,
+                        {"mode": servability.mode, "rank": servability.rank, "reasons": list(servability.reasons)})
     gates = [
         promotion.better_than_base(document, settings),
         promotion.no_regression(
@@ -107,6 +113,55 @@ def decide_promotion(storage: ArtifactStore, device, model_config: ModelConfig, 
         gates.append(promotion.recommended(partition, _recommendation(storage, sweep), sweep))
     return Decision(owner, candidate, candidate_version, current.version if current else None, suite, gates,
                     {"mode": servability.mode, "rank": servability.rank, "reasons": list(servability.reasons)})
+
+
+def preference_gates(storage: ArtifactStore, model_config: ModelConfig, refs: dict[str, ArtifactRef], document: dict,
+                     current, candidate_version: str, servability) -> list[promotion.Gate]:
+    """The gates of a preference model: against its reference and the champion on held-out preference accuracy
+    (both scored by eval_report on the same pairs), forgetting, merge fidelity, servable, template fidelity."""
+    settings = model_config.promotion
+    if current is None or current.version == candidate_version:
+        against_champion = None
+    else:
+        against_champion = promotion.paired_entry(document, "preference_accuracy", "adapter", "champion")
+        if against_champion is None:
+            return [promotion.better_than_reference(document, settings),
+                    promotion.Gate("no_regression", False, f"champion {current.version} was not scored beside the "
+                                   "candidate (it is on another base); re-run eval_report once both share a base")]
+    return [
+        promotion.better_than_reference(document, settings),
+        promotion.no_regression(against_champion, settings, current.version if current is not None else None),
+        promotion.forgetting(document, settings),
+        promotion.merge_fidelity(document, settings),
+        promotion.servable(servability, settings),
+        promotion.template_fidelity(*_pair_template_fidelity(storage, model_config, refs)),
+    ]
+
+
+def _pair_template_fidelity(storage: ArtifactStore, model_config: ModelConfig,
+                            refs: dict[str, ArtifactRef]) -> tuple[list, str | None]:
+    """Held-out pair prompts put through every hand-off, as _template_fidelity does for conversations."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.ml import fidelity
+
+    report_dir = storage.local_path(refs["eval_report"])
+    held_out = pd.read_parquet(storage.local_path(_formatted_of(storage, report_dir)) / "eval.parquet",
+                               columns=["prompt_messages", "prompt_ids"]).head(fidelity.MAX_CONVERSATIONS)
+    prompts = [fidelity.HeldOutPrompt(json.loads(messages), None, [int(token) for token in ids])
+               for messages, ids in zip(held_out["prompt_messages"], held_out["prompt_ids"])]
+    trust = model_config.trust_remote_code
+    base_tokenizer = AutoTokenizer.from_pretrained(storage.local_path(refs["quantized_base"]), trust_remote_code=trust)
+    adapter_dir = storage.local_path(refs["trained_adapter"])
+    adapter_tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust)
+    handoffs = {
+        "merged folder": fidelity.folder_ids(storage.local_path(refs["merged_model"]), trust),
+        "adapter folder": fidelity.saved_tokenizer_ids(adapter_tokenizer, adapter_dir),
+        "serving template": fidelity.chat_template_ids(base_tokenizer, adapter_tokenizer.chat_template),
+    }
+    return [fidelity.check_handoff(name, ids, prompts, base_tokenizer) for name, ids in handoffs.items()], None
 
 
 def _template_fidelity(storage: ArtifactStore, model_config: ModelConfig, refs: dict[str, ArtifactRef],
@@ -318,8 +373,14 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
 
     adapter_dir = storage.local_path(ArtifactRef.from_entry(decision.candidate["trained_adapter"]))
     document = read_json(storage.local_path(eval_report) / "metrics.json")
-    card = with_evaluation((adapter_dir / "README.md").read_text(encoding="utf-8"), document, "adapter", decision.owner,
-                           model_config.dataset.source, f"eval report {decision.candidate['eval_report']['version']}")
+    made_by = f"eval report {decision.candidate['eval_report']['version']}"
+    if model_config.preference_tuning:
+        from lora_pipeline.ml.preference.report import card_section
+
+        card = (adapter_dir / "README.md").read_text(encoding="utf-8") + card_section(document, made_by)
+    else:
+        card = with_evaluation((adapter_dir / "README.md").read_text(encoding="utf-8"), document, "adapter",
+                               decision.owner, model_config.dataset.source, made_by)
     verdict = ["", "## Promotion", "", f"Champion of {decision.owner} since this decision; every gate passed:", "",
                gates_table(decision.gates), ""]
     (staging / "README.md").write_text(card + "\n".join(verdict), encoding="utf-8")

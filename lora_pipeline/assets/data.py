@@ -24,11 +24,16 @@ from lora_pipeline.assets.common import (
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.data.clean import CleanedRows, clean_rows, tokenizer_corpus
 from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset, lost_to_max_length
-from lora_pipeline.ml.data.raw import LoadedDataset, dataset_source_version, fingerprint, load_dataset, release_unused_memory
+from lora_pipeline.assets.starting import model_source_version
+from lora_pipeline.ml.data.raw import LoadedDataset, fingerprint, load_dataset, release_unused_memory
 from lora_pipeline.ml.data.formats import storable, validate_rows
 from lora_pipeline.ml.report.plots import length_histogram_png, markdown_image
 from lora_pipeline.ml.data.quality import CheckOutcome, LengthAdvice, check_disjoint, check_formatted, split_summary
 from lora_pipeline.ml.data.sources import SourceRows
+from lora_pipeline.assets.preference_data import formatted_preferences, require_objective_fits
+from lora_pipeline.assets.starting import starting_adapter
+from lora_pipeline.ml.preference.formats import PREFERENCE_FORMATS
+from lora_pipeline.ml.preference.formatted import check_preferences
 from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
@@ -50,7 +55,7 @@ def raw_dataset(
 ) -> dg.Output[ArtifactRef]:
     """Rows of the configured source (file, folder, glob, URL or hub dataset), checked against their format with pandera, stored as Parquet."""
     model_config = resolve_model_config(context, config, registry)
-    source_version = dataset_source_version(model_config.dataset)  # before reading: a change after is seen next time
+    source_version = model_source_version(model_config, storage)  # before reading: a change after is seen next time
     loaded = load_dataset(model_config.dataset)
     stored, nested = storable(loaded.frame)
     content_hash = fingerprint(stored)
@@ -128,7 +133,8 @@ def format_settings(model_config: ModelConfig) -> FormatSettings:
 
 @pipeline_asset(
     kinds={"parquet", "pandera"}, group="data", code_version="2",
-    reads=Reads(config=("dataset", *BASE_MODEL_FIELDS, "training.max_length", "training.completion_only_loss")),
+    reads=Reads(config=("dataset", *BASE_MODEL_FIELDS, "training.max_length", "training.completion_only_loss",
+                        "training.objective", "training.init_adapter")),
 )
 def formatted_dataset(
     context: dg.AssetExecutionContext,
@@ -140,6 +146,13 @@ def formatted_dataset(
 ) -> dg.Output[ArtifactRef]:
     """Training examples: empty rows and duplicates dropped, the template applied with one EOS, tokenized with the base's tokenizer, over-long ones truncated, dropped or split into blocks (plain text), split train/eval by content hash."""
     model_config = resolve_model_config(context, config, registry)
+    raw_format = read_json(storage.local_path(raw_dataset) / DATASET_INFO)["format"]
+    source = model_config.dataset.source
+    require_objective_fits(model_config, raw_format, source)
+    if raw_format in PREFERENCE_FORMATS:
+        start = starting_adapter(storage, model_config, context.partition_key)
+        return formatted_preferences(context, model_config, storage, hub, raw_dataset,
+                                     stored_rows(storage, raw_dataset), start, FORMAT_SUMMARY)
     settings = format_settings(model_config)
     started = time.perf_counter()
     cleaned, tokenizer, cleaned_at = _cleaned_rows_and_tokenizer(model_config, settings, storage, hub, raw_dataset)
@@ -265,6 +278,10 @@ def examples_are_trainable(context: dg.AssetCheckExecutionContext, storage: Arti
     """Each example has text, tokens, at least one trained token and ends with one EOS unless truncated or continued in the next block; the share of examples over max_length is within dataset.max_truncation_rate (a failure names the max_length that keeps 95% and 99% whole)."""
     folder = storage.local_path(formatted_dataset)
     summary = read_json(folder / FORMAT_SUMMARY)
+    if summary["format"] in PREFERENCE_FORMATS:
+        return _check_result(check_preferences(
+            summary["format"], pd.read_parquet(folder / "train.parquet"), pd.read_parquet(folder / "eval.parquet"),
+            summary.get("eos_token_id"), summary["max_truncation_rate"], LengthAdvice(**summary["length_advice"])))
     outcome = check_formatted(
         split_summary(folder / "train.parquet"),
         split_summary(folder / "eval.parquet"),

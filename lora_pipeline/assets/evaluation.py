@@ -5,6 +5,7 @@ import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir
 from lora_pipeline.assets.champion import champion_owner, comparable_champion
+from lora_pipeline.assets.preference_evaluation import evaluate_preference_model
 from lora_pipeline.assets.common import (
     Reads,
     merge_weights_kind,
@@ -54,7 +55,7 @@ def weights_keys(storage: ArtifactStore, quantized_base: ArtifactRef, trained_ad
     kinds={"pytorch"}, group="evaluation", uses_gpu=True,
     # 3: per-example metrics with intervals, the forgetting probe; published cards no longer amended
     code_version="3",
-    reads=Reads(config=("eval", "merge", "trust_remote_code", "promotion.min_improvement")),
+    reads=Reads(config=("eval", "merge", "trust_remote_code", "promotion.min_improvement", "preference.beta")),
 )
 def eval_report(
     context: dg.AssetExecutionContext,
@@ -82,6 +83,13 @@ def eval_report(
     adapter is registered with the alias `challenger`.
     """
     model_config = resolve_model_config(context, config, registry)
+    if model_config.preference_tuning:
+        parents = {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base,
+                   "trained_adapter": trained_adapter, "merged_model": merged_model}
+        base, adapter = storage.content_digest(quantized_base)[:16], storage.content_digest(trained_adapter)[:16]
+        champion = comparable_champion(storage, champion_owner(context, registry), base, f"{base}-{adapter}")
+        return evaluate_preference_model(context, model_config, storage, compute.info(), parents, champion,
+                                         {"base": base, "adapter": f"{base}-{adapter}"})
     settings = model_config.eval
     quantized_dir = storage.local_path(quantized_base)
     quantized = is_quantized_dir(quantized_dir)

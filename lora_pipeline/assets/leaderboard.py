@@ -63,7 +63,8 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
     # The config the variants were evaluated with (their reports' lineage), wherever the sweep file is.
     first_report = storage.local_path(storage.current(variants[0], "eval_report"))
     model_config = validate_config(read_json(first_report / LINEAGE)["config"], f"{variants[0]}'s eval report")
-    metric = model_config.promotion.metric
+    # A preference sweep is ranked on held-out preference accuracy, as its gates are.
+    metric = "preference_accuracy" if model_config.preference_tuning else model_config.promotion.metric
     entries = []
     for key in variants:
         report = storage.current(key, "eval_report")

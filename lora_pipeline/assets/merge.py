@@ -47,7 +47,7 @@ def merged_model(
         quantized_dir, hub, model_config.trust_remote_code
     )
     dtype = model_config.merge.dtype if model_config.merge.dtype != "auto" else source_dtype(quantized_dir)
-    probe = pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(PROBE_EXAMPLES)
+    probe = _probe_examples(pd.read_parquet(storage.local_path(formatted_dataset) / "eval.parquet").head(PROBE_EXAMPLES))
     with storage.staging_dir() as staging:
         fidelity = merge_to_dir(
             weights_dir,
@@ -78,3 +78,14 @@ def merged_model(
             "probe_tokens": fidelity.probe_tokens,
         },
     )
+
+
+def _probe_examples(held_out: pd.DataFrame) -> pd.DataFrame:
+    """Held-out examples as input_ids and loss_mask: preference pairs as their prompt and chosen answer."""
+    if "input_ids" in held_out.columns:
+        return held_out
+    answers = held_out["chosen_ids" if "chosen_ids" in held_out.columns else "completion_ids"]
+    return pd.DataFrame({
+        "input_ids": [list(prompt) + list(answer) for prompt, answer in zip(held_out["prompt_ids"], answers)],
+        "loss_mask": [[0] * len(prompt) + [1] * len(answer) for prompt, answer in zip(held_out["prompt_ids"], answers)],
+    })

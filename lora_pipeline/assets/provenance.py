@@ -198,13 +198,15 @@ def plain_metadata(metadata: dict) -> dict:
     return result
 
 
-def readable_source_version(model_config: ModelConfig) -> str | None:
-    """The dataset source's content version, or None when it cannot be read now (raw_dataset will say why)."""
+def readable_source_version(model_config: ModelConfig, storage=None) -> str | None:
+    """The source version (the dataset source's content; with training.init_adapter, the starting champion's
+    version too), or None when the source cannot be read now (raw_dataset will say why). storage: the store
+    the starting champion is in (None: the deployment's)."""
+    from lora_pipeline.assets.starting import model_source_version
     from lora_pipeline.errors import DataError
-    from lora_pipeline.ml.data.raw import dataset_source_version
 
     try:
-        return dataset_source_version(model_config.dataset)
+        return model_source_version(model_config, storage)
     except (DataError, OSError):
         return None
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
 
+from lora_pipeline.config.preference import PreferenceSettings
 from lora_pipeline.config.registry import value_at
 from lora_pipeline.hashing import folder_fingerprint
 from lora_pipeline.ml.base.quantize import quant_storage_name
@@ -60,6 +61,10 @@ ADDED_LATER = {
     "dataset.follow_symlinks": False,
     "quantization.quant_storage": "uint8",
     "training.distributed": {"strategy": "auto", "nproc_per_node": "auto", "nnodes": 1},
+    "training.objective": "sft",
+    "training.init_adapter": None,
+    "preference": PreferenceSettings().model_dump(mode="json"),
+    "preference.beta": PreferenceSettings().beta,
 }
 
 

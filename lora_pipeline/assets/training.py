@@ -20,6 +20,7 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.assets.data import FORMAT_SUMMARY
+from lora_pipeline.assets.preference_training import train_preference_adapter
 from lora_pipeline.assets.provenance import library_versions, parent_lineage, stage_config
 from lora_pipeline.assets.stages import pipeline
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
@@ -109,7 +110,7 @@ def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, i
 @pipeline_asset(
     kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, gpus=training_gpus(),
     code_version="4",  # 4: the training template in the adapter's tokenizer; 3: the lean step (own loss, per-document attention, padding-free batches, shared dropout)
-    reads=Reads(config=("training", "lora", "trust_remote_code"),
+    reads=Reads(config=("training", "lora", "trust_remote_code", "preference"),
                 ignoring=("training.checkpoint_every", "training.logging_steps")),
 )
 def trained_adapter(
@@ -129,6 +130,10 @@ def trained_adapter(
     With `tracking.report_to: [mlflow]` the training is one MLflow run (linked in the metadata).
     """
     model_config = resolve_model_config(context, config, registry)
+    if model_config.preference_tuning:
+        inputs = training_inputs(model_config, storage, formatted_dataset, quantized_base)
+        return train_preference_adapter(context, model_config, storage, formatted_dataset, quantized_base, inputs,
+                                        inputs_key(inputs))
     run = _TrainingRun(context, model_config, storage, compute,
                        {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base},
                        tracker, champion_owner(context, registry))

@@ -69,7 +69,7 @@ def do_list(registry: ConfigRegistry, storage_root: str | None = None) -> list[d
             "model": key,
             "config": str(registry.path_of(key)) if key in registry.keys else None,
             "materialized": states,
-            "stale": stale_in(instance, key, registry) if any(states.values()) else [],
+            "stale": stale_in(instance, key, registry, storage) if any(states.values()) else [],
             "champion": _champion_version(ChampionHistory(storage, registry.sweep_of(key) or key)),
         })
     return rows
@@ -95,7 +95,7 @@ def _champion_version(history) -> str | None:
     return current.version if current is not None else None
 
 
-def stale_in(instance, key: str, registry: ConfigRegistry) -> list[str] | None:
+def stale_in(instance, key: str, registry: ConfigRegistry, storage=None) -> list[str] | None:
     """The model's materialized assets that its config file, data, libraries or code have made stale;
     None when that cannot be said here (no config file, an invalid one, a source that cannot be read)."""
     if key not in registry.keys:
@@ -104,5 +104,5 @@ def stale_in(instance, key: str, registry: ConfigRegistry) -> list[str] | None:
         model_config = registry.load(key)
     except LoraPipelineError:
         return None
-    source_version = readable_source_version(model_config)
+    source_version = readable_source_version(model_config, storage)
     return None if source_version is None else stale_assets(instance, key, model_config, source_version)

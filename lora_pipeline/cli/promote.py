@@ -93,7 +93,7 @@ def do_promote(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**summary, "dry_run": True}))
         return 0 if decision.promoted else EXIT_REFUSED
-    plan = RunPlan(args.config, key, model_config, ["champion"], readable_source_version(model_config),
+    plan = RunPlan(args.config, key, model_config, ["champion"], readable_source_version(model_config, args.storage),
                    storage=args.storage, force=True)
     _, assets, _, refused = run_reporting_refusal(plan)
     champion = champion_summary(plan, assets)

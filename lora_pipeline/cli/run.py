@@ -135,7 +135,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if not selected:
         raise ConfigError(f"--select {args.select!r} matches no asset")
     plan = RunPlan(args.config, partition_key_for(args.config), model_config, selected,
-                   readable_source_version(model_config), args.overrides, args.storage, args.force, args.debug)
+                   readable_source_version(model_config, args.storage), args.overrides, args.storage, args.force, args.debug)
     started = time.perf_counter()
     run_id, assets, up_to_date, refused = run_reporting_refusal(plan)
     wall = time.perf_counter() - started
@@ -333,12 +333,15 @@ def print_summary(key: str, run_id: str | None, assets: dict, wall: float, strea
     report = assets.get("eval_report")
     if report:
         meta = report["metadata"]
-        print(
-            f"\nheld-out loss: base {meta.get('base_loss', float('nan')):.4f}, adapter "
-            f"{meta.get('adapter_loss', float('nan')):.4f} ({meta.get('adapter_vs_base_loss_change', 0):+.1%}), "
-            f"merged {meta.get('merged_loss', float('nan')):.4f}",
-            file=stream,
-        )
+        if "adapter_preference_accuracy" in meta:
+            print(f"\nheld-out preference accuracy ({meta['eval_pairs']} pairs): adapter "
+                  f"{meta['adapter_preference_accuracy']:.3f} (95% CI {meta['adapter_preference_accuracy_ci95']}), "
+                  f"reference {meta['reference_preference_accuracy']:.3f} ({meta['reference']}): "
+                  f"{meta['adapter_preference_accuracy_vs_reference']}", file=stream)
+        else:
+            print(f"\nheld-out loss: base {meta.get('base_loss', float('nan')):.4f}, adapter "
+                  f"{meta.get('adapter_loss', float('nan')):.4f} ({meta.get('adapter_vs_base_loss_change', 0):+.1%}), "
+                  f"merged {meta.get('merged_loss', float('nan')):.4f}", file=stream)
         print(f"report: {Path(report['uri']) / 'report.md'}", file=stream)
     tracked = assets.get("trained_adapter", {}).get("metadata", {})
     if tracked.get("mlflow_run_id"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import fcntl
 import logging
 import os
@@ -99,11 +101,31 @@ def register_partition(instance: dg.DagsterInstance, key: str, config_path: Path
 
 def check_data_early(model_config):
     """Read, check and clean the dataset before any model is loaded; return the cleaned rows and the split sizes."""
+    from lora_pipeline.assets.preference_data import require_objective_fits
     from lora_pipeline.ml.data.clean import clean_rows, split_sizes
     from lora_pipeline.ml.data.raw import load_dataset
+    from lora_pipeline.ml.preference.formats import PREFERENCE_FORMATS
+    from lora_pipeline.ml.preference.formatted import preference_rows
 
-    cleaned = clean_rows(load_dataset(model_config.dataset), model_config.dataset.dedupe)
+    loaded = load_dataset(model_config.dataset)
+    require_objective_fits(model_config, loaded.format, loaded.source)
+    if loaded.format in PREFERENCE_FORMATS:  # every row parsed as a pair: a bad one is named now
+        return PreferenceRows(loaded, len(preference_rows(loaded.frame, loaded.format, loaded.rows.where,
+                                                          model_config.dataset.system_prompt))), (None, None)
+    cleaned = clean_rows(loaded, model_config.dataset.dedupe)
     return cleaned, split_sizes(cleaned, model_config.dataset.eval_fraction)
+
+
+@dataclass
+class PreferenceRows:
+    """Preference rows read and parsed (their rendering and split need the model's tokenizer: formatted_dataset)."""
+
+    loaded: object
+    rows: int
+
+    @property
+    def counts(self) -> dict:
+        return {"rows_in": self.rows, "empty": 0, "exact_duplicates": 0, "normalized_duplicates": 0}
 
 
 def user_error_in(exc: BaseException) -> LoraPipelineError | None:

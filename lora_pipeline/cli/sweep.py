@@ -39,7 +39,7 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
     results = {}
     for index, (key, model_config) in enumerate(variants.items(), start=1):
         print(f"\n=== sweep {sweep}: variant {index}/{len(variants)}: {key}", file=sys.stderr)
-        plan = RunPlan(args.config, key, model_config, per_variant, readable_source_version(model_config),
+        plan = RunPlan(args.config, key, model_config, per_variant, readable_source_version(model_config, args.storage),
                        args.overrides, args.storage, args.force, args.debug, siblings=list(variants),
                        tags={SWEEP_TAG: sweep})
         run_id, assets, up_to_date = do_run(plan)
@@ -53,7 +53,7 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
               file=stream)
         if after_ranking:
             key = board["recommended"]
-            plan = RunPlan(args.config, key, variants[key], after_ranking, readable_source_version(variants[key]),
+            plan = RunPlan(args.config, key, variants[key], after_ranking, readable_source_version(variants[key], args.storage),
                            args.overrides, args.storage, args.force, args.debug, tags={SWEEP_TAG: sweep})
             _, assets, _, refused = run_reporting_refusal(plan)
             champion = champion_summary(plan, assets)

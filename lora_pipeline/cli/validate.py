@@ -74,7 +74,9 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
         "cleaning": cleaned.counts if cleaned else None,
         "train_rows": train_rows,
         "eval_rows": eval_rows,
-        "tokens": token_summary(model_config, cleaned) if cleaned else None,
+        "tokens": token_summary(model_config, cleaned) if cleaned and not model_config.preference_tuning else None,
+        "objective": model_config.training.objective,
+        **({"init_adapter": model_config.training.init_adapter} if model_config.training.init_adapter else {}),
     }
     summary["memory_plan"], memory_lines = memory_summary(model_config, device)
     summary["launch"] = launch.as_dict()
@@ -89,7 +91,14 @@ def print_summary(path: Path, model_config, summary: dict, cleaned, memory_lines
     source = summary["dataset"]
     print(f"{path}: valid (model {summary['partition']}, config {summary['config_hash'][:12]})")
     print(f"  base model  {summary['base_model']} ({summary['method']}, quantization {model_config.quantization.mode})")
-    if cleaned is not None:
+    if model_config.preference_tuning and cleaned is not None:
+        start = model_config.training.init_adapter
+        print(f"  objective   {model_config.training.objective} (beta {model_config.preference.beta:g}), reference: "
+              + (f"the champion of {start}, which it starts from" if start else "the base, adapters disabled"))
+        print(f"  dataset     {source}: {cleaned.rows} {cleaned.loaded.format} rows, each parsed "
+              f"{'(detected)' if cleaned.loaded.detected else ''}; rendered, split by prompt and length-checked "
+              "when formatted_dataset runs" + (", with the starting adapter's template" if start else ""))
+    elif cleaned is not None:
         counts = cleaned.counts
         detected = " (detected)" if cleaned.loaded.detected else ""
         print(f"  dataset     {source}: {counts['rows_in']} {cleaned.loaded.format}{detected} rows -> "

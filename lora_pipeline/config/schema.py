@@ -30,6 +30,7 @@ from lora_pipeline.config.downstream import (
     RetrainSettings,
     TrackingSettings,
 )
+from lora_pipeline.config.preference import OBJECTIVES, PREFERENCE_OBJECTIVES, PreferenceSettings
 from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX
 
 QuantizationMode = Literal["nf4", "fp4", "int8", "none"]
@@ -44,13 +45,16 @@ class DatasetSettings(StrictSection):
         "save_to_disk, any fsspec URL (s3://bucket/train.jsonl, s3://bucket/prefix/), or a Hugging "
         "Face hub dataset as 'hf:owner/name' (a bare 'owner/name' that is not a local path works too)."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"] = Field(
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "kto"] = Field(
         default="auto",
         description="Row format. 'auto' detects it from the columns and records which. 'alpaca': "
         "instruction, input (optional), output, system (optional). 'sharegpt': conversations = "
         "[{from, value}] with from human/gpt/system/function_call/observation/tool. 'messages': "
         "OpenAI-style [{role, content}], content a string or a list of text and reasoning parts. "
-        "'prompt_completion': prompt, completion. 'text': text (a TXT file gives one row per line).",
+        "'prompt_completion': prompt, completion. 'text': text (a TXT file gives one row per line). "
+        "For preference tuning (training.objective dpo, kto, orpo): 'preference': chosen and rejected (text, a "
+        "message or a conversation each), the prompt in 'prompt', in ShareGPT 'conversations', or the two "
+        "conversations' shared start; 'kto': unpaired prompt, completion, label (true: desirable).",
     )
     columns: dict[str, str] = Field(
         default={},
@@ -312,6 +316,21 @@ class TrainingSettings(StrictSection):
         "the newest one. 0: no checkpoints.",
     )
     seed: int = Field(default=0, description="Seed for adapter initialisation, dropout and data order.")
+    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
+        default="sft",
+        description="What the adapter learns. 'sft': the responses (TRL's SFT loss). Preference tuning, on "
+        "preference rows (dataset.format preference or kto), with the preference section: 'dpo' (TRL's "
+        "DPOTrainer), 'kto' (KTOTrainer; pairs are split into a desirable and an undesirable example), 'orpo' "
+        "(trl.experimental.orpo's ORPOTrainer: no reference model, experimental in the pinned TRL 1.16). "
+        "Preference tuning wants a far smaller learning_rate than SFT (5e-6 to 5e-5 on real models).",
+    )
+    init_adapter: Optional[str] = Field(
+        default=None,
+        description="Start from another model's current champion adapter (its model key, e.g. an SFT model) "
+        "instead of a new LoRA: its LoRA settings and base are used, and with preference.reference auto it is "
+        "the reference. The base must be that model's (base_model, quantization). A new champion there makes "
+        "this model's adapter stale, and the lineage records which champion it started from.",
+    )
     distributed: DistributedSettings = Field(
         default=DistributedSettings(),
         description="Several processes (GPUs, machines) training together through torchrun.",
@@ -344,6 +363,9 @@ class ModelConfig(StrictSection):
         default=QuantizationSettings(), description="Quantization of the base model."
     )
     training: TrainingSettings = Field(default=TrainingSettings(), description="Training.")
+    preference: PreferenceSettings = Field(
+        default=PreferenceSettings(), description="Preference tuning (training.objective dpo, kto or orpo)."
+    )
     merge: MergeSettings = Field(default=MergeSettings(), description="Merging.")
     eval: EvalSettings = Field(default=EvalSettings(), description="Evaluation.")
     promotion: PromotionSettings = Field(default=PromotionSettings(), description="Promotion gates.")
@@ -360,9 +382,35 @@ class ModelConfig(StrictSection):
 
     @pydantic.model_validator(mode="after")
     def _promotion_metric_is_evaluated(self) -> "ModelConfig":
+        if self.preference_tuning:
+            return self  # the gates use the preference accuracy
         if self.promotion.metric not in self.eval.metrics:
             raise ValueError(f"promotion.metric {self.promotion.metric!r} is not one of eval.metrics {self.eval.metrics}")
         return self
+
+    @pydantic.model_validator(mode="after")
+    def _starting_adapter_fits_the_objective(self) -> "ModelConfig":
+        training = self.training
+        if training.init_adapter is not None and not self.preference_tuning:
+            raise ValueError("training.init_adapter starts preference tuning from another model's champion; set "
+                             f"training.objective to one of {', '.join(PREFERENCE_OBJECTIVES)}")
+        if self.preference.reference == "init_adapter" and training.init_adapter is None:
+            raise ValueError("preference.reference is 'init_adapter' but training.init_adapter is not set")
+        if self.preference.reference == "base" and training.init_adapter is not None:
+            raise ValueError("preference.reference 'base' with training.init_adapter: TRL keeps the starting adapter as "
+                             "the reference when it trains one; drop training.init_adapter to compare with the base")
+        if self.preference_tuning and self.builtin_base and training.init_adapter is None:
+            raise ValueError(f"a built-in base's tokenizer is trained on SFT data, so {training.objective} on "
+                             f"{self.base_model} must start from an SFT model trained on it: set training.init_adapter "
+                             "to that model's key (configs/tiny-dpo.yaml starts from tiny-demo)")
+        if self.preference_tuning and training.packing:
+            raise ValueError(f"training.packing does not apply to {training.objective}: pairs are not packed")
+        return self
+
+    @property
+    def preference_tuning(self) -> bool:
+        """Whether the objective is a preference one (dpo, kto, orpo) rather than SFT."""
+        return self.training.objective in PREFERENCE_OBJECTIVES
 
     @property
     def builtin_base(self) -> bool:
@@ -400,6 +448,9 @@ class TuningRunConfig(dg.Config):
         default=None, description="Quantization of the base model."
     )
     training: Optional[TrainingSettings] = Field(default=None, description="Training.")
+    preference: Optional[PreferenceSettings] = Field(
+        default=None, description="Preference tuning (training.objective dpo, kto or orpo)."
+    )
     merge: Optional[MergeSettings] = Field(default=None, description="Merging.")
     eval: Optional[EvalSettings] = Field(default=None, description="Evaluation.")
     promotion: Optional[PromotionSettings] = Field(default=None, description="Promotion gates.")
@@ -421,6 +472,6 @@ class TuningRunConfig(dg.Config):
 
 # Dagster shows these docstrings as descriptions, some as Markdown: without the source's indentation.
 for _config_class in (DatasetSettings, LoraSettings, QuantizationSettings, TrainingSettings, DistributedSettings,
-                      MergeSettings, EvalSettings, PromotionSettings, RetrainSettings, TrackingSettings, PublishSettings,
-                      ExportSettings, ModelConfig, TuningRunConfig):
+                      PreferenceSettings, MergeSettings, EvalSettings, PromotionSettings, RetrainSettings,
+                      TrackingSettings, PublishSettings, ExportSettings, ModelConfig, TuningRunConfig):
     _config_class.__doc__ = inspect.cleandoc(_config_class.__doc__ or "")

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 GATES = ("better_than_base", "no_regression", "forgetting", "merge_fidelity", "servable", "template_fidelity")
 GATE_DESCRIPTIONS = {
     "better_than_base": "The candidate beats the base on promotion.metric: the 95% interval of the paired "
-    "difference clears promotion.min_improvement.",
+    "difference clears promotion.min_improvement. For preference tuning: its reference (the starting adapter, or "
+    "the base) on held-out preference accuracy.",
     "no_regression": "The candidate is not worse than the current champion, on the same examples, by more than "
     "promotion.max_regression.",
     "forgetting": "The general-text probe's loss rose by at most promotion.max_forgetting (relative) against the base.",
@@ -68,6 +69,22 @@ def better_than_base(document: dict, settings: "PromotionSettings") -> Gate:
                 f"adapter vs base on {settings.metric}: {entry['difference']['value']:+.4f} (95% CI {low:+.4f} to "
                 f"{high:+.4f}; {entry['wins']} wins, {entry['ties']} ties, {entry['losses']} losses over "
                 f"{entry['examples']} examples): {'clears' if passed else 'does not clear'} the margin of "
+                f"{settings.min_improvement:g}")
+
+
+def better_than_reference(document: dict, settings: "PromotionSettings") -> Gate:
+    """A preference model's gate in better_than_base's place: the tuned adapter's preference accuracy against its
+    reference (the starting adapter, or the base) clears the margin, paired on the held-out pairs."""
+    entry = paired_entry(document, "preference_accuracy", "adapter", "reference")
+    if entry is None:
+        return Gate("better_than_base", False, "the evaluation has no paired comparison on preference_accuracy")
+    passed = clears_margin(entry, settings.min_improvement)
+    low, high = entry["difference"]["ci95"]
+    return Gate("better_than_base", passed,
+                f"adapter vs its reference ({document.get('reference', 'reference')}) on preference_accuracy: "
+                f"{entry['candidate_mean']:.3f} vs {entry['reference_mean']:.3f}, {entry['difference']['value']:+.3f} "
+                f"(95% CI {low:+.3f} to {high:+.3f}; {entry['wins']} wins, {entry['ties']} ties, {entry['losses']} "
+                f"losses over {entry['examples']} pairs): {'clears' if passed else 'does not clear'} the margin of "
                 f"{settings.min_improvement:g}")
 
 

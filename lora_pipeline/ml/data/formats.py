@@ -25,9 +25,15 @@ from typing import Any, Callable
 import pandas as pd
 
 from lora_pipeline.errors import DataError
+from lora_pipeline.ml.preference.formats import OPTIONAL as PREFERENCE_OPTIONAL
+from lora_pipeline.ml.preference.formats import PREFERENCE_FORMATS, detect_preference, label_problem, turns_problem
+from lora_pipeline.ml.preference.formats import REQUIRED as PREFERENCE_REQUIRED
+from lora_pipeline.ml.preference.formats import preference_schema_columns
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+SFT_FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
 REQUIRED_COLUMNS = {
+    **PREFERENCE_REQUIRED,
     "alpaca": ("instruction", "output"),
     "sharegpt": ("conversations",),
     "messages": ("messages",),
@@ -35,6 +41,7 @@ REQUIRED_COLUMNS = {
     "text": ("text",),
 }
 OPTIONAL_COLUMNS = {
+    **PREFERENCE_OPTIONAL,
     "alpaca": ("input", "system"),
     "sharegpt": ("system", "tools"),
     "messages": ("tools",),
@@ -59,6 +66,8 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 def detect_format(frame: pd.DataFrame, source: str) -> str:
     """The format the columns (and, for conversations, the first row's keys) say the rows are in."""
     columns = set(frame.columns)
+    if (preference := detect_preference(columns)) is not None:  # before 'conversations': ShareGPT pairs have one
+        return preference
     for column in ("conversations", "messages"):
         if column in columns:
             first = _first_list_item(frame[column])
@@ -282,12 +291,12 @@ def raw_schema(fmt: str, flag_field: str | None = None):
         "prompt_completion": {"prompt": _column(string, "string"), "completion": _column(string, "string"),
                               "system": _column(string, "string", required=False)},
         "text": {"text": _column(string, "string")},
-    }[fmt]
+    }.get(fmt) or preference_schema_columns(fmt, _column)
     return pa.DataFrameSchema(columns, name=f"raw_{fmt}", strict=False)
 
 
 _PROBLEMS = {"string": _string_problem, "sharegpt_turns": sharegpt_problem, "chat_messages": messages_problem,
-             "tool_schemas": _tools_problem}
+             "tool_schemas": _tools_problem, "turns": turns_problem, "kto_label": label_problem}
 
 
 def validate_rows(frame: pd.DataFrame, fmt: str, where: Callable[[int], str], source: str,

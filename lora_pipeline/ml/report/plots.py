@@ -68,3 +68,23 @@ def length_histogram_png(lengths, max_length: int, bins: int = 40) -> bytes:
     ax.set_title("token lengths")
     ax.legend()
     return _png(plt, fig)
+
+
+def curves_png(curves: dict[str, list[tuple[int, float]]], title: str) -> bytes:
+    """One small panel per named curve of (step, value) pairs, side by side (preference training: loss, reward
+    margin, reward accuracy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(curves), 1), figsize=(3.2 * max(len(curves), 1), 3.0), dpi=100, squeeze=False)
+    for ax, (name, points) in zip(axes[0], curves.items()):
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return _png(plt, fig)

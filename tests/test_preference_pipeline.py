@@ -1,0 +1,184 @@
+"""Preference tuning through the pipeline (issue 27): the config keys, preference rows detected and checked before
+any model loads, and, for real on the micro model, DPO started from another model's champion, evaluated against
+it on held-out pairs and gated like an SFT candidate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import SAMPLE_DATA, micro_config_data
+from test_cli import _cli
+
+
+
+def _concise_pairs(folder: Path, rows: int = 240) -> Path:
+    """Pairs the micro model can learn within a minute: each sample answer preferred to the same answer said twice
+    (stopping where the answer ends generalizes to every held-out prompt)."""
+    samples = json.loads(SAMPLE_DATA.read_text())[:rows]
+    pairs = [{"prompt": row["instruction"] + (f"\n{row['input']}" if row["input"] else ""), "chosen": row["output"],
+              "rejected": f"{row['output']} {row['output']}"} for row in samples]
+    path = folder / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+def _dpo_config(tmp_path: Path, source: Path, name: str = "micro-dpo", **training) -> Path:
+    """A micro DPO config starting from model 'micro' (the SFT config of conftest)."""
+    data = micro_config_data(
+        dataset={"source": str(source), "format": "auto", "eval_fraction": 0.2},
+        training={"objective": "dpo", "init_adapter": "micro", "max_steps": 12, "batch_size": 8,
+                  "learning_rate": 2e-3, "max_length": 96, "logging_steps": 2, "warmup": 0.0, **training},
+        preference={"beta": 0.1},
+        eval={"max_examples": 80, "samples": 2, "max_new_tokens": 8},
+    )
+    data["lora"] = {"r": 8, "alpha": 16}  # the starting adapter's settings are what train; these are ignored
+    folder = tmp_path / "configs"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"init_adapter": "micro"}, "training.init_adapter starts preference tuning"),
+    ({"objective": "dpo"}, "must start from an SFT model trained on it"),
+    ({"objective": "dpo", "init_adapter": "micro", "packing": True}, "training.packing does not apply to dpo"),
+    ({"objective": "simpo"}, "'training.objective'"),
+])
+def test_preference_keys_are_checked_with_the_key_named(training, message):
+    from lora_pipeline.config.registry import validate_config
+    from lora_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(micro_config_data(training=training), "micro.yaml")
+
+
+def test_preference_rows_are_detected_and_refused_with_the_row_and_field(tmp_path):
+    from lora_pipeline.cli.session import check_data_early
+    from lora_pipeline.config.registry import validate_config
+    from lora_pipeline.errors import ConfigError, DataError
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "What is 2 plus 2?", "chosen": "4.", "rejected": "5."},
+            {"prompt": "What is 3 plus 3?", "chosen": "6.", "rejected": {"role": "assistant"}}]
+    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+
+    def config(**training):
+        return validate_config(micro_config_data(dataset={"source": str(pairs), "format": "auto"},
+                                                 training=training), "micro.yaml")
+
+    with pytest.raises(DataError, match=r"pairs.jsonl: line 2: field 'rejected' must be text, a \{role, content\}"):
+        check_data_early(config(objective="dpo", init_adapter="sft"))
+    rows[1]["rejected"] = "6."
+    pairs.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(DataError, match=r"pairs.jsonl: line 2: 'chosen' and 'rejected' are the same answer"):
+        check_data_early(config(objective="dpo", init_adapter="sft"))
+    with pytest.raises(ConfigError, match="supervised fine-tuning cannot learn from; set training.objective"):
+        check_data_early(config())
+    # An SFT dataset under a preference objective names what is missing.
+    with pytest.raises(ConfigError, match="training.objective dpo trains on preference rows"):
+        check_data_early(validate_config(micro_config_data(training={"objective": "dpo", "init_adapter": "sft"}),
+                                         "micro.yaml"))
+
+
+def test_dpo_from_a_champion_beats_it_on_held_out_pairs_and_passes_the_gates(tmp_path, write_config):
+    sft = write_config("micro")
+    _cli(["run", str(sft), "--json"], tmp_path, check_rc=0)
+    dpo = _dpo_config(tmp_path, _concise_pairs(tmp_path))
+    result = _cli(["run", str(dpo), "--json"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assets = summary["assets"]
+    # The base is the starting champion's, copied; the adapter records which champion it started from.
+    base_meta = assets["quantized_base"]["metadata"]
+    assert base_meta["init_adapter"].startswith("micro champion ") and "/micro/quantized_base/" in base_meta["copied_from"]
+    adapter_dir = Path(assets["trained_adapter"]["uri"])
+    lineage = json.loads((adapter_dir / "LINEAGE.json").read_text())
+    assert lineage["init_adapter"]["model"] == "micro" and lineage["reference"].startswith("micro champion")
+    training = json.loads((adapter_dir / "training_summary.json").read_text())
+    margins = training["margin_history"]
+    assert 0 <= margins[0] < 0.05 and margins[-1] > 2 * margins[0]  # from the reference, the margins grow
+    formatted = Path(assets["formatted_dataset"]["uri"])
+    held_out = pd.read_parquet(formatted / "eval.parquet")
+    assert not set(held_out["prompt"]) & set(pd.read_parquet(formatted / "train.parquet")["prompt"])
+    # Held-out preference accuracy: above the reference's coin beyond its interval, paired per pair.
+    metrics = json.loads((Path(assets["eval_report"]["uri"]) / "metrics.json").read_text())
+    entry = next(e for e in metrics["comparison"]["paired"]
+                 if (e["metric"], e["reference"]) == ("preference_accuracy", "reference"))
+    assert entry["difference"]["ci95"][0] > 0 and entry["candidate_mean"] > 0.5
+    assert abs(metrics["comparison"]["merged_vs_adapter_loss_change"]) < 0.01
+    champion = summary["champion"]
+    assert champion["promoted"], champion["gates"]
+    assert "on preference_accuracy" in champion["gates"]["better_than_base"]["detail"]
+    assert "every hand-off gives the training prompt ids" in champion["gates"]["template_fidelity"]["detail"]
+
+    # A new champion upstream is new input here: the DPO model's stages are stale.
+    configs = {"LORA_PIPELINE_CONFIG_DIR": str(tmp_path / "configs")}
+    listing = {row["model"]: row for row in
+               json.loads(_cli(["list", "--json"], tmp_path, check_rc=0, env=configs).stdout)}
+    assert listing["micro-dpo"]["stale"] == []
+    _cli(["run", str(sft), "--json", "--set", "training.seed=2", "--set", "promotion.max_regression=100"], tmp_path,
+         check_rc=0)
+    listing = {row["model"]: row for row in
+               json.loads(_cli(["list", "--json"], tmp_path, check_rc=0, env=configs).stdout)}
+    assert "trained_adapter" in listing["micro-dpo"]["stale"]
+
+
+def test_batched_pair_scores_equal_one_by_one(micro_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_pipeline.ml.preference.evaluation import answer_logps
+    from lora_pipeline.ml.preference.report import answers_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_base)
+    model = AutoModelForCausalLM.from_pretrained(micro_base).eval()
+    texts = [("What is 2 plus 2?", "2 plus 2 is 4."), ("Sort the numbers.", "1, 2, 3, 4, 5, 6, 7"), ("Hi", "Hello")]
+    prompts = [tokenizer(prompt)["input_ids"] for prompt, _ in texts]
+    answers = [tokenizer(answer, add_special_tokens=False)["input_ids"] for _, answer in texts]
+    batched = answers_logps(model, prompts, answers, batch_size=2)
+    one_by_one = [answer_logps(model, prompt, answer) for prompt, answer in zip(prompts, answers)]
+    assert batched == pytest.approx(one_by_one, abs=1e-4)
+
+
+# One row of each public preference dataset's layout, as published (only shortened).
+PUBLIC_LAYOUTS = {
+    "HuggingFaceH4/ultrafeedback_binarized": {
+        "prompt": "What is 2 plus 2?",
+        "chosen": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}],
+        "rejected": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 5."}],
+        "score_chosen": 8.0, "score_rejected": 3.0},
+    "trl-lib/ultrafeedback_binarized": {
+        "chosen": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}],
+        "rejected": [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 5."}]},
+    "Anthropic/hh-rlhf": {"chosen": "\n\nHuman: What is 2 plus 2?\n\nAssistant: It is 4.",
+                          "rejected": "\n\nHuman: What is 2 plus 2?\n\nAssistant: It is 5."},
+    "llamafactory dpo_en_demo (sharegpt)": {
+        "conversations": [{"from": "human", "value": "What is 2 plus 2?"}],
+        "chosen": {"from": "gpt", "value": "It is 4."}, "rejected": {"from": "gpt", "value": "It is 5."}},
+    "llamafactory alpaca ranking": {"instruction": "What is 2 plus 2?", "input": "", "chosen": "It is 4.",
+                                    "rejected": "It is 5."},
+    "argilla/distilabel-intel-orca-dpo-pairs": {"system": "", "input": "What is 2 plus 2?",
+                                                "chosen": "It is 4.", "rejected": "It is 5."},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_LAYOUTS))
+def test_public_preference_datasets_format_without_edits(tmp_path, name):
+    from lora_pipeline.config.schema import DatasetSettings
+    from lora_pipeline.ml.data.raw import load_dataset
+    from lora_pipeline.ml.preference.data import pairs_of
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(PUBLIC_LAYOUTS[name]) + "\n")
+    # Intel's ORCA pairs name their prompt 'input': mapped with dataset.columns, as for SFT data.
+    columns = {"prompt": "input"} if name.startswith("argilla") else {}
+    loaded = load_dataset(DatasetSettings(source=str(path), columns=columns))
+    assert loaded.format == "preference"
+    pair, = pairs_of(loaded.frame, loaded.rows.where)
+    assert pair.prompt == [{"role": "user", "content": "What is 2 plus 2?"}]
+    assert (pair.chosen["content"], pair.rejected["content"]) == ("It is 4.", "It is 5.")
