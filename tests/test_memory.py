@@ -216,3 +216,19 @@ def test_the_plan_renders_every_term():
     for term in ("base weights", "adapter", "gradients", "optimizer states", "activations", "loss head", "framework",
                  "allocator margin", "total"):
         assert term in text
+
+
+def test_a_preference_plan_counts_both_answers_and_the_reference_copy():
+    from lora_pipeline.config.registry import load_config_file
+    from lora_pipeline.ml.base.memory import plan_for_config
+    from lora_pipeline.ml.base.precision import DeviceInfo
+
+    from conftest import REPO
+
+    dpo = load_config_file(REPO / "configs" / "tiny-dpo.yaml")
+    sft = dpo.model_copy(update={"training": dpo.training.model_copy(update={"objective": "sft", "init_adapter": None})})
+    cpu = DeviceInfo(device="cpu", gpu_count=0, bf16_supported=False, gpu_memory_bytes=0)
+    pairs, rows = plan_for_config(dpo, cpu).terms(), plan_for_config(sft, cpu).terms()
+    assert pairs["activations"] == 2 * rows["activations"] and pairs["loss_head"] == 2 * rows["loss_head"]
+    assert pairs["adapter"] == 2 * rows["adapter"]  # the policy's adapter and TRL's frozen reference copy
+    assert pairs["gradients"] == rows["gradients"] and pairs["optimizer_states"] == rows["optimizer_states"]

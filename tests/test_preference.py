@@ -134,3 +134,11 @@ def test_a_run_whose_margins_never_move_fails_with_what_to_check(tmp_path, tiny_
     settings = PreferenceSettings(learning_rate=0.0, batch_size=4, max_steps=4, max_length=128)
     with pytest.raises(PreferenceTrainingError, match=r"reward margins did not move.*learning rate \(0:"):
         train_preference(tiny_qwen3, table, tmp_path / "dpo", settings, start_adapter=start)
+
+
+def test_the_shipped_pairs_are_what_their_generator_writes():
+    from lora_pipeline.data.generate_preferences import OUTPUT, generate
+
+    shipped = json.loads(OUTPUT.read_text(encoding="utf-8"))
+    assert shipped == generate()
+    assert all(row["chosen"] != row["rejected"] and row["prompt"] for row in shipped)

@@ -175,6 +175,33 @@ def test_the_trainer_sees_our_ids_with_a_template_that_writes_bos(tmp_path, obje
                 assert seen[-len(answer):] == answer and answer[-1] == tokenizer.eos_token_id
 
 
+def test_dpo_batches_hold_pairs_of_like_length(tmp_path):
+    """A DPO batch is padded to its longest answer twice: the sampler groups pairs by prompt + longer answer."""
+    from transformers import AutoTokenizer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from lora_pipeline.config.schema import LoraSettings
+    from lora_pipeline.ml.base.families import build_family_model
+    from lora_pipeline.ml.preference.objectives import build_trainer
+    from lora_pipeline.ml.preference.training import PreferenceSettings, load_policy
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("llama3"))
+    pairs = pd.DataFrame([{"prompt": f"Say {word} {count} times.", "chosen": " ".join([word] * count),
+                           "rejected": "No."} for count, word in zip([1, 30, 2, 29, 3, 28, 4, 27],
+                                                                      ["red", "blue", "green", "gold"] * 2)])
+    table = tokenize_pairs(pairs_of(pairs, _where), tokenizer, _template(tokenizer), _where, 0.0, 512).frame
+    base = build_family_model("llama3", tmp_path / "llama3")
+    settings = PreferenceSettings(objective="dpo", batch_size=2, max_steps=1, max_length=128)
+    tokenizer, model = load_policy(base, lora=LoraSettings(dropout=0.0), model_type="llama")
+    trainer, _ = build_trainer(settings, model, tokenizer, table, tmp_path / "trainer", [])
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    lengths = trainer.train_dataset["length"]
+    assert lengths == [len(p) + max(len(c), len(r)) for p, c, r in
+                       zip(table["prompt_ids"], table["chosen_ids"], table["rejected_ids"])]
+    batch = next(iter(trainer.get_train_dataloader()))  # the collator takes the rows with their length column
+    assert batch["input_ids"].shape[0] == 4
+
+
 def _train_and_held_out(tokenizer):
     table = tokenize_pairs(pairs_of(_pairs(64), _where), tokenizer, _template(tokenizer), _where, 0.25, 512).frame
     return table[~table["held_out"]], table[table["held_out"]]

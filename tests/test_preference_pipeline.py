@@ -128,6 +128,20 @@ def test_dpo_from_a_champion_beats_it_on_held_out_pairs_and_passes_the_gates(tmp
                json.loads(_cli(["list", "--json"], tmp_path, check_rc=0, env=configs).stdout)}
     assert "trained_adapter" in listing["micro-dpo"]["stale"]
 
+    # KTO and ORPO on the same pairs, one key changed: trained and evaluated against the starting adapter.
+    formatted_uris = set()
+    for objective in ("kto", "orpo"):
+        other = _cli(["run", str(dpo), "--json", "--select", "+eval_report", "--set", f"training.objective={objective}"],
+                     tmp_path, check_rc=0)
+        other_assets = json.loads(other.stdout.strip().splitlines()[-1])["assets"]
+        trained = json.loads((Path(other_assets["trained_adapter"]["uri"]) / "training_summary.json").read_text())
+        assert trained["objective"] == objective and trained["steps"] == 12
+        other_metrics = json.loads((Path(other_assets["eval_report"]["uri"]) / "metrics.json").read_text())
+        assert other_metrics["objective"] == objective and other_metrics["comparison"]["paired"][0]["metric"] == \
+            "preference_accuracy"
+        formatted_uris.add(other_assets["formatted_dataset"]["uri"])
+    assert len(formatted_uris) == 1  # the formatted pairs are shared across objectives
+
 
 def test_batched_pair_scores_equal_one_by_one(micro_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -182,3 +196,29 @@ def test_public_preference_datasets_format_without_edits(tmp_path, name):
     pair, = pairs_of(loaded.frame, loaded.rows.where)
     assert pair.prompt == [{"role": "user", "content": "What is 2 plus 2?"}]
     assert (pair.chosen["content"], pair.rejected["content"]) == ("It is 4.", "It is 5.")
+
+
+def test_unpaired_kto_rows_format_split_and_score_by_label(micro_base):
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.ml.data.templates import resolve_template
+    from lora_pipeline.ml.preference.formatted import check_preferences, format_preferences
+    from lora_pipeline.ml.preference.report import per_row
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_base)
+    rows = pd.DataFrame([{"prompt": f"What is {i} plus 1?", "completion": f"{i} plus 1 is {i + 1 + (i % 2)}.",
+                          "label": "true" if i % 2 == 0 else "false"} for i in range(40)])
+    template = resolve_template("chatml", "messages", None)
+    formatted = format_preferences(rows, "kto", lambda i: f"kto.jsonl: line {i + 1}", tokenizer, template, 0.25, 64)
+    assert formatted.counts["desirable"] == 20 and formatted.counts["undesirable"] == 20
+    assert set(formatted.train.columns) >= {"prompt_ids", "completion_ids", "label", "prompt_messages"}
+    outcome = check_preferences("kto", formatted.train, formatted.evaluation, tokenizer.eos_token_id, 0.05,
+                                formatted.advice)
+    assert outcome.passed, outcome.description
+    # Per row: the reward's sign agrees with the label, or not; the reference scores a coin.
+    held_out = formatted.evaluation.head(2).assign(label=[True, False])
+    reference = pd.DataFrame({"completion_logp": [-5.0, -5.0], "label": [True, False]})
+    tuned = pd.DataFrame({"completion_logp": [-4.0, -4.0], "label": [True, False]})
+    figures = per_row(tuned, reference, held_out, beta=0.1)
+    assert list(figures["preference_accuracy"]) == [1.0, 0.0]
+    assert list(per_row(reference, reference, held_out, 0.1)["preference_accuracy"]) == [0.5, 0.5]

@@ -133,8 +133,9 @@ def format_settings(model_config: ModelConfig) -> FormatSettings:
 
 @pipeline_asset(
     kinds={"parquet", "pandera"}, group="data", code_version="2",
+    # Not training.objective: DPO, KTO and ORPO train on the same formatted pairs (trained_adapter checks the fit).
     reads=Reads(config=("dataset", *BASE_MODEL_FIELDS, "training.max_length", "training.completion_only_loss",
-                        "training.objective", "training.init_adapter")),
+                        "training.init_adapter")),
 )
 def formatted_dataset(
     context: dg.AssetExecutionContext,

@@ -68,7 +68,7 @@ def formatted_preferences(context: dg.AssetExecutionContext, model_config: Model
             "format": loaded.format, "template": template.name, "eos_token": tokenizer.eos_token,
             "eos_token_id": tokenizer.eos_token_id, "pad_token": tokenizer.pad_token, "counts": counts,
             "max_length": max_length, "max_truncation_rate": dataset.max_truncation_rate,
-            "length_advice": vars(advice), "objective": model_config.training.objective,
+            "length_advice": vars(advice),
             **({"init_adapter": start.as_entry()} if start is not None else {}),
         })
         record = stage_lineage(context, model_config, storage, {"raw_dataset": raw_dataset},
@@ -84,7 +84,6 @@ def formatted_preferences(context: dg.AssetExecutionContext, model_config: Model
                                                    if c in formatted.train.columns]]]
     return stage_output(ref, record, model_config, {
         "format": loaded.format,
-        "objective": model_config.training.objective,
         "template": template.name,
         "eos_token": tokenizer.eos_token,
         **({"init_adapter": start.describe()} if start is not None else {}),

@@ -15,6 +15,8 @@ import dagster as dg
 import pandas as pd
 
 from lora_pipeline.assets.common import publish_stage, read_json, run_order, stage_lineage, stage_output, write_json
+from lora_pipeline.assets.data import FORMAT_SUMMARY
+from lora_pipeline.assets.preference_data import require_objective_fits
 from lora_pipeline.assets.starting import StartingAdapter, starting_adapter
 from lora_pipeline.config.schema import ModelConfig
 from lora_pipeline.errors import ConfigError
@@ -71,6 +73,9 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
     from lora_pipeline.ml.preference.training import train_preference
 
     partition = context.partition_key
+    # The formatted pairs are shared by the objectives, so the objective is checked against them here too.
+    formatted_format = read_json(storage.local_path(formatted_dataset) / FORMAT_SUMMARY)["format"]
+    require_objective_fits(model_config, formatted_format, model_config.dataset.source)
     start = starting_adapter(storage, model_config, partition)
     reference = require_reference(model_config, start, storage, quantized_base)
     if start is not None:

@@ -195,6 +195,10 @@ def plan_for_config(config: "ModelConfig", device: DeviceInfo,
     architecture = architecture_config(config.base_model, local_folder)
     if architecture is None:
         return None
+    if config.preference_tuning:
+        from lora_pipeline.ml.preference.memory import preference_plan
+
+        return preference_plan(architecture, config, device)
     return plan_memory(architecture, config.lora, config.quantization, config.training, device)
 
 

@@ -79,10 +79,15 @@ def _dpo_trainer(settings, model, tokenizer, train, output_dir, callbacks):
     from datasets import Dataset
     from trl import DPOConfig
 
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    dataset = Dataset.from_dict({name: _ids(train[name]) for name in columns})
+    columns = {name: _ids(train[name]) for name in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    # A batch is padded to its longest answer, twice (chosen and rejected); batches of pairs of like length
+    # (transformers' LengthGroupedSampler: random megabatches, sorted inside) leave out most of that padding.
+    lengths = [len(prompt) + max(len(chosen), len(rejected))
+               for prompt, chosen, rejected in zip(*columns.values())]
+    dataset = Dataset.from_dict({**columns, "length": lengths})
     args = DPOConfig(beta=settings.beta, loss_type=[settings.loss_type], label_smoothing=settings.label_smoothing,
-                     **_common_args(settings, output_dir, settings.batch_size))
+                     train_sampling_strategy="group_by_length", length_column_name="length",
+                     remove_unused_columns=False, **_common_args(settings, output_dir, settings.batch_size))
     trainer = _pretokenized_trainer_class()(model=model, ref_model=None, args=args, train_dataset=dataset,
                                              processing_class=tokenizer, callbacks=callbacks)
     return trainer, dataset
