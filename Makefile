@@ -53,9 +53,10 @@ test: $(STAMP) browser families llama-cpp  ## the whole test suite, slow end-to-
 test-fast: $(STAMP)  ## everything but the slow end-to-end tests
 	$(BIN)/python -m pytest -q -m "not slow"
 
-ui: $(STAMP)  ## the Dagster UI on http://127.0.0.1:3000, same instance as the CLI
+UI_PORT ?= 3000
+ui: $(STAMP)  ## the Dagster UI on http://127.0.0.1:$(UI_PORT) (make ui UI_PORT=3100 for another), same instance as the CLI
 	$(BIN)/lora-pipeline list  # prepares the instance and registers every config as a partition
-	VIRTUAL_ENV=$(CURDIR)/.venv $(BIN)/dg dev --host 127.0.0.1 --port 3000
+	VIRTUAL_ENV=$(CURDIR)/.venv $(BIN)/dg dev --host 127.0.0.1 --port $(UI_PORT)
 
 lock:  ## re-pin constraints.txt to what is installed in .venv
 	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/' > constraints.txt

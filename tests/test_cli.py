@@ -32,6 +32,8 @@ def _cli(args, tmp_path, check_rc=None, env=None):
 def test_help_explains_commands_and_selection(tmp_path):
     out = _cli(["run", "--help"], tmp_path, check_rc=0).stdout
     assert "--select" in out and "+name" in out and "--set" in out and "--storage" in out and "--json" in out
+    assert "by default all 7 stages: raw_dataset, formatted_dataset," in out
+    assert "%%" not in _cli(["validate", "--help"], tmp_path, check_rc=0).stdout
 
 
 def test_a_config_error_is_one_line_naming_file_and_key(tmp_path, write_config):
@@ -43,7 +45,23 @@ def test_a_config_error_is_one_line_naming_file_and_key(tmp_path, write_config):
 
 def test_an_unknown_override_key_is_named(tmp_path, write_config):
     result = _cli(["validate", str(write_config("micro")), "--set", "training.epoch=2"], tmp_path, check_rc=2)
-    assert "unknown key 'training.epoch'" in result.stderr
+    assert "unknown key 'training.epoch', did you mean 'epochs'? (known here: epochs, max_steps," in result.stderr
+
+
+def test_a_missing_local_dataset_is_file_not_found_at_validate(tmp_path, write_config):
+    for source in ("data/train.json", "nosuchdir/part-*.jsonl", "owner/nothing.jsonl"):
+        result = _cli(["validate", str(write_config("micro", dataset={"source": source}))], tmp_path, check_rc=2)
+        assert f"{source}: dataset not found" in result.stderr and "hub" not in result.stderr.split(";")[0]
+
+
+def test_validate_strict_refuses_a_plan_that_does_not_fit(tmp_path, write_config):
+    path = write_config("micro")
+    assert _cli(["validate", str(path), "--strict"], tmp_path, check_rc=0)
+    huge = ["--set", "training.batch_size=65536", "--set", "training.max_length=8192"]  # terabytes of activations
+    plain = _cli(["validate", str(path), *huge], tmp_path, check_rc=0)
+    assert "does NOT fit" in plain.stdout
+    strict = _cli(["validate", str(path), "--strict", *huge], tmp_path, check_rc=2)
+    assert "--strict: the memory plan of micro does not fit this machine" in strict.stderr
 
 
 def test_bad_data_fails_before_any_model_is_loaded_and_publishes_nothing(tmp_path, write_config):
@@ -142,8 +160,9 @@ def test_an_unknown_asset_in_the_selection_is_a_config_error():
     from lora_pipeline.cli.selection import selected_asset_names, selection
     from lora_pipeline.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--select"):
-        selected_asset_names(selection("trained_adaptor"))
+    with pytest.raises(ConfigError, match=r"no stage named 'trained_adaptor'; did you mean 'trained_adapter'\? "
+                                          r"the stages are raw_dataset, formatted_dataset, "):
+        selected_asset_names(selection("+trained_adaptor"))
     with pytest.raises(ConfigError, match="--select"):
         selection("key:(broken")
 

@@ -60,7 +60,8 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "run", parents=parents,
         help="materialize the pipeline for one model config",
-        description="Materialize the selected assets (all six by default) for the model in CONFIG. "
+        description=f"Materialize the selected assets (by default all {len(stage_names())} stages: "
+        f"{', '.join(stage_names())}) for the model in CONFIG. "
         "The partition key is CONFIG's file name without .yaml. Assets whose newest artifact was made "
         "from the same code, libraries, config and data are up to date and skipped.",
         epilog=EPILOG,

@@ -3,6 +3,7 @@ Dagster's own selection strings; on-demand stages only when named."""
 
 from __future__ import annotations
 
+import difflib
 import re
 
 import dagster as dg
@@ -25,6 +26,7 @@ def selection(text: str) -> dg.AssetSelection:
         if part == "*":
             piece = dg.AssetSelection.all()
         elif match:
+            _require_stage(match.group(2))
             piece = dg.AssetSelection.assets(match.group(2))
             if match.group(1):
                 piece = piece.upstream()
@@ -42,6 +44,16 @@ def selection(text: str) -> dg.AssetSelection:
     if chosen is None:
         raise ConfigError("--select is empty")
     return chosen
+
+
+def _require_stage(name: str) -> None:
+    """Refuse a name that is no stage, with the closest one and the list (Dagster's own words name its internals)."""
+    names = [*stage_names(), *ON_DEMAND]
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"--select: no stage named {name!r}; {hint}the stages are {', '.join(names)}")
 
 
 def selected_asset_names(chosen: dg.AssetSelection) -> list[str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-import glob
 import json
+import sys
 from pathlib import Path
 
-from lora_pipeline.cli.session import check_data_early
+from lora_pipeline.cli.session import EXIT_USER_ERROR, check_data_early
 from lora_pipeline.config.registry import load_config_file, load_sweep_file, partition_key_for
 from lora_pipeline.errors import DataError, ModelError, ModelRefused
 
@@ -21,12 +21,15 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
         help="check a config and its data without loading any model",
         description="Validate CONFIG against the schema, read and check its dataset and tokenize it with the "
                     "base's tokenizer (its weights are not loaded): too many examples over training.max_length "
-                    "are refused with the max_length that would keep 95%% and 99%% of them whole.",
+                    "are refused with the max_length that would keep 95% and 99% of them whole.",
     )
     parser.add_argument("config", type=Path, help="model config YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit {EXIT_USER_ERROR}, as run would refuse it, when the memory plan does not fit this machine "
+                        "(without it the verdict is printed and validate exits 0)")
 
 
 def do_cli(args: argparse.Namespace) -> int:
@@ -41,13 +44,22 @@ def do_cli(args: argparse.Namespace) -> int:
                 print_summary(args.config, model_config, summary, cleaned, memory_lines)
         if args.json:
             print(json.dumps({"sweep": partition_key_for(args.config), "variants": summaries}))
-        return 0
+        return _strict_status(args, summaries)
     model_config = load_config_file(args.config, args.overrides)
     summary, cleaned, memory_lines = do_validate(model_config, partition_key_for(args.config))
     if args.json:
         print(json.dumps(summary))
     else:
         print_summary(args.config, model_config, summary, cleaned, memory_lines)
+    return _strict_status(args, [summary])
+
+
+def _strict_status(args: argparse.Namespace, summaries: list[dict]) -> int:
+    """EXIT_USER_ERROR under --strict when a plan does not fit (run refuses such a plan before loading), else 0."""
+    misfits = [s["partition"] for s in summaries if (s.get("memory_plan") or {}).get("fits") is False]
+    if args.strict and misfits:
+        print(f"--strict: the memory plan of {', '.join(misfits)} does not fit this machine", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 
@@ -109,7 +121,10 @@ def print_summary(path: Path, model_config, summary: dict, cleaned, memory_lines
                   f"{counts['normalized_duplicates']} case/whitespace duplicates (token lengths are "
                   "checked when formatted_dataset runs)")
     else:
-        print(f"  dataset     {source}: remote, read when raw_dataset runs")
+        from lora_pipeline.ml.data.sources import source_kind
+
+        where = "a hub dataset" if source_kind(source) == "hub" else "remote"
+        print(f"  dataset     {source}: {where}, read when raw_dataset runs")
     tokens = summary["tokens"]
     if tokens and "unknown" in tokens:
         print(f"  tokens      checked when formatted_dataset runs ({tokens['unknown']})")
@@ -194,9 +209,15 @@ def token_summary(model_config, cleaned) -> dict:
 
 
 def is_local_source(source: str) -> bool:
-    """Whether the source is on this machine (validate reads only those; remote ones are read by raw_dataset)."""
-    local = source.removeprefix("file://")
-    return "://" not in local and not local.startswith("hf:") and (Path(local).exists() or bool(glob.glob(local)))
+    """Whether validate reads the source now: a path here (a missing one is 'file not found' now, not a hub
+    look-up later) or, offline, a hub dataset, which can only come from the local cache. Remote ones are read
+    by raw_dataset."""
+    from huggingface_hub import constants
+
+    from lora_pipeline.ml.data.sources import source_kind
+
+    kind = source_kind(source)
+    return kind == "local" or (kind == "hub" and constants.HF_HUB_OFFLINE)
 
 
 def memory_summary(model_config, device) -> tuple[dict | None, list[str]]:

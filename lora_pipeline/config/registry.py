@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -67,6 +69,22 @@ def _format_location(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _close_keys(loc: tuple) -> str:
+    """', did you mean ...? (known here: ...)' for an unknown key at loc, from the schema's fields at its level."""
+    model: Any = ModelConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
+        candidates = [annotation, *typing.get_args(annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        if model is None:
+            return ""
+    known = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    return (f", did you mean '{close[0]}'?" if close else "") + f" (known here: {', '.join(known)})"
+
+
 def validate_config(data: Any, origin: str) -> ModelConfig:
     """Validate plain data against the schema; errors name the origin and every offending key path."""
     if not isinstance(data, dict):
@@ -78,7 +96,7 @@ def validate_config(data: Any, origin: str) -> ModelConfig:
         for error in exc.errors():
             key = _format_location(error["loc"])
             if error["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}'")
+                problems.append(f"unknown key '{key}'{_close_keys(error['loc'])}")
             elif error["type"] == "missing" or error.get("input", ...) is None:
                 # Dagster's Config turns absent fields into None before pydantic sees them.
                 problems.append(f"missing key '{key}'")

@@ -25,8 +25,43 @@ from lora_pipeline.ml.data.file_readers import READERS, plain_objects
 FILE_KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
               ".txt": "txt"}
 HUB_PREFIX = "hf:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name: one slash, not ./ ../ / or ~
+# A bare 'data/train.json' that is missing is a typo in a path, not a hub dataset: names ending like files
+# are never looked up on the hub (hub names with such an ending are written 'hf:owner/name').
+_FILE_SUFFIXES = {*FILE_KINDS, ".tsv", ".arrow", ".yaml", ".yml", ".gz", ".zip", ".xz", ".bz2", ".zst", ".xlsx"}
 _GLOB_CHARS = set("*?[")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """Whether a bare source is a hub dataset's 'owner/name': exactly one slash, no file extension."""
+    return bool(_HUB_ID.match(source)) and PurePosixPath(source).suffix.lower() not in _FILE_SUFFIXES
+
+
+def source_kind(source: str) -> str:
+    """'hub', 'remote' (an fsspec URL) or 'local' (a path here, which may be missing): the one rule that
+    read_source, source_version and `validate` follow. A bare 'owner/name' is the hub's unless it exists here."""
+    source = source.strip()
+    if source.startswith(HUB_PREFIX):
+        return "hub"
+    if "://" in source and not source.startswith("file://"):
+        return "remote"
+    if looks_like_hub_id(source) and not Path(source).exists():
+        return "hub"
+    return "local"
+
+
+def _local_path(source: str) -> str:
+    """A local source as a path: file:// dropped, ~ expanded."""
+    return os.path.expanduser(source.removeprefix("file://"))
+
+
+def _not_found(source: str, local: str) -> DataError:
+    """'file not found', with where a relative path was looked for: the working directory is the usual surprise."""
+    what = "dataset not found (no file matches the pattern)" if _GLOB_CHARS & set(local) else "dataset not found (no such file)"
+    return DataError(
+        f"{source}: {what} (looked for {Path(local).absolute()}, from the working directory {Path.cwd()}); "
+        "fix dataset.source, or write a hub dataset as 'hf:owner/name'"
+    )
 
 
 @dataclass(frozen=True)
@@ -82,23 +117,18 @@ class SourceRequest:
 def read_source(request: SourceRequest) -> SourceRows:
     """Read the source, rename mapped columns and keep at most max_rows rows."""
     source = request.source.strip()
-    if source.startswith(HUB_PREFIX):
+    kind = source_kind(source)
+    if kind == "hub":
         rows = _read_hub_dataset(source.removeprefix(HUB_PREFIX), request)
-    elif "://" in source and not source.startswith("file://"):
+    elif kind == "remote":
         rows = _read_files(source, _expand_remote(source))
     else:
-        local = source.removeprefix("file://")
+        local = _local_path(source)
         files = _expand_local(local)
         if isinstance(files, list) and not request.follow_symlinks:
             _refuse_links_out(local, files)
         if files is None:
-            if _HUB_ID.match(local):
-                rows = _read_hub_dataset(local, request)
-            else:
-                raise DataError(
-                    f"{source}: dataset not found (no such file or folder; relative paths are resolved "
-                    f"against {Path.cwd()}; hub datasets are written 'hf:owner/name')"
-                )
+            raise _not_found(source, local)
         elif files == "saved":
             rows = _read_saved_dataset(local, request)
         else:
@@ -277,6 +307,12 @@ def _load_hub_dataset(name: str, request: SourceRequest):
             return cached_snapshot()
         except Exception:
             pass  # not in the hub cache: datasets' own cache may still have it
+        try:
+            return datasets.load_dataset(name, request.subset, split=request.split, revision=request.revision)
+        except Exception:
+            # The libraries' own words here are about local_files_only and outgoing traffic: say what to do.
+            raise DataError(f"offline (HF_HUB_OFFLINE=1) and not in the local hub or datasets cache; download it "
+                            f"once with `hf download --repo-type dataset {name}`, or unset HF_HUB_OFFLINE") from None
     try:
         return datasets.load_dataset(name, request.subset, split=request.split, revision=request.revision)
     except ConnectionError:
@@ -294,9 +330,10 @@ def source_version(request: SourceRequest) -> str:
     """
     source = request.source.strip()
     digest = hashlib.sha256()
-    if source.startswith(HUB_PREFIX) or (_HUB_ID.match(source) and _expand_local(source) is None):
+    kind = source_kind(source)
+    if kind == "hub":
         digest.update(_hub_commit(source.removeprefix(HUB_PREFIX), request).encode())
-    elif "://" in source and not source.startswith("file://"):
+    elif kind == "remote":
         import fsspec
 
         fs, _, _ = fsspec.get_fs_token_paths(source)
@@ -305,12 +342,12 @@ def source_version(request: SourceRequest) -> str:
             token = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified') or info.get('mtime')}"
             digest.update(f"{path}\0{token}\0".encode())
     else:
-        local = source.removeprefix("file://")
+        local = _local_path(source)
         files = _expand_local(local)
         if isinstance(files, list) and not request.follow_symlinks:
             _refuse_links_out(local, files)
         if files is None:
-            raise DataError(f"{source}: dataset not found (no such file or folder)")
+            raise _not_found(source, local)
         if files == "saved":
             files = sorted(str(p) for p in Path(local).rglob("*") if p.is_file())
         for path in files:
