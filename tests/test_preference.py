@@ -136,6 +136,55 @@ def test_a_run_whose_margins_never_move_fails_with_what_to_check(tmp_path, tiny_
         train_preference(tiny_qwen3, table, tmp_path / "dpo", settings, start_adapter=start)
 
 
+def test_a_resumed_run_ends_where_the_whole_run_ends(tmp_path, tiny_qwen3, qwen3_tokenizer):
+    """Checkpoints every 2 steps (handed over as they are written); a run resumed from step 2 of a starting adapter
+    finishes with the adapter an uninterrupted run makes: optimizer, scheduler, data order and reference restored."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_pipeline.ml.preference.training import PreferenceSettings, train_preference
+
+    template = resolve_template("tokenizer", "messages", qwen3_tokenizer.chat_template)
+    table = tokenize_pairs(pairs_of(_pairs(32), _where), qwen3_tokenizer, template, _where, 0.0, 512).frame
+    start = _start_adapter(tiny_qwen3, tmp_path / "sft")
+    settings = PreferenceSettings(learning_rate=5e-3, batch_size=4, max_steps=4, max_length=128, checkpoint_every=2)
+    kept = {}
+
+    def keep(folder, step):
+        kept[step] = shutil.copytree(folder, tmp_path / f"kept-{step}")
+
+    whole = train_preference(tiny_qwen3, table, tmp_path / "whole", settings, start_adapter=start, on_checkpoint=keep)
+    assert sorted(kept) == [2] and whole.steps == 4  # the last step is saved as the adapter, not a checkpoint
+    logs = []
+    resumed = train_preference(tiny_qwen3, table, tmp_path / "resumed", settings, start_adapter=start,
+                               resume_from=kept[2], on_log=lambda step, entry: logs.append((step, entry)))
+    assert resumed.steps == 4 and resumed.resumed_from_step == 2 and resumed.logged_steps == [3, 4]
+    assert [step for step, entry in logs if "loss" in entry] == [3, 4]
+    finished = [load_file(folder / "adapter_model.safetensors") for folder in (tmp_path / "whole", tmp_path / "resumed")]
+    assert finished[0].keys() == finished[1].keys()
+    assert all(torch.allclose(finished[0][name], finished[1][name], atol=1e-6) for name in finished[0])
+
+
+def test_a_fresh_lora_trains_to_the_same_adapter_twice_with_one_seed(tmp_path, tiny_qwen3, qwen3_tokenizer):
+    import torch
+    from safetensors.torch import load_file
+
+    from lora_pipeline.config.schema import LoraSettings
+    from lora_pipeline.ml.preference.training import PreferenceSettings, train_preference
+
+    template = resolve_template("tokenizer", "messages", qwen3_tokenizer.chat_template)
+    table = tokenize_pairs(pairs_of(_pairs(16), _where), qwen3_tokenizer, template, _where, 0.0, 512).frame
+    settings = PreferenceSettings(learning_rate=5e-3, batch_size=4, max_steps=2, max_length=128, seed=3)
+    torch.manual_seed(1)  # whatever ran before in the process
+    train_preference(tiny_qwen3, table, tmp_path / "one", settings, lora=LoraSettings(), model_type="qwen3")
+    torch.manual_seed(2)
+    train_preference(tiny_qwen3, table, tmp_path / "two", settings, lora=LoraSettings(), model_type="qwen3")
+    one, two = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two"))
+    assert all(torch.equal(one[name], two[name]) for name in one)
+
+
 def test_the_shipped_pairs_are_what_their_generator_writes():
     from lora_pipeline.data.generate_preferences import OUTPUT, generate
 

@@ -13,6 +13,7 @@ import yaml
 
 from conftest import SAMPLE_DATA, micro_config_data
 from test_cli import _cli
+from test_tracking import _client, mlflow_server  # noqa: F401 (a fixture)
 
 
 
@@ -27,9 +28,11 @@ def _concise_pairs(folder: Path, rows: int = 240) -> Path:
     return path
 
 
-def _dpo_config(tmp_path: Path, source: Path, name: str = "micro-dpo", **training) -> Path:
+def _dpo_config(tmp_path: Path, source: Path, name: str = "micro-dpo", tracking: dict | None = None,
+                **training) -> Path:
     """A micro DPO config starting from model 'micro' (the SFT config of conftest)."""
     data = micro_config_data(
+        **({"tracking": tracking} if tracking else {}),
         dataset={"source": str(source), "format": "auto", "eval_fraction": 0.2},
         training={"objective": "dpo", "init_adapter": "micro", "max_steps": 12, "batch_size": 8,
                   "learning_rate": 2e-3, "max_length": 96, "logging_steps": 2, "warmup": 0.0, **training},
@@ -48,6 +51,7 @@ def _dpo_config(tmp_path: Path, source: Path, name: str = "micro-dpo", **trainin
     ({"init_adapter": "micro"}, "training.init_adapter starts preference tuning"),
     ({"objective": "dpo"}, "must start from an SFT model trained on it"),
     ({"objective": "dpo", "init_adapter": "micro", "packing": True}, "training.packing does not apply to dpo"),
+    ({"objective": "dpo", "init_adapter": "micro", "distributed": {"strategy": "ddp"}}, "dpo trains in one process"),
     ({"objective": "simpo"}, "'training.objective'"),
 ])
 def test_preference_keys_are_checked_with_the_key_named(training, message):
@@ -86,14 +90,18 @@ def test_preference_rows_are_detected_and_refused_with_the_row_and_field(tmp_pat
                                          "micro.yaml"))
 
 
-def test_dpo_from_a_champion_beats_it_on_held_out_pairs_and_passes_the_gates(tmp_path, write_config):
+def test_dpo_from_a_champion_beats_it_on_held_out_pairs_and_passes_the_gates(tmp_path, write_config, mlflow_server):
     sft = write_config("micro")
     _cli(["run", str(sft), "--json"], tmp_path, check_rc=0)
-    dpo = _dpo_config(tmp_path, _concise_pairs(tmp_path))
+    dpo = _dpo_config(tmp_path, _concise_pairs(tmp_path), checkpoint_every=4,
+                      tracking={"report_to": ["mlflow"], "tracking_uri": mlflow_server})
     result = _cli(["run", str(dpo), "--json"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assets = summary["assets"]
+    # Checkpoints every 4 steps went to the store, and were dropped once the adapter was published.
+    assert "checkpoint at step 4: " in result.stderr and "checkpoint at step 8: " in result.stderr
+    assert not list((tmp_path / "store" / "micro-dpo" / "trained_adapter" / ".checkpoints").glob("*/*"))
     # The base is the starting champion's, copied; the adapter records which champion it started from.
     base_meta = assets["quantized_base"]["metadata"]
     assert base_meta["init_adapter"].startswith("micro champion ") and "/micro/quantized_base/" in base_meta["copied_from"]
@@ -116,6 +124,15 @@ def test_dpo_from_a_champion_beats_it_on_held_out_pairs_and_passes_the_gates(tmp
     assert champion["promoted"], champion["gates"]
     assert "on preference_accuracy" in champion["gates"]["better_than_base"]["detail"]
     assert "every hand-off gives the training prompt ids" in champion["gates"]["template_fidelity"]["detail"]
+    # One MLflow run: the curves live at their logging steps, the evaluation's figures, the champion alias.
+    client = _client(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("micro-dpo").experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == assets["trained_adapter"]["metadata"]["mlflow_run_id"]
+    curve = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert [point.step for point in curve] == [2, 4, 6, 8, 10, 12]
+    assert {"train/rewards/margins", "train/rewards/accuracies"} <= set(runs[0].data.metrics)
+    assert runs[0].data.metrics["eval/adapter_preference_accuracy"] == pytest.approx(entry["candidate_mean"])
+    assert "champion" in client.get_registered_model("micro-dpo").aliases
 
     # A new champion upstream is new input here: the DPO model's stages are stale.
     configs = {"LORA_PIPELINE_CONFIG_DIR": str(tmp_path / "configs")}

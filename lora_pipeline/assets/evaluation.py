@@ -89,7 +89,8 @@ def eval_report(
         base, adapter = storage.content_digest(quantized_base)[:16], storage.content_digest(trained_adapter)[:16]
         champion = comparable_champion(storage, champion_owner(context, registry), base, f"{base}-{adapter}")
         return evaluate_preference_model(context, model_config, storage, compute.info(), parents, champion,
-                                         {"base": base, "adapter": f"{base}-{adapter}"})
+                                         {"base": base, "adapter": f"{base}-{adapter}"}, tracker,
+                                         champion_owner(context, registry))
     settings = model_config.eval
     quantized_dir = storage.local_path(quantized_base)
     quantized = is_quantized_dir(quantized_dir)

@@ -11,15 +11,18 @@ from lora_pipeline.assets.starting import starting_adapter
 from lora_pipeline.config.schema import ModelConfig
 from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+from lora_pipeline.resources.tracking import ExperimentTracker
 
 EVAL_SPLIT = "eval.parquet"
 
 
 def evaluate_preference_model(context: dg.AssetExecutionContext, model_config: ModelConfig, storage: ArtifactStore,
-                              device, parents: dict[str, ArtifactRef], champion, weights: dict) -> dg.Output[ArtifactRef]:
-    """Score, write metrics.json, examples.parquet and report.md, publish; metadata for the UI. champion: the
-    current champion's (scores key, adapter folder, version) when comparable; weights: what identifies the
-    base's and the adapter's weights (the champion stage records them)."""
+                              device, parents: dict[str, ArtifactRef], champion, weights: dict,
+                              tracker: ExperimentTracker, owner: str) -> dg.Output[ArtifactRef]:
+    """Score, write metrics.json, examples.parquet and report.md, publish; metadata for the UI, and with MLflow
+    the metrics into the adapter's run. champion: the current champion's (scores key, adapter folder, version)
+    when comparable; weights: what identifies the base's and the adapter's weights (the champion stage records
+    them)."""
     from lora_pipeline.ml.preference.report import PREFERENCE_METRIC, evaluate_preferences, report_markdown
 
     settings = model_config.eval
@@ -55,16 +58,22 @@ def evaluate_preference_model(context: dg.AssetExecutionContext, model_config: M
                      f"{accuracy['adapter']['ci95'][0]:.3f} to {accuracy['adapter']['ci95'][1]:.3f}) against "
                      f"{accuracy['reference']['value']:.3f} for the reference: {tuned_vs_reference['verdict']}")
     forgetting = document["comparison"].get("forgetting")
+    metrics = {
+        **{f"{name}_preference_accuracy": values["value"] for name, values in accuracy.items()},
+        **{f"{name}_{metric}": float(values[metric]["value"]) for name, values in intervals.items()
+           for metric in ("likelihood_accuracy", "reward_margin")},
+        "merged_vs_adapter_loss_change": document["comparison"]["merged_vs_adapter_loss_change"],
+        **({"forgetting_change": forgetting["relative_change"]} if forgetting else {}),
+    }
+    tracked = tracker.evaluated(model_config.tracking, owner, storage, parents["trained_adapter"],
+                                parents["quantized_base"], metrics, model_config.trust_remote_code)
     return stage_output(ref, record, model_config, {
         "objective": model_config.training.objective,
         "reference": reference,
         "eval_pairs": len(pairs),
-        **{f"{name}_preference_accuracy": values["value"] for name, values in accuracy.items()},
+        **metrics,
         "adapter_preference_accuracy_ci95": str([round(x, 4) for x in accuracy["adapter"]["ci95"]]),
-        **{f"{name}_{metric}": float(values[metric]["value"]) for name, values in intervals.items()
-           for metric in ("likelihood_accuracy", "reward_margin")},
         "adapter_preference_accuracy_vs_reference": tuned_vs_reference["verdict"],
-        "merged_vs_adapter_loss_change": document["comparison"]["merged_vs_adapter_loss_change"],
-        **({"forgetting_change": forgetting["relative_change"]} if forgetting else {}),
         "report": dg.MetadataValue.md(report),
+        **tracked,
     })

@@ -2,9 +2,10 @@
 formatted pairs, from the starting champion (training.init_adapter) or a new LoRA.
 
 Shared with SFT: the quantized base (QLoRA), the reuse of an adapter made from the same inputs (the starting
-adapter's content is one of them), the template recorded in the adapter, the summary the leaderboard and the
-trackers read. Not yet shared: checkpoints and resume, several processes, and the memory planner's count of
-the reference pass (a preference run on one process trains to the end or is run again).
+adapter's content is one of them), checkpoints in the store every training.checkpoint_every steps and the
+resume from the newest one made from the same inputs, the MLflow run (curves live, then the adapter), the
+template recorded in the adapter, the summary the leaderboard reads. Not shared: several processes (a
+preference run trains in the Dagster step; training.distributed is refused for it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lora_pipeline.errors import ConfigError
 from lora_pipeline.ml.prompt_format import record_prompt_format
 from lora_pipeline.ml.report.plots import curves_png, markdown_image
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
+from lora_pipeline.resources.tracking import ExperimentTracker
 
 STAGE = "trained_adapter"
 TRAINING_SUMMARY = "training_summary.json"
@@ -42,6 +44,7 @@ def preference_settings(model_config: ModelConfig):
         "desirable_weight": preference.desirable_weight, "undesirable_weight": preference.undesirable_weight,
         "grad_accumulation": training.grad_accumulation, "warmup": training.warmup,
         "lr_scheduler": training.lr_scheduler, "max_grad_norm": training.max_grad_norm,
+        "checkpoint_every": training.checkpoint_every or 0,
     }
     known = {field.name for field in dataclasses.fields(PreferenceSettings)}
     return PreferenceSettings(**{name: value for name, value in values.items() if name in known})
@@ -68,8 +71,9 @@ def require_reference(model_config: ModelConfig, start: StartingAdapter | None, 
 
 def train_preference_adapter(context: dg.AssetExecutionContext, model_config: ModelConfig, storage: ArtifactStore,
                              formatted_dataset: ArtifactRef, quantized_base: ArtifactRef, inputs: dict,
-                             key: str) -> dg.Output[ArtifactRef]:
-    """Train (or reuse) the preference adapter and publish it with its curves and summary."""
+                             key: str, tracker: ExperimentTracker, owner: str) -> dg.Output[ArtifactRef]:
+    """Train (or reuse, or resume) the preference adapter and publish it with its curves and summary."""
+    from lora_pipeline.assets.training import explain_fresh_start, inputs_key
     from lora_pipeline.ml.preference.training import train_preference
 
     partition = context.partition_key
@@ -80,8 +84,6 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
     reference = require_reference(model_config, start, storage, quantized_base)
     if start is not None:
         inputs = {**inputs, "init_adapter": storage.content_digest(start.adapter)}
-        from lora_pipeline.assets.training import inputs_key
-
         key = inputs_key(inputs)
     parents = {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base}
     facts = {"inputs_key": key, "objective": model_config.training.objective, "reference": reference,
@@ -92,20 +94,36 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
         storage.point_current(partition, STAGE, finished, run_order(context))
         folder = storage.local_path(finished)
         record = stage_lineage(context, model_config, storage, parents, **facts)
+        tracked = tracker.adapter_run(model_config.tracking, owner, storage, finished, quantized_base,
+                                      model_config.trust_remote_code)
         return _output(finished, record, model_config, read_json(folder / TRAINING_SUMMARY),
-                       (folder / LOSS_CURVE).read_bytes(), start, reused=True)
+                       (folder / LOSS_CURVE).read_bytes(), start, reused=True, tracked=tracked)
+    resume_from = storage.latest_checkpoint(partition, STAGE, key)
+    if resume_from is not None:
+        context.log.info(f"resuming from the checkpoint at step {resume_from[0]} (run {key})")
+    elif (explanation := explain_fresh_start(storage, partition, key, inputs)) is not None:
+        context.log.warning(explanation)
+    storage.record_checkpoint_inputs(partition, STAGE, key, inputs)
+
+    def publish_checkpoint(folder, step: int) -> None:
+        context.log.info(f"checkpoint at step {step}: {storage.publish_checkpoint(folder, partition, STAGE, key, step)}")
+
     base_dir = storage.local_path(quantized_base)
     train = pd.read_parquet(storage.local_path(formatted_dataset) / "train.parquet")
     settings = preference_settings(model_config)
     objective = model_config.training.objective
     context.log.info(f"{objective.upper()} on {len(train)} training rows, reference: {reference}; beta "
                      f"{model_config.preference.beta:g}, learning rate {model_config.training.learning_rate:g}")
-    with storage.staging_dir() as staging:
+    lineage = stage_lineage(context, model_config, storage, parents, **facts)
+    with tracker.training(model_config.tracking, owner, partition, lineage) as live, \
+            storage.staging_dir() as staging:
         result = train_preference(
             base_dir, train, staging, settings,
             start_adapter=storage.local_path(start.adapter) if start is not None else None,
             lora=model_config.lora, model_type=read_json(base_dir / "base_info.json").get("model_type"),
-            progress=context.log.info)
+            progress=context.log.info, on_checkpoint=publish_checkpoint,
+            resume_from=resume_from[1] if resume_from is not None else None,
+            on_log=live.log if live is not None else None)
         # The template the pairs were rendered with travels with the adapter (and so the merged model).
         record_prompt_format(staging, model_config.dataset.template, "messages", model_config.trust_remote_code)
         summary = {**{name: value for name, value in vars(result).items()}, "objective": objective,
@@ -117,7 +135,10 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
         record = stage_lineage(context, model_config, storage, parents, steps=result.steps, **facts)
         ref = publish_stage(context, storage, staging, record)
         storage.remember(partition, STAGE, key, ref)
-    return _output(ref, record, model_config, summary, loss_png, start, reused=False)
+        storage.drop_checkpoints(partition, STAGE)
+        tracked = {} if live is None else live.finish(ref, storage.local_path(ref), base_dir, summary,
+                                                      model_config.trust_remote_code)
+    return _output(ref, record, model_config, summary, loss_png, start, reused=False, tracked=tracked)
 
 
 def training_curves_png(summary: dict, logging_steps: int) -> bytes:
@@ -152,7 +173,7 @@ def _card(model_config: ModelConfig, summary: dict, reference: str) -> str:
 
 
 def _output(ref: ArtifactRef, record: dict, model_config: ModelConfig, summary: dict, loss_png: bytes,
-            start: StartingAdapter | None, reused: bool) -> dg.Output[ArtifactRef]:
+            start: StartingAdapter | None, reused: bool, tracked: dict) -> dg.Output[ArtifactRef]:
     margins = summary.get("margin_history") or []
     accuracies = summary.get("accuracy_history") or []
     return stage_output(ref, record, model_config, {
@@ -168,4 +189,6 @@ def _output(ref: ArtifactRef, record: dict, model_config: ModelConfig, summary: 
         "last_reward_accuracy": accuracies[-1] if accuracies else None,
         "steps": summary["steps"],
         "train_seconds": summary["train_seconds"],
+        **({"resumed_from_step": summary["resumed_from_step"]} if summary.get("resumed_from_step") else {}),
+        **tracked,
     })

@@ -89,7 +89,7 @@ def what_changed(before: dict, after: dict) -> list[str]:
     return changes
 
 
-def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, inputs: dict) -> str | None:
+def explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, inputs: dict) -> str | None:
     """Why checkpoints in the store are not resumed (they were made from other inputs), or None if there are none."""
     reasons = []
     for other in storage.checkpoint_runs(partition, "trained_adapter"):
@@ -133,7 +133,7 @@ def trained_adapter(
     if model_config.preference_tuning:
         inputs = training_inputs(model_config, storage, formatted_dataset, quantized_base)
         return train_preference_adapter(context, model_config, storage, formatted_dataset, quantized_base, inputs,
-                                        inputs_key(inputs))
+                                        inputs_key(inputs), tracker, champion_owner(context, registry))
     run = _TrainingRun(context, model_config, storage, compute,
                        {"formatted_dataset": formatted_dataset, "quantized_base": quantized_base},
                        tracker, champion_owner(context, registry))
@@ -180,7 +180,7 @@ class _TrainingRun:
         latest = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
         if latest is not None:
             self.context.log.info(f"resuming from the checkpoint at step {latest[0]} (run {self.key})")
-        elif (explanation := _explain_fresh_start(self.storage, self.partition, self.key, self.inputs)) is not None:
+        elif (explanation := explain_fresh_start(self.storage, self.partition, self.key, self.inputs)) is not None:
             self.context.log.warning(explanation)
         self.storage.record_checkpoint_inputs(self.partition, STAGE, self.key, self.inputs)
         return latest

@@ -67,10 +67,12 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
     """The validation summary of a config, its cleaned rows (None for a remote source, read when raw_dataset
     runs) and the memory plan's lines to print."""
     from lora_pipeline.ml.base.precision import detect_device
-    from lora_pipeline.ml.training.distributed import plan_launch
+    from lora_pipeline.ml.training.distributed import Launch, plan_launch
 
     device = detect_device()
-    launch = plan_launch(model_config.training.distributed, device)  # refused before the data is read
+    # Refused before the data is read; a preference run trains in one process, whatever the GPUs.
+    launch = (Launch(strategy="none", nproc_per_node=1, nnodes=1) if model_config.preference_tuning
+              else plan_launch(model_config.training.distributed, device))
     source = model_config.dataset.source
     cleaned, (train_rows, eval_rows) = check_data_early(model_config) if is_local_source(source) else (None, (None, None))
     mode = model_config.quantization.mode

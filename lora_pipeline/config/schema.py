@@ -405,6 +405,11 @@ class ModelConfig(StrictSection):
                              "to that model's key (configs/tiny-dpo.yaml starts from tiny-demo)")
         if self.preference_tuning and training.packing:
             raise ValueError(f"training.packing does not apply to {training.objective}: pairs are not packed")
+        several = training.distributed
+        if self.preference_tuning and (several.strategy in ("ddp", "fsdp") or several.nnodes > 1
+                                       or several.nproc_per_node not in ("auto", "1")):
+            raise ValueError(f"training.distributed: {training.objective} trains in one process (the Dagster step); "
+                             "several processes are SFT's only so far: drop training.distributed")
         return self
 
     @property

@@ -135,7 +135,7 @@ class ExperimentTracker(dg.ConfigurableResource):
         summary = json.loads((adapter_dir / TRAINING_SUMMARY).read_text(encoding="utf-8"))
         live = LiveTraining(tracker, tracker.start(record.get("model", owner), lineage_tags(record),
                                                     lineage_params(record)), settings, owner)
-        tracker.log_history(live.run, summary.get("loss_history", []))
+        tracker.log_history(live.run, logged_curve(summary))
         live.finish(adapter, adapter_dir, storage.local_path(base), summary, trust_remote_code)
         return tracker, live.run
 
@@ -170,6 +170,16 @@ class ExperimentTracker(dg.ConfigurableResource):
         tracker.set_alias(name, alias, version)
         return {"mlflow_registered_model": name, "mlflow_model_version": version,
                 f"mlflow_{alias}": f"models:/{name}@{alias}"}
+
+
+def logged_curve(summary: dict) -> list[tuple[int, float]]:
+    """The training summary's loss as (step, loss): SFT stores pairs; a preference run the losses and, beside them,
+    the step each was logged at."""
+    history = summary.get("loss_history") or []
+    if history and not isinstance(history[0], (list, tuple)):
+        steps = summary.get("logged_steps") or range(1, len(history) + 1)
+        return list(zip(steps, history))
+    return [tuple(point) for point in history]
 
 
 class NoTracking(ExperimentTracker):

@@ -43,8 +43,9 @@ def _common_args(settings: PreferenceSettings, output_dir: Path, batch_size: int
                 num_train_epochs=settings.epochs, max_length=settings.max_length,
                 gradient_accumulation_steps=settings.grad_accumulation, warmup_steps=settings.warmup,
                 lr_scheduler_type=settings.lr_scheduler, max_grad_norm=settings.max_grad_norm,
-                logging_steps=settings.logging_steps, bf16=False, gradient_checkpointing=False, report_to="none",
-                save_strategy="no", seed=settings.seed, use_cpu=not torch.cuda.is_available(),
+                logging_steps=settings.logging_steps, bf16=False, activation_checkpointing=False, report_to="none",
+                save_strategy="steps" if settings.checkpoint_every else "no", save_steps=settings.checkpoint_every or 500,
+                seed=settings.seed, use_cpu=not torch.cuda.is_available(),
                 dataloader_num_workers=0, disable_tqdm=True)
 
 

@@ -57,6 +57,7 @@ class PreferenceSettings:
     warmup: float = 0.0  # a fraction of the steps below 1, a step count otherwise (transformers' warmup_steps)
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0: none
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -82,6 +83,7 @@ class PreferenceResult:
     objective: str = "dpo"
     extra_history: dict[str, list[float]] = field(default_factory=dict)
     logged_steps: list[int] = field(default_factory=list)  # the optimizer step of each logged figure
+    resumed_from_step: int = 0
 
 
 def load_policy(base_dir: Path, start_adapter: Path | None = None, lora=None, model_type: str | None = None):
@@ -110,19 +112,24 @@ def load_policy(base_dir: Path, start_adapter: Path | None = None, lora=None, mo
 
 def train_preference(base_dir: Path, train: pd.DataFrame, out_dir: Path, settings: PreferenceSettings,
                      start_adapter: Path | None = None, lora=None, model_type: str | None = None,
-                     progress: Callable[[str], None] | None = None) -> PreferenceResult:
+                     progress: Callable[[str], None] | None = None, on_checkpoint=None, resume_from: Path | None = None,
+                     on_log=None) -> PreferenceResult:
     """Train settings.objective on train and save the adapter to out_dir.
 
     train: pairs (prompt_ids, chosen_ids, rejected_ids) for every objective, or for KTO unpaired rows
     (prompt_ids, completion_ids, label). start_adapter: an adapter folder to start from, which becomes the
     reference (DPO, KTO); without it a new LoRA (lora: LoraSettings) is trained against the base. progress:
     called with a line per logged step (step, loss, reward margin and accuracy, time left) instead of the
-    Trainer's printed dictionaries."""
-    from transformers import TrainerCallback
+    Trainer's printed dictionaries. Every settings.checkpoint_every steps the Trainer's checkpoint (adapter,
+    optimizer, scheduler, RNG states) is handed to on_checkpoint(folder, step); resume_from is such a folder
+    (the figures logged before it are not in the result). on_log(step, logs) receives every Trainer log."""
+    from transformers import TrainerCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from lora_pipeline.ml.preference.objectives import build_trainer, watch_for
+    from lora_pipeline.ml.training.telemetry import checkpoint_callback, checkpoint_step, log_callback
 
+    set_seed(settings.seed)  # a fresh LoRA's initial weights are drawn here, before the Trainer seeds anything
     tokenizer, model = load_policy(base_dir, start_adapter, lora, model_type)
     watch = watch_for(settings)
 
@@ -138,7 +145,8 @@ def train_preference(base_dir: Path, train: pd.DataFrame, out_dir: Path, setting
                 if progress is not None:
                     progress(_progress_line(state, logs, time.perf_counter() - started))
 
-    trainer, rows = build_trainer(settings, model, tokenizer, train, Path(out_dir) / "_trainer", [WatchCallback()])
+    callbacks = [WatchCallback(), checkpoint_callback(on_checkpoint), *([log_callback(on_log)] if on_log else [])]
+    trainer, rows = build_trainer(settings, model, tokenizer, train, Path(out_dir) / "_trainer", callbacks)
     if progress is not None:
         trainer.remove_callback(PrinterCallback)
     if settings.objective == "orpo":
@@ -151,7 +159,7 @@ def train_preference(base_dir: Path, train: pd.DataFrame, out_dir: Path, setting
     else:
         reference = "base"
     started = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     seconds = time.perf_counter() - started
     watch.require_moved(settings, trainer.model)
     out_dir = Path(out_dir)
@@ -162,7 +170,8 @@ def train_preference(base_dir: Path, train: pd.DataFrame, out_dir: Path, setting
     return PreferenceResult(steps=trainer.state.global_step, train_seconds=round(seconds, 2),
                             loss_history=watch.losses, margin_history=watch.margins,
                             accuracy_history=watch.accuracies, reference=reference, objective=settings.objective,
-                            extra_history=watch.extra, logged_steps=logged_steps)
+                            extra_history=watch.extra, logged_steps=logged_steps,
+                            resumed_from_step=checkpoint_step(resume_from) if resume_from is not None else 0)
 
 
 def _progress_line(state, logs: dict, elapsed: float) -> str:

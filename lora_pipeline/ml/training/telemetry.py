@@ -92,6 +92,13 @@ def log_callback(on_log: LogFn):
     return LogCallback()
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step a Trainer checkpoint was written at."""
+    import json
+
+    return int(json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"])
+
+
 def checkpoint_callback(on_checkpoint: CheckpointFn | None):
     from transformers import TrainerCallback
 

@@ -19,6 +19,7 @@ from lora_pipeline.ml.training.telemetry import (
     LogFn,
     ProgressFn,
     checkpoint_callback,
+    checkpoint_step,
     log_callback,
     peak_memory_bytes,
     progress_callback,
@@ -92,13 +93,6 @@ def training_labels(train: "pd.DataFrame") -> list[list[int]]:
         np.where(np.asarray(mask) == 1, np.asarray(ids), IGNORE_INDEX).tolist()
         for ids, mask in zip(train["input_ids"], train["loss_mask"])
     ]
-
-
-def _checkpoint_step(folder: Path) -> int:
-    """The optimizer step a Trainer checkpoint was written at."""
-    import json
-
-    return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
 
 
 def lora_config(settings: "LoraSettings", model_type: str):
@@ -220,7 +214,7 @@ def train_adapter(
     trainable, total = trainer.model.get_nb_trainable_parameters()
     logger.info("training %s trainable of %s parameters; step %s", trainable, total, options)
 
-    resumed_step = _checkpoint_step(resume_from) if resume_from is not None else 0
+    resumed_step = checkpoint_step(resume_from) if resume_from is not None else 0
     with long_lived_heap_frozen():  # every step's autograd objects would otherwise set off full collections
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     train_seconds = float(result.metrics["train_runtime"])
