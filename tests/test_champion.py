@@ -132,6 +132,11 @@ def test_a_refused_candidate_keeps_the_champion_and_rollback_restores_an_earlier
     newer = json.loads(second.stdout.strip().splitlines()[-1])["champion"]
     assert newer["promoted"] and newer["version"] != champion["version"]
     assert "against champion" in newer["gates"]["no_regression"]["detail"]
+    records = sorted((tmp_path / "store" / "_records" / "champions" / "micro").iterdir())
+    again = _cli(["promote", str(path), "--json"], tmp_path, check_rc=0)
+    assert f"{newer['version']} is already the champion of micro" in again.stderr and "nothing to do" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["unchanged"]
+    assert sorted((tmp_path / "store" / "_records" / "champions" / "micro").iterdir()) == records  # no duplicate
 
     back = json.loads(_cli(["rollback", "micro", "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
     assert back["version"] == champion["version"] and back["previous"] == newer["version"]

@@ -295,7 +295,11 @@ def champion(
             _write_champion_files(staging, storage, model_config, decision, eval_report, key)
         record = stage_lineage(context, model_config, storage, refs, promoted=decision.promoted)
         ref = publish_stage(context, storage, staging, record)
-    if decision.promoted:
+    if decision.promoted and decision.current_version == decision.candidate_version:
+        # Promoting the champion again changes nothing: no second history record, no alias move.
+        context.log.info(f"{decision.owner}: {decision.candidate_version} is already the champion")
+        tracked = {}
+    elif decision.promoted:
         history.append("promote", decision.candidate_version, {**decision.candidate, "champion": {"uri": ref.uri},
                                                                "serving": decision.serving},
                        decision.suite, decision.summary()["gates"], context.run_id, key)

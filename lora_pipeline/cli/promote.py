@@ -93,6 +93,13 @@ def do_promote(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**summary, "dry_run": True}))
         return 0 if decision.promoted else EXIT_REFUSED
+    unchanged = _already_champion(storage, key)
+    if unchanged is not None:
+        print(f"{unchanged['version']} is already the champion of {unchanged['model']} (since {unchanged['since']}): "
+              "nothing to do", file=stream)
+        if args.json:
+            print(json.dumps(unchanged))
+        return 0
     plan = RunPlan(args.config, key, model_config, ["champion"], readable_source_version(model_config, args.storage),
                    storage=args.storage, force=True)
     _, assets, _, refused = run_reporting_refusal(plan)
@@ -101,6 +108,24 @@ def do_promote(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(champion))
     return EXIT_REFUSED if refused or not champion["promoted"] else 0
+
+
+def _already_champion(storage, key: str) -> dict | None:
+    """The --json summary of a no-op when the model's newest adapter is its owner's champion already, else None."""
+    from lora_pipeline.assets.champion import artifact_version
+    from lora_pipeline.resources.records import ChampionHistory
+    from lora_pipeline.resources.storage import ArtifactIntegrityError
+
+    owner = _sweep_of(key) or key
+    current = ChampionHistory(storage, owner).current()
+    try:
+        candidate = artifact_version(storage.current(key, "trained_adapter"))
+    except ArtifactIntegrityError:
+        return None  # nothing trained: the champion stage says what to run
+    if current is None or current.version != candidate:
+        return None
+    return {"promoted": True, "unchanged": True, "version": candidate, "candidate": candidate, "model": owner,
+            "since": current.at}
 
 
 def _sweep_of(key: str) -> str | None:
