@@ -126,13 +126,22 @@ def test_list_names_the_assets_an_edit_of_the_config_made_stale(tmp_path, write_
 
 @pytest.mark.slow
 def test_the_demo_meets_its_acceptance_figures(tmp_path):
-    """`make demo`'s config: adapter held-out loss >= 20% below base, merged within 1% of the adapter."""
+    """`make demo`'s config: adapter held-out loss >= 20% below base, merged within 1% of the adapter; then tiny-dpo."""
     result = _cli(["run", "configs/tiny-demo.yaml", "--json"], tmp_path, check_rc=0)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     metrics = json.loads((Path(summary["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
     assert metrics["adapter"]["loss"] <= 0.8 * metrics["base"]["loss"]
     assert abs(metrics["merged"]["loss"] - metrics["adapter"]["loss"]) <= 0.01 * metrics["adapter"]["loss"]
     assert "report:" in result.stderr
+
+    # configs/tiny-dpo.yaml on top of its champion: held-out preference accuracy above the reference's beyond
+    # the paired interval, every gate passed.
+    dpo = json.loads(_cli(["run", "configs/tiny-dpo.yaml", "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
+    preference = json.loads((Path(dpo["assets"]["eval_report"]["uri"]) / "metrics.json").read_text())
+    versus_reference = preference["comparison"]["paired"][0]
+    assert (versus_reference["metric"], versus_reference["reference"]) == ("preference_accuracy", "reference")
+    assert versus_reference["difference"]["ci95"][0] > 0
+    assert dpo["champion"]["promoted"] and all(gate["passed"] for gate in dpo["champion"]["gates"].values())
 
 
 @pytest.mark.parametrize(
