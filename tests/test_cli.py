@@ -133,6 +133,10 @@ def test_the_demo_meets_its_acceptance_figures(tmp_path):
     assert metrics["adapter"]["loss"] <= 0.8 * metrics["base"]["loss"]
     assert abs(metrics["merged"]["loss"] - metrics["adapter"]["loss"]) <= 0.01 * metrics["adapter"]["loss"]
     assert "report:" in result.stderr
+    # validate counts what the trainer trains (the built-in base's vocabulary is trained on the data).
+    trained = json.loads((Path(summary["assets"]["trained_adapter"]["uri"]) / "training_summary.json").read_text())
+    plan = json.loads(_cli(["validate", "configs/tiny-demo.yaml", "--json"], tmp_path, check_rc=0).stdout)["memory_plan"]
+    assert plan["trainable_parameters"] == trained["trainable_parameters"]
 
     # configs/tiny-dpo.yaml on top of its champion: held-out preference accuracy above the reference's beyond
     # the paired interval, every gate passed.

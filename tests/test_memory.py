@@ -211,6 +211,17 @@ def test_knobs_combine_changes_when_no_single_one_fits():
     assert plan_for_config(shipped("phi-3-mini-lora", *combined.overrides), gpu_8).total <= 8 * GIB
 
 
+def test_no_knob_suggests_a_max_length_that_cuts_more_than_5_percent_of_the_examples():
+    gpu_8 = DeviceInfo(device="cuda", gpu_count=1, bf16_supported=True, gpu_memory_bytes=8 * GIB)
+    plan = plan_for_config(shipped("phi-3-mini-lora"), gpu_8)
+
+    def lengths(suggested):
+        return {new for knob in suggested for key, _, new in knob.changes if key == "training.max_length"}
+
+    assert min(lengths(knobs(plan, 8 * GIB))) < 1500  # unbounded, it halves down to 64
+    assert min(lengths(knobs(plan, 8 * GIB, shortest=1500)), default=2048) >= 1500
+
+
 def test_the_plan_renders_every_term():
     text = llama_qlora().render()
     for term in ("base weights", "adapter", "gradients", "optimizer states", "activations", "loss head", "framework",

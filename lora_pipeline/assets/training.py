@@ -198,7 +198,9 @@ class _TrainingRun:
         train_file = storage.local_path(formatted_dataset) / TRAIN_SPLIT
         base_dir = storage.local_path(quantized_base)
         launch = plan_launch(model_config.training.distributed, self.device)  # refusals before anything loads
-        plan = check_fits(model_config, self.device, base_dir)  # before the model is loaded, per rank
+        advice = read_json(storage.local_path(formatted_dataset) / FORMAT_SUMMARY).get("length_advice") or {}
+        # Before the model is loaded, per rank; no suggested max_length cuts more than 5% of the examples.
+        plan = check_fits(model_config, self.device, base_dir, shortest=advice.get("keeps_95") or 64)
         base_name = quantized_base.uri if model_config.builtin_base else model_config.base_model
         options = step_options(model_config.training, self.device, dequant_cache=bool(plan and plan.dequant_cache))
         with self.tracker.training(model_config.tracking, self.owner, self.partition, self.lineage()) as live, \

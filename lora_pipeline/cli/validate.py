@@ -92,7 +92,11 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
         "objective": model_config.training.objective,
         **({"init_adapter": model_config.training.init_adapter} if model_config.training.init_adapter else {}),
     }
-    summary["memory_plan"], memory_lines = memory_summary(model_config, device)
+    # A built-in base's vocabulary is trained on the data: the plan counts the head the trainer will train.
+    tokens = summary["tokens"] or {}
+    vocab = tokens.get("vocab_size") if model_config.builtin_base else None
+    summary["memory_plan"], memory_lines = memory_summary(model_config, device, vocab,
+                                                          tokens.get("max_length_keeping_95%") or 64)
     summary["launch"] = launch.as_dict()
     memory_lines.insert(0, f"  training    {launch.world_size} process{'es' if launch.world_size > 1 else ''}"
                            + (f" ({launch.strategy}, {launch.nproc_per_node} per machine x {launch.nnodes})"
@@ -190,6 +194,7 @@ def token_summary(model_config, cleaned) -> dict:
             rate, limit, counts["truncated"], dropped, counts["tokens_lost_to_max_length"], advice))
     first = formatted.preview.iloc[0] if len(formatted.preview) else None
     return {
+        "vocab_size": len(tokenizer),
         "template": formatted.template,
         "per_turn_rows": counts["per_turn_rows"],
         "per_turn_examples": counts["per_turn_examples"],
@@ -222,11 +227,13 @@ def is_local_source(source: str) -> bool:
     return kind == "local" or (kind == "hub" and constants.HF_HUB_OFFLINE)
 
 
-def memory_summary(model_config, device) -> tuple[dict | None, list[str]]:
-    """The training's memory plan on this machine's device, as JSON and as lines to print."""
+def memory_summary(model_config, device, vocab_size: int | None = None,
+                   shortest: int = 64) -> tuple[dict | None, list[str]]:
+    """The training's memory plan on this machine's device, as JSON and as lines to print; no knob suggests a
+    max_length below shortest."""
     from lora_pipeline.ml.base.fit import assess_fit
 
-    assessment = assess_fit(model_config, device)  # a local base_model folder's config.json is read as is
+    assessment = assess_fit(model_config, device, vocab_size=vocab_size, shortest=shortest)  # a local base's config.json is read as is
     if assessment is None:
         return None, ["  memory      unknown here: the base model's config.json is not shipped or local"]
     lines = ["  " + line for line in assessment.plan.render().splitlines()]

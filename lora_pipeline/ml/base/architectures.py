@@ -103,9 +103,10 @@ HUB_ARCHITECTURES: dict[str, dict] = {
 HUB_ARCHITECTURES["gpt2"] = HUB_ARCHITECTURES["openai-community/gpt2"]
 
 
-def architecture_config(base_model: str, local_folder: Path | None = None) -> dict | None:
+def architecture_config(base_model: str, local_folder: Path | None = None, vocab_size: int | None = None) -> dict | None:
     """config.json of a model: from local_folder or a local base_model folder, the built-in shapes, the
-    shipped table of hub models, or the local Hugging Face cache (no network). None when unknown."""
+    shipped table of hub models, or the local Hugging Face cache (no network). None when unknown.
+    vocab_size: a built-in base's vocabulary when its tokenizer is known (it is trained on the data)."""
     for folder in (local_folder, Path(base_model)):
         if folder is not None and (Path(folder) / "config.json").is_file():
             return json.loads((Path(folder) / "config.json").read_text())
@@ -114,7 +115,7 @@ def architecture_config(base_model: str, local_folder: Path | None = None) -> di
 
         # What build_tiny_llama builds; its vocabulary, trained on the data, is at most the shape's.
         shape = builtin_shape(base_model)
-        return {"model_type": "llama", **shape_config(shape, shape.vocab_size), "torch_dtype": "float32"}
+        return {"model_type": "llama", **shape_config(shape, vocab_size or shape.vocab_size), "torch_dtype": "float32"}
     if base_model in HUB_ARCHITECTURES:
         return dict(HUB_ARCHITECTURES[base_model])
     try:

@@ -47,14 +47,17 @@ class FitAssessment:
 
     def summary(self) -> dict:
         """The assessment as JSON (`validate --json`'s memory_plan)."""
-        return {"device": self.device.device, "terms": self.plan.terms(), "total": self.plan.total,
+        return {"device": self.device.device, "parameters": self.plan.parameters,
+                "trainable_parameters": self.plan.trainable_parameters, "terms": self.plan.terms(), "total": self.plan.total,
                 "available": self.available, "fits": self.fits, "knobs": [str(knob) for knob in self.knobs]}
 
 
-def assess_fit(model_config: "ModelConfig", device: DeviceInfo, local_folder: Path | None = None) -> FitAssessment | None:
+def assess_fit(model_config: "ModelConfig", device: DeviceInfo, local_folder: Path | None = None,
+               vocab_size: int | None = None, shortest: int = 64) -> FitAssessment | None:
     """The training's memory plan on this device, or None when the base model's shapes are not known here
-    (a hub model not shipped, offline: nothing can be said before its config.json is downloaded)."""
-    plan = plan_for_config(model_config, device, local_folder)
+    (a hub model not shipped, offline: nothing can be said before its config.json is downloaded). shortest: the
+    least max_length a knob may suggest (the data's length keeping 95% of the examples whole, when known)."""
+    plan = plan_for_config(model_config, device, local_folder, vocab_size)
     if plan is None:
         return None
     available = usable_memory_bytes(device)
@@ -62,12 +65,13 @@ def assess_fit(model_config: "ModelConfig", device: DeviceInfo, local_folder: Pa
         available //= plan_launch(model_config.training.distributed, device).nproc_per_node
     plan = resolve_dequant_cache(plan, available)
     fit = fits(plan, available)
-    return FitAssessment(plan, device, available, fit, [] if fit else knobs(plan, available))
+    return FitAssessment(plan, device, available, fit, [] if fit else knobs(plan, available, shortest))
 
 
-def check_fits(model_config: "ModelConfig", device: DeviceInfo, local_folder: Path | None = None) -> MemoryPlan | None:
+def check_fits(model_config: "ModelConfig", device: DeviceInfo, local_folder: Path | None = None,
+               shortest: int = 64) -> MemoryPlan | None:
     """The training's memory plan on this device; ModelError with the numbers and the knobs if it will not fit."""
-    assessment = assess_fit(model_config, device, local_folder)
+    assessment = assess_fit(model_config, device, local_folder, shortest=shortest)
     if assessment is None:
         return None
     if assessment.fits:

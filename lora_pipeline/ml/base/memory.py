@@ -99,7 +99,8 @@ class MemoryPlan:
         """The breakdown as a text table (GiB, or MiB for plans under 4 GiB)."""
         unit, unit_name = (GIB, "GiB") if self.total >= 4 * GIB else (MIB, "MiB")
         t = self.inputs.training
-        lines = [f"memory plan on {self.device}: {self.parameters / 1e9:.2f}B parameters, "
+        size = f"{self.parameters / 1e9:.2f}B" if self.parameters >= 1e8 else f"{self.parameters / 1e6:.1f}M"
+        lines = [f"memory plan on {self.device}: {size} parameters, "
                  f"{self.trainable_parameters:,} trainable, batch {t.batch_size} x {t.max_length} tokens"]
         lines += [f"  {name.replace('_', ' '):<17}{getattr(self, name) / unit:>9.2f} {unit_name}  {self.notes[name]}"
                   for name in self.TERMS]
@@ -190,9 +191,10 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
 
 
 def plan_for_config(config: "ModelConfig", device: DeviceInfo,
-                    local_folder: Path | None = None) -> MemoryPlan | None:
-    """The plan of a whole model config on a device; None when the base model's config.json is not known here."""
-    architecture = architecture_config(config.base_model, local_folder)
+                    local_folder: Path | None = None, vocab_size: int | None = None) -> MemoryPlan | None:
+    """The plan of a whole model config on a device; None when the base model's config.json is not known here.
+    vocab_size: a built-in base's vocabulary, when its tokenizer has been trained (validate)."""
+    architecture = architecture_config(config.base_model, local_folder, vocab_size)
     if architecture is None:
         return None
     if config.preference_tuning:
@@ -303,14 +305,15 @@ class Knob:
         return f"{changes} saves {self.saved_bytes / GIB:.1f} GiB ({self.total_after / GIB:.1f} GiB, {verdict})"
 
 
-def _candidates(plan: MemoryPlan) -> dict[str, list[dict[str, object]]]:
-    """Per setting, the changes that can lower the peak, mildest first, as {dotted key: new value}."""
+def _candidates(plan: MemoryPlan, shortest: int = 64) -> dict[str, list[dict[str, object]]]:
+    """Per setting, the changes that can lower the peak, mildest first, as {dotted key: new value}. shortest: the
+    least max_length to suggest (the data's: what keeps 95% of the examples whole)."""
     t, q, lora = plan.inputs.training, plan.inputs.quantization, plan.inputs.lora
     steps = t.batch_size * t.grad_accumulation  # a smaller batch keeps the sequences per step by accumulating
     found = {"training.batch_size": [{"training.batch_size": b, "training.grad_accumulation": -(-steps // b)}
                                      for b in range(t.batch_size - 1, 0, -1)],
              "training.max_length": [{"training.max_length": t.max_length >> k}
-                                     for k in range(1, 8) if t.max_length >> k >= 64],
+                                     for k in range(1, 8) if t.max_length >> k >= max(64, shortest)],
              "quantization.mode": [{"quantization.mode": mode}
                                    for mode in {"none": ["int8", "nf4"], "int8": ["nf4"]}.get(q.mode, [])]}
     if not plan.gradient_checkpointing:
@@ -377,14 +380,15 @@ def _knob(plan: MemoryPlan, changes: dict, after: MemoryPlan, memory: int) -> Kn
                 after.total, fits(after, memory))
 
 
-def knobs(plan: MemoryPlan, device_memory_bytes: int) -> list[Knob]:
+def knobs(plan: MemoryPlan, device_memory_bytes: int, shortest: int = 64) -> list[Knob]:
     """For a plan that does not fit: config changes that lower its peak, each re-planned. Single changes (for batch
     size and max length the mildest that fits, else the strongest), those that fit first, then by savings. When
     none fits alone, the first entry combines changes (the biggest saver first until the plan fits, then each backed
-    off to its mildest value that still fits). Empty when the plan fits."""
+    off to its mildest value that still fits). Empty when the plan fits. shortest: the least max_length to
+    suggest."""
     if fits(plan, device_memory_bytes):
         return []
-    candidates, singles = _candidates(plan), []
+    candidates, singles = _candidates(plan, shortest), []
     for options in candidates.values():
         tried = _try(plan, {}, options, device_memory_bytes)
         if plan.total - tried[1].total > plan.total / 100:
