@@ -53,3 +53,25 @@ def test_the_production_instance_config_is_valid_and_recovers_crashed_runs():
     assert config["run_retries"]["max_retries"] >= 1
     assert config["run_retries"]["retry_on_asset_or_op_failure"] is False  # a bad config fails once, not thrice
     assert config["concurrency"]["pools"]["default_limit"] >= 1
+
+
+def test_the_readme_names_the_stages_and_groups_the_code_declares():
+    """The README's tour of the UI counts the stages and names each group's members: from the definitions."""
+    import re
+
+    from lora_pipeline.assets import ON_DEMAND_ASSETS, PIPELINE_ASSETS, SETTINGS_SPECS
+    from lora_pipeline.assets.stages import stage_names
+
+    words = {3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
+    assert {spec.group_name for spec in SETTINGS_SPECS} == {"settings"}
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    tour = readme[readme.index("You will see the "):readme.index("with their descriptions")]
+    groups = {}
+    for asset in [*PIPELINE_ASSETS, *ON_DEMAND_ASSETS]:
+        for key in asset.keys:
+            groups.setdefault(asset.group_names_by_key[key], []).append(key.to_user_string())
+    tour = " ".join(tour.split())
+    assert f"the {words[len(stage_names())]} stages in {words[len(groups) + 1]} groups" in tour  # + settings
+    for group, names in groups.items():
+        for name in names:
+            assert re.search(rf"{group}:[^;]*`{name}`", tour), (group, name)
