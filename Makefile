@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 # not used: `playwright install` fetches from a CDN).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser families llama-cpp demo test test-fast ui lock bench bench-data clean
+.PHONY: install browser families llama-cpp demo test test-fast ui lock bench bench-data readme-figures clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ UI_PORT ?= 3000
 ui: $(STAMP)  ## the Dagster UI on http://127.0.0.1:$(UI_PORT) (make ui UI_PORT=3100 for another), same instance as the CLI
 	$(BIN)/lora-pipeline list  # prepares the instance and registers every config as a partition
 	VIRTUAL_ENV=$(CURDIR)/.venv $(BIN)/dg dev --host 127.0.0.1 --port $(UI_PORT)
+
+readme-figures: $(STAMP)  ## rerun the demo and write its figures into the README
+	$(BIN)/python scripts/readme_figures.py
 
 lock:  ## re-pin constraints.txt to what is installed in .venv
 	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/' > constraints.txt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,12 @@ def test_the_demo_meets_its_acceptance_figures(tmp_path):
     assert metrics["adapter"]["loss"] <= 0.8 * metrics["base"]["loss"]
     assert abs(metrics["merged"]["loss"] - metrics["adapter"]["loss"]) <= 0.01 * metrics["adapter"]["loss"]
     assert "report:" in result.stderr
+    # The README's figures are this run's (`make readme-figures` writes them): the same loss, the same numbers.
+    ours, readme = (re.search(r"held-out loss \(per-example mean\): (.*)", text).group(1)
+                    for text in (result.stderr + result.stdout, (REPO / "README.md").read_text()))
+    figures = [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line)] for line in (ours, readme)]
+    assert figures[0] == pytest.approx(figures[1], abs=2e-3), "README's demo figures are stale: make readme-figures"
+    assert metrics["adapter"]["loss"] == pytest.approx(figures[0][1], abs=1e-4)  # metrics.json's loss is that one
     # validate counts what the trainer trains (the built-in base's vocabulary is trained on the data).
     trained = json.loads((Path(summary["assets"]["trained_adapter"]["uri"]) / "training_summary.json").read_text())
     plan = json.loads(_cli(["validate", "configs/tiny-demo.yaml", "--json"], tmp_path, check_rc=0).stdout)["memory_plan"]

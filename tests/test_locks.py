@@ -136,11 +136,11 @@ def test_two_partitions_run_at_the_same_time_without_touching_each_other(tmp_pat
         )
         for name, path in configs.items()
     }
-    summaries = {}
+    summaries, errors = {}, {}
     for name, process in runs.items():
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]
-        summaries[name] = json.loads(out.strip().splitlines()[-1])
+        summaries[name], errors[name] = json.loads(out.strip().splitlines()[-1]), err
     store = ArtifactStore(root=str(tmp_path / "store"))
     for name, summary in summaries.items():
         assert summary["assets"]["trained_adapter"]["metadata"]["steps"] == 6
@@ -156,6 +156,13 @@ def test_two_partitions_run_at_the_same_time_without_touching_each_other(tmp_pat
     (first_run, first), (second_run, second) = sorted(busy.items())
     assert all(end <= other_start or other_end <= start
                for start, end, _ in first for other_start, other_end, _ in second), busy
+    # The run that waited said so, and who held the slot (its model and step).
+    said = {name: [line for line in errors[name].splitlines() if "waits for the gpu pool (1 slot): held by run" in line]
+            for name in configs}
+    assert any(said.values()), errors
+    for name, lines in said.items():
+        other = next(key for key in configs if key != name)
+        assert all(f"{summaries[other]['run_id'][:8]} (model {other}, step " in line for line in lines), lines
 
 
 def _gpu_stage_intervals(home: Path, run_ids: list[str]) -> dict[str, list[tuple[float, float, str]]]:

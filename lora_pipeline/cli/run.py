@@ -253,6 +253,7 @@ def check_before_loading(model_config, to_run: list[str], resources: dict) -> No
 
 def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
     """Materialize `to_run` in-process; a failed blocking data check becomes a DataError naming the check."""
+    from lora_pipeline.cli.waiting import pool_wait_notices
     from lora_pipeline.definitions import build_definitions, tune
     from lora_pipeline.terminal import terminal_logger
 
@@ -269,15 +270,16 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
     job = (definitions.resolve_implicit_global_asset_job_def() if set(to_run) & set(ON_DEMAND)
            else definitions.resolve_job_def(tune.name))
     try:
-        return job.execute_in_process(
-            asset_selection=[dg.AssetKey(name) for name in to_run],
-            partition_key=plan.key,
-            run_config=run_config,
-            instance=instance,
-            run_id=run_id,
-            tags={"lora_pipeline/config": str(plan.config_path), PID_TAG: str(os.getpid()),
-                  HOST_TAG: socket.gethostname(), **plan.tags},
-        )
+        with pool_wait_notices(instance, run_id):
+            return job.execute_in_process(
+                asset_selection=[dg.AssetKey(name) for name in to_run],
+                partition_key=plan.key,
+                run_config=run_config,
+                instance=instance,
+                run_id=run_id,
+                tags={"lora_pipeline/config": str(plan.config_path), PID_TAG: str(os.getpid()),
+                      HOST_TAG: socket.gethostname(), **plan.tags},
+            )
     except Exception:
         # Only this run's checks (a run that failed before it started has none).
         failed_checks = failed_checks_of(instance, run_id) if instance.has_run(run_id) else []
@@ -340,7 +342,7 @@ def print_summary(key: str, run_id: str | None, assets: dict, wall: float, strea
                   f"reference {meta['reference_preference_accuracy']:.3f} ({meta['reference']}): "
                   f"{meta['adapter_preference_accuracy_vs_reference']}", file=stream)
         else:
-            print(f"\nheld-out loss: base {meta.get('base_loss', float('nan')):.4f}, adapter "
+            print(f"\nheld-out loss (per-example mean): base {meta.get('base_loss', float('nan')):.4f}, adapter "
                   f"{meta.get('adapter_loss', float('nan')):.4f} ({meta.get('adapter_vs_base_loss_change', 0):+.1%}), "
                   f"merged {meta.get('merged_loss', float('nan')):.4f}", file=stream)
         print(f"report: {Path(report['uri']) / 'report.md'}", file=stream)

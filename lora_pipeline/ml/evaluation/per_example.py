@@ -93,8 +93,8 @@ def score_model(model, tokenizer, suite: "EvalSuite", log: Callable[[str], None]
         for metric, values in text_scores(answers, references, text_metrics).items():
             scores[metric] = values
     if log:
-        log(f"{name}: {len(scores)} examples scored in {time.perf_counter() - started:.1f}s, mean loss "
-            f"{scores['loss'].mean():.4f}")
+        log(f"{name}: {len(scores)} examples scored in {time.perf_counter() - started:.1f}s, loss "
+            f"{scores['loss'].mean():.4f} (per-example mean)")
     return scores
 
 

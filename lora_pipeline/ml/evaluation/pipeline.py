@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from lora_pipeline.ml.base.precision import DeviceInfo
 
 LOWER_IS_BETTER = {"loss"}
+# What "loss" means wherever a held-out loss is shown (log, CLI, --json, report, leaderboard, card, README).
+LOSS_DEFINITION = "mean over examples of each example's loss per response token"
 
 
 @dataclass
@@ -41,10 +43,13 @@ class EvaluationResult:
 
 
 def summary_of(scores: "pd.DataFrame", metrics: tuple[str, ...]) -> dict[str, float]:
-    """Token-weighted loss, perplexity and token accuracy (as training reports them) and each metric's mean over examples."""
+    """loss: the mean over examples of each one's loss per response token, the one definition every report, gate,
+    interval and leaderboard uses (LOSS_DEFINITION); token_loss and perplexity over all response tokens together
+    (as training logs it), token accuracy likewise; and each metric's mean over examples."""
     tokens = float(scores["tokens"].sum())
-    loss = float(scores["loss_sum"].sum()) / max(tokens, 1.0)
-    summary = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+    token_loss = float(scores["loss_sum"].sum()) / max(tokens, 1.0)
+    summary = {"loss": float(scores["loss"].mean()), "token_loss": token_loss,
+               "perplexity": math.exp(min(token_loss, 50.0)),
                "token_accuracy": float(scores["correct"].sum()) / max(tokens, 1.0), "tokens": int(tokens)}
     summary.update({f"mean_{metric}": float(scores[metric].mean()) for metric in metrics if metric in scores})
     return summary

@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-from lora_pipeline.ml.evaluation.pipeline import EvaluationResult
+from lora_pipeline.ml.evaluation.pipeline import LOSS_DEFINITION, EvaluationResult
 from lora_pipeline.ml.report.plots import bar_chart_png
 
 
@@ -50,9 +50,10 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str, e
     lines = [
         f"# {title}",
         "",
-        f"Held-out examples: {document['comparison']['examples']} (loss on response tokens only).",
+        f"Held-out examples: {document['comparison']['examples']}. Loss: the {LOSS_DEFINITION}, as the intervals, "
+        "gates and leaderboard use it; perplexity and token accuracy over all response tokens together.",
         "",
-        "| model | loss | perplexity | token accuracy |",
+        "| model | loss (per-example mean) | perplexity | token accuracy |",
         "|---|---|---|---|",
     ]
     for name in models:
@@ -187,7 +188,7 @@ def report_html(document: dict, samples: list[dict[str, str]], title: str, plot_
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}pre{{background:#f4f4f4;padding:8px}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>Held-out examples: {comparison['examples']} (loss on response tokens only).</p>
-<table><tr><th>model</th><th>loss</th><th>perplexity</th><th>token accuracy</th></tr>{metric_rows}</table>
+<table><tr><th>model</th><th>loss (per-example mean)</th><th>perplexity</th><th>token accuracy</th></tr>{metric_rows}</table>
 <ul><li>Adapter vs base: loss {comparison['adapter_vs_base_loss_change']:+.1%}</li>
 <li>Merged ({html.escape(comparison['merge_weights'])} weights) vs adapter: loss {comparison['merged_vs_adapter_loss_change']:+.2%}</li></ul>
 <img alt="held-out loss by model" src="data:image/png;base64,{plot}">

@@ -108,7 +108,7 @@ def _eval_results(document: dict, role: str, dataset: str) -> list:
     results = [
         EvalResult(task_type="text-generation", dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
                    metric_type=metric, metric_name=name, metric_value=round(float(scores[key]), 4))
-        for metric, name, key in (("loss", "held-out loss (response tokens)", "loss"),
+        for metric, name, key in (("loss", "held-out loss (per-example mean over response tokens)", "loss"),
                                   ("perplexity", "perplexity", "perplexity"),
                                   ("accuracy", "token accuracy", "token_accuracy"))
     ]
@@ -145,7 +145,7 @@ def with_evaluation(card_text: str, document: dict, role: str, model_name: str, 
         "",
         f"On {comparison['examples']} held-out examples of {dataset} (loss on response tokens only), by {made_by}:",
         "",
-        "| model | loss | perplexity | token accuracy |",
+        "| model | loss (per-example mean) | perplexity | token accuracy |",
         "|---|---|---|---|",
         *rows,
         "",
