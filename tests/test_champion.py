@@ -4,6 +4,7 @@ champion's gates, promotion and rollback through the CLI."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,20 @@ def test_a_sweep_of_two_ranks_shares_its_data_and_base_and_ranks_them(tmp_path, 
     second = summary["variants"]["ranks.r16"]
     assert {"raw_dataset", "formatted_dataset", "quantized_base"} <= set(second["up_to_date"])
     assert second["assets"]["quantized_base"]["metadata"]["reused_from"] == "ranks.r4"
+    # Each variant's time is its own: together they are within the sweep's, and each line says its own.
+    walls = [variant["wall_seconds"] for variant in summary["variants"].values()]
+    assert sum(walls) <= summary["wall_seconds"]
+    said = re.search(rf"model ranks.r16: run {second['run_id']} finished in (\d+)s", result.stderr)
+    assert said and abs(int(said.group(1)) - walls[1]) <= 1
     assert "scores of base on this suite are cached" in result.stderr  # the base is scored once
     board = json.loads((Path(summary["leaderboard"]["uri"]) / "leaderboard.json").read_text())
+    # The leaderboard's page in the UI shows its plot (inline: the UI shows metadata, not the folder's files).
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
+
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path / "dagster_home"))) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("leaderboard"))
+        assert "](data:image/png;base64," in event.asset_materialization.metadata["leaderboard"].value
     rows = {row["partition"]: row for row in board["rows"]}
     assert set(rows) == {"ranks.r4", "ranks.r16", "both"} and board["recommended"] in ("ranks.r4", "ranks.r16")
     blend = rows["both"]

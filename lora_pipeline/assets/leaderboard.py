@@ -16,6 +16,7 @@ from lora_pipeline.assets.common import ARTIFACT_IO, read_json, write_json
 from lora_pipeline.assets.provenance import mark_stage_start
 from lora_pipeline.config.registry import validate_config, value_at
 from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard, leaderboard_markdown, leaderboard_png
+from lora_pipeline.ml.report.plots import markdown_image
 from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.artifacts import LINEAGE
@@ -96,7 +97,8 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
         write_json(staging / LEADERBOARD_FILE, board)
         markdown = leaderboard_markdown(board, f"Sweep {sweep}")
         (staging / "leaderboard.md").write_text(markdown, encoding="utf-8")
-        (staging / "leaderboard.png").write_bytes(leaderboard_png(board))
+        plot = leaderboard_png(board)
+        (staging / "leaderboard.png").write_bytes(plot)
         record = {"stage": "leaderboard", "sweep": sweep, "variants": variants, "dagster_run_id": context.run_id,
                   "version": _version(board)}
         write_json(staging / LINEAGE, record)
@@ -108,7 +110,9 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
         "best": board["best"],
         "variants": len(board["rows"]),
         "metric": metric,
-        "leaderboard": dg.MetadataValue.md(markdown.replace("![quality vs trainable parameters](leaderboard.png)", "")),
+        # The plot inline: the UI shows an asset's metadata, not the files in its folder.
+        "leaderboard": dg.MetadataValue.md(markdown.replace("![quality vs trainable parameters](leaderboard.png)",
+                                                            markdown_image(plot, "quality vs trainable parameters"))),
     })
 
 

@@ -39,12 +39,14 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
     results = {}
     for index, (key, model_config) in enumerate(variants.items(), start=1):
         print(f"\n=== sweep {sweep}: variant {index}/{len(variants)}: {key}", file=sys.stderr)
+        variant_started = time.perf_counter()  # each variant's own time, not the sweep's so far
         plan = RunPlan(args.config, key, model_config, per_variant, readable_source_version(model_config, args.storage),
                        args.overrides, args.storage, args.force, args.debug, siblings=list(variants),
                        tags={SWEEP_TAG: sweep})
         run_id, assets, up_to_date = do_run(plan)
-        results[key] = {"run_id": run_id, "assets": assets, "up_to_date": up_to_date}
-        print_summary(key, run_id, assets, time.perf_counter() - started, stream, set(up_to_date))
+        wall = time.perf_counter() - variant_started
+        results[key] = {"run_id": run_id, "assets": assets, "up_to_date": up_to_date, "wall_seconds": round(wall, 2)}
+        print_summary(key, run_id, assets, wall, stream, set(up_to_date))
     summary: dict = {"partition": sweep, "variants": results}
     if "eval_report" in per_variant:
         board_uri, board = rank_variants(args, sweep, variants)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_pipeline.ml.evaluation.pipeline import LOSS_DEFINITION
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -154,7 +156,8 @@ def leaderboard_markdown(board: dict, title: str) -> str:
     """The leaderboard as a readable report."""
     metric = board["metric"]
     lines = [f"# {title}", "", f"**Recommended: {board['recommended']}**: {board['why']}.", "",
-             f"Compared on {metric} ({'higher' if board['higher_is_better'] else 'lower'} is better), paired "
+             f"Compared on {metric}{' (the ' + LOSS_DEFINITION + ')' if metric == 'loss' else ''} "
+             f"({'higher' if board['higher_is_better'] else 'lower'} is better), paired "
              f"bootstrap 95% intervals, margin {board['margin']:g}. Pareto front (quality vs trainable parameters): "
              f"{', '.join(board['pareto_parameters'])}; (quality vs training time): {', '.join(board['pareto_time'])}.",
              *([f"Seeds: {board['seed_noise']['note']}.", ""] if board.get("seed_noise") else []),
@@ -174,22 +177,31 @@ def leaderboard_markdown(board: dict, title: str) -> str:
 
 
 def leaderboard_png(board: dict) -> bytes:
-    """Quality (with its interval) against trainable parameters, the recommendation marked."""
+    """Each variant's difference from the best with the paired 95% interval the verdicts use (the best at 0),
+    against trainable parameters, the recommendation marked. Unpaired (variants scored on other examples): each
+    one's own interval, and the title says so."""
     from lora_pipeline.ml.report.plots import _figure, _png
 
     plt, (fig, ax) = _figure()
     metric = board["metric"]
+    paired = board.get("paired", True)
     for row in board["rows"]:
-        value = row["metrics"][metric]
+        difference = row.get("vs_best", {}).get("difference")
+        if paired:
+            value = difference or {"value": 0.0, "ci95": [0.0, 0.0]}  # the best, against itself
+        else:
+            value = row["metrics"][metric]
         low, high = value["ci95"]
         ax.errorbar([row["trainable_parameters"]], [value["value"]],
                     yerr=[[max(value["value"] - low, 0.0)], [max(high - value["value"], 0.0)]], fmt="o", capsize=3,
                     color="tab:red" if row["partition"] == board["recommended"] else "tab:blue")
         ax.annotate(row["partition"].rsplit(".", 1)[-1], (row["trainable_parameters"], value["value"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if paired:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (LoRA + modules_to_save)")
-    ax.set_ylabel(f"{metric} (95% CI)")
+    ax.set_ylabel(f"{metric} minus {board['best']}'s (paired 95% CI)" if paired else f"{metric} (95% CI, unpaired)")
     ax.set_title(f"recommended: {board['recommended']}")
     ax.grid(alpha=0.3)
     return _png(plt, fig)
