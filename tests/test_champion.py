@@ -175,3 +175,28 @@ def test_dora_trains_on_the_4bit_base_and_is_shipped_merged_only(tmp_path, write
     assert adapter_parameters(adapter_dir)[0] > 0  # counted with the LoRA parameters
     servability = read_servability(adapter_dir)
     assert servability.mode == "merged-only" and "DoRA" in " ".join(servability.reasons)
+
+
+@pytest.mark.slow
+def test_the_lora_only_sweep_demo_blends_exports_adapters_promotes_and_rolls_back(tmp_path):
+    """configs/tiny-lora-sweep.yaml shows what the lm_head-training demo cannot: adapters served as adapters, a
+    blend ranked beside the variants, the sweep's champion exported as base + adapter GGUF, a better round
+    promoted and rolled back (the README walks through these commands)."""
+    config = "configs/tiny-lora-sweep.yaml"
+    first = json.loads(_cli(["run", config, "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
+    champion = first["champion"]
+    assert champion["promoted"] and "as a LoRA adapter" in champion["gates"]["servable"]["detail"]
+    assert "recommended" in champion["gates"]
+    rows = json.loads((Path(first["leaderboard"]["uri"]) / "leaderboard.json").read_text())["rows"]
+    assert {row["partition"] for row in rows} == {"tiny-lora-sweep.r8", "tiny-lora-sweep.r32", "mix"}
+
+    exported = json.loads(_cli(["run", config, "--select", "gguf_export", "--set", "export.gguf=q8_0", "--json"],
+                               tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
+    folder = Path(exported["gguf_export"])
+    assert {"adapter.gguf", "base.q8_0.gguf", "Modelfile.adapter"} <= {path.name for path in folder.iterdir()}
+
+    better = json.loads(_cli(["run", config, "--set", "training.epochs=7", "--json"], tmp_path, check_rc=0)
+                        .stdout.strip().splitlines()[-1])["champion"]
+    assert better["promoted"] and better["version"] != champion["version"]
+    back = json.loads(_cli(["rollback", "tiny-lora-sweep", "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
+    assert back["version"] == champion["version"] and back["previous"] == better["version"]

@@ -19,6 +19,7 @@ from lora_pipeline.cli.run import (
     run_reporting_refusal,
 )
 from lora_pipeline.cli.selection import ON_DEMAND, selected_asset_names, selection
+from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.session import EXIT_REFUSED, instance as open_instance
 from lora_pipeline.config.registry import partition_key_for, read_yaml, sweep_blends, value_at
 from lora_pipeline.errors import ConfigError
@@ -31,9 +32,10 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
     per_variant = [name for name in selected if name != "champion" and name not in ON_DEMAND]
     after_ranking = [name for name in selected if name == "champion" or name in ON_DEMAND]
     if set(after_ranking) & set(ON_DEMAND) and "eval_report" not in per_variant:
-        asked = next(name for name in after_ranking if name in ON_DEMAND)
-        raise ConfigError(f"a sweep hands off the variant its leaderboard recommends: select +{asked} "
-                          "(what is up to date is not run again)")
+        # A sweep hands off the variant its leaderboard recommends, which needs every variant's report: those
+        # stages run too (what is up to date is not run again).
+        wanted = set(per_variant) | set(selected_asset_names(selection("+eval_report")))
+        per_variant = [name for name in stage_names() if name in wanted]
     started = time.perf_counter()
     stream = sys.stderr if args.json else sys.stdout
     results = {}
@@ -65,6 +67,9 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
             if "published_model" in assets:
                 summary["published"] = assets["published_model"]["metadata"].get("commit_url")
                 print(f"published: {summary['published']}", file=stream)
+            if "gguf_export" in assets:
+                summary["gguf_export"] = assets["gguf_export"]["uri"]
+                print(f"GGUF files of {key}: {summary['gguf_export']}", file=stream)
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     if args.json:
         print(json.dumps(summary))
