@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ SHARED_BENCH = SHARED / "bench"
 GNU_TIME = Path("/usr/bin/time")
 PIPELINE_CONFIG = "configs/bench/recipe-parity.yaml"
 SAMPLE_EVERY_S = 0.2
+# Above this share of the machine's CPU time taken by other processes during a run, its times are flagged.
+CONTENDED_SHARE = 0.10
 
 
 class RunFailed(RuntimeError):
@@ -227,3 +230,52 @@ def parse_recipe_output(stdout: str) -> dict:
 def run_recipe(base: Path, work: Path, no_quant: bool) -> dict:
     measured = run_measured(recipe_command(base, work / "out", no_quant), work / "recipe")
     return finish_record(measured, parse_recipe_output(measured.stdout))
+
+
+def require_bench_inputs(lf_venv: Path, skip_peer: bool) -> None:
+    """Exit naming what is missing: the shared data beside the checkout, LLaMA-Factory's venv (unless skipped)."""
+    if not DATA.exists():
+        sys.exit(f"{DATA} not found: the shared folder must sit beside the checkout")
+    if not skip_peer and not (lf_venv / "bin" / "llamafactory-cli").exists():
+        sys.exit(f"no llamafactory-cli in {lf_venv}: install it (../shared/bench/peers/README.md), "
+                 "pass --lf-venv, or run with --skip-peer")
+
+
+@dataclass
+class ToolMedians:
+    """Per tool: the medians of its figures, the runs they came from, and a line for each run left aside."""
+
+    medians: dict[str, dict]
+    used: dict[str, list[dict]]
+    contended: list[str]
+    failed: list[str]
+
+
+def quiet_medians(records: dict[str, list[dict]], figures: tuple[str, ...]) -> ToolMedians:
+    """Medians per tool over its runs without an "error"; a run that shared the machine (others' CPU share above
+    CONTENDED_SHARE) is left out when the tool has a quiet one: a run slowed by someone else's work says nothing
+    about the tool. Tools without a usable run have no medians."""
+    def contended(run: dict) -> bool:
+        return (run.get("others_cpu_share") or 0.0) > CONTENDED_SHARE
+
+    def median(values: list) -> float | None:
+        present = [value for value in values if value is not None]
+        return statistics.median(present) if present else None
+
+    result = ToolMedians({}, {}, [], [])
+    for tool, runs in records.items():
+        good = [run for run in runs if "error" not in run]
+        quiet = [run for run in good if not contended(run)]
+        used = quiet or good
+        for index, run in enumerate(runs):
+            if "error" in run:
+                result.failed.append(f"{tool} run {index + 1}: {run['error'].splitlines()[0]}")
+            elif contended(run):
+                fate = "left out of the medians" if quiet else "kept: no quiet run of this tool"
+                result.contended.append(f"{tool} run {index + 1}: other processes took {run['others_cpu_share']:.0%} "
+                                        f"of the CPUs ({fate})")
+        if used:
+            result.medians[tool] = {figure: median([run.get(figure) for run in used]) for figure in figures}
+            result.medians[tool]["runs"] = len(used)
+            result.used[tool] = used
+    return result

@@ -60,7 +60,8 @@ from pathlib import Path
 
 import yaml
 
-from _runs import DATA, REPO, RunFailed, build_tiny_base, code_state, finish_record, run_measured
+from _runs import DATA, REPO, RunFailed, build_tiny_base, code_state, finish_record, quiet_medians, run_measured
+from _runs import require_bench_inputs
 
 PEERS_DPO = REPO / "bench" / "peers_dpo"
 PIPELINE_DPO_CONFIG = "configs/bench/dpo-parity.yaml"
@@ -71,7 +72,6 @@ LABELS = {"pipeline": "pipeline", "llamafactory": "LLaMA-Factory (best CPU)"}
 FIGURES = ("wall_s", "train_s", "outside_training_s", "tokens_per_s", "peak_rss_mb", "train_loss", "cpu_s",
            "others_cpu_share", "preference_accuracy", "reward_margin")
 TARGETS = {"wall": 0.8, "preference_accuracy": "no worse"}
-CONTENDED_SHARE = 0.10  # as peer_parity.py: above this share of the CPUs taken by others, a run's times are flagged
 LF_TRAIN, LF_HELD_OUT = "dpo_pairs_train", "dpo_pairs_held_out"
 
 # LLaMA-Factory 0.9.5's alpaca template (llamafactory/data/template.py): its default system sentence, the user
@@ -422,15 +422,6 @@ def scored_record(record: dict, score: dict, own: dict | None = None) -> dict:
 
 # --- summary --------------------------------------------------------------------------------------
 
-def _median(values: list) -> float | None:
-    present = [value for value in values if value is not None]
-    return statistics.median(present) if present else None
-
-
-def _contended(run: dict) -> bool:
-    return (run.get("others_cpu_share") or 0.0) > CONTENDED_SHARE
-
-
 def summarize(records: dict[str, list[dict]], resamples: int = 2000) -> dict:
     """Medians per tool and the pipeline's ratios against LLaMA-Factory. Pure on the records.
 
@@ -440,23 +431,10 @@ def summarize(records: dict[str, list[dict]], resamples: int = 2000) -> dict:
     used (training is seeded, so the rounds' adapters are alike)."""
     from lora_pipeline.ml.scoring.paired import paired_bootstrap
 
-    medians, used_runs, contended, failed = {}, {}, [], []
-    for tool, runs in records.items():
-        good = [run for run in runs if "error" not in run]
-        quiet = [run for run in good if not _contended(run)]
-        used = quiet or good
-        for index, run in enumerate(runs):
-            if "error" in run:
-                failed.append(f"{tool} run {index + 1}: {run['error'].splitlines()[0]}")
-            if "error" not in run and _contended(run):
-                fate = "left out of the medians" if quiet else "kept: no quiet run of this tool"
-                contended.append(f"{tool} run {index + 1}: other processes took {run['others_cpu_share']:.0%} "
-                                 f"of the CPUs ({fate})")
-        if used:
-            medians[tool] = {figure: _median([run.get(figure) for run in used]) for figure in FIGURES}
-            medians[tool]["runs"] = len(used)
-            medians[tool]["preference_accuracy_ci95"] = used[0].get("preference_accuracy_ci95")
-            used_runs[tool] = used
+    per_tool = quiet_medians(records, FIGURES)
+    medians, used_runs, contended, failed = per_tool.medians, per_tool.used, per_tool.contended, per_tool.failed
+    for tool, used in used_runs.items():
+        medians[tool]["preference_accuracy_ci95"] = used[0].get("preference_accuracy_ci95")
     ratios = {}
     if {"pipeline", "llamafactory"} <= set(medians):
         ours, peer = medians["pipeline"], medians["llamafactory"]
@@ -543,11 +521,7 @@ def main() -> None:
     if args.from_json:
         print(format_table(summarize(json.loads(args.from_json.read_text())["runs"])))
         return
-    if not DATA.exists():
-        sys.exit(f"{DATA} not found: the shared folder must sit beside the checkout")
-    if not args.skip_peer and not (args.lf_venv / "bin" / "llamafactory-cli").exists():
-        sys.exit(f"no llamafactory-cli in {args.lf_venv}: install it (../shared/bench/peers/README.md), "
-                 "pass --lf-venv, or run with --skip-peer")
+    require_bench_inputs(args.lf_venv, args.skip_peer)
     settings = BenchSettings(pairs=args.pairs, max_length=args.max_length, learning_rate=args.learning_rate,
                              batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, epochs=args.epochs,
                              beta=args.beta, logging_steps=args.logging_steps, qlora=args.qlora)

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from pathlib import Path
 import yaml
 
 from _runs import DATA, REPO, SHARED_BENCH, RunFailed, build_tiny_base, code_state, finish_record, run_measured
-from _runs import run_pipeline, run_recipe
+from _runs import quiet_medians, require_bench_inputs, run_pipeline, run_recipe
 
 PEERS = SHARED_BENCH / "peers"
 DEFAULT_OUT = REPO / "bench" / "results" / "peer_parity.json"
@@ -60,8 +59,6 @@ LABELS = {
 FIGURES = ("wall_s", "train_s", "outside_training_s", "tokens_per_s", "peak_rss_mb", "train_loss", "final_logged_loss",
            "cpu_s", "others_cpu_share")
 TARGETS = {"wall": 0.8, "tokens_per_s": 1.25, "peak_rss": 1.0, "loss_tolerance": 0.01}
-# Above this share of the machine's CPU time taken by other processes during a run, its times are flagged.
-CONTENDED_SHARE = 0.10
 
 
 # --- LLaMA-Factory --------------------------------------------------------------------------------
@@ -146,15 +143,6 @@ def lf_data_dir(work: Path) -> Path:
 
 # --- summary --------------------------------------------------------------------------------------
 
-def _median(values: list) -> float | None:
-    present = [value for value in values if value is not None]
-    return statistics.median(present) if present else None
-
-
-def _contended(run: dict) -> bool:
-    return (run.get("others_cpu_share") or 0.0) > CONTENDED_SHARE
-
-
 def summarize(records: dict[str, list[dict]]) -> dict:
     """Medians per tool and the pipeline's ratios against the recipe and LLaMA-Factory's best settings.
 
@@ -163,20 +151,8 @@ def summarize(records: dict[str, list[dict]]) -> dict:
     (others' CPU share above CONTENDED_SHARE) are left out of its medians when it has a quiet run:
     a run slowed by someone else's work says nothing about the tool.
     """
-    medians = {}
-    contended = []
-    for tool, runs in records.items():
-        good = [run for run in runs if "error" not in run]
-        quiet = [run for run in good if not _contended(run)]
-        used = quiet or good
-        for index, run in enumerate(runs):
-            if "error" not in run and _contended(run):
-                fate = "left out of the medians" if quiet else "kept: no quiet run of this tool"
-                contended.append(f"{tool} run {index + 1}: other processes took {run['others_cpu_share']:.0%} "
-                                 f"of the CPUs ({fate})")
-        if used:
-            medians[tool] = {figure: _median([run.get(figure) for run in used]) for figure in FIGURES}
-            medians[tool]["runs"] = len(used)
+    per_tool = quiet_medians(records, FIGURES)
+    medians, contended = per_tool.medians, per_tool.contended
     ratios: dict[str, dict] = {}
     pipeline = medians.get("pipeline")
     if pipeline and "recipe" in medians:
@@ -251,11 +227,7 @@ def main() -> None:
     if args.from_json:
         print(format_table(summarize(json.loads(args.from_json.read_text())["runs"])))
         return
-    if not DATA.exists():
-        sys.exit(f"{DATA} not found: the shared folder must sit beside the checkout")
-    if not args.skip_peer and not (args.lf_venv / "bin" / "llamafactory-cli").exists():
-        sys.exit(f"no llamafactory-cli in {args.lf_venv}: install it (../shared/bench/peers/README.md), "
-                 "pass --lf-venv, or run with --skip-peer")
+    require_bench_inputs(args.lf_venv, args.skip_peer)
     work = Path(tempfile.mkdtemp(prefix="lora-peer-bench-"))
     tools = ["pipeline", "recipe"] + ([] if args.skip_peer else list(LF_SETTINGS))
     records: dict[str, list[dict]] = {tool: [] for tool in tools}
