@@ -73,7 +73,7 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
                              formatted_dataset: ArtifactRef, quantized_base: ArtifactRef, inputs: dict,
                              key: str, tracker: ExperimentTracker, owner: str) -> dg.Output[ArtifactRef]:
     """Train (or reuse, or resume) the preference adapter and publish it with its curves and summary."""
-    from lora_pipeline.assets.training import explain_fresh_start, inputs_key
+    from lora_pipeline.assets.training import inputs_key, publish_checkpoint, resume_point
     from lora_pipeline.ml.preference.training import train_preference
 
     partition = context.partition_key
@@ -98,16 +98,7 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
                                       model_config.trust_remote_code)
         return _output(finished, record, model_config, read_json(folder / TRAINING_SUMMARY),
                        (folder / LOSS_CURVE).read_bytes(), start, reused=True, tracked=tracked)
-    resume_from = storage.latest_checkpoint(partition, STAGE, key)
-    if resume_from is not None:
-        context.log.info(f"resuming from the checkpoint at step {resume_from[0]} (run {key})")
-    elif (explanation := explain_fresh_start(storage, partition, key, inputs)) is not None:
-        context.log.warning(explanation)
-    storage.record_checkpoint_inputs(partition, STAGE, key, inputs)
-
-    def publish_checkpoint(folder, step: int) -> None:
-        context.log.info(f"checkpoint at step {step}: {storage.publish_checkpoint(folder, partition, STAGE, key, step)}")
-
+    resume_from = resume_point(context, storage, key, inputs)
     base_dir = storage.local_path(quantized_base)
     train = pd.read_parquet(storage.local_path(formatted_dataset) / "train.parquet")
     settings = preference_settings(model_config)
@@ -121,7 +112,8 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
             base_dir, train, staging, settings,
             start_adapter=storage.local_path(start.adapter) if start is not None else None,
             lora=model_config.lora, model_type=read_json(base_dir / "base_info.json").get("model_type"),
-            progress=context.log.info, on_checkpoint=publish_checkpoint,
+            progress=context.log.info,
+            on_checkpoint=lambda folder, step: publish_checkpoint(context, storage, key, folder, step),
             resume_from=resume_from[1] if resume_from is not None else None,
             on_log=live.log if live is not None else None)
         # The template the pairs were rendered with travels with the adapter (and so the merged model).

@@ -89,7 +89,7 @@ def what_changed(before: dict, after: dict) -> list[str]:
     return changes
 
 
-def explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, inputs: dict) -> str | None:
+def _explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, inputs: dict) -> str | None:
     """Why checkpoints in the store are not resumed (they were made from other inputs), or None if there are none."""
     reasons = []
     for other in storage.checkpoint_runs(partition, "trained_adapter"):
@@ -105,6 +105,26 @@ def explain_fresh_start(storage: ArtifactStore, partition: str, run_key: str, in
         return None
     return ("not resuming the checkpoints in the store, which were made from other inputs (" + " | ".join(reasons)
             + "); training starts at step 0")
+
+
+def resume_point(context: dg.AssetExecutionContext, storage: ArtifactStore, run_key: str, inputs: dict):
+    """(step, folder) of the newest checkpoint made from these inputs, or None, saying why others are not
+    resumed; records the inputs so a later run can say what changed. SFT and preference runs alike."""
+    partition = context.partition_key
+    latest = storage.latest_checkpoint(partition, STAGE, run_key)
+    if latest is not None:
+        context.log.info(f"resuming from the checkpoint at step {latest[0]} (run {run_key})")
+    elif (explanation := _explain_fresh_start(storage, partition, run_key, inputs)) is not None:
+        context.log.warning(explanation)
+    storage.record_checkpoint_inputs(partition, STAGE, run_key, inputs)
+    return latest
+
+
+def publish_checkpoint(context: dg.AssetExecutionContext, storage: ArtifactStore, run_key: str, folder,
+                       step: int) -> None:
+    """A Trainer checkpoint into the store, under the run's inputs key, and a line saying where."""
+    uri = storage.publish_checkpoint(folder, context.partition_key, STAGE, run_key, step)
+    context.log.info(f"checkpoint at step {step}: {uri}")
 
 
 @pipeline_asset(
@@ -177,20 +197,13 @@ class _TrainingRun:
 
     def resume_point(self):
         """The newest checkpoint made from these inputs (or None), saying why others are not resumed."""
-        latest = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
-        if latest is not None:
-            self.context.log.info(f"resuming from the checkpoint at step {latest[0]} (run {self.key})")
-        elif (explanation := explain_fresh_start(self.storage, self.partition, self.key, self.inputs)) is not None:
-            self.context.log.warning(explanation)
-        self.storage.record_checkpoint_inputs(self.partition, STAGE, self.key, self.inputs)
-        return latest
+        return resume_point(self.context, self.storage, self.key, self.inputs)
 
     def report(self, progress: dict) -> None:
         self.context.log.info(progress_line(progress))
 
     def publish_checkpoint(self, folder, step: int) -> None:
-        uri = self.storage.publish_checkpoint(folder, self.partition, STAGE, self.key, step)
-        self.context.log.info(f"checkpoint at step {step}: {uri}")
+        publish_checkpoint(self.context, self.storage, self.key, folder, step)
 
     def train_and_publish(self, formatted_dataset: ArtifactRef, quantized_base: ArtifactRef, resume_from):
         """Train (after the memory check), write the loss curve, summary and card, publish; drop the checkpoints."""
