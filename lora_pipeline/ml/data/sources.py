@@ -55,6 +55,17 @@ def _local_path(source: str) -> str:
     return os.path.expanduser(source.removeprefix("file://"))
 
 
+def _local_files(source: str, request: "SourceRequest"):
+    """(the local path, its files or "saved" for a save_to_disk folder): missing ones and links out refused."""
+    local = _local_path(source)
+    files = _expand_local(local)
+    if files is None:
+        raise _not_found(source, local)
+    if isinstance(files, list) and not request.follow_symlinks:
+        _refuse_links_out(local, files)
+    return local, files
+
+
 def _not_found(source: str, local: str) -> DataError:
     """'file not found', with where a relative path was looked for: the working directory is the usual surprise."""
     what = "dataset not found (no file matches the pattern)" if _GLOB_CHARS & set(local) else "dataset not found (no such file)"
@@ -123,13 +134,8 @@ def read_source(request: SourceRequest) -> SourceRows:
     elif kind == "remote":
         rows = _read_files(source, _expand_remote(source))
     else:
-        local = _local_path(source)
-        files = _expand_local(local)
-        if isinstance(files, list) and not request.follow_symlinks:
-            _refuse_links_out(local, files)
-        if files is None:
-            raise _not_found(source, local)
-        elif files == "saved":
+        local, files = _local_files(source, request)
+        if files == "saved":
             rows = _read_saved_dataset(local, request)
         else:
             rows = _read_files(source, files)
@@ -342,12 +348,7 @@ def source_version(request: SourceRequest) -> str:
             token = info.get("ETag") or info.get("etag") or f"{info.get('size')}-{info.get('LastModified') or info.get('mtime')}"
             digest.update(f"{path}\0{token}\0".encode())
     else:
-        local = _local_path(source)
-        files = _expand_local(local)
-        if isinstance(files, list) and not request.follow_symlinks:
-            _refuse_links_out(local, files)
-        if files is None:
-            raise _not_found(source, local)
+        local, files = _local_files(source, request)
         if files == "saved":
             files = sorted(str(p) for p in Path(local).rglob("*") if p.is_file())
         for path in files:
