@@ -10,7 +10,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 # not used: `playwright install` fetches from a CDN).
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser families llama-cpp demo test test-fast ui lock bench bench-data readme-figures clean
+.PHONY: install browser families llama-cpp demo test test-fast ui lock bench bench-data readme-figures docs docs-reference clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ ui: $(STAMP)  ## the Dagster UI on http://127.0.0.1:$(UI_PORT) (make ui UI_PORT=
 
 readme-figures: $(STAMP)  ## rerun the demo and write its figures into the README
 	$(BIN)/python scripts/readme_figures.py
+
+docs-reference: $(STAMP)  ## regenerate docs/reference/ (config keys from the schema, commands from --help)
+	$(BIN)/python scripts/docs_reference.py
+
+docs: docs-reference  ## the documentation site in site/ (MkDocs Material), every warning an error
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site  # (the variable: no end-of-life banner)
 
 lock:  ## re-pin constraints.txt to what is installed in .venv
 	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/' > constraints.txt

@@ -2,7 +2,8 @@
 
 Runs configs/tiny-demo.yaml in a fresh store and Dagster instance, then puts its summary lines (the held-out
 loss of base, adapter and merged model, the run time) into the README's demo block, between the lines
-'<!-- demo-output -->' and '<!-- /demo-output -->'. tests/test_cli.py checks the figures against a demo run.
+'<!-- --8<-- [start:demo-output] -->' and '<!-- --8<-- [end:demo-output] -->': snippet markers, so the docs' first-run
+page includes the same block (pymdownx.snippets). tests/test_cli.py checks the figures against a demo run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-START, END = "<!-- demo-output -->", "<!-- /demo-output -->"
+START, END = "<!-- --8<-- [start:demo-output] -->", "<!-- --8<-- [end:demo-output] -->"
 LOSS_LINE = re.compile(r"^held-out loss \(per-example mean\): .*$", re.MULTILINE)
 FINISHED = re.compile(r"finished in (\d+)s")
 
@@ -34,7 +35,7 @@ def readme_block(output: str) -> str:
     """The README's demo block for this output."""
     seconds = FINISHED.search(output).group(1)
     return "\n".join([
-        START, "```", f"model tiny-demo: run 0b9e... finished in {seconds}s",
+        START, "```text", f"model tiny-demo: run 0b9e... finished in {seconds}s",
         "  raw_dataset        artifacts/tiny-demo/raw_dataset/793a2d9978cf26d9", "  ...",
         "  eval_report        artifacts/tiny-demo/eval_report/...", "", LOSS_LINE.search(output).group(0),
         "report: artifacts/tiny-demo/eval_report/.../report.md", "```", END])

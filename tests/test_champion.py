@@ -181,7 +181,7 @@ def test_dora_trains_on_the_4bit_base_and_is_shipped_merged_only(tmp_path, write
 def test_the_lora_only_sweep_demo_blends_exports_adapters_promotes_and_rolls_back(tmp_path):
     """configs/tiny-lora-sweep.yaml shows what the lm_head-training demo cannot: adapters served as adapters, a
     blend ranked beside the variants, the sweep's champion exported as base + adapter GGUF, a better round
-    promoted and rolled back (the README walks through these commands)."""
+    promoted and rolled back (docs/tutorials/sweep-and-promote.md walks through these commands)."""
     config = "configs/tiny-lora-sweep.yaml"
     first = json.loads(_cli(["run", config, "--json"], tmp_path, check_rc=0).stdout.strip().splitlines()[-1])
     champion = first["champion"]

@@ -1,4 +1,4 @@
-"""Dagster's `dg` command loads, lists and launches the project, as the README shows."""
+"""Dagster's `dg` command loads, lists and launches the project, as docs/tutorials/first-run.md shows."""
 
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ def test_the_production_instance_config_is_valid_and_recovers_crashed_runs():
     assert config["concurrency"]["pools"]["default_limit"] >= 1
 
 
-def test_the_readme_names_the_stages_and_groups_the_code_declares():
-    """The README's tour of the UI counts the stages and names each group's members: from the definitions."""
+def test_the_docs_name_the_stages_and_groups_the_code_declares():
+    """The first-run tutorial's tour of the UI counts the stages and names each group's members: from the definitions."""
     import re
 
     from lora_pipeline.assets import ON_DEMAND_ASSETS, PIPELINE_ASSETS, SETTINGS_SPECS
@@ -64,8 +64,8 @@ def test_the_readme_names_the_stages_and_groups_the_code_declares():
 
     words = {3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
     assert {spec.group_name for spec in SETTINGS_SPECS} == {"settings"}
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    tour = readme[readme.index("You will see the "):readme.index("with their descriptions")]
+    page = (REPO / "docs" / "tutorials" / "first-run.md").read_text(encoding="utf-8")
+    tour = page[page.index("You will see the "):page.index("with their descriptions")]
     groups = {}
     for asset in [*PIPELINE_ASSETS, *ON_DEMAND_ASSETS]:
         for key in asset.keys:
