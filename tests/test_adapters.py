@@ -200,3 +200,15 @@ def test_ties_and_dare_blends_of_equal_ranks_are_added(tiny_base, saved, input_i
         name = add_blend(model, Blend(combination, ("one", "two"), (0.7, 0.3), combination, density=0.5))
         with using(model, name):
             assert torch.isfinite(_logits(model, input_ids)).all()
+
+
+def test_a_name_torch_dicts_use_for_themselves_gets_a_peft_name_of_its_own(tiny_base, saved, input_ids):
+    from lora_pipeline.ml.adapters import Blend, adapter_name, add_blend, attach_adapters, using
+
+    assert adapter_name("tiny-sweep.r4") == "tiny-sweep_r4" and adapter_name("mix") == "mix"
+    assert [adapter_name(key) for key in ("half", "eval", "train", "keys")] == ["half_", "eval_", "train_", "keys_"]
+    # torch refuses 'train' and 'half' as module dict keys: "attribute 'half' already exists".
+    model = attach_adapters(copy.deepcopy(tiny_base), {"one": saved["one"], adapter_name("train"): saved["two"]})
+    name = add_blend(model, Blend(adapter_name("half"), ("one", "train_"), (1.0, 0.0), "cat"))
+    with using(model, name):
+        assert torch.isfinite(_logits(model, input_ids)).all()

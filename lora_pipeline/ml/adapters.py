@@ -41,8 +41,13 @@ DENSITY_COMBINATIONS = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ti
 
 def adapter_name(key: str) -> str:
     """A model key (e.g. a sweep variant's, tiny-sweep.r4) as a PEFT adapter name: PEFT keeps adapters in torch
-    module dicts, whose keys cannot contain '.'."""
-    return key.replace(".", "_")
+    module and parameter dicts, whose keys cannot contain '.' nor be one of their attributes (a blend or a
+    config named half, eval or train: torch's add_module refuses it), which get a trailing '_'."""
+    import torch
+
+    name = key.replace(".", "_")
+    taken = any(hasattr(holder, name) for holder in (torch.nn.ModuleDict(), torch.nn.ParameterDict()))
+    return f"{name}_" if taken else name
 
 
 def attach_adapters(base_model, adapters: dict[str, "str | Path"]):
