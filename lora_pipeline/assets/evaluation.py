@@ -1,7 +1,6 @@
 """The held-out comparison of base, adapter and merged model, example by example and with intervals."""
 
 import dagster as dg
-import pandas as pd
 
 from lora_pipeline.assets.base import original_weights_dir
 from lora_pipeline.assets.champion import champion_owner, comparable_champion
@@ -19,7 +18,7 @@ from lora_pipeline.assets.common import (
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.ml.base.loading import is_quantized_dir
 from lora_pipeline.ml.evaluation.pipeline import evaluate_pipeline
-from lora_pipeline.ml.evaluation.suite import EvalSuite, scorable_rows, suite_digest
+from lora_pipeline.ml.evaluation.suite import EvalSuite, held_out_examples, suite_digest
 from lora_pipeline.ml.report.metrics_report import write_report
 from lora_pipeline.ml.report.modelcard import model_index
 from lora_pipeline.resources.compute import Compute
@@ -34,7 +33,7 @@ EVAL_SPLIT = "eval.parquet"
 
 def eval_suite(storage: ArtifactStore, formatted_dataset: ArtifactRef, settings) -> tuple[EvalSuite, str]:
     """The suite every model of this config is scored on, and its digest (the key of cached scores)."""
-    frame = scorable_rows(pd.read_parquet(storage.local_path(formatted_dataset) / EVAL_SPLIT).head(settings.max_examples))
+    frame = held_out_examples(storage.local_path(formatted_dataset) / EVAL_SPLIT, settings.max_examples)
     suite = EvalSuite(frame, tuple(settings.metrics), settings.max_new_tokens, settings.batch_size)
     return suite, suite_digest(storage.content_digest(formatted_dataset, only=(EVAL_SPLIT,)), suite)
 

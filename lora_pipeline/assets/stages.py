@@ -65,6 +65,10 @@ ADDED_LATER = {
     "training.init_adapter": None,
     "preference": PreferenceSettings().model_dump(mode="json"),
     "preference.beta": PreferenceSettings().beta,
+    "training.eval_steps": 0,
+    "training.early_stopping_patience": 0,
+    "training.early_stopping_threshold": 0.0,
+    "training.keep_best": False,
 }
 
 

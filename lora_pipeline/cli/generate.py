@@ -26,7 +26,8 @@ Every config needs its trained_adapter published (`lora-pipeline run CONFIG --se
 all on the same base model (same quantized_base content). A sweep file stands for all its variants.
 Each adapter is asked the prompt the way its training rendered prompts (the config's dataset.format,
 dataset.template and dataset.system_prompt); the base is asked what the first adapter is asked.
-Decoding is greedy, so the answers are reproducible.
+Decoding is greedy, so the answers are reproducible. `lora-pipeline chat` keeps the base loaded for a
+conversation with the same adapters.
 """
 
 
@@ -41,14 +42,21 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_model_arguments(parser, max_new_tokens=64)
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt, as a user would type it")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"prompt": ..., "answers": {"base": ..., KEY: ...}} as the last stdout line')
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The arguments generate and chat share: which adapters answer, where they are stored, how they answer."""
     parser.add_argument("configs", type=Path, nargs="+", metavar="CONFIG",
                         help="model config YAML (or sweep file) whose adapter answers; several share one base")
-    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt, as a user would type it")
     parser.add_argument("--storage", metavar="URI",
                         help="artifact store root: a folder or s3://bucket/prefix (default: $LORA_PIPELINE_STORAGE "
                         "or ./artifacts)")
-    parser.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N",
-                        help="longest answer in tokens (default: 64)")
+    parser.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens, metavar="N",
+                        help=f"longest answer in tokens (default: {max_new_tokens})")
     parser.add_argument("--blend", action="append", default=[], metavar="NAME=COMBINATION:W1,W2[@DENSITY]",
                         help="also answer with a weighted blend of the given adapters, in the order given "
                         "(PEFT's add_weighted_adapter: linear, cat, svd, ties, dare_ties, ...), e.g. "
@@ -56,8 +64,6 @@ def add_parser(commands, parents: list[argparse.ArgumentParser]) -> None:
     parser.add_argument("--thinking", choices=("on", "off"),
                         help="switch a thinking model's reasoning on or off where its template has the switch "
                         "(Qwen3's enable_thinking); by default the prompt ends as training's prompts did")
-    parser.add_argument("--json", action="store_true",
-                        help='print {"prompt": ..., "answers": {"base": ..., KEY: ...}} as the last stdout line')
 
 
 def _positive(text: str) -> int:
@@ -77,9 +83,24 @@ class Model:
 
 
 def do_cli(args: argparse.Namespace) -> int:
-    """Resolve configs and store, answer the prompt with the base and every adapter, print side by side."""
-    from lora_pipeline.ml.adapters import NoThinkingSwitch, answer_side_by_side
+    """Answer the prompt with the base and every adapter (one user turn of a chat session), print side by side."""
+    answers = open_session(args).compare(args.prompt)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "answers": answers,
+                          "thinking": "as trained" if args.thinking is None else args.thinking}))
+    else:
+        print_side_by_side(args.prompt, answers, sys.stdout)
+    return 0
+
+
+def open_session(args: argparse.Namespace, **settings):
+    """Resolve the configs and the store, load their shared base once with every adapter (and --blend) attached.
+
+    settings: ChatSession's (active, temperature). What the options get wrong is a ConfigError naming the option,
+    said before the base loads where it can be."""
+    from lora_pipeline.ml.adapters import NoThinkingSwitch
     from lora_pipeline.ml.base.precision import detect_device
+    from lora_pipeline.ml.chat import BlendRefused, ChatSession, UnknownModel
     from lora_pipeline.resources.factory import default_resources
 
     models = models_of(args.configs)
@@ -91,20 +112,17 @@ def do_cli(args: argparse.Namespace) -> int:
                                              enable_thinking=thinking) for model in models}
     blends = [parse_blend(text, list(adapters)) for text in args.blend]
     try:
-        answers = answer_side_by_side(
-            base_dir, adapters, args.prompt, styles, detect_device(), max_new_tokens=args.max_new_tokens,
+        return ChatSession.load(
+            base_dir, adapters, styles, detect_device(), max_new_tokens=args.max_new_tokens,
             trust_remote_code=any(model.model_config.trust_remote_code for model in models), blends=blends,
+            **settings,
         )
     except NoThinkingSwitch as refused:
         raise ConfigError(f"--thinking: {refused}") from None
-    except ValueError as refused:  # a blend PEFT would get wrong, refused before any answer
+    except BlendRefused as refused:
         raise ConfigError(f"--blend: {refused}") from None
-    if args.json:
-        print(json.dumps({"prompt": args.prompt, "answers": answers,
-                          "thinking": "as trained" if thinking is None else args.thinking}))
-    else:
-        print_side_by_side(args.prompt, answers, sys.stdout)
-    return 0
+    except UnknownModel as refused:
+        raise ConfigError(f"--adapter: {refused}") from None
 
 
 def parse_blend(text: str, adapters: list[str]):
@@ -200,7 +218,8 @@ def prompt_style(storage, adapter_dir: Path, model: Model):
         ref = (ArtifactRef(uri=parent["uri"], sha256=parent["sha256"], size_bytes=0, files=0) if parent
                else storage.current(model.key, "formatted_dataset"))
         fmt = json.loads((storage.local_path(ref) / FORMAT_SUMMARY).read_text(encoding="utf-8"))["format"]
-    return PromptStyle(format=fmt, template=dataset["template"], system_prompt=dataset["system_prompt"])
+    return PromptStyle(format=fmt, template=dataset["template"], system_prompt=dataset["system_prompt"],
+                       reasoning=dataset.get("reasoning", "auto"))
 
 
 def print_side_by_side(prompt: str, answers: dict[str, str], stream) -> None:

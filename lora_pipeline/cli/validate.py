@@ -219,12 +219,11 @@ def is_local_source(source: str) -> bool:
     """Whether validate reads the source now: a path here (a missing one is 'file not found' now, not a hub
     look-up later) or, offline, a hub dataset, which can only come from the local cache. Remote ones are read
     by raw_dataset."""
-    from huggingface_hub import constants
-
     from lora_pipeline.ml.data.sources import source_kind
+    from lora_pipeline.ml.hub_reach import hub_unreachable
 
     kind = source_kind(source)
-    return kind == "local" or (kind == "hub" and constants.HF_HUB_OFFLINE)
+    return kind == "local" or (kind == "hub" and hub_unreachable() is not None)
 
 
 def memory_summary(model_config, device, vocab_size: int | None = None,

@@ -315,6 +315,31 @@ class TrainingSettings(StrictSection):
         "every N optimizer steps; a killed run relaunched with the same config and data resumes from "
         "the newest one. 0: no checkpoints.",
     )
+    eval_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Every N optimizer steps (and at the last), score the held-out split (formatted_dataset's eval "
+        "split, its first eval.max_examples scorable examples, as eval_report scores them) with the adapter being "
+        "trained: the per-example mean loss, eval_report's 'loss', drawn on the training loss curve and logged to "
+        "the trackers as eval_loss. 0: no evaluation while training.",
+    )
+    early_stopping_patience: int = Field(
+        default=0,
+        ge=0,
+        description="With eval_steps: stop training once the held-out loss has not improved on its best by more "
+        "than early_stopping_threshold for this many evaluations in a row. 0: train every step.",
+    )
+    early_stopping_threshold: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="With early_stopping_patience: the least decrease of the held-out loss that counts as an "
+        "improvement.",
+    )
+    keep_best: bool = Field(
+        default=False,
+        description="With eval_steps: publish the adapter as it was at the evaluation with the lowest held-out "
+        "loss, not at the last step (its weights are kept in memory, and in each checkpoint for a resume).",
+    )
     seed: int = Field(default=0, description="Seed for adapter initialisation, dropout and data order.")
     objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
         default="sft",
@@ -335,6 +360,17 @@ class TrainingSettings(StrictSection):
         default=DistributedSettings(),
         description="Several processes (GPUs, machines) training together through torchrun.",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _evaluation_before_its_uses(self) -> "TrainingSettings":
+        for key, value in (("early_stopping_patience", self.early_stopping_patience), ("keep_best", self.keep_best)):
+            if value and not self.eval_steps:
+                raise ValueError(f"training.{key} acts on the evaluations while training: set training.eval_steps "
+                                 "(e.g. 20) too")
+        if self.eval_steps and self.objective != "sft":
+            raise ValueError(f"training.eval_steps: evaluation while training is SFT's only so far ({self.objective} "
+                             "runs are scored on held-out pairs by eval_report); drop training.eval_steps")
+        return self
 
 
 class ModelConfig(StrictSection):

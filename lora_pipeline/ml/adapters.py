@@ -1,8 +1,9 @@
-"""Several LoRA adapters on one loaded base, switched at run time, blended, and asked side by side. Dagster-free.
+"""Several LoRA adapters on one loaded base, switched at run time, blended, and prompted as trained. Dagster-free.
 
 PEFT's own workflow: the base is loaded once, the first adapter with PeftModel.from_pretrained, the
 others with load_adapter; set_adapter picks the one that answers and disable_adapter lets the bare
-base answer. Every model compared this way sees the same base weights in memory.
+base answer. Every model compared this way sees the same base weights in memory (chat.ChatSession
+holds them and asks them).
 
 Blends go through PEFT's add_weighted_adapter, which (in the pinned PEFT 0.21.2,
 peft/tuners/lora/model.py) has traps that give a wrong adapter without an error; add_blend refuses
@@ -23,10 +24,6 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lora_pipeline.ml.base.precision import DeviceInfo
 
 # add_weighted_adapter's combination types. The first group combines lora_A and lora_B separately,
 # which needs one rank across adapters; cat stacks them (rank = sum), the *_svd ones refactor the
@@ -210,7 +207,8 @@ class PromptStyle:
     """How training turned a row into the model's input, so that a free prompt can be put the same way.
 
     format: the rows' format as formatted_dataset recorded it (detected when dataset.format is
-    'auto'); template and system_prompt: the dataset.template and dataset.system_prompt settings.
+    'auto'); template, system_prompt and reasoning: the dataset.template, dataset.system_prompt and
+    dataset.reasoning settings.
     """
 
     format: str
@@ -218,78 +216,41 @@ class PromptStyle:
     system_prompt: str | None = None
     # Thinking on or off where the template has the switch (Qwen3's enable_thinking); None: as in training.
     enable_thinking: bool | None = None
+    reasoning: str = "auto"
 
 
 def prompt_ids(tokenizer, prompt: str, style: PromptStyle) -> list[int]:
-    """The prompt's token ids as training put a one-turn example up to where the answer starts.
+    """The prompt's token ids as training put a one-turn example up to where the answer starts."""
+    return conversation_ids(tokenizer, [{"role": "user", "content": prompt}], style)
 
-    A chat template renders [system prompt,] user turn and the generation prompt, without added
-    special tokens (the template writes its own BOS); alpaca rows get the Alpaca prompt with no
-    input; prompt_completion and text rows the prompt as is. Non-chat text gets the tokenizer's
-    special tokens, as in formatted_dataset.
+
+def conversation_ids(tokenizer, messages: list[dict], style: PromptStyle) -> list[int]:
+    """A conversation's token ids up to where the next answer starts, put as training put its examples.
+
+    messages: user and assistant turns, the last a user's (the system prompt is the style's). A chat
+    template renders [system prompt,] the turns and the generation prompt, without added special
+    tokens (the template writes its own BOS). Alpaca, prompt_completion and text rows were one turn
+    each: one turn is put exactly as formatted_dataset put it (the Alpaca prompt with no input, or
+    the prompt as is, with the tokenizer's special tokens). Training never saw a longer conversation
+    in these formats, so one follows the template saved with the adapter for them (prompt_format:
+    each earlier turn a whole training example closed by EOS), the one servers apply to it.
     """
     from lora_pipeline.ml.data.templates import alpaca_prompt, resolve_template
+    from lora_pipeline.ml.prompt_format import prompt_template
 
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a conversation to answer ends with a user turn")
     template = resolve_template(style.template, style.format, tokenizer.chat_template)
     switch = {} if style.enable_thinking is None else {"enable_thinking": style.enable_thinking}
     if switch and not (template.is_chat and "enable_thinking" in template.jinja):
         raise NoThinkingSwitch(f"the {template.name} template has no thinking switch (enable_thinking); leave thinking "
-                         "as training had it")
-    if template.is_chat:
-        system = [{"role": "system", "content": style.system_prompt}] if style.system_prompt else []
-        text = tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}],
-                                             chat_template=template.jinja, tokenize=False, add_generation_prompt=True,
-                                             **switch)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if style.format == "alpaca":
-        text = alpaca_prompt(prompt, "", style.system_prompt)
-    else:
-        text = prompt
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def answer_side_by_side(
-    base_dir: Path,
-    adapters: dict[str, Path],
-    prompt: str,
-    styles: dict[str, PromptStyle],
-    device: "DeviceInfo",
-    max_new_tokens: int = 64,
-    trust_remote_code: bool = False,
-    blends: "tuple[Blend, ...] | list[Blend]" = (),
-) -> dict[str, str]:
-    """Greedy answers to one prompt from the bare base and from each adapter, the base loaded once.
-
-    Each adapter is asked with its own tokenizer (saved beside it) and the prompt rendered as its
-    training rendered prompts (styles[name]); the base is asked exactly what the first adapter is
-    asked, so the first comparison differs only in the adapter. Each blend (of attached adapters, guarded
-    by add_blend) answers too, asked as the first adapter is. Returns {"base": ..., name: ..., blend: ...}.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_pipeline.ml.base.precision import device_map_for
-    from lora_pipeline.ml.evaluation.per_example import greedy_answers
-
-    if "base" in adapters:
-        raise ValueError("an adapter named 'base' would hide the base's own answer; rename it")
-    missing = [name for name in adapters if name not in styles]
-    if missing:
-        raise ValueError(f"no prompt style for adapter {missing[0]!r}")
-    tokenizers = {name: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-                  for name, path in adapters.items()}
-    asked = {name: prompt_ids(tokenizers[name], prompt, styles[name]) for name in adapters}
-    first = next(iter(adapters))
-    base = AutoModelForCausalLM.from_pretrained(base_dir, device_map=device_map_for(device),
-                                                trust_remote_code=trust_remote_code)
-    model = attach_adapters(base, {adapter_name(name): path for name, path in adapters.items()}).eval()
-    blended = {}
-    for blend in blends:
-        safe = Blend(adapter_name(blend.name), tuple(adapter_name(a) for a in blend.adapters), blend.weights,
-                     blend.combination, blend.density)
-        blended[blend.name] = add_blend(model, safe)
-    answers = {}
-    for name in [None, *adapters, *blended]:
-        with using(model, None if name is None else blended.get(name, adapter_name(name))):
-            asker = name if name in adapters else first
-            answers[name or "base"] = greedy_answers(model, tokenizers[asker], [asked[asker]], max_new_tokens, 1)[0]
-    return answers
+                               "as training had it")
+    if not template.is_chat and len(messages) == 1:
+        prompt = messages[0]["content"]
+        text = alpaca_prompt(prompt, "", style.system_prompt) if style.format == "alpaca" else prompt
+        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    system = [{"role": "system", "content": style.system_prompt}] if style.system_prompt else []
+    jinja = prompt_template(template, style.format, tokenizer)  # a chat template is itself
+    text = tokenizer.apply_chat_template(system + messages, chat_template=jinja, tokenize=False,
+                                         add_generation_prompt=True, **switch)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
