@@ -179,7 +179,8 @@ def test_one_mlflow_run_per_adapter_with_curves_metrics_model_and_aliases(write_
     from lora_pipeline.ml.tracking import ADAPTER_TAG
     from lora_pipeline.resources import ExperimentTracker
 
-    config_path = write_config("micro", tracking={"report_to": ["mlflow"], "tracking_uri": mlflow_server})
+    config_path = write_config("micro", tracking={"report_to": ["mlflow"], "tracking_uri": mlflow_server},
+                               training={"eval_steps": 4})
     resources = {**fake_resources, "tracker": ExperimentTracker()}
     result = _materialize(resources, [*PIPELINE_ASSETS, *PIPELINE_CHECKS], "micro")
     adapter, report, champion = (_metadata(result, name) for name in ("trained_adapter", "eval_report", "champion"))
@@ -209,6 +210,10 @@ def test_one_mlflow_run_per_adapter_with_curves_metrics_model_and_aliases(write_
     summary = json.loads((adapter_dir / "training_summary.json").read_text())
     assert [(point.step, point.value) for point in curve] == [tuple(entry) for entry in summary["loss_history"]]
     assert "train/learning_rate" in run.data.metrics
+    # The held-out loss while training (training.eval_steps 4), on the same steps as the training curve.
+    held_out = client.get_metric_history(run.info.run_id, "train/eval_loss")
+    assert [(point.step, point.value) for point in held_out] == [tuple(entry) for entry in summary["eval_history"]]
+    assert [point.step for point in held_out] == [4, 8]
     assert run.data.metrics["eval/adapter_loss"] == pytest.approx(report["adapter_loss"])
     assert run.data.metrics["eval/base_loss"] == pytest.approx(report["base_loss"])
 

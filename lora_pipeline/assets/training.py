@@ -20,12 +20,14 @@ from lora_pipeline.assets.common import (
     write_json,
 )
 from lora_pipeline.assets.data import FORMAT_SUMMARY
+from lora_pipeline.assets.evaluation import EVAL_SPLIT
 from lora_pipeline.assets.preference_training import train_preference_adapter
 from lora_pipeline.assets.provenance import library_versions, parent_lineage, stage_config
 from lora_pipeline.assets.stages import pipeline
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.deploy import training_gpus
 from lora_pipeline.ml.base.fit import check_fits
+from lora_pipeline.ml.evaluation.suite import held_out_examples
 from lora_pipeline.ml.prompt_format import record_prompt_format
 from lora_pipeline.ml.report.modelcard import adapter_card
 from lora_pipeline.ml.report.plots import loss_curve_png, markdown_image
@@ -59,13 +61,17 @@ def training_inputs(model_config: ModelConfig, storage: ArtifactStore, formatted
     change of a data check's threshold) gets a new version but trains the same adapter, which is
     then reused instead of trained again.
     """
-    return {
+    inputs = {
         "data": storage.content_digest(formatted_dataset, only=(TRAIN_SPLIT,)),
         "base": storage.content_digest(quantized_base),
         **stage_config(model_config, "trained_adapter"),
         "code_version": pipeline()["trained_adapter"].code_version,
         "libraries": {name: version for name, version in library_versions().items() if name in TRAINING_STACK},
     }
+    if model_config.training.eval_steps:  # the held-out examples decide the best step and when to stop
+        inputs["held_out"] = {"data": storage.content_digest(formatted_dataset, only=(EVAL_SPLIT,)),
+                              "max_examples": model_config.eval.max_examples}
+    return inputs
 
 
 def inputs_key(inputs: dict) -> str:
@@ -188,12 +194,21 @@ class _TrainingRun:
         self.storage.point_current(self.partition, STAGE, finished, run_order(self.context))
         folder = self.storage.local_path(finished)
         summary = read_json(folder / TRAINING_SUMMARY)
-        result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)})
+        # An adapter trained before a field existed has that field's default.
+        result = TrainResult(**{field.name: summary[field.name] for field in dataclasses.fields(TrainResult)
+                                if field.name in summary})
         record = self.lineage(memory_plan=parent_lineage(folder).get("memory_plan"))  # as planned when it trained
         tracked = self.tracker.adapter_run(self.model_config.tracking, self.owner, self.storage, finished,
                                            self.parents["quantized_base"], self.model_config.trust_remote_code)
         return _adapter_output(finished, record, self.model_config, result, (folder / LOSS_CURVE).read_bytes(),
                                reused=True, tracked=tracked)
+
+    def held_out(self) -> pd.DataFrame | None:
+        """The held-out examples scored while training (eval_report's), when training.eval_steps asks for it."""
+        if not self.model_config.training.eval_steps:
+            return None
+        return held_out_examples(self.storage.local_path(self.parents["formatted_dataset"]) / EVAL_SPLIT,
+                                 self.model_config.eval.max_examples)
 
     def resume_point(self):
         """The newest checkpoint made from these inputs (or None), saying why others are not resumed."""
@@ -223,7 +238,8 @@ class _TrainingRun:
             # The template the data was rendered with travels with the adapter (and so the merged model).
             data_format = read_json(storage.local_path(formatted_dataset) / FORMAT_SUMMARY)["format"]
             record_prompt_format(staging, model_config.dataset.template, data_format, model_config.trust_remote_code)
-            loss_png = loss_curve_png(result.loss_history)
+            loss_png = loss_curve_png(result.loss_history, held_out=result.eval_history,
+                                      published_step=result.published_step)
             (staging / LOSS_CURVE).write_bytes(loss_png)
             write_json(staging / TRAINING_SUMMARY, {**vars(result), "inputs_key": self.key})
             record = self.lineage(steps=result.steps, train_loss=result.train_loss,
@@ -251,14 +267,16 @@ class _TrainingRun:
         try:
             if launch is not None and launch.distributed:
                 spec = training_spec(base_dir, train_file, staging, model_config.lora, model_config.training,
-                                     self.device, options, **arguments)
+                                     self.device, options, **arguments,
+                                     held_out_file=self.storage.local_path(self.parents["formatted_dataset"]) / EVAL_SPLIT,
+                                     eval_settings=model_config.eval)
                 # A staging folder, not /tmp: a local store's writers remove what a killed step left there.
                 with self.storage.staging_dir() as work:
                     return train_with_torchrun(self.context, launch, spec, work, self.publish_checkpoint, on_log)
             return train_adapter(
                 base_dir, pd.read_parquet(train_file), staging, model_config.lora, model_config.training, self.device,
                 progress=self.report, on_checkpoint=self.publish_checkpoint, options=options, on_log=on_log,
-                launch=launch, **arguments,
+                launch=launch, held_out=self.held_out(), eval_batch_size=model_config.eval.batch_size, **arguments,
             )
         except TrainingDivergedError as diverged:
             kept = self.storage.latest_checkpoint(self.partition, STAGE, self.key)
@@ -274,11 +292,13 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
         ref, record, model_config,
         {
             "reused": reused,
-            "loss_curve": dg.MetadataValue.md(markdown_image(loss_png, "training loss")),
+            "loss_curve": dg.MetadataValue.md(markdown_image(
+                loss_png, "training and held-out loss" if result.eval_history else "training loss")),
             "train_loss": result.train_loss,
             "final_logged_loss": result.final_loss,
             "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
+            **_held_out_metadata(result),
             "trainable_parameters": result.trainable_parameters,
             "trainable_percent": round(100 * result.trainable_parameters / max(result.total_parameters, 1), 4),
             "tokens_per_second": round(result.tokens_per_second, 1),
@@ -300,6 +320,21 @@ def _adapter_output(ref: ArtifactRef, record: dict, model_config: ModelConfig, r
             **tracked,
         },
     )
+
+
+def _held_out_metadata(result: TrainResult) -> dict:
+    """The evaluations while training, when there were any: the last and best held-out loss, and which step was
+    published (the best one with training.keep_best) or where early stopping ended the run."""
+    if not result.eval_history:
+        return {}
+    return {
+        "held_out_loss": round(result.eval_history[-1][1], 4),  # the last evaluation
+        "best_held_out_loss": round(result.best_eval_loss, 4) if result.best_eval_loss is not None else None,
+        "best_step": result.best_step,
+        "published_step": result.published_step,
+        "stopped_early_at": result.stopped_early_at,
+        "evaluations": len(result.eval_history),
+    }
 
 
 def _estimate_metadata(terms: dict | None, measured: int) -> dict:

@@ -136,6 +136,8 @@ class ExperimentTracker(dg.ConfigurableResource):
         live = LiveTraining(tracker, tracker.start(record.get("model", owner), lineage_tags(record),
                                                     lineage_params(record)), settings, owner)
         tracker.log_history(live.run, logged_curve(summary))
+        if summary.get("eval_history"):  # the evaluations while training, on the same steps
+            tracker.log_history(live.run, [tuple(point) for point in summary["eval_history"]], name="train/eval_loss")
         live.finish(adapter, adapter_dir, storage.local_path(base), summary, trust_remote_code)
         return tracker, live.run
 

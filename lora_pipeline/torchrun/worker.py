@@ -42,9 +42,11 @@ def checkpoint_files(folder: Path, step: int) -> tuple[Path, Path, Path]:
 
 def training_spec(base_dir: Path, train_file: Path, out_dir: Path, lora, training, device, options, *,
                   base_model_name: str, resume_from: Path | None = None, trust_remote_code: bool = False,
-                  report_to: tuple[str, ...] = ()) -> dict:
-    """train_adapter's arguments as the JSON data every rank reads back (_train): the split as its file."""
-    return {"base_dir": str(base_dir), "train_file": str(train_file), "out_dir": str(out_dir),
+                  report_to: tuple[str, ...] = (), held_out_file: Path | None = None, eval_settings=None) -> dict:
+    """train_adapter's arguments as the JSON data every rank reads back (_train): the splits as their files."""
+    held_out = {"held_out_file": str(held_out_file), "eval_max_examples": eval_settings.max_examples,
+                "eval_batch_size": eval_settings.batch_size} if training.eval_steps and held_out_file else {}
+    return {**held_out, "base_dir": str(base_dir), "train_file": str(train_file), "out_dir": str(out_dir),
             "lora": lora.model_dump(), "training": training.model_dump(), "device": asdict(device),
             "options": asdict(options), "base_model_name": base_model_name,
             "resume_from": str(resume_from) if resume_from is not None else None,
@@ -93,6 +95,7 @@ def _train(spec: dict, folder: Path, pipes=None):
 
     from lora_pipeline.config.schema import LoraSettings, TrainingSettings
     from lora_pipeline.ml.base.precision import DeviceInfo
+    from lora_pipeline.ml.evaluation.suite import held_out_examples
     from lora_pipeline.ml.training import StepOptions, train_adapter
     from lora_pipeline.ml.training.distributed import Launch
     from lora_pipeline.ml.training.telemetry import progress_line
@@ -122,6 +125,9 @@ def _train(spec: dict, folder: Path, pipes=None):
         report_to=tuple(spec["report_to"]),
         on_log=on_log if pipes and spec["live_logs"] else None,
         launch=Launch(**spec["launch"]),
+        held_out=held_out_examples(spec["held_out_file"], spec["eval_max_examples"]) if "held_out_file" in spec
+        else None,
+        eval_batch_size=spec.get("eval_batch_size", 8),
     )
 
 

@@ -56,6 +56,7 @@ class PlanInputs:
     quantization: "QuantizationSettings"
     training: "TrainingSettings"
     device: DeviceInfo
+    eval_batch_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,10 @@ class MemoryPlan:
     gradient_checkpointing: bool
     notes: dict[str, str] = field(repr=False, compare=False)
     inputs: PlanInputs = field(repr=False, compare=False)
+    evaluation: int = 0
 
     TERMS = ("base_weights", "adapter", "gradients", "optimizer_states", "activations", "loss_head", "dequant_cache",
-             "framework", "allocator_margin")
+             "evaluation", "framework", "allocator_margin")
 
     @property
     def total(self) -> int:
@@ -108,8 +110,9 @@ class MemoryPlan:
 
 
 def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "QuantizationSettings",
-                training: "TrainingSettings", device: DeviceInfo) -> MemoryPlan:
-    """Plan the peak memory of training with these config sections on this device, from config.json contents."""
+                training: "TrainingSettings", device: DeviceInfo, eval_batch_size: int = 8) -> MemoryPlan:
+    """Plan the peak memory of training with these config sections on this device, from config.json contents.
+    eval_batch_size: the batches of the evaluations while training (training.eval_steps), eval.batch_size."""
     arch = Architecture.from_config(architecture)
     quantized, gpu = quantization.mode != "none", device.device == "cuda"
     mixed = mixed_precision(training.precision, device) in ("bf16", "fp16")
@@ -166,6 +169,8 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
         weights += 2 * layer
     elif launch.strategy == "ddp":
         gradients *= 2
+    evaluation, evaluation_note = _evaluation_bytes(arch, training, eval_batch_size, act, gradients + activations
+                                                    + loss_head, adapter if not gpu else 0)
     dtype = {4: "fp32", 2: "16-bit"}
     double = " + double quant" if quantization.mode in ("nf4", "fp4") and quantization.double_quant else ""
     notes = {
@@ -179,6 +184,7 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
                        f" checkpointing {'on' if checkpointing else 'off'}, {dtype[act]}",
         "loss_head": "TRL's chunked log-probabilities, Triton" if gpu else "log-probabilities of the labelled tokens",
         "dequant_cache": "4-bit weights dequantized once, in the compute dtype" if cache else "off",
+        "evaluation": evaluation_note,
         "framework": "CUDA context" if gpu else "Python process with the training stack",
         "allocator_margin": f"{ALLOCATOR_MARGIN['cuda' if gpu else 'cpu']:.0%} of activations and loss head"}
     if launch.strategy == "fsdp":
@@ -187,7 +193,8 @@ def plan_memory(architecture: dict, lora: "LoraSettings", quantization: "Quantiz
         notes["base_weights"] += ", two layers gathered whole"
     return MemoryPlan(int(weights), int(adapter), int(gradients), int(optimizer), int(activations), int(loss_head),
                       int(cache), int(framework), int(margin), device.device, arch.parameter_count(), trainable, checkpointing,
-                      notes, PlanInputs(architecture, lora, quantization, training, device))
+                      notes, PlanInputs(architecture, lora, quantization, training, device, eval_batch_size),
+                      int(evaluation))
 
 
 def plan_for_config(config: "ModelConfig", device: DeviceInfo,
@@ -201,7 +208,26 @@ def plan_for_config(config: "ModelConfig", device: DeviceInfo,
         from lora_pipeline.ml.preference.memory import preference_plan
 
         return preference_plan(architecture, config, device)
-    return plan_memory(architecture, config.lora, config.quantization, config.training, device)
+    return plan_memory(architecture, config.lora, config.quantization, config.training, device, config.eval.batch_size)
+
+
+def _evaluation_bytes(arch: Architecture, training: "TrainingSettings", batch_size: int, act: int,
+                      training_transient: float, best_copy: int) -> tuple[float, str]:
+    """What evaluating while training adds to the peak, and a note saying what.
+
+    The held-out batches run between steps, after the step's gradients and activations are freed, so only the
+    part of their working set above the step's counts: the full fp32 logits, their log-softmax and the scored
+    copy, each [eval tokens, vocabulary], and about one layer's activations (no graph is kept). With
+    training.keep_best a copy of the trainable weights stays in host memory (device memory on a CPU).
+    """
+    if not training.eval_steps:
+        return 0, "off"
+    tokens = batch_size * training.max_length
+    working = tokens * (LEAN_HEAD_COPIES * arch.vocab * 4 + (4 * arch.hidden + arch.intermediate) * act)
+    above = max(0.0, working - training_transient)
+    copy = best_copy if training.keep_best else 0
+    note = f"held-out batches of {batch_size} x {training.max_length} tokens every {training.eval_steps} steps"
+    return above + copy, note + (", the best adapter's copy" if copy else "")
 
 
 def _optimizer_bytes(optimizer: str, shape: tuple[int, int], param_bytes: int) -> float:
@@ -356,7 +382,7 @@ def _replan(plan: MemoryPlan, changes: dict[str, object]) -> MemoryPlan:
         section, *path = key.split(".")
         sections[section] = _with_value(sections[section], path, value)
     return plan_memory(plan.inputs.architecture, sections["lora"], sections["quantization"], sections["training"],
-                       plan.inputs.device)
+                       plan.inputs.device, plan.inputs.eval_batch_size)
 
 
 def _with_value(section, path: list[str], value):

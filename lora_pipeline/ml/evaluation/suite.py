@@ -45,6 +45,14 @@ def scorable_rows(frame: "pd.DataFrame") -> "pd.DataFrame":
     return frame[keep].reset_index(drop=True)
 
 
+def held_out_examples(eval_split, max_examples: int) -> "pd.DataFrame":
+    """The held-out examples every score of a config is on: the eval split's first max_examples rows, the
+    scorable ones of them (eval_report and the evaluation while training read the same)."""
+    import pandas as pd
+
+    return scorable_rows(pd.read_parquet(eval_split).head(max_examples))
+
+
 def suite_digest(data_digest: str, suite: EvalSuite) -> str:
     """The suite's identity: the held-out data's content digest, its size, the metrics and the decoding."""
     payload = {

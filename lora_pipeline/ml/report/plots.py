@@ -23,12 +23,22 @@ def _png(plt, fig) -> bytes:
     return buffer.getvalue()
 
 
-def loss_curve_png(history: list[tuple[int, float]], title: str = "training loss") -> bytes:
-    """Line plot of (step, loss) pairs."""
+def loss_curve_png(history: list[tuple[int, float]], title: str = "training loss",
+                   held_out: list[tuple[int, float]] | None = None, published_step: int | None = None) -> bytes:
+    """Line plot of (step, loss) pairs; with held_out, the held-out loss on the same axes and the step whose
+    weights were published marked."""
     plt, (fig, ax) = _figure()
     if history:
         steps, losses = zip(*history)
-        ax.plot(steps, losses, marker="o", markersize=3)
+        ax.plot(steps, losses, marker="o", markersize=3, label="training (logged mean)")
+    if held_out:
+        steps, losses = zip(*held_out)
+        ax.plot(steps, losses, marker="s", markersize=4, color="#d8893b", label="held-out (per-example mean)")
+        if published_step is not None and published_step in steps:
+            ax.axvline(published_step, color="#2a9d5c", linestyle="--", linewidth=1,
+                       label=f"published: step {published_step}")
+        ax.legend()
+        title = "training and held-out loss" if title == "training loss" else title
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

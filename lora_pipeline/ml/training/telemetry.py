@@ -43,6 +43,9 @@ def peak_memory_bytes(device: DeviceInfo) -> tuple[int, str]:
 
 def progress_line(progress: dict) -> str:
     """One progress report in words, as the run log shows it."""
+    if "eval_loss" in progress:
+        return (f"step {progress['step']}/{progress['max_steps']} held-out loss {progress['eval_loss']:.4f} "
+                "(per-example mean)")
     return (f"step {progress['step']}/{progress['max_steps']} loss {progress['loss']:.4f} "
             f"lr {progress['learning_rate']:.2e} {progress['tokens_per_second']:.0f} tokens/s "
             f"eta {progress['eta_seconds']:.0f}s")
@@ -52,12 +55,14 @@ def progress_callback(progress: ProgressFn, tokens_per_step: float):
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
-        """Reports step, loss, learning rate and throughput each time the trainer logs."""
+        """Reports step, loss, learning rate and throughput each time the trainer logs, and each held-out loss."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs:
+                progress({"step": state.global_step, "max_steps": state.max_steps, "eval_loss": float(logs["eval_loss"])})
             if not logs or "loss" not in logs:
                 return
             elapsed = time.perf_counter() - self.started

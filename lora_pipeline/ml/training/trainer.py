@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 from lora_pipeline.ml.base.modules import resolve_target_modules
 from lora_pipeline.ml.base.precision import DeviceInfo, device_map_for, gradient_checkpointing_enabled, mixed_precision
-from lora_pipeline.ml.batches import IGNORE_INDEX
+from lora_pipeline.ml.batches import IGNORE_INDEX, pad_id_of
 from lora_pipeline.ml.data.formatted import ensure_distinct_pad
 from lora_pipeline.ml.heap import long_lived_heap_frozen
 from lora_pipeline.ml.training.distributed import Launch, check_world, local_rank, summed_over_ranks, trainer_arguments
+from lora_pipeline.ml.training.held_out import EvaluationOutcome, HeldOut, evaluation_callback
 from lora_pipeline.ml.training.step import step_trainer_class
 from lora_pipeline.ml.training.telemetry import (
     CheckpointFn,
@@ -83,6 +84,11 @@ class TrainResult:
     dequantized_cache_bytes: int = 0
     world_size: int = 1  # processes that trained together (the Trainer's own count, checked against the launch)
     distributed_type: str = "NO"  # accelerate's: NO, MULTI_CPU, MULTI_GPU, FSDP
+    eval_history: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss) while training
+    best_step: int | None = None  # the evaluation with the lowest held-out loss
+    best_eval_loss: float | None = None
+    stopped_early_at: int | None = None  # the step early stopping ended training at
+    published_step: int | None = None  # the step whose weights are the adapter (best_step with keep_best)
 
 
 def training_labels(train: "pd.DataFrame") -> list[list[int]]:
@@ -147,6 +153,8 @@ def train_adapter(
     report_to: tuple[str, ...] = (),
     on_log: LogFn | None = None,
     launch: Launch | None = None,
+    held_out: "pd.DataFrame | None" = None,
+    eval_batch_size: int = 8,
 ) -> TrainResult:
     """Train a LoRA adapter on the (possibly quantized) base in base_dir and save it to out_dir.
 
@@ -161,6 +169,8 @@ def train_adapter(
     (tensorboard, wandb, ...); on_log(step, logs) receives every Trainer log (the pipeline's MLflow run).
     launch: a distributed launch when this process is one rank of it (under torchrun); every rank
     calls this function, rank 0 alone saves the adapter (FSDP: gathered whole) and gets the callbacks.
+    held_out: the scorable held-out examples scored every training.eval_steps (held_out.py), in batches of
+    eval_batch_size.
     """
     import torch
     from peft import prepare_model_for_kbit_training
@@ -208,6 +218,11 @@ def train_adapter(
                        * world["world_size"])
     if progress is not None:
         trainer.add_callback(progress_callback(progress, tokens_per_step))
+    evaluations = EvaluationOutcome()
+    if training.eval_steps and held_out is not None and len(held_out):
+        # Before the checkpoint callback: a published checkpoint holds the best weights as of its step.
+        trainer.add_callback(evaluation_callback(HeldOut(held_out, pad_id_of(tokenizer), eval_batch_size), training,
+                                                 evaluations, trainer.log, resume_from))
     trainer.add_callback(checkpoint_callback(on_checkpoint))
     if on_log is not None:
         trainer.add_callback(log_callback(on_log))
@@ -251,6 +266,11 @@ def train_adapter(
         pad_fraction=trainer.tally.pad_fraction,
         step_options={**asdict(options), "dequant_cache": bool(cached_bytes), "shared_dropout": shared_dropouts > 0},
         dequantized_cache_bytes=cached_bytes,
+        eval_history=evaluations.history,
+        best_step=evaluations.best_step,
+        best_eval_loss=evaluations.best_loss,
+        stopped_early_at=evaluations.stopped_early_at,
+        published_step=evaluations.published_step if evaluations.history else steps,
         **world,
     )
 
