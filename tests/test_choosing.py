@@ -246,6 +246,33 @@ def test_the_leaderboard_recommends_the_smallest_variant_within_noise(tmp_path):
     assert pareto_front({"a": (1, 1), "b": (2, 2), "c": (3, 0)}) == ["a", "c"]
 
 
+def test_the_compute_front_does_not_move_when_the_machine_is_busy(tmp_path):
+    """Two variants that did the same arithmetic: one trained while the machine did other work (3x its wall time).
+    The time front says the other is cheaper; the compute front, estimated from tokens and parameters, does not."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard, leaderboard_markdown, training_flops
+
+    summary = {"train_tokens": 10_000, "total_parameters": 1_000_000, "trainable_parameters": 5_000,
+               "gradient_checkpointing": False}
+    assert training_flops(summary) == 10_000 * (4 * 1_000_000 + 2 * 5_000)
+    assert training_flops({**summary, "gradient_checkpointing": True}) == 10_000 * (6 * 1_000_000 + 2 * 5_000)
+    rng = np.random.default_rng(1)
+    losses = rng.normal(2.0, 0.3, 50)
+    variants = []
+    for name, seconds, shift in (("quiet", 10.0, 0.02), ("busy", 30.0, 0.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(4, 32)}, folder / "adapter_model.safetensors")
+        variants.append(Variant(name, {}, folder, _frame(losses + shift), {"loss": mean_interval(losses + shift).as_dict()},
+                                seconds, 100.0, "suite", train_flops=training_flops(summary)))
+    board = build_leaderboard(variants, "loss", 0.0, 500)
+    assert board["pareto_time"] == ["quiet", "busy"]  # wall time: 'quiet' looks three times cheaper
+    assert board["pareto_compute"] == ["busy"]  # the same work: only the better one is on the front
+    assert "train TFLOP" in leaderboard_markdown(board, "s")
+
+
 def test_seeds_in_a_sweep_set_the_noise_floor(tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -160,6 +160,10 @@ def test_two_partitions_run_at_the_same_time_without_touching_each_other(tmp_pat
     said = {name: [line for line in errors[name].splitlines() if "waits for the gpu pool (1 slot): held by run" in line]
             for name in configs}
     assert any(said.values()), errors
+    # The time it waited is given apart from its own time, in the summary and the line that ends the run.
+    waited = {name: summary["pool_wait_seconds"] for name, summary in summaries.items()}
+    assert all(waited[name] >= 1 for name in configs if said[name]), (waited, said)
+    assert any("s waiting for the gpu pool)" in errors[name] for name in configs if said[name])
     for name, lines in said.items():
         other = next(key for key in configs if key != name)
         assert all(f"{summaries[other]['run_id'][:8]} (model {other}, step " in line for line in lines), lines

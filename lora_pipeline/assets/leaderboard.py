@@ -15,7 +15,13 @@ from pydantic import Field
 from lora_pipeline.assets.common import ARTIFACT_IO, read_json, write_json
 from lora_pipeline.assets.provenance import mark_stage_start
 from lora_pipeline.config.registry import validate_config, value_at
-from lora_pipeline.ml.report.leaderboard import Variant, build_leaderboard, leaderboard_markdown, leaderboard_png
+from lora_pipeline.ml.report.leaderboard import (
+    Variant,
+    build_leaderboard,
+    leaderboard_markdown,
+    leaderboard_png,
+    training_flops,
+)
 from lora_pipeline.ml.report.plots import markdown_image
 from lora_pipeline.ml.report.metrics_report import EXAMPLES_FILE
 from lora_pipeline.resources.registry import ModelRegistry
@@ -81,6 +87,7 @@ def leaderboard(context: dg.AssetExecutionContext, config: LeaderboardConfig, re
             scores=examples[examples["model"] == "adapter"].reset_index(drop=True),
             intervals=document["comparison"]["intervals"]["adapter"],
             train_seconds=float(summary.get("train_seconds", 0.0)),
+            train_flops=training_flops(summary),
             peak_memory_mb=float(summary.get("peak_memory_bytes", 0)) / 2**20,
             suite=read_json(report_dir / LINEAGE).get("suite", ""),
             extra={"eval_report": report.uri, "trained_adapter": adapter.uri},

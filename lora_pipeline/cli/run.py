@@ -25,6 +25,7 @@ from lora_pipeline.assets.provenance import (
 from lora_pipeline.assets.settings import report_settings
 from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.selection import ON_DEMAND, selected_asset_names, selection
+from lora_pipeline.cli.waiting import pool_wait_seconds
 from lora_pipeline.cli.session import (
     EXIT_REFUSED,
     check_data_early,
@@ -139,14 +140,16 @@ def _run_command(args: argparse.Namespace) -> int:
                    readable_source_version(model_config, args.storage), args.overrides, args.storage, args.force, args.debug)
     started = time.perf_counter()
     run_id, assets, up_to_date, refused = run_reporting_refusal(plan)
-    wall = time.perf_counter() - started
+    waited = pool_wait_seconds(run_id)
+    wall = time.perf_counter() - started - waited
     stream = sys.stderr if args.json else sys.stdout
-    print_summary(plan.key, run_id, assets, wall, stream, set(up_to_date))
+    print_summary(plan.key, run_id, assets, wall, stream, set(up_to_date), waited)
     champion = champion_summary(plan, assets)
     if champion is not None:
         print_champion(champion, stream)
     if args.json:
-        print(json.dumps({"partition": plan.key, "run_id": run_id, "wall_seconds": round(wall, 2), "assets": assets,
+        print(json.dumps({"partition": plan.key, "run_id": run_id, "wall_seconds": round(wall, 2),
+                          "pool_wait_seconds": round(waited, 2), "assets": assets,
                           "up_to_date": up_to_date, **({"champion": champion} if champion is not None else {})}))
     return EXIT_REFUSED if refused or (champion is not None and not champion["promoted"]) else 0
 
@@ -327,10 +330,12 @@ def failed_checks_of(instance, run_id: str) -> list[str]:
 
 
 def print_summary(key: str, run_id: str | None, assets: dict, wall: float, stream,
-                  up_to_date: set[str] = frozenset()) -> None:
-    """Where every selected asset is, and the held-out losses when the report ran."""
+                  up_to_date: set[str] = frozenset(), waited: float = 0.0) -> None:
+    """Where every selected asset is, and the held-out losses when the report ran. wall: the run's own time,
+    without the waited seconds its steps queued for a gpu pool slot."""
     ran = f"run {run_id} finished" if run_id else "everything up to date, nothing run,"
-    print(f"\nmodel {key}: {ran} in {wall:.0f}s", file=stream)
+    queued = f" (and {waited:.0f}s waiting for the gpu pool)" if waited >= 1 else ""
+    print(f"\nmodel {key}: {ran} in {wall:.0f}s{queued}", file=stream)
     for name, entry in assets.items():
         print(f"  {name:<18} {entry['uri']}{'  (up to date)' if name in up_to_date else ''}", file=stream)
     report = assets.get("eval_report")

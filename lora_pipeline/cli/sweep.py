@@ -19,6 +19,7 @@ from lora_pipeline.cli.run import (
     run_reporting_refusal,
 )
 from lora_pipeline.cli.selection import ON_DEMAND, selected_asset_names, selection
+from lora_pipeline.cli.waiting import pool_wait_seconds
 from lora_pipeline.assets.stages import stage_names
 from lora_pipeline.cli.session import EXIT_REFUSED, instance as open_instance
 from lora_pipeline.config.registry import partition_key_for, read_yaml, sweep_blends, value_at
@@ -46,9 +47,11 @@ def do_sweep(args: argparse.Namespace, variants: dict) -> int:
                        args.overrides, args.storage, args.force, args.debug, siblings=list(variants),
                        tags={SWEEP_TAG: sweep})
         run_id, assets, up_to_date = do_run(plan)
-        wall = time.perf_counter() - variant_started
-        results[key] = {"run_id": run_id, "assets": assets, "up_to_date": up_to_date, "wall_seconds": round(wall, 2)}
-        print_summary(key, run_id, assets, wall, stream, set(up_to_date))
+        waited = pool_wait_seconds(run_id)  # behind another run: not this variant's time
+        wall = time.perf_counter() - variant_started - waited
+        results[key] = {"run_id": run_id, "assets": assets, "up_to_date": up_to_date, "wall_seconds": round(wall, 2),
+                        "pool_wait_seconds": round(waited, 2)}
+        print_summary(key, run_id, assets, wall, stream, set(up_to_date), waited)
     summary: dict = {"partition": sweep, "variants": results}
     if "eval_report" in per_variant:
         board_uri, board = rank_variants(args, sweep, variants)

@@ -6,21 +6,36 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from typing import Iterator
 
 from lora_pipeline.assets.common import GPU_POOL
 from lora_pipeline.reclaim import HOST_TAG, PID_TAG
 
 
+# Seconds each run of this process spent with a step waiting for a pool slot (as often as the watch looks).
+_WAITED: dict[str, float] = {}
+
+
+def pool_wait_seconds(run_id: str | None) -> float:
+    """How long run_id's steps waited for a gpu pool slot, as pool_wait_notices saw it (0 for a run it did not
+    watch): run and sweep times are given without it."""
+    return _WAITED.get(run_id, 0.0) if run_id else 0.0
+
+
 @contextlib.contextmanager
 def pool_wait_notices(instance, run_id: str, stream=sys.stderr, every: float = 1.0) -> Iterator[None]:
     """While the block runs, a line on stream whenever one of run_id's steps starts waiting for a pool slot or the
-    slots change hands while it waits."""
+    slots change hands while it waits; the time waited is counted (pool_wait_seconds)."""
     stop = threading.Event()
+    _WAITED[run_id] = 0.0
 
     def watch() -> None:
         said = None
+        looked = time.monotonic()
         while not stop.wait(every):
+            now, since = time.monotonic(), looked
+            looked = now
             try:
                 info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
             except Exception:  # an instance without pools, or one closing: nothing to say
@@ -28,6 +43,8 @@ def pool_wait_notices(instance, run_id: str, stream=sys.stderr, every: float = 1
             waiting = sorted(step.step_key for step in info.pending_steps
                              if step.run_id == run_id and step.assigned_timestamp is None)
             holders = tuple(sorted((slot.run_id, slot.step_key) for slot in info.claimed_slots if slot.run_id != run_id))
+            if waiting:
+                _WAITED[run_id] += now - since
             if not waiting:
                 said = None
             elif (tuple(waiting), holders) != said:

@@ -30,6 +30,17 @@ class Variant:
     peak_memory_mb: float
     suite: str
     extra: dict = field(default_factory=dict)
+    train_flops: float = 0.0  # training_flops of its training summary
+
+
+def training_flops(summary: dict) -> float:
+    """The arithmetic a training did, estimated from what it trained on: per token 2 FLOPs per parameter forward,
+    2 for the activations' gradients, 2 per trainable parameter for the weights' gradients, and one more forward
+    with gradient checkpointing (attention's scores are left out). Unlike its wall time, it does not grow when
+    other work shares the machine, so variants trained side by side or on a busy machine compare fairly."""
+    total, trainable = summary.get("total_parameters", 0), summary.get("trainable_parameters", 0)
+    forwards = 2 if summary.get("gradient_checkpointing") else 1
+    return float(summary.get("train_tokens", 0)) * (2 * total * (forwards + 1) + 2 * trainable)
 
 
 def adapter_parameters(adapter_dir: Path) -> tuple[int, int, float]:
@@ -88,6 +99,7 @@ def build_leaderboard(variants: list[Variant], metric: str, margin: float, resam
             "adapter_size_mb": size_mb,
             "metrics": variant.intervals,
             "train_seconds": round(variant.train_seconds, 2),
+            "train_tflop": round(variant.train_flops / 1e12, 3),
             "peak_memory_mb": round(variant.peak_memory_mb, 1),
             **variant.extra,
         })
@@ -110,7 +122,7 @@ def build_leaderboard(variants: list[Variant], metric: str, margin: float, resam
     # Blends are compared, not recommended: they were not trained, gated or evaluated on their own.
     within_noise = [row for row in rows if row["vs_best"]["verdict"] in ("best", "within noise")
                     and row.get("kind") != "blend"] or [row for row in rows if row.get("kind") != "blend"]
-    recommended = min(within_noise, key=lambda row: (row["trainable_parameters"], row["train_seconds"]))
+    recommended = min(within_noise, key=lambda row: (row["trainable_parameters"], row["train_tflop"]))
     quality = {row["partition"]: sign * row["metrics"][metric]["value"] for row in rows}
     return {
         "metric": metric,
@@ -125,7 +137,8 @@ def build_leaderboard(variants: list[Variant], metric: str, margin: float, resam
                 if recommended["partition"] != best.partition else
                 f"{best.partition} is the best on {metric} and no smaller variant is within noise of it"),
         "pareto_parameters": pareto_front({p: (r["trainable_parameters"], quality[p]) for p, r in _named(rows)}),
-        "pareto_time": pareto_front({p: (r["train_seconds"], quality[p]) for p, r in _named(rows)}),
+        "pareto_time": pareto_front({p: (r["train_seconds"], quality[p]) for p, r in _named(rows)}),  # wall time
+        "pareto_compute": pareto_front({p: (r["train_tflop"], quality[p]) for p, r in _named(rows)}),
         "rows": rows,
     }
 
@@ -159,16 +172,19 @@ def leaderboard_markdown(board: dict, title: str) -> str:
              f"Compared on {metric}{' (the ' + LOSS_DEFINITION + ')' if metric == 'loss' else ''} "
              f"({'higher' if board['higher_is_better'] else 'lower'} is better), paired "
              f"bootstrap 95% intervals, margin {board['margin']:g}. Pareto front (quality vs trainable parameters): "
-             f"{', '.join(board['pareto_parameters'])}; (quality vs training time): {', '.join(board['pareto_time'])}.",
+             f"{', '.join(board['pareto_parameters'])}; (quality vs training compute): {', '.join(board['pareto_compute'])}. "
+             "train TFLOP: the training's arithmetic, estimated from its tokens and parameters; train s: its wall "
+             "time, which counts whatever else the machine was doing.",
              *([f"Seeds: {board['seed_noise']['note']}.", ""] if board.get("seed_noise") else []),
-             "", "| variant | settings | LoRA params | modules_to_save params | size MB | train s | peak MB | "
-             f"{metric} [95% CI] | vs best |", "|---|---|---|---|---|---|---|---|---|"]
+             "", "| variant | settings | LoRA params | modules_to_save params | size MB | train TFLOP | train s | "
+             f"peak MB | {metric} [95% CI] | vs best |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in board["rows"]:
         value = row["metrics"][metric]
         settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
         lines.append(
             f"| {row['partition']} | {settings} | {row['lora_parameters']:,} | {row['modules_to_save_parameters']:,} | "
-            f"{row['adapter_size_mb']} | {row['train_seconds']} | {row['peak_memory_mb']} | {value['value']:.4f} "
+            f"{row['adapter_size_mb']} | {row['train_tflop']} | {row['train_seconds']} | {row['peak_memory_mb']} | "
+            f"{value['value']:.4f} "
             f"[{value['ci95'][0]:.4f}, {value['ci95'][1]:.4f}] | {row['vs_best']['verdict']} |"
         )
     lines += ["", *[f"- {row['partition']}: {row['vs_best']['sentence']}" for row in board["rows"]],
