@@ -10,7 +10,8 @@ import pytest
 
 from lora_pipeline.errors import ConfigError, DataError
 from lora_pipeline.ml.data.clean import clean_rows, split_sizes
-from lora_pipeline.ml.data.raw import load_dataset
+from lora_pipeline.ml.data.raw import load_dataset, source_request
+from lora_pipeline.ml.data.sources import source_version
 
 from conftest import SAMPLE_DATA, SHARED_DATA, dataset_settings, format_rows
 
@@ -227,6 +228,39 @@ def test_a_hub_dataset_is_read_offline_from_the_hf_cache(tmp_path, monkeypatch):
     assert loaded.source == "hf:acme/instructions[train]"
     with pytest.raises(DataError, match=r"hf:acme/missing: cannot load the hub dataset \(split 'train'\)"):
         load_dataset(dataset_settings(source="hf:acme/missing"))
+
+
+def test_without_a_network_a_hub_dataset_is_offline_at_once_without_hf_hub_offline(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset and the hub unreachable (an endpoint nothing listens on): the cached snapshot is read,
+    and an uncached dataset is refused within seconds, saying why, instead of after the clients' retries."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from lora_pipeline.ml import hub_reach
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cache = tmp_path / "hub"
+    snapshot = cache / "datasets--acme--instructions" / "snapshots" / ("b" * 40)
+    (snapshot / "data").mkdir(parents=True)
+    (cache / "datasets--acme--instructions" / "refs").mkdir()
+    (cache / "datasets--acme--instructions" / "refs" / "main").write_text("b" * 40)
+    pd.DataFrame(ALPACA).to_parquet(snapshot / "data" / "train-00000-of-00001.parquet", index=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub_reach, "_last", {})
+    assert hub_reach.hub_unreachable().startswith(f"cannot reach 127.0.0.1:{port}")
+    assert len(load_dataset(dataset_settings(source="hf:acme/instructions")).frame) == 60
+    assert source_version(source_request(dataset_settings(source="hf:acme/instructions")))  # the cached commit
+    started = time.monotonic()
+    with pytest.raises(DataError, match=rf"offline \(cannot reach 127.0.0.1:{port} .*\) and not in the local hub cache; "
+                                        r"download it once .* `hf download --repo-type dataset acme/missing`"):
+        load_dataset(dataset_settings(source="hf:acme/missing"))
+    assert time.monotonic() - started < 10
 
 
 def test_column_mapping_renames_other_column_names(tmp_path):

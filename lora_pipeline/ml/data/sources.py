@@ -21,6 +21,7 @@ import pandas as pd
 from lora_pipeline.errors import DataError
 from lora_pipeline.hashing import sha256_of_file
 from lora_pipeline.ml.data.file_readers import READERS, plain_objects
+from lora_pipeline.ml.hub_reach import hub_unreachable
 
 FILE_KINDS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
               ".txt": "txt"}
@@ -308,11 +309,15 @@ def _load_hub_dataset(name: str, request: SourceRequest):
         folder = snapshot_download(name, repo_type="dataset", revision=request.revision, local_files_only=True)
         return datasets.load_dataset(folder, request.subset, split=request.split)
 
-    if constants.HF_HUB_OFFLINE:
+    offline = hub_unreachable()
+    if offline:
         try:
             return cached_snapshot()
         except Exception:
             pass  # not in the hub cache: datasets' own cache may still have it
+        if not constants.HF_HUB_OFFLINE:
+            raise DataError(f"offline ({offline}) and not in the local hub cache; download it once where there is a "
+                            f"network with `hf download --repo-type dataset {name}`") from None
         try:
             return datasets.load_dataset(name, request.subset, split=request.split, revision=request.revision)
         except Exception:
@@ -380,9 +385,9 @@ def _hash_file(resolved: str, size: int, mtime_ns: int, inode: int) -> str:
 
 
 def _hub_commit(name: str, request: SourceRequest) -> str:
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
-    if not constants.HF_HUB_OFFLINE:
+    if not hub_unreachable():
         try:
             return HfApi().dataset_info(name, revision=request.revision).sha
         except Exception:  # no network or no such repo: the cache may know
