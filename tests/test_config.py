@@ -34,7 +34,7 @@ def test_every_shipped_config_validates(path: Path):
 
     configs = list((load_sweep_file(path) or {path.stem: load_config_file(path)}).values())
     assert partition_key_for(path) == path.stem
-    assert all(config.base_model and config.dataset.source for config in configs)
+    assert all(config.base_model and (config.dataset.source or config.dataset.sources) for config in configs)
 
 
 def test_unknown_key_is_rejected_with_its_path():

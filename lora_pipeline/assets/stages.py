@@ -59,6 +59,8 @@ ADDED_LATER = {
     "dataset.unrenderable": "refuse",
     "dataset.max_unrenderable_rate": 0.05,
     "dataset.follow_symlinks": False,
+    "dataset.sources": None,
+    "dataset.mix_seed": 0,
     "quantization.quant_storage": "uint8",
     "training.distributed": {"strategy": "auto", "nproc_per_node": "auto", "nnodes": 1},
     "training.objective": "sft",
@@ -93,8 +95,9 @@ class Reads:
     """What a stage reads besides its parent assets; part of its settings version.
 
     config: dotted config paths (`training.max_length`, a whole section `lora`); in the hashed
-    payload each is keyed by its last part. ignoring: paths under those that change how often a
-    stage saves or logs, not what it makes. source: whether it reads the dataset source's content
+    payload each is keyed by its last part. ignoring: paths under those that do not change what the
+    stage makes (how often it saves or logs; under a list of sections such as dataset.sources, the
+    key in each). source: whether it reads the dataset source's content
     itself (a callable when that depends on the config); with_source: config paths read only then.
     """
 
@@ -127,7 +130,7 @@ class Reads:
         """The same in words, for the UI."""
         words = ", ".join(self.config)
         if self.ignoring:
-            words += f" (but {', '.join(self.ignoring)}, which change how often it saves or logs, not what it makes)"
+            words += f" (but {', '.join(self.ignoring)}, which do not change what it makes)"
         if self.source is True:
             words += ", the dataset source's content version (file bytes, S3 ETags, hub commit)"
         elif self.source:
@@ -138,7 +141,11 @@ class Reads:
 
 def _without(value, path: str, ignoring: tuple[str, ...]):
     drop = {ignored.removeprefix(path + ".") for ignored in ignoring if ignored.startswith(path + ".")}
-    return {k: v for k, v in value.items() if k not in drop} if drop else value
+    if not drop or value is None:
+        return value
+    if isinstance(value, list):  # a list of sections (dataset.sources): the same keys left out of each
+        return [{k: v for k, v in item.items() if k not in drop} for item in value]
+    return {k: v for k, v in value.items() if k not in drop}
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,18 @@ def partition_key_for(path: Path) -> str:
 
 
 def _format_location(loc: Iterable[Any]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+    """A key path as the docs write it: dataset.sources[1].format."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _section_in(annotation: Any) -> Any:
+    """The config section class an annotation holds, through Optional and list (Optional[list[DataSource]])."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _section_in(arg)) is not None), None)
 
 
 def _close_keys(loc: tuple) -> str:
@@ -76,8 +87,7 @@ def _close_keys(loc: tuple) -> str:
         if isinstance(part, int):
             continue
         annotation = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
-        candidates = [annotation, *typing.get_args(annotation)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        model = _section_in(annotation)
         if model is None:
             return ""
     known = list(getattr(model, "model_fields", {}))
@@ -100,6 +110,11 @@ def validate_config(data: Any, origin: str) -> ModelConfig:
             elif error["type"] == "missing" or error.get("input", ...) is None:
                 # Dagster's Config turns absent fields into None before pydantic sees them.
                 problems.append(f"missing key '{key}'")
+            elif error["type"] == "value_error":
+                # A rule across keys names them itself; the section it was given (a whole mapping) says nothing more.
+                given = error.get("input")
+                problems.append(f"'{key}': {error['msg'].removeprefix('Value error, ')}"
+                                + ("" if isinstance(given, (dict, list)) else f" (got {given!r})"))
             else:
                 problems.append(f"'{key}': {error['msg']} (got {error.get('input')!r})")
         raise ConfigError(f"{origin}: " + "; ".join(problems)) from None

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from lora_pipeline.config.base import DtypeName, StrictSection, names_from_string
 from lora_pipeline.config.distributed import DistributedSettings
+from lora_pipeline.config.mixture import DataFormat, DataSource, MixedSource, mixed_sources
 from lora_pipeline.config.downstream import (
     EvalSettings,
     ExportSettings,
@@ -34,18 +35,37 @@ from lora_pipeline.config.preference import OBJECTIVES, PREFERENCE_OBJECTIVES, P
 from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX
 
 QuantizationMode = Literal["nf4", "fp4", "int8", "none"]
+# Dataset keys that only a mixture (dataset.sources) reads.
+ONE_SOURCE_UNUSED = ("sources", "mix_seed")
 
 
 class DatasetSettings(StrictSection):
     """Where the training data comes from, what shape its rows have, how they are templated, cleaned and split."""
 
-    source: str = Field(
+    source: Optional[str] = Field(
+        default=None,
         description="The data: a local JSON, JSONL, CSV, Parquet or TXT file, a folder or glob of them "
         "(relative paths are resolved against the working directory), a folder written by datasets' "
         "save_to_disk, any fsspec URL (s3://bucket/train.jsonl, s3://bucket/prefix/), or a Hugging "
-        "Face hub dataset as 'hf:owner/name' (a bare 'owner/name' that is not a local path works too)."
+        "Face hub dataset as 'hf:owner/name' (a bare 'owner/name' that is not a local path works too). "
+        "Give this or dataset.sources, not both.",
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "kto"] = Field(
+    sources: Optional[list[DataSource]] = Field(
+        default=None,
+        description="Instead of dataset.source: several datasets mixed into one training set. Each entry has its "
+        "own source and, when it differs from the dataset-level key, its own format, columns, split, subset, "
+        "revision, system_prompt and max_rows, plus a name and a weight (or train_rows) saying how much of it "
+        "is trained on. Each source is read, checked, cleaned and split on its own (raw rows of a source whose "
+        "data and read settings are unchanged are reused, not read again), then its training rows are sampled "
+        "or repeated by its weight; the formatted splits are one table with a 'source' column, and the "
+        "metadata shows each source's rows and tokens before and after mixing.",
+    )
+    mix_seed: int = Field(
+        default=0,
+        description="With dataset.sources: the seed of the draw that samples and repeats the sources' training "
+        "rows (and orders the mixed training split). The same seed, config and data give the same mixture.",
+    )
+    format: DataFormat = Field(
         default="auto",
         description="Row format. 'auto' detects it from the columns and records which. 'alpaca': "
         "instruction, input (optional), output, system (optional). 'sharegpt': conversations = "
@@ -151,7 +171,8 @@ class DatasetSettings(StrictSection):
     max_rows: Optional[int] = Field(
         default=None,
         ge=1,
-        description="Use at most this many rows of the source (the first ones), e.g. for a smoke test.",
+        description="Use at most this many rows of the source (the first ones), e.g. for a smoke test; with "
+        "dataset.sources, of each source that sets no max_rows of its own.",
     )
     follow_symlinks: bool = Field(
         default=False,
@@ -159,6 +180,28 @@ class DatasetSettings(StrictSection):
         "folder, a glob's folder, or a file's folder). Off: such a link is refused, naming it, so a link to a "
         "file elsewhere (/etc/passwd) is never read as rows. Links that stay inside the folder are followed.",
     )
+
+    @pydantic.model_validator(mode="after")
+    def _one_source_or_a_mixture(self) -> "DatasetSettings":
+        if self.source is None and self.sources is None:
+            raise ValueError("missing key 'dataset.source' (one dataset), or give dataset.sources (several, mixed)")
+        if self.source is not None and self.sources is not None:
+            raise ValueError("give dataset.source (one dataset) or dataset.sources (several, mixed), not both")
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("dataset.sources is empty: list at least one source, or give dataset.source")
+            mixed_sources(self)  # distinct names
+        return self
+
+    @property
+    def mixture(self) -> list[MixedSource]:
+        """dataset.sources, each with the dataset-level defaults filled in (empty for a one-source dataset)."""
+        return mixed_sources(self)
+
+    @property
+    def source_label(self) -> str:
+        """The data in words, for logs, cards and errors: the source, or the mixture's sources joined by ' + '."""
+        return self.source if self.source is not None else " + ".join(entry.source for entry in self.sources or [])
 
 
 class LoraSettings(StrictSection):
@@ -448,6 +491,13 @@ class ModelConfig(StrictSection):
                              "several processes are SFT's only so far: drop training.distributed")
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _mixtures_are_sft(self) -> "ModelConfig":
+        if self.preference_tuning and self.dataset.sources is not None:
+            raise ValueError(f"dataset.sources: {self.training.objective} trains on one dataset of preference rows; "
+                             "give it as dataset.source (mixtures are SFT's only so far)")
+        return self
+
     @property
     def preference_tuning(self) -> bool:
         """Whether the objective is a preference one (dpo, kto, orpo) rather than SFT."""
@@ -460,7 +510,11 @@ class ModelConfig(StrictSection):
 
     def canonical_hash(self) -> str:
         """sha256 of the config as canonical JSON: equal configs hash equally, whatever the YAML layout."""
-        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if self.dataset.sources is None:  # a one-source config hashes as it did before mixtures existed
+            for key in ONE_SOURCE_UNUSED:
+                data["dataset"].pop(key)
+        payload = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
