@@ -1,9 +1,14 @@
-"""The chat session (ml/chat.py): one loaded base, every adapter attached, a conversation kept and rendered each
-turn as training rendered its data, answers streamed; `generate` is one turn of the same session."""
+"""`lora-pipeline chat` and its session (ml/chat.py): one loaded base, every adapter attached, a conversation kept
+and rendered each turn as training rendered its data, answers streamed; `generate` is one turn of the same session."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
+
+from test_cli import _cli
 
 torch = pytest.importorskip("torch")
 
@@ -194,3 +199,54 @@ def test_family_templates_render_the_conversation_as_training_rendered_it():
         assert "Be brief." in text and "What is 2 plus 2?" in text and "4." in text and "And 3 plus 3?" in text
         if family == "qwen3":
             assert "Two and two." not in text and text.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_chat_command_one_base_switch_compare_reset_and_generate_agrees(write_config, tmp_path, monkeypatch, capsys):
+    """Trains a micro adapter (about 15 s), then drives `chat` with piped input, in this process to count loads."""
+    from lora_pipeline.cli import main
+
+    store = str(tmp_path / "store")
+    path = write_config("micro-chat", training={"max_steps": 4})
+    done = _cli(["run", str(path), "--select", "+trained_adapter", "--storage", store], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    loads = _count_base_loads(monkeypatch)
+    lines = ["What is 2 plus 3?", "And 4 plus 4?", "/adapters", "/use micro_chat", "/use half", "/compare",
+             "/compare Name a colour.", "/reset", "/compare", "/use base", "Hi", "/quit", "never read"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    code = main(["chat", str(path), "--storage", store, "--max-new-tokens", "8", "--blend", "half=linear:0.5"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(loads) == 1
+    assert "adapters attached: micro-chat, half (blend)" in out and "answering: micro-chat" in out
+    assert "you> And 4 plus 4?\nmicro-chat> " in out
+    assert "* micro-chat (adapter)" in out and "  base (no adapter)" in out and "  half (blend)" in out
+    assert "error: unknown model 'micro_chat'; did you mean 'micro-chat'? (choose from: base, micro-chat, half)" in err
+    compared = out.split("you> /compare\n")[1].split("you> ")[0]
+    assert compared.startswith("=== base (no adapter)\n") and "=== micro-chat (adapter)\n" in compared
+    assert "=== half (blend, answering)\n" in compared
+    assert "conversation cleared (3 turns forgotten)" in out
+    assert "error: nothing to compare yet" in err
+    assert "you> Hi\nbase> " in out and "never read" not in out
+
+    # generate is one turn of the same session: its answers are the first /compare's of a fresh chat.
+    assert main(["generate", str(path), "--storage", store, "--max-new-tokens", "8", "--prompt", "What is 2 plus 3?",
+                 "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answers"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("/compare What is 2 plus 3?\n"))
+    assert main(["chat", str(path), "--storage", store, "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    for name, answer in answers.items():
+        title = "base (no adapter)" if name == "base" else f"{name} (adapter, answering)"
+        assert f"=== {title}\n{answer or '(empty answer)'}\n" in out
+    assert len(loads) == 3  # one per command
+
+    # Sampled, starting with the bare base; a name that is none of them is refused before anything loads.
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert main(["chat", str(path), "--storage", store, "--adapter", "base", "--temperature", "0.7",
+                 "--max-new-tokens", "8"]) == 0
+    assert "answering: base" in capsys.readouterr().out and len(loads) == 4
+    assert main(["chat", str(path), "--storage", store, "--adapter", "micro"]) == 2
+    assert "--adapter: unknown model 'micro'; did you mean 'micro-chat'?" in capsys.readouterr().err
+    assert len(loads) == 4

@@ -1,7 +1,7 @@
 """`lora-pipeline`: run, validate and list model configs from the terminal.
 
 This module only wires the commands: each lives in its own module (run.py, validate.py,
-list_models.py, promote.py for promote and rollback, generate.py) with its parser (`add_parser`) apart from its work (`do_*`). Errors are mapped to
+list_models.py, promote.py for promote and rollback, generate.py, chat.py) with its parser (`add_parser`) apart from its work (`do_*`). Errors are mapped to
 exit codes here, once: a user error (config, data, model) is one line and exit code 2, anything
 else exit code 1 (`--debug` shows the traceback).
 
@@ -15,11 +15,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from lora_pipeline.cli import generate, list_models, promote, run, validate
+from lora_pipeline.cli import chat, generate, list_models, promote, run, validate
 from lora_pipeline.cli.session import EXIT_RUN_FAILED, EXIT_USER_ERROR, quiet_libraries, user_error_in
 
 COMMANDS = {"run": run, "validate": validate, "list": list_models, "promote": promote, "rollback": promote,
-            "generate": generate}
+            "generate": generate, "chat": chat}
 
 
 def build_parser() -> argparse.ArgumentParser:
