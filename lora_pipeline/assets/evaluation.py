@@ -132,7 +132,7 @@ def eval_report(
         report = (staging / "report.md").read_text(encoding="utf-8")
         # The candidate's results in the Hub's model-index format, whether or not it becomes the champion.
         write_json(staging / "model-index.json", {"model-index": model_index(
-            document, "adapter", context.partition_key, model_config.dataset.source)})
+            document, "adapter", context.partition_key, model_config.dataset.source_label)})
         record = stage_lineage(context, model_config, storage, {"formatted_dataset": formatted_dataset,
                             "quantized_base": quantized_base, "trained_adapter": trained_adapter,
                             "merged_model": merged_model}, device=device, suite=digest, weights=keys)
@@ -161,6 +161,9 @@ def eval_report(
             "scored_now": ", ".join(result.scored_now) or "nothing (all cached)",
             **changes,
             "eval_examples": result.examples,
+            # A mixture's held-out loss per source (the report's table has every model's).
+            **({"adapter_loss_per_source": {name: round(value["adapter"], 4) for name, value in result.per_source.items()}}
+               if result.per_source else {}),
             "report": dg.MetadataValue.md(report.replace("![held-out loss](loss_by_model.png)", "")),
             **tracked,
         },

@@ -40,6 +40,7 @@ class EvaluationResult:
     examples: int
     scored_now: list[str] = field(default_factory=list)
     benchmarks: dict[str, dict] = field(default_factory=dict)  # model -> task -> metric -> value
+    per_source: dict[str, dict] = field(default_factory=dict)  # a mixture's: source -> examples and each model's loss
 
 
 def summary_of(scores: "pd.DataFrame", metrics: tuple[str, ...]) -> dict[str, float]:
@@ -53,6 +54,19 @@ def summary_of(scores: "pd.DataFrame", metrics: tuple[str, ...]) -> dict[str, fl
                "token_accuracy": float(scores["correct"].sum()) / max(tokens, 1.0), "tokens": int(tokens)}
     summary.update({f"mean_{metric}": float(scores[metric].mean()) for metric in metrics if metric in scores})
     return summary
+
+
+def per_source_of(per_example: dict[str, "pd.DataFrame"], frame: "pd.DataFrame") -> dict[str, dict]:
+    """Of a mixture's held-out examples (a `source` column with several sources): per source, in the order they
+    first appear, its examples and each model's loss (per-example mean, as everywhere), so a mixture shows what
+    training did to each of its sources. {} for one source."""
+    if "source" not in frame.columns or frame["source"].nunique() < 2:
+        return {}
+    sources = frame["source"].to_numpy()
+    return {name: {"examples": int((sources == name).sum()),
+                   **{model: float(scores["loss"].to_numpy()[sources == name].mean())
+                      for model, scores in per_example.items()}}
+            for name in dict.fromkeys(sources)}
 
 
 def intervals_of(scores: "pd.DataFrame", metrics: tuple[str, ...], resamples: int) -> dict[str, dict]:
@@ -268,6 +282,7 @@ def evaluate_pipeline(
         samples=samples,
         examples=len(suite.frame),
         scored_now=list(scored),
+        per_source=per_source_of(per_example, suite.frame),
         benchmarks=benchmark_base_and_adapter(quantized_dir, adapter_dir, benchmarks["tasks"], device,
                                               benchmarks.get("include_path"), benchmarks.get("limit"),
                                               suite.batch_size, log, trust_remote_code)

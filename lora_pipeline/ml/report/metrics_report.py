@@ -37,6 +37,8 @@ def metrics_document(result: EvaluationResult, merge_weights: str) -> dict:
         document["comparison"]["forgetting"] = result.forgetting
     if result.benchmarks:
         document["comparison"]["benchmarks"] = result.benchmarks
+    if result.per_source:
+        document["comparison"]["per_source"] = result.per_source
     if "merged_into_original" in result.metrics:
         document["comparison"]["merged_into_original_vs_adapter_loss_change"] = relative_change(
             result.metrics["merged_into_original"]["loss"], adapter_loss
@@ -82,6 +84,7 @@ def report_markdown(document: dict, samples: list[dict[str, str]], title: str, e
             + forgetting["paired"]["sentence"]
         )
     lines += benchmark_table(comparison.get("benchmarks", {}))
+    lines += per_source_table(comparison.get("per_source", {}))
     lines += ["", "![held-out loss](loss_by_model.png)", "", "## Samples", "",
               "Each prompt is the held-out example's prompt exactly as training rendered it (its template, and "
               "for a thinking model its thinking as the data had it: the template's own switch is not touched); "
@@ -109,6 +112,20 @@ def benchmark_table(benchmarks: dict[str, dict]) -> list[str]:
             base = benchmarks["base"][task][metric]
             err = lambda model: benchmarks[model][task].get(f"{metric}_stderr", float("nan"))  # noqa: E731
             lines.append(f"| {task} | {metric} | {base:.3f} ± {err('base'):.3f} | {value:.3f} ± {err('adapter'):.3f} |")
+    return lines
+
+
+def per_source_table(per_source: dict[str, dict]) -> list[str]:
+    """A mixture's held-out loss per source and model, with the adapter's change from the base."""
+    if not per_source:
+        return []
+    models = [name for name in next(iter(per_source.values())) if name != "examples"]
+    lines = ["", "## Held-out loss per source", "", "| source | examples | " + " | ".join(models)
+             + " | adapter vs base |", "|---|---|" + "---|" * (len(models) + 1)]
+    for source, values in per_source.items():
+        change = relative_change(values["adapter"], values["base"]) if "base" in values else 0.0
+        lines.append(f"| {source} | {values['examples']} | " + " | ".join(f"{values[m]:.4f}" for m in models)
+                     + f" | {change:+.1%} |")
     return lines
 
 
