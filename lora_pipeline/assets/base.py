@@ -139,8 +139,13 @@ def source_dtype(quantized_dir: Path) -> str:
 
 def _builtin_corpus(model_config: ModelConfig) -> list[str]:
     # The same corpus formatted_dataset gives the built-in tokenizer, so both resolve one model.
-    cleaned = clean_rows(load_dataset(model_config.dataset), model_config.dataset.dedupe)
-    return tokenizer_corpus(cleaned, model_config.dataset.eval_fraction)
+    dataset = model_config.dataset
+    if dataset.sources:
+        from lora_pipeline.ml.data.mixture import CleanedMixture
+
+        return CleanedMixture.read(dataset.mixture, dataset.dedupe).corpus(dataset.eval_fraction)
+    cleaned = clean_rows(load_dataset(dataset), dataset.dedupe)
+    return tokenizer_corpus(cleaned, dataset.eval_fraction)
 
 
 def _source_dtype(model_dir: Path) -> str:

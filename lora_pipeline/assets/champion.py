@@ -169,7 +169,7 @@ def _template_fidelity(storage: ArtifactStore, model_config: ModelConfig, refs: 
     """Held-out conversations put through every hand-off (merged folder, adapter folder, the serving template)."""
     from transformers import AutoTokenizer
 
-    from lora_pipeline.assets.data import FORMAT_SUMMARY, format_settings, stored_rows
+    from lora_pipeline.assets.data import FORMAT_SUMMARY, format_settings, stored_sources
     from lora_pipeline.assets.evaluation import EVAL_SPLIT
     from lora_pipeline.ml import fidelity
     from lora_pipeline.ml.data.templates import resolve_template
@@ -177,16 +177,23 @@ def _template_fidelity(storage: ArtifactStore, model_config: ModelConfig, refs: 
     formatted = _formatted_of(storage, report_dir)
     formatted_dir = storage.local_path(formatted)
     raw = ArtifactRef.from_entry(read_json(formatted_dir / "LINEAGE.json")["parents"]["raw_dataset"])
-    loaded = stored_rows(storage, raw)
     dataset, trust = model_config.dataset, model_config.trust_remote_code
     base_tokenizer = AutoTokenizer.from_pretrained(storage.local_path(refs["quantized_base"]), trust_remote_code=trust)
     template = resolve_template(dataset.template, read_json(formatted_dir / FORMAT_SUMMARY)["format"],
                                 base_tokenizer.chat_template)
     settings = format_settings(model_config)
     held_out = pd.read_parquet(formatted_dir / EVAL_SPLIT, columns=["content_hash", "prompt", "input_ids"])
-    prompts, not_checked = fidelity.held_out_prompts(
-        loaded, held_out, base_tokenizer, template, dataset.dedupe, settings.chat_policy, dataset.system_prompt,
-        dataset.turn_flag_field)
+    # A mixture's sources each with its own rows and system prompt (None: the one source).
+    system_prompts = {None: dataset.system_prompt, **{source.name: source.dataset.system_prompt
+                                                      for source in dataset.mixture}}
+    prompts, skipped = [], []
+    for name, loaded in stored_sources(storage, raw).items():
+        found, not_checked = fidelity.held_out_prompts(
+            loaded, held_out, base_tokenizer, template, dataset.dedupe, settings.chat_policy, system_prompts[name],
+            dataset.turn_flag_field)
+        prompts += found
+        skipped += [f"{name}: {not_checked}" if name else not_checked] if not_checked else []
+    not_checked = "; ".join(skipped) or None
     adapter_dir = storage.local_path(refs["trained_adapter"])
     adapter_tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust)
     handoffs = {
@@ -384,7 +391,7 @@ def _write_champion_files(staging: Path, storage: ArtifactStore, model_config: M
         card = (adapter_dir / "README.md").read_text(encoding="utf-8") + card_section(document, made_by)
     else:
         card = with_evaluation((adapter_dir / "README.md").read_text(encoding="utf-8"), document, "adapter",
-                               decision.owner, model_config.dataset.source, made_by)
+                               decision.owner, model_config.dataset.source_label, made_by)
     verdict = ["", "## Promotion", "", f"Champion of {decision.owner} since this decision; every gate passed:", "",
                gates_table(decision.gates), ""]
     (staging / "README.md").write_text(card + "\n".join(verdict), encoding="utf-8")

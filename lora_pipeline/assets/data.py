@@ -25,11 +25,26 @@ from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.data.clean import CleanedRows, clean_rows, tokenizer_corpus
 from lora_pipeline.ml.data.formatted import FormatSettings, format_dataset, lost_to_max_length
 from lora_pipeline.assets.starting import model_source_version
-from lora_pipeline.ml.data.raw import LoadedDataset, fingerprint, load_dataset, release_unused_memory
+from lora_pipeline.ml.data.raw import (
+    DATASET_INFO,
+    LoadedDataset,
+    load_dataset,
+    release_unused_memory,
+    rows_in_folder,
+    write_rows,
+)
 from lora_pipeline.ml.data.formats import storable, validate_rows
 from lora_pipeline.ml.report.plots import length_histogram_png, markdown_image
 from lora_pipeline.ml.data.quality import CheckOutcome, LengthAdvice, check_disjoint, check_formatted, split_summary
-from lora_pipeline.ml.data.sources import SourceRows
+from lora_pipeline.assets.mixture_data import (
+    MIXING_ONLY,
+    SOURCES_DIR,
+    formatted_mixture,
+    mixture_metadata,
+    mixture_lines,
+    mixture_names,
+    raw_mixture,
+)
 from lora_pipeline.assets.preference_data import formatted_preferences, require_objective_fits
 from lora_pipeline.assets.starting import starting_adapter
 from lora_pipeline.ml.preference.formats import PREFERENCE_FORMATS
@@ -38,50 +53,36 @@ from lora_pipeline.resources.hub import ModelHub
 from lora_pipeline.resources.registry import ModelRegistry
 from lora_pipeline.resources.storage import ArtifactRef, ArtifactStore
 
-ROWS_FILE = "rows.parquet"
-DATASET_INFO = "dataset_info.json"
 FORMAT_SUMMARY = "format_summary.json"
 # The dataset fields that say which rows are read (the rest say what is done with them).
 # turn_flag_field: which per-turn field the raw rows' flags are checked in.
-SOURCE_FIELDS = ("source", "format", "columns", "split", "subset", "revision", "max_rows", "turn_flag_field")
+SOURCE_FIELDS = ("source", "format", "columns", "split", "subset", "revision", "max_rows", "turn_flag_field",
+                 "sources")
 
 
 @pipeline_asset(
     kinds={"parquet", "pandera"}, group="data", code_version="1",
-    reads=Reads(config=tuple(f"dataset.{name}" for name in SOURCE_FIELDS), source=True),
+    reads=Reads(config=tuple(f"dataset.{name}" for name in SOURCE_FIELDS), ignoring=MIXING_ONLY, source=True),
 )
 def raw_dataset(
     context: dg.AssetExecutionContext, config: TuningRunConfig, registry: ModelRegistry, storage: ArtifactStore
 ) -> dg.Output[ArtifactRef]:
-    """Rows of the configured source (file, folder, glob, URL or hub dataset), checked against their format with pandera, stored as Parquet."""
+    """Rows of the configured source (file, folder, glob, URL or hub dataset), checked against their format with pandera, stored as Parquet; with dataset.sources, each source's rows on their own, a source unchanged since an earlier run reused rather than read again."""
     model_config = resolve_model_config(context, config, registry)
     source_version = model_source_version(model_config, storage)  # before reading: a change after is seen next time
+    if model_config.dataset.sources:
+        return raw_mixture(context, model_config, storage, source_version)
     loaded = load_dataset(model_config.dataset)
-    stored, nested = storable(loaded.frame)
-    content_hash = fingerprint(stored)
-    info = {
-        "source": loaded.source,
-        "source_kind": loaded.rows.kind,
-        "files": [part.path for part in loaded.rows.parts],
-        "format": loaded.format,
-        "format_detected": loaded.detected,
-        "nested_columns": nested,
-        "columns": [str(column) for column in stored.columns],
-        "rows": len(stored),
-        "fingerprint": content_hash,
-        # Only when set, so the default's file is as it was before the key existed.
-        **({"turn_flag_field": flag_field} if (flag_field := model_config.dataset.turn_flag_field) else {}),
-    }
     with storage.staging_dir() as staging:
-        stored.to_parquet(staging / ROWS_FILE, index=False)
-        write_json(staging / DATASET_INFO, info)
+        info = write_rows(loaded, staging, model_config.dataset.turn_flag_field)
+        content_hash = info["fingerprint"]
         record = stage_lineage(context, model_config, storage, {}, source_version=source_version,
-                            dataset_fingerprint=content_hash, rows=len(stored))
+                            dataset_fingerprint=content_hash, rows=info["rows"])
         ref = publish_stage(context, storage, staging, record)
-    context.log.info(f"{len(stored)} {loaded.format} rows from {loaded.source}"
+    context.log.info(f"{info['rows']} {loaded.format} rows from {loaded.source}"
                      + (" (format detected)" if loaded.detected else ""))
-    preview = _preview(stored)
-    del loaded, stored
+    preview = _preview(storable(loaded.frame.head(5))[0])
+    del loaded
     release_unused_memory()
     return stage_output(
         ref, record, model_config,
@@ -104,13 +105,12 @@ def stored_rows(storage: ArtifactStore, ref: ArtifactRef) -> LoadedDataset:
     return rows_in_folder(storage.local_path(ref))
 
 
-def rows_in_folder(folder) -> LoadedDataset:
-    """The rows of a raw_dataset folder (its local copy), as stored_rows gives them."""
-    info = read_json(folder / DATASET_INFO)
-    frame = pd.read_parquet(folder / ROWS_FILE)
-    label = f"{info['source']} (raw_dataset)"
-    rows = SourceRows(frame=frame, source=label, kind=info["source_kind"])
-    return LoadedDataset(rows=rows, format=info["format"], detected=info["format_detected"])
+def stored_sources(storage: ArtifactStore, ref: ArtifactRef) -> dict[str | None, LoadedDataset]:
+    """The raw_dataset artifact's rows per source: {name: rows} of a mixture, {None: rows} of one source."""
+    folder = storage.local_path(ref)
+    names = mixture_names(folder)
+    return {None: rows_in_folder(folder)} if names is None else {
+        name: rows_in_folder(folder / SOURCES_DIR / name) for name in names}
 
 
 def format_settings(model_config: ModelConfig) -> FormatSettings:
@@ -145,42 +145,37 @@ def formatted_dataset(
     hub: ModelHub,
     raw_dataset: ArtifactRef,
 ) -> dg.Output[ArtifactRef]:
-    """Training examples: empty rows and duplicates dropped, the template applied with one EOS, tokenized with the base's tokenizer, over-long ones truncated, dropped or split into blocks (plain text), split train/eval by content hash."""
+    """Training examples: empty rows and duplicates dropped, the template applied with one EOS, tokenized with the base's tokenizer, over-long ones truncated, dropped or split into blocks (plain text), split train/eval by content hash; with dataset.sources, each source so on its own, then its training rows sampled or repeated by its weight and the sources interleaved into one pair of splits with a source column (the sources table shows each one's rows and tokens before and after mixing)."""
     model_config = resolve_model_config(context, config, registry)
-    raw_format = read_json(storage.local_path(raw_dataset) / DATASET_INFO)["format"]
-    source = model_config.dataset.source
-    require_objective_fits(model_config, raw_format, source)
-    if raw_format in PREFERENCE_FORMATS:
-        start = starting_adapter(storage, model_config, context.partition_key)
-        return formatted_preferences(context, model_config, storage, hub, raw_dataset,
-                                     stored_rows(storage, raw_dataset), start, FORMAT_SUMMARY)
+    raw_info = read_json(storage.local_path(raw_dataset) / DATASET_INFO)
+    if "format" in raw_info:  # one source (a mixture's sources were checked to fit SFT when read)
+        require_objective_fits(model_config, raw_info["format"], model_config.dataset.source)
+        if raw_info["format"] in PREFERENCE_FORMATS:
+            start = starting_adapter(storage, model_config, context.partition_key)
+            return formatted_preferences(context, model_config, storage, hub, raw_dataset,
+                                         stored_rows(storage, raw_dataset), start, FORMAT_SUMMARY)
     settings = format_settings(model_config)
-    started = time.perf_counter()
-    cleaned, tokenizer, cleaned_at = _cleaned_rows_and_tokenizer(model_config, settings, storage, hub, raw_dataset)
-    tokenizer_at = time.perf_counter()
     with storage.staging_dir() as staging:
-        formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info, folder=staging)
-        formatted_at = time.perf_counter()
+        formatted, timings = _formatted_rows(context, model_config, settings, storage, hub, raw_dataset, staging)
         counts = formatted.counts
         advice = LengthAdvice.of(formatted.token_lengths, settings.max_length)
+        mixture = {} if formatted.sources is None else {"sources": formatted.sources,
+                                                        "mix_seed": model_config.dataset.mix_seed}
         write_json(
             staging / FORMAT_SUMMARY,
             {"format": formatted.format, "template": formatted.template, "eos_token": formatted.eos_token,
              "pad_token": formatted.pad_token, "counts": counts, "max_length": settings.max_length,
              "overlong": formatted.overlong, "max_truncation_rate": model_config.dataset.max_truncation_rate,
-             "length_advice": asdict(advice)},
+             "length_advice": asdict(advice), **mixture},
         )
         record = stage_lineage(context, model_config, storage, {"raw_dataset": raw_dataset},
                             train_rows=counts["train_rows"], eval_rows=counts["eval_rows"])
         ref = publish_stage(context, storage, staging, record)
     context.log.info(_rows_per_step_line(counts))
-    context.log.info(
-        f"read and cleaned {counts['rows_in']:,} rows in {cleaned_at - started:.2f}s, then waited "
-        f"{tokenizer_at - cleaned_at:.2f}s for the tokenizer; formatted {counts['rows_after_cleaning']:,} rows "
-        f"in {formatted_at - tokenizer_at:.2f}s"
-    )
+    context.log.info(timings)
+    for line in mixture_lines(formatted.sources or []):
+        context.log.info(line)
     lengths = formatted.token_lengths
-    del cleaned
     release_unused_memory()
     return stage_output(
         ref, record, model_config,
@@ -210,12 +205,34 @@ def formatted_dataset(
             "train_tokens": counts["train_tokens"],
             "max_tokens": int(lengths.max()),
             # Split documents lose nothing: only truncating or dropping makes a rate of loss.
-            "truncation_rate": 0.0 if formatted.overlong == "split" else float((lengths > settings.max_length).mean()),
+            "truncation_rate": (formatted.truncation_rate if formatted.truncation_rate is not None
+                                else 0.0 if formatted.overlong == "split"
+                                else float((lengths > settings.max_length).mean())),
             "token_lengths": dg.MetadataValue.md(
                 markdown_image(length_histogram_png(lengths, settings.max_length), "token lengths")
             ),
             "preview": dg.MetadataValue.md(_preview(formatted.preview)),
+            **({} if formatted.sources is None else mixture_metadata(formatted.sources, model_config.dataset.mix_seed)),
         },
+    )
+
+
+def _formatted_rows(context: dg.AssetExecutionContext, model_config: ModelConfig, settings: FormatSettings,
+                    storage: ArtifactStore, hub: ModelHub, raw_dataset: ArtifactRef, staging) -> tuple[object, str]:
+    """The formatted splits written into staging (one source's, or a mixture's), and how long each part took."""
+    started = time.perf_counter()
+    if mixture_names(storage.local_path(raw_dataset)) is not None:
+        formatted = formatted_mixture(model_config, settings, storage, hub, raw_dataset, staging, context.log.info)
+        return formatted, (f"read, cleaned, formatted and mixed {len(formatted.sources)} sources "
+                           f"({formatted.counts['rows_in']:,} rows) in {time.perf_counter() - started:.2f}s")
+    cleaned, tokenizer, cleaned_at = _cleaned_rows_and_tokenizer(model_config, settings, storage, hub, raw_dataset)
+    tokenizer_at = time.perf_counter()
+    formatted = format_dataset(cleaned, tokenizer, settings, progress=context.log.info, folder=staging)
+    counts = formatted.counts
+    return formatted, (
+        f"read and cleaned {counts['rows_in']:,} rows in {cleaned_at - started:.2f}s, then waited "
+        f"{tokenizer_at - cleaned_at:.2f}s for the tokenizer; formatted {counts['rows_after_cleaning']:,} rows "
+        f"in {time.perf_counter() - tokenizer_at:.2f}s"
     )
 
 
@@ -262,14 +279,22 @@ def data_check(asset: dg.AssetsDefinition):
 @data_check(raw_dataset)
 def rows_match_format(context: dg.AssetCheckExecutionContext, storage: ArtifactStore,
                       raw_dataset: ArtifactRef) -> dg.AssetCheckResult:
-    """The stored rows pass the pandera schema of their format (required columns, types, roles, turns)."""
-    loaded = stored_rows(storage, raw_dataset)
-    flag_field = read_json(storage.local_path(raw_dataset) / DATASET_INFO).get("turn_flag_field")
-    validate_rows(loaded.frame, loaded.format, loaded.rows.where, loaded.source, flag_field)
+    """The stored rows pass the pandera schema of their format (required columns, types, roles, turns); a mixture's, each source's rows the schema of its own format."""
+    folder = storage.local_path(raw_dataset)
+    checked = {}
+    for name, loaded in stored_sources(storage, raw_dataset).items():
+        info = read_json(folder / DATASET_INFO if name is None else folder / SOURCES_DIR / name / DATASET_INFO)
+        validate_rows(loaded.frame, loaded.format, loaded.rows.where, loaded.source, info.get("turn_flag_field"))
+        checked[name] = (loaded.format, len(loaded.frame))
+    if None in checked:
+        fmt, rows = checked[None]
+        return dg.AssetCheckResult(passed=True, description=f"{rows} rows match the {fmt} schema",
+                                   metadata={"format": fmt, "rows": rows})
     return dg.AssetCheckResult(
         passed=True,
-        description=f"{len(loaded.frame)} rows match the {loaded.format} schema",
-        metadata={"format": loaded.format, "rows": len(loaded.frame)},
+        description="; ".join(f"{name}: {rows} rows match the {fmt} schema" for name, (fmt, rows) in checked.items()),
+        metadata={"rows": sum(rows for _, rows in checked.values()),
+                  **{f"{name}_format": fmt for name, (fmt, _) in checked.items()}},
     )
 
 

@@ -107,6 +107,11 @@ def check_data_early(model_config):
     from lora_pipeline.ml.preference.formats import PREFERENCE_FORMATS
     from lora_pipeline.ml.preference.formatted import preference_rows
 
+    if model_config.dataset.sources:  # SFT only: each source read, checked and cleaned, named when it fails
+        from lora_pipeline.ml.data.mixture import CleanedMixture
+
+        mixture = CleanedMixture.read(model_config.dataset.mixture, model_config.dataset.dedupe)
+        return mixture, mixture.split_sizes(model_config.dataset.eval_fraction)
     loaded = load_dataset(model_config.dataset)
     require_objective_fits(model_config, loaded.format, loaded.source)
     if loaded.format in PREFERENCE_FORMATS:  # every row parsed as a pair: a bad one is named now

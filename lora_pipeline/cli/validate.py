@@ -73,8 +73,11 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
     # Refused before the data is read; a preference run trains in one process, whatever the GPUs.
     launch = (Launch(strategy="none", nproc_per_node=1, nnodes=1) if model_config.preference_tuning
               else plan_launch(model_config.training.distributed, device))
-    source = model_config.dataset.source
-    cleaned, (train_rows, eval_rows) = check_data_early(model_config) if is_local_source(source) else (None, (None, None))
+    dataset = model_config.dataset
+    local = all(is_local_source(source.dataset.source) for source in dataset.mixture) if dataset.sources \
+        else is_local_source(dataset.source)
+    cleaned, (train_rows, eval_rows) = check_data_early(model_config) if local else (None, (None, None))
+    mixture = getattr(cleaned, "mixture", None) is not None  # a CleanedMixture: each source's rows apart
     mode = model_config.quantization.mode
     summary = {
         "partition": key,
@@ -82,10 +85,12 @@ def do_validate(model_config, key: str) -> tuple[dict, object, list[str]]:
         "base_model": model_config.base_model,
         "builtin_base": model_config.builtin_base,
         "method": "QLoRA" if mode in ("nf4", "fp4") else ("LoRA on int8" if mode == "int8" else "LoRA"),
-        "dataset": source,
-        "format": cleaned.loaded.format if cleaned else None,
-        "format_detected": cleaned.loaded.detected if cleaned else None,
+        "dataset": dataset.source_label,
+        # A mixture's: the format its template is chosen for; each source's in "sources".
+        "format": (cleaned.prompt_format if mixture else cleaned.loaded.format) if cleaned else None,
+        "format_detected": (cleaned.detected if mixture else cleaned.loaded.detected) if cleaned else None,
         "cleaning": cleaned.counts if cleaned else None,
+        **({"sources": cleaned.summary()} if mixture else {}),
         "train_rows": train_rows,
         "eval_rows": eval_rows,
         "tokens": token_summary(model_config, cleaned) if cleaned and not model_config.preference_tuning else None,
@@ -118,9 +123,17 @@ def print_summary(path: Path, model_config, summary: dict, cleaned, memory_lines
               "when formatted_dataset runs" + (", with the starting adapter's template" if start else ""))
     elif cleaned is not None:
         counts = cleaned.counts
-        detected = " (detected)" if cleaned.loaded.detected else ""
-        print(f"  dataset     {source}: {counts['rows_in']} {cleaned.loaded.format}{detected} rows -> "
-              f"{summary['train_rows']} training, {summary['eval_rows']} held-out")
+        if "sources" in summary:  # a mixture: each source, then the rows before weights
+            for name, facts in summary["sources"].items():
+                print(f"  source      {name}: {facts['source']}: {facts['rows_in']} {facts['format']}"
+                      f"{' (detected)' if facts['format_detected'] else ''} rows, {facts['share']}")
+            print(f"  dataset     {len(summary['sources'])} sources: {counts['rows_in']} rows -> "
+                  f"{summary['train_rows']} training, {summary['eval_rows']} held-out before weights (mixed when "
+                  "formatted_dataset runs)")
+        else:
+            detected = " (detected)" if cleaned.loaded.detected else ""
+            print(f"  dataset     {source}: {counts['rows_in']} {cleaned.loaded.format}{detected} rows -> "
+                  f"{summary['train_rows']} training, {summary['eval_rows']} held-out")
         dropped = counts["empty"] + counts["exact_duplicates"] + counts["normalized_duplicates"]
         if dropped:
             print(f"              dropped {counts['empty']} empty, {counts['exact_duplicates']} exact and "
@@ -171,9 +184,11 @@ def token_summary(model_config, cleaned) -> dict:
     from lora_pipeline.resources.hub import ModelHub, refuse_pickle_only
 
     settings = format_settings(model_config)
+    mixture = getattr(cleaned, "mixture", None) is not None  # a CleanedMixture: formatted and mixed as one
     try:
         tokenizer = ModelHub().tokenizer(model_config.base_model, model_config.base_revision,
-                                         lambda: tokenizer_corpus(cleaned, settings.eval_fraction),
+                                         lambda: (cleaned.corpus(settings.eval_fraction) if mixture
+                                                  else tokenizer_corpus(cleaned, settings.eval_fraction)),
                                          trust_remote_code=model_config.trust_remote_code)
     except ModelRefused:
         raise  # what run refuses, validate refuses, with the same message
@@ -182,7 +197,13 @@ def token_summary(model_config, cleaned) -> dict:
     if Path(model_config.base_model).is_dir() and not model_config.allow_pickle:
         refuse_pickle_only(Path(model_config.base_model), model_config.base_model)  # run checks it when it loads
     with tempfile.TemporaryDirectory(prefix="lora-pipeline-validate-") as folder:
-        formatted = format_dataset(cleaned, tokenizer, settings, folder=Path(folder))
+        if mixture:
+            from lora_pipeline.ml.data.mixing import format_mixture
+
+            sources = cleaned.to_format(settings, model_config.dataset.template, tokenizer.chat_template)
+            formatted = format_mixture(sources, tokenizer, model_config.dataset.mix_seed, folder=Path(folder))
+        else:
+            formatted = format_dataset(cleaned, tokenizer, settings, folder=Path(folder))
     counts = formatted.counts
     advice = LengthAdvice.of(formatted.token_lengths, settings.max_length)
     examples = counts["train_rows"] + counts["eval_rows"]
@@ -190,7 +211,8 @@ def token_summary(model_config, cleaned) -> dict:
     rate = over_length_rate(counts["truncated"], dropped, examples)
     limit = model_config.dataset.max_truncation_rate
     if rate > limit:
-        raise DataError(f"{cleaned.loaded.source}: " + over_length_problem(
+        where = model_config.dataset.source_label if mixture else cleaned.loaded.source
+        raise DataError(f"{where}: " + over_length_problem(
             rate, limit, counts["truncated"], dropped, counts["tokens_lost_to_max_length"], advice))
     first = formatted.preview.iloc[0] if len(formatted.preview) else None
     return {

@@ -81,6 +81,8 @@ class FormattedDataset:
     preview: pd.DataFrame  # the first training examples
     train: "pa.Table | None" = None
     eval: "pa.Table | None" = None
+    sources: list[dict] | None = None  # a mixture's per-source rows and tokens (mixture.py)
+    truncation_rate: float | None = None  # a mixture's share of examples over max_length where that loses tokens
 
 
 def overlong_policy(overlong: str, fmt: str) -> str:
@@ -117,7 +119,7 @@ class SplitSink:
     def table(self, split: str) -> "pa.Table | None":
         import pyarrow as pa
 
-        return pa.concat_tables(self.chunks[split]) if self.folder is None else None
+        return pa.concat_tables(self.chunks[split]) if self.folder is None and self.chunks[split] else None
 
 
 def ensure_distinct_pad(tokenizer) -> None:
@@ -170,11 +172,13 @@ def format_dataset(
     settings: FormatSettings,
     progress: ProgressFn | None = None,
     folder=None,
+    check_splits: bool = True,
 ) -> FormattedDataset:
     """Render, tokenize (batched, in chunks), apply the over-long policy and split train/eval by content hash.
 
     With folder, the splits stream to folder/train.parquet and folder/eval.parquet chunk by chunk,
     so memory stays flat however many rows there are; without, they are returned in memory.
+    check_splits: refuse an empty train or eval side (off for one source of a mixture, which checks the whole).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("the tokenizer has no fast (Rust) implementation, which formatting needs for token offsets")
@@ -226,7 +230,8 @@ def format_dataset(
             f"{settings.max_length} ({counts['too_long_dropped']} too long, {counts['no_trainable_tokens']} with "
             f"the response cut off); {advice.suggestion()}"
         )
-    require_both_splits(counts["train_rows"], counts["eval_rows"], settings.eval_fraction, loaded.source)
+    if check_splits:
+        require_both_splits(counts["train_rows"], counts["eval_rows"], settings.eval_fraction, loaded.source)
     return FormattedDataset(
         template=template.name,
         format=loaded.format,
@@ -235,7 +240,7 @@ def format_dataset(
         token_lengths=np.concatenate(all_lengths),
         eos_token=tokenizer.eos_token,
         pad_token=tokenizer.pad_token,
-        preview=_with_learned_parts(pd.concat(preview).head(5), tokenizer) if preview else pd.DataFrame(),
+        preview=with_learned_parts(pd.concat(preview).head(5), tokenizer) if preview else pd.DataFrame(),
         train=sink.table("train"),
         eval=sink.table("eval"),
     )
@@ -271,7 +276,7 @@ def _check_dropped(dropped: list[tuple[int, str]], total: int, max_rate: float, 
 LEARNED_OPEN, LEARNED_CLOSE = "⟦", "⟧"  # marks the learned stretches of an example shown to a person
 
 
-def _with_learned_parts(preview: pd.DataFrame, tokenizer) -> pd.DataFrame:
+def with_learned_parts(preview: pd.DataFrame, tokenizer) -> pd.DataFrame:
     """The preview rows with what the loss is taken on: each learned stretch decoded and separated by ' | ',
     and the whole example with the learned stretches marked ⟦ ⟧ (marked)."""
     learned, marked = [], []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
-from lora_pipeline.ml.data.formats import detect_format, validate_rows, with_format_columns
+from lora_pipeline.ml.data.formats import detect_format, storable, validate_rows, with_format_columns
 from lora_pipeline.ml.data.sources import SourceRequest, SourceRows, read_source, source_version
 
 
@@ -42,18 +44,69 @@ def source_request(settings) -> SourceRequest:
 
 
 def dataset_source_version(settings) -> str:
-    """The content version of the dataset section's source (changes when its data can have changed)."""
-    return source_version(source_request(settings))
+    """The content version of the dataset section's source (changes when its data can have changed); of a
+    mixture, a hash of every source's."""
+    if not getattr(settings, "sources", None):
+        return source_version(source_request(settings))
+    from lora_pipeline.ml.data.mixture import mixture_version
+
+    return mixture_version(source_versions(settings))
+
+
+def source_versions(settings) -> dict[str, str]:
+    """Each source of a mixture (dataset.sources) by name, with its content version, in the config's order."""
+    return {source.name: source_version(source_request(source.dataset)) for source in settings.mixture}
 
 
 def load_dataset(settings) -> LoadedDataset:
-    """Read dataset.source and check every row against dataset.format ('auto' detects it)."""
+    """Read dataset.source and check every row against dataset.format ('auto' detects it).
+
+    A mixture's sources are read one by one, each as the one-source section of its MixedSource
+    (settings.mixture): load_dataset(source.dataset)."""
+    if getattr(settings, "sources", None):
+        raise TypeError("load_dataset reads one source; read each of a mixture's as load_dataset(source.dataset)")
     rows = read_source(source_request(settings))
     detected = settings.format == "auto"
     fmt = detect_format(rows.frame, rows.source) if detected else settings.format
     rows.frame = with_format_columns(rows.frame, fmt)
     validate_rows(rows.frame, fmt, rows.where, rows.source, getattr(settings, "turn_flag_field", None))
     return LoadedDataset(rows=rows, format=fmt, detected=detected)
+
+
+ROWS_FILE = "rows.parquet"
+DATASET_INFO = "dataset_info.json"
+
+
+def write_rows(loaded: LoadedDataset, folder: Path, turn_flag_field: str | None = None) -> dict:
+    """The rows as raw_dataset stores them, into folder: rows.parquet (nested values as JSON text) and
+    dataset_info.json (where they came from, their format, count and fingerprint); returns the info."""
+    stored, nested = storable(loaded.frame)
+    info = {
+        "source": loaded.source,
+        "source_kind": loaded.rows.kind,
+        "files": [part.path for part in loaded.rows.parts],
+        "format": loaded.format,
+        "format_detected": loaded.detected,
+        "nested_columns": nested,
+        "columns": [str(column) for column in stored.columns],
+        "rows": len(stored),
+        "fingerprint": fingerprint(stored),
+        # Only when set, so the default's file is as it was before the key existed.
+        **({"turn_flag_field": turn_flag_field} if turn_flag_field else {}),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    stored.to_parquet(folder / ROWS_FILE, index=False)
+    (folder / DATASET_INFO).write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
+    return info
+
+
+def rows_in_folder(folder: Path) -> LoadedDataset:
+    """The rows write_rows stored in folder, as loaded rows again (nested values stay JSON text; the format readers
+    parse them)."""
+    info = json.loads((folder / DATASET_INFO).read_text(encoding="utf-8"))
+    frame = pd.read_parquet(folder / ROWS_FILE)
+    rows = SourceRows(frame=frame, source=f"{info['source']} (raw_dataset)", kind=info["source_kind"])
+    return LoadedDataset(rows=rows, format=info["format"], detected=info["format_detected"])
 
 
 def release_unused_memory() -> None:
