@@ -64,6 +64,7 @@ def test_the_held_out_curve_is_eval_reports_loss_of_the_adapter(micro_base, spli
     result = train_adapter(micro_base, splits.train, tmp_path / "out", LORA, _settings(max_steps=7, eval_steps=3),
                            CPU, "micro", held_out=splits.held_out, progress=reports.append)
     assert [step for step, _ in result.eval_history] == [3, 6, 7]
+    assert [step for step, _ in result.loss_history] == [2, 4, 6]  # the training curve keeps every logged step
     assert result.published_step == 7 and result.stopped_early_at is None
     assert [report["step"] for report in reports if "eval_loss" in report] == [3, 6, 7]  # in the run log too
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_base), tmp_path / "out")
@@ -101,6 +102,7 @@ def test_keep_best_publishes_the_weights_of_the_best_evaluation_and_survives_a_r
     whole = train_adapter(micro_base, splits.train, tmp_path / "whole", LORA, settings, CPU, "micro",
                           held_out=splits.held_out, on_checkpoint=keep)
     assert (whole.best_step, whole.published_step, whole.steps) == (6, 6, 12)
+    assert [step for step, _ in whole.loss_history] == [2, 4, 6, 8, 10, 12]  # evaluated and logged at each
     best, published = _weights(kept[6]), _weights(tmp_path / "whole")
     assert all(best[name].equal(published[name]) for name in best)
     assert not all(best[name].equal(value) for name, value in _weights(kept[10]).items())

@@ -101,7 +101,9 @@ def evaluation_callback(held_out: HeldOut, training, outcome: EvaluationOutcome,
             loss = held_out_loss(model, held_out)
             before, _ = best_and_waited(outcome.history, threshold)
             outcome.history.append((step, loss))
+            logging = control.should_log  # the Trainer's log clears it: this step's training loss would go unlogged
             log({EVAL_LOSS: loss})
+            control.should_log = logging
             best, waited = best_and_waited(outcome.history, threshold)
             if keep_best and best != before:
                 self.best_weights = trainable_weights(model)
