@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import dagster as dg
 import numpy as np
@@ -115,6 +118,24 @@ def test_a_one_source_config_hashes_and_versions_as_before_mixtures_existed():
     for stage in pipeline():
         dataset = stage_config(config, stage).get("dataset")
         assert dataset is None or not {"sources", "mix_seed"} & set(dataset), stage
+
+
+def test_set_and_a_sweep_reach_one_source_by_its_place(tmp_path):
+    from lora_pipeline.config.registry import load_config_file, load_sweep_file
+
+    shipped = REPO / "configs" / "tiny-mixture.yaml"
+    config = load_config_file(shipped, ["dataset.sources[1].weight=1", "dataset.sources[0].name=alpaca"])
+    assert [(source.name, source.weight) for source in config.dataset.mixture] == [("alpaca", 0.5), ("chats", 1.0)]
+    for override, message in (("dataset.sources[2].weight=1", r"dataset.sources\[2\] is not there \(dataset.sources has 2"),
+                              ("dataset.sources.weight=1", r"'dataset.sources' is a list; name an entry, e.g. "
+                                                           r"dataset.sources\[0\].weight")):
+        with pytest.raises(ConfigError, match=message):
+            load_config_file(shipped, [override])
+    sweep = tmp_path / "mix-sweep.yaml"
+    sweep.write_text(shipped.read_text() + "sweep:\n  dataset.sources[1].weight: [1, 3]\n")
+    variants = load_sweep_file(sweep)
+    assert {key: [s.weight for s in config.dataset.sources] for key, config in variants.items()} == {
+        "mix-sweep.weight1": [0.5, 1.0], "mix-sweep.weight3": [0.5, 3.0]}
 
 
 def test_raw_dataset_reads_which_rows_a_source_gives_and_formatted_dataset_how_they_are_mixed():
@@ -366,3 +387,18 @@ def test_a_mixture_trains_and_eval_report_gives_the_held_out_loss_per_source(tmp
     for name, entry in document.items():  # each source's mean is over its own examples
         assert {"base", "adapter", "merged", "examples"} <= set(entry) and entry["adapter"] == pytest.approx(per_source[name], abs=1e-4)
     assert "## Held-out loss per source" in (report / "report.md").read_text()
+
+
+def test_the_shipped_mixture_runs_its_data_stages_from_the_command_line(tmp_path):
+    """The command docs/mixtures.md shows, with the figures it shows."""
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster"), "LORA_PIPELINE_STORAGE": str(tmp_path / "store")}
+    done = subprocess.run([sys.executable, "-m", "lora_pipeline.cli", "run", "configs/tiny-mixture.yaml", "--select",
+                           "raw_dataset,formatted_dataset", "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "source chats (weight 2): 174 -> 348 training rows" in done.stderr  # the log, with --json
+    assets = json.loads(done.stdout.strip().splitlines()[-1])["assets"]
+    formatted = assets["formatted_dataset"]["metadata"]
+    assert (formatted["train_rows"], formatted["eval_rows"], formatted["template"]) == (279 + 348, 82 + 23, "chatml")
+    assert "| instructions | alpaca   | weight 0.5 |         640 |" in formatted["sources"]
+    assert assets["raw_dataset"]["metadata"]["rows"] == 640 + 197

@@ -153,22 +153,52 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             raise ConfigError(f"--set {item!r}: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw_value
-        parts = key.strip().split(".")
+        try:
+            parts = key_parts(key.strip())
+        except ConfigError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from None
         node = result
         for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"--set {item!r}: '{'.'.join(parts[: depth + 1])}' is a value, not a section"
-                )
+            where = _format_location(parts[: depth + 1])
+            if isinstance(part, int):  # a list entry, such as one of dataset.sources
+                entries = len(node) if isinstance(node, list) else "no"
+                if not isinstance(node, list) or part >= len(node):
+                    raise ConfigError(f"--set {item!r}: {where} is not there ({_format_location(parts[:depth])} has "
+                                      f"{entries} entries)")
+                child = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {item!r}: '{_format_location(parts[:depth])}' is a list; name an entry, "
+                                      f"e.g. {_format_location(parts[:depth])}[0].{part}")
+                child = node.setdefault(part, [] if isinstance(parts[depth + 1], int) else {})
+            if not isinstance(child, (dict, list)):
+                raise ConfigError(f"--set {item!r}: '{where}' is a value, not a section")
             node = child
+        if isinstance(node, list) and not isinstance(parts[-1], int):
+            raise ConfigError(f"--set {item!r}: '{_format_location(parts[:-1])}' is a list; name an entry, e.g. "
+                              f"{_format_location(parts[:-1])}[0].{parts[-1]}")
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: set a key of an entry, e.g. dataset.sources[0].weight=2")
         node[parts[-1]] = value
     return result
 
 
+def key_parts(path: str) -> list[str | int]:
+    """A config key path as its parts: 'dataset.sources[1].weight' is ['dataset', 'sources', 1, 'weight']."""
+    parts: list[str | int] = []
+    for piece in path.split("."):
+        name, *indices = piece.split("[")
+        parts += [name] if name else []
+        for index in indices:
+            if not index.endswith("]") or not index[:-1].isdigit():
+                raise ConfigError(f"{path!r}: a list entry is written name[N], e.g. dataset.sources[0].weight")
+            parts.append(int(index[:-1]))
+    return parts
+
+
 def value_at(data: dict, path: str) -> Any:
-    """The value at a dotted config path (lora.r) in config data."""
-    for part in path.split("."):
+    """The value at a config key path (lora.r, dataset.sources[1].weight) in config data."""
+    for part in key_parts(path):
         data = data[part]
     return data
 
