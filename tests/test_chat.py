@@ -213,7 +213,8 @@ def test_chat_command_one_base_switch_compare_reset_and_generate_agrees(write_co
 
     loads = _count_base_loads(monkeypatch)
     lines = ["What is 2 plus 3?", "And 4 plus 4?", "/adapters", "/use micro_chat", "/use half", "/compare",
-             "/compare Name a colour.", "/reset", "/compare", "/use base", "Hi", "/quit", "never read"]
+             "/compare Name a colour.", "/reset", "/compare", "/use base", "Hi", "/help", "/usee half", "/quit",
+             "never read"]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
     code = main(["chat", str(path), "--storage", store, "--max-new-tokens", "8", "--blend", "half=linear:0.5"])
     out, err = capsys.readouterr()
@@ -229,6 +230,8 @@ def test_chat_command_one_base_switch_compare_reset_and_generate_agrees(write_co
     assert "conversation cleared (3 turns forgotten)" in out
     assert "error: nothing to compare yet" in err
     assert "you> Hi\nbase> " in out and "never read" not in out
+    assert "you> /help\ncommands:\n  /adapters" in out
+    assert "error: unknown command /usee (did you mean /use?)" in err
 
     # generate is one turn of the same session: its answers are the first /compare's of a fresh chat.
     assert main(["generate", str(path), "--storage", store, "--max-new-tokens", "8", "--prompt", "What is 2 plus 3?",

@@ -12,6 +12,20 @@ import time
 
 from lora_pipeline.cli.generate import add_model_arguments, open_session
 
+# The REPL's /help, also the end of `chat --help`.
+COMMANDS_HELP = """\
+commands:
+  /adapters         list the models (* marks the one answering)
+  /use NAME         answer with NAME from now on (base: the bare base, no adapter)
+  /compare [TEXT]   answer the last message again, or TEXT as a new one, with every model on the same
+                    conversation, side by side (TEXT is kept, with the active model's answer)
+  /reset            forget the conversation
+  /system [TEXT]    TEXT is every model's system prompt from the next answer on (without TEXT: each its own
+                    from training)
+  /help             these commands
+  /quit             leave (so does the end of input, Ctrl-D)
+A line starting with // is sent as a message starting with /.
+"""
 EPILOG = """\
 examples:
   lora-pipeline chat configs/tiny-demo.yaml
@@ -24,19 +38,7 @@ kept: every answer is to the whole conversation, rendered with the answering ada
 as its training rendered the data (the bare base and blends are asked as the first adapter is).
 Input can be piped: one message or command a line.
 
-""" + """commands:
-  /adapters         list the models (* marks the one answering)
-  /use NAME         answer with NAME from now on (base: the bare base, no adapter)
-  /compare [TEXT]   answer the last message again, or TEXT as a new one, with every model on the same
-                    conversation, side by side (TEXT is kept, with the active model's answer)
-  /reset            forget the conversation
-  /system [TEXT]    TEXT is every model's system prompt from the next answer on (without TEXT: each its own
-                    from training)
-  /help             these commands
-  /quit             leave (so does the end of input, Ctrl-D)
-A line starting with // is sent as a message starting with /.
-"""
-COMMANDS_HELP = EPILOG[EPILOG.index("commands:"):]
+""" + COMMANDS_HELP
 COMMANDS = ("adapters", "use", "compare", "reset", "system", "help", "quit", "exit")
 
 
