@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from lora_pipeline.errors import ConfigError, ModelError
@@ -189,6 +190,27 @@ def test_gguf_export_is_an_on_demand_stage():
 
     assert "gguf_export" in [a.key.path[-1] for a in ON_DEMAND_ASSETS]
     assert "gguf_export" not in [a.key.path[-1] for a in PIPELINE_ASSETS]
+
+
+def test_an_on_demand_stage_runs_only_in_a_run_that_asked_for_it():
+    """Its own job or a selection of on-demand stages (the UI), or the CLI's request tag; not a "Materialize all"."""
+    from types import SimpleNamespace
+
+    from lora_pipeline.assets.handoff import HANDOFF_STAGES, REQUESTED_TAG, not_requested
+    from lora_pipeline.cli.selection import ON_DEMAND
+
+    assert set(HANDOFF_STAGES) == set(ON_DEMAND)
+
+    def context(selection, tags=None):
+        return SimpleNamespace(asset_key=dg.AssetKey("gguf_export"), run=SimpleNamespace(
+            tags=tags or {}, asset_selection={dg.AssetKey(name) for name in selection}))
+
+    assert not_requested(context(["gguf_export"])) is None
+    assert not_requested(context(["gguf_export", "published_model"])) is None
+    everything = ["raw_dataset", "trained_adapter", "champion", "gguf_export", "published_model"]
+    assert "Run the 'export' job" in not_requested(context(everything))
+    assert not_requested(context(everything, {REQUESTED_TAG: "gguf_export"})) is None
+    assert not_requested(context(everything, {REQUESTED_TAG: "published_model"})) is not None
 
 
 @pytest.mark.slow

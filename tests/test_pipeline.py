@@ -13,10 +13,11 @@ from lora_pipeline.assets import PIPELINE_ASSETS, PIPELINE_CHECKS
 from lora_pipeline.definitions import defs
 
 
-def _materialize(fake_resources, partition="micro"):
-    instance = dg.DagsterInstance.ephemeral()
+def _materialize(fake_resources, partition="micro", also=(), instance=None):
+    instance = instance or dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("models", [partition])
-    result = dg.materialize([*PIPELINE_ASSETS, *PIPELINE_CHECKS], partition_key=partition, instance=instance, resources=fake_resources)
+    result = dg.materialize([*PIPELINE_ASSETS, *also, *PIPELINE_CHECKS], partition_key=partition, instance=instance,
+                            resources=fake_resources)
     assert result.success
     refs = {
         name: result.asset_materializations_for_node(name)[0].metadata["uri"].value
@@ -31,8 +32,15 @@ def test_whole_graph_materializes_and_outputs_load_with_plain_hf_code(write_conf
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    write_config("micro", quantization={"mode": mode})
-    _, uris = _materialize(fake_resources)
+    from lora_pipeline.assets import gguf_export
+
+    # Every asset at once, as the UI's "Materialize all" does: the on-demand export, configured, is not run.
+    write_config("micro", quantization={"mode": mode}, export={"gguf": "q8_0"})
+    instance = dg.DagsterInstance.ephemeral()
+    result, uris = _materialize(fake_resources, also=[gguf_export], instance=instance)
+    assert not result.asset_materializations_for_node("gguf_export")
+    said = [entry.user_message for entry in instance.all_logs(result.run_id) if entry.step_key == "gguf_export"]
+    assert any("gguf_export runs on demand only, and this run also materializes other stages" in m for m in said)
 
     metrics = json.loads(open(f"{uris['eval_report']}/metrics.json").read())
     for model in ("base", "adapter", "merged"):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from lora_pipeline.assets.handoff import REQUESTED_TAG
 from lora_pipeline.assets.provenance import (
     plain_metadata,
     readable_source_version,
@@ -281,7 +282,10 @@ def execute(plan: RunPlan, to_run: list[str], instance, resources: dict):
                 instance=instance,
                 run_id=run_id,
                 tags={"lora_pipeline/config": str(plan.config_path), PID_TAG: str(os.getpid()),
-                      HOST_TAG: socket.gethostname(), **plan.tags},
+                      HOST_TAG: socket.gethostname(), **plan.tags,
+                      # Named on-demand stages run even beside the parents this run brings up to date.
+                      **({REQUESTED_TAG: ",".join(requested)} if (requested := [
+                          name for name in to_run if name in ON_DEMAND]) else {})},
             )
     except Exception:
         # Only this run's checks (a run that failed before it started has none).

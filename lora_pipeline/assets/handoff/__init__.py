@@ -4,10 +4,36 @@ import dagster as dg
 
 from lora_pipeline.assets.common import ARTIFACT_IO, MODEL_PARTITIONS
 
+# The run tag by which the CLI says which on-demand stages it was asked for (`--select gguf_export`), so they run
+# even when the same run also brings their parents up to date.
+REQUESTED_TAG = "lora_pipeline/requested"
+HANDOFF_STAGES = ("published_model", "gguf_export")
+
 
 def handoff_asset(*, kinds: set[str], code_version: str = "1"):
     """The declaration of an on-demand stage: one partition per model, ArtifactRef pointers, in the decision
     group. Listed in its module's ON_DEMAND_ASSETS, it is in the graph but in no job that runs on its own
-    (assets/__init__.py; definitions.py gives each its own job)."""
+    (assets/__init__.py; definitions.py gives each its own job). Its output is optional: in a run that did not ask
+    for it (not_requested) it materializes nothing."""
     return dg.asset(partitions_def=MODEL_PARTITIONS, io_manager_key=ARTIFACT_IO, kinds=kinds, group_name="decision",
-                    code_version=code_version)
+                    code_version=code_version, output_required=False)
+
+
+def not_requested(context: dg.AssetExecutionContext) -> str | None:
+    """Why this on-demand stage does nothing in this run, or None when the run asked for it: its own job, a
+    selection of on-demand stages only (the asset materialized on its own in the UI), or the CLI's request tag.
+
+    The UI's "Materialize all" selects every asset in view, these too: uploading to the Hub or converting to GGUF
+    as a side effect of re-running the pipeline is not what anyone asked for, so such a run skips them and says so.
+    """
+    name = context.asset_key.path[-1]
+    run = context.run
+    if name in run.tags.get(REQUESTED_TAG, "").split(","):
+        return None
+    selection = run.asset_selection or set()
+    if selection and all(key.path[-1] in HANDOFF_STAGES for key in selection):
+        return None
+    job = {"published_model": "publish", "gguf_export": "export"}[name]
+    return (f"{name} runs on demand only, and this run also materializes other stages (as 'Materialize all' "
+            f"does): not run. Run the '{job}' job, materialize {name} on its own, or `lora-pipeline run CONFIG "
+            f"--select {name}`")

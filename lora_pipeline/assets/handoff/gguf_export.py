@@ -1,11 +1,13 @@
 """The gguf_export stage: the merged model, the base and the adapter as GGUF files for llama.cpp and Ollama, on demand.
 
-Opt-in: it runs only when asked for (the UI, the `export` job, or `lora-pipeline run CONFIG --select
-gguf_export`) and refuses unless export.gguf names a type. The conversion, the read-back check, the
+Opt-in: it runs only when asked for (the `export` job, the asset materialized on its own, or `lora-pipeline run
+CONFIG --select gguf_export`; a "Materialize all" skips it) and refuses unless export.gguf names a type. The conversion, the read-back check, the
 tokenizer check (llama.cpp's tokens for the held-out examples against the model's tokenizer's) and
 the Modelfiles are plain functions in ml/export/; this asset resolves the config and the inputs'
 folders and persists the files.
 """
+
+from typing import Iterator
 
 import dagster as dg
 
@@ -13,7 +15,7 @@ from lora_pipeline.assets.base import original_weights_dir
 from lora_pipeline.assets.common import config_metadata, read_json, ref_metadata, resolve_model_config
 from lora_pipeline.assets.data import FORMAT_SUMMARY
 from lora_pipeline.assets.evaluation import EVAL_SPLIT
-from lora_pipeline.assets.handoff import handoff_asset
+from lora_pipeline.assets.handoff import handoff_asset, not_requested
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.errors import ConfigError
 from lora_pipeline.ml.export.gguf import check_quantize, default_cache, export_gguf
@@ -34,11 +36,14 @@ def gguf_export(
     quantized_base: ArtifactRef,
     trained_adapter: ArtifactRef,
     merged_model: ArtifactRef,
-) -> dg.Output[ArtifactRef]:
+) -> Iterator[dg.Output[ArtifactRef]]:
     """The merged model, the base and the adapter as GGUF files (export.gguf: f16, q8_0 or q4_k_m), converted by
     llama.cpp's own scripts, read back and compared with the safetensors weights, tokenized by llama.cpp's own
     tokenizer on the held-out examples exactly as by the model's (else refused, naming the texts), with Ollama
     Modelfiles (FROM the merged model; FROM the base + ADAPTER). On demand only; refuses when export.gguf is unset."""
+    if (skipped := not_requested(context)) is not None:
+        context.log.info(skipped)
+        return
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.export
     if settings.gguf is None:
@@ -57,8 +62,8 @@ def gguf_export(
                                 settings.modelfile, progress=context.log.info, texts=texts,
                                 add_special_tokens=adds_special_tokens(template))
             ref = storage.publish(staging, context.partition_key, context.asset_key.path[-1])
-    return dg.Output(ref, metadata={**ref_metadata(ref), **config_metadata(model_config), "template": template,
-                                    **facts})
+    yield dg.Output(ref, metadata={**ref_metadata(ref), **config_metadata(model_config), "template": template,
+                                   **facts})
 
 
 # On-demand stages: in the graph after the stage they hand off, outside the tune job (assets/__init__.py).

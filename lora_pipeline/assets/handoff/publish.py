@@ -11,12 +11,13 @@ commit, files) and the card as uploaded.
 
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import dagster as dg
 
 from lora_pipeline.assets.champion import DECISION_FILE
 from lora_pipeline.assets.common import config_metadata, read_json, ref_metadata, resolve_model_config, write_json
-from lora_pipeline.assets.handoff import handoff_asset
+from lora_pipeline.assets.handoff import handoff_asset, not_requested
 from lora_pipeline.config.schema import TuningRunConfig
 from lora_pipeline.errors import ConfigError, PublishError
 from lora_pipeline.ml.publishing import CARD_FILE, MERGED_FOLDER, assemble_upload, default_commit_message
@@ -37,11 +38,14 @@ def published_model(
     storage: ArtifactStore,
     publisher: ModelPublisher,
     champion: ArtifactRef,
-) -> dg.Output[ArtifactRef]:
+) -> Iterator[dg.Output[ArtifactRef]]:
     """The model's champion on the Hugging Face Hub (on demand, never part of the tune job): its adapter with the
     champion's model card, and with publish.include_merged its merged model in merged/, committed to publish.repo_id
     (private by default) at publish.revision. Refuses a candidate the champion stage did not promote. The token is
     $HF_TOKEN; the metadata links the commit."""
+    if (skipped := not_requested(context)) is not None:
+        context.log.info(skipped)
+        return
     model_config = resolve_model_config(context, config, registry)
     settings = model_config.publish
     if settings.repo_id is None:
@@ -65,7 +69,7 @@ def published_model(
                                             revision=settings.revision, commit_message=message)
         ref = _keep_record(storage, key, context.asset_key.path[-1], {**publication.as_dict(), **facts}, card)
     context.log.info(f"published: {publication.commit_url}")
-    return dg.Output(ref, data_version=dg.DataVersion(publication.commit_oid), metadata={
+    yield dg.Output(ref, data_version=dg.DataVersion(publication.commit_oid), metadata={
         **ref_metadata(ref), **config_metadata(model_config), **facts,
         "repo_url": dg.MetadataValue.url(publication.repo_url),
         "commit_url": dg.MetadataValue.url(publication.commit_url),
