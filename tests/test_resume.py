@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -86,7 +87,14 @@ def test_checkpoints_made_from_other_inputs_are_not_resumed_and_the_log_says_wha
     assert "formatted_dataset holds other content (0123456789ab -> " in warning
     assert "training starts at step 0" in warning
     assert _metadata(result)["resumed_from_step"] == 0 and _metadata(result)["steps"] == 4
-    assert not store.checkpoint_runs("micro", "trained_adapter")  # superseded by the published adapter
+    # This run's checkpoints are superseded by its adapter; the other inputs' stay (a run of them, beside this
+    # one, may be resuming from them) until they have been idle for a day.
+    assert store.checkpoint_runs("micro", "trained_adapter") == ["aaaaaaaaaaaaaaaa"]
+    folder = Path(store.root, "micro", "trained_adapter", ".checkpoints", "aaaaaaaaaaaaaaaa")
+    for path in folder.rglob("*"):
+        os.utime(path, (1_000_000, 1_000_000))  # written in 1970: abandoned
+    assert store.drop_checkpoints("micro", "trained_adapter", "bbbbbbbbbbbbbbbb") == ["aaaaaaaaaaaaaaaa"]
+    assert not store.checkpoint_runs("micro", "trained_adapter")
 
 
 def _current_inputs(store):

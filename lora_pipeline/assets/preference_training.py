@@ -127,7 +127,7 @@ def train_preference_adapter(context: dg.AssetExecutionContext, model_config: Mo
         record = stage_lineage(context, model_config, storage, parents, steps=result.steps, **facts)
         ref = publish_stage(context, storage, staging, record)
         storage.remember(partition, STAGE, key, ref)
-        storage.drop_checkpoints(partition, STAGE)
+        storage.drop_checkpoints(partition, STAGE, key)
         tracked = {} if live is None else live.finish(ref, storage.local_path(ref), base_dir, summary,
                                                       model_config.trust_remote_code)
     return _output(ref, record, model_config, summary, loss_png, start, reused=False, tracked=tracked)

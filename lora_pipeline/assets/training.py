@@ -247,7 +247,7 @@ class _TrainingRun:
             (staging / "README.md").write_text(adapter_card(model_config, result, base_name, record), encoding="utf-8")
             ref = publish_stage(self.context, storage, staging, record)
             storage.remember(self.partition, STAGE, self.key, ref)
-            storage.drop_checkpoints(self.partition, STAGE)
+            storage.drop_checkpoints(self.partition, STAGE, self.key)
             tracked = {} if live is None else live.finish(ref, storage.local_path(ref), base_dir, vars(result),
                                                           model_config.trust_remote_code)
         return ref, record, result, loss_png, tracked

@@ -77,6 +77,16 @@ def _remove_stale(staging_parent: Path) -> None:
             pass  # another writer removed it first
 
 
+def _newest_write(fs, folder: str) -> float:
+    """When anything in a folder was last written (epoch seconds; 0 for an empty one), local or object store."""
+    newest = 0.0
+    for info in fs.find(folder, detail=True).values():
+        stamp = info.get("LastModified") or info.get("mtime")
+        if stamp is not None:
+            newest = max(newest, stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp))
+    return newest
+
+
 class ArtifactStore(dg.ConfigurableResource):
     """Where artifacts live: a local folder or any fsspec URL (s3://bucket/prefix through s3fs)."""
 
@@ -207,9 +217,7 @@ class ArtifactStore(dg.ConfigurableResource):
         for entry in entries:
             if not VERSION_PATTERN.fullmatch(entry.rstrip("/").split("/")[-1]) or fs.exists(f"{entry}/{MANIFEST}"):
                 continue
-            modified = [info.get("LastModified") for info in fs.find(entry, detail=True).values()]
-            newest = max((stamp.timestamp() for stamp in modified if stamp is not None), default=0.0)
-            if newest < cutoff:
+            if _newest_write(fs, entry) < cutoff:
                 fs.rm(entry, recursive=True)
 
     def point_current(self, partition: str, asset: str, ref: ArtifactRef, run_order: float | None = None) -> bool:
@@ -482,12 +490,23 @@ class ArtifactStore(dg.ConfigurableResource):
             return []
         return sorted(entry.rstrip("/").split("/")[-1] for entry in fs.ls(base, detail=False))
 
-    def drop_checkpoints(self, partition: str, asset: str) -> None:
-        """Remove all checkpoints of an asset partition (once an artifact is published they are superseded)."""
+    def drop_checkpoints(self, partition: str, asset: str, run_key: str) -> list[str]:
+        """Remove the checkpoints of run_key, whose artifact is published (they are superseded), and those of other
+        runs that have written nothing for a day (abandoned); return the run keys removed.
+
+        Another run's recent checkpoints stay: a run of the same model with other inputs (two people, or a
+        schedule beside a person) may be training or about to resume from them.
+        """
         fs, _ = self._fs_and_root()
         base = self._checkpoints_dir(partition, asset)
-        if fs.exists(base):
-            fs.rm(base, recursive=True)
+        cutoff = time.time() - STALE_STAGING_SECONDS
+        dropped = []
+        for other in self.checkpoint_runs(partition, asset):
+            folder = f"{base}/{other}"
+            if other == run_key or _newest_write(fs, folder) < cutoff:
+                fs.rm(folder, recursive=True)
+                dropped.append(other)
+        return dropped
 
 
 class ArtifactRefIOManager(dg.ConfigurableIOManager):
