@@ -48,6 +48,9 @@ STAND_IN = "configs/tiny-demo.yaml"
 
 # Docs commands that train (or need trained models) which no test runs as written, and why.
 NOT_RUN_BY_A_TEST = {
+    "lora-pipeline chat configs/tiny-demo.yaml --max-new-tokens 24":
+        "needs tiny-demo trained (make demo); tests/test_chat.py drives chat with piped input over a micro "
+        "model's trained adapter and checks its first answers against generate --json",
     "lora-pipeline run configs/tiny-demo.yaml --set training.eval_steps=20 --set training.keep_best=true":
         "the page's figures were measured by hand (tiny-demo evaluated every 10 steps); tests/test_held_out.py "
         "runs eval_steps with keep_best through the pipeline on a micro config and checks the last point against "
