@@ -402,3 +402,12 @@ def test_the_shipped_mixture_runs_its_data_stages_from_the_command_line(tmp_path
     assert (formatted["train_rows"], formatted["eval_rows"], formatted["template"]) == (279 + 348, 82 + 23, "chatml")
     assert "| instructions | alpaca   | weight 0.5 |         640 |" in formatted["sources"]
     assert assets["raw_dataset"]["metadata"]["rows"] == 640 + 197
+
+    # One source read with other settings: only it is read again.
+    again = subprocess.run([sys.executable, "-m", "lora_pipeline.cli", "run", "configs/tiny-mixture.yaml", "--select",
+                            "raw_dataset,formatted_dataset", "--set", "dataset.sources[1].max_rows=150", "--json"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "source chats: 150 messages rows from lora_pipeline/data/sample_chats.jsonl (version" in again.stderr
+    raw = json.loads(again.stdout.strip().splitlines()[-1])["assets"]["raw_dataset"]["metadata"]
+    assert (raw["read"], raw["reused"], raw["rows"]) == ("chats", "instructions", 640 + 150)
