@@ -52,3 +52,20 @@ def test_validate_prints_the_memory_plan_of_the_shipped_8b_config_with_no_networ
     plan = json.loads(done.stdout.strip().splitlines()[-1])["memory_plan"]
     assert set(plan["terms"]) >= {"base_weights", "adapter", "gradients", "optimizer_states", "activations"}
     assert 4 * 2**30 < plan["terms"]["base_weights"] < 8 * 2**30  # 8B parameters, NF4 linears
+
+
+def test_runs_check_before_the_data_is_tokenized_suggests_no_length_it_cannot_know(write_config):
+    """Before raw_dataset runs no length that keeps 95% of the examples is known: the pre-check's knobs leave
+    max_length alone and point to validate, which tokenizes the data and knows (the issue saw 4096 -> 64)."""
+    from lora_pipeline.cli.run import check_before_loading
+    from lora_pipeline.config.registry import load_config_file
+    from lora_pipeline.errors import ModelError
+    from lora_pipeline.resources import FixedCompute
+
+    config = load_config_file(write_config("micro", training={"max_length": 2048, "batch_size": 64}))
+    small_gpu = FixedCompute(device="cuda", gpu_count=1, bf16_supported=True, gpu_memory_gb=0.25)
+    with pytest.raises(ModelError) as refused:
+        check_before_loading(config, ["trained_adapter"], {"compute": small_gpu})
+    message = str(refused.value)
+    assert "what would fit: training." in message and "training.max_length 2048 ->" not in message
+    assert "`lora-pipeline validate CONFIG` names the lengths that keep 95% and 99% of the examples whole" in message

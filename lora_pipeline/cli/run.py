@@ -245,9 +245,16 @@ def _assets_of_run(instance, run_id: str, selected: list[str], current: dict) ->
 def check_before_loading(model_config, to_run: list[str], resources: dict) -> None:
     """Fail fast, before any model is loaded: the training must fit the device, the data must read and clean."""
     if "trained_adapter" in to_run:
+        from lora_pipeline.errors import ModelError
         from lora_pipeline.ml.base.fit import check_fits
 
-        check_fits(model_config, resources["compute"].info())
+        # The data is not tokenized yet, so no length that keeps 95% of the examples whole is known: no shorter
+        # max_length is suggested here (trained_adapter's own check, after formatting, suggests one).
+        try:
+            check_fits(model_config, resources["compute"].info(), shortest=model_config.training.max_length)
+        except ModelError as refused:
+            raise ModelError(f"{refused}\na shorter training.max_length may fit too: `lora-pipeline validate CONFIG` "
+                             "names the lengths that keep 95% and 99% of the examples whole") from None
     if "raw_dataset" in to_run:
         from lora_pipeline.ml.data.raw import release_unused_memory
 
