@@ -87,6 +87,14 @@ def _section_of(annotation: object) -> type[pydantic.BaseModel] | None:
     return None
 
 
+def _listed_section_of(annotation: object) -> type[pydantic.BaseModel] | None:
+    """The config section a list field holds entries of (dataset.sources: Optional[list[DataSource]]), or None."""
+    for inner in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(inner) is list:
+            return _section_of(typing.get_args(inner)[0]) if typing.get_args(inner) else None
+    return None
+
+
 _NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
@@ -134,6 +142,8 @@ def _rows(section: type[pydantic.BaseModel], prefix: str, sections: list) -> lis
         required = field.default is PydanticUndefined and field.default_factory is None
         default = "**required**" if required else _code(_value(field.get_default(call_default_factory=True)))
         rows.append(f"| `{path}` | {_escape_type(kind)} | {default} | {_escape(field.description or '')} |")
+        if (entries := _listed_section_of(field.annotation)) is not None:  # each entry's keys, as `path[].key`
+            sections.append((f"{path}[]", entries, field))
     return rows
 
 
