@@ -11,7 +11,8 @@ import pkgutil
 
 # Modules of shared machinery, not stages.
 _HELPERS = {"common", "provenance", "settings", "stages"}
-# Stage modules here and in the sub-packages that group them by concern (handoff/: the on-demand stages).
+# Stage modules here and in the sub-packages that group them by concern (handoff/: the on-demand stages;
+# preference/: the preference objectives' branches of three stages).
 _STAGE_MODULES = [importlib.import_module(info.name) for info in pkgutil.walk_packages(__path__, f"{__name__}.")
                   if not info.ispkg and info.name.rsplit(".", 1)[-1] not in _HELPERS]
 

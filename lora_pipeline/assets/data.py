@@ -45,7 +45,7 @@ from lora_pipeline.assets.mixture_data import (
     mixture_names,
     raw_mixture,
 )
-from lora_pipeline.assets.preference_data import formatted_preferences, require_objective_fits
+from lora_pipeline.assets.preference.data import formatted_preferences, require_objective_fits
 from lora_pipeline.assets.starting import starting_adapter
 from lora_pipeline.ml.preference.formats import PREFERENCE_FORMATS
 from lora_pipeline.ml.preference.formatted import check_preferences

@@ -4,7 +4,7 @@ import dagster as dg
 
 from lora_pipeline.assets.base import original_weights_dir
 from lora_pipeline.assets.champion import champion_owner, comparable_champion
-from lora_pipeline.assets.preference_evaluation import evaluate_preference_model
+from lora_pipeline.assets.preference.evaluation import evaluate_preference_model
 from lora_pipeline.assets.common import (
     Reads,
     merge_weights_kind,

@@ -21,7 +21,7 @@ from lora_pipeline.assets.common import (
 )
 from lora_pipeline.assets.data import FORMAT_SUMMARY
 from lora_pipeline.assets.evaluation import EVAL_SPLIT
-from lora_pipeline.assets.preference_training import train_preference_adapter
+from lora_pipeline.assets.preference.training import train_preference_adapter
 from lora_pipeline.assets.provenance import library_versions, parent_lineage, stage_config
 from lora_pipeline.assets.stages import pipeline
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig

@@ -101,7 +101,7 @@ def register_partition(instance: dg.DagsterInstance, key: str, config_path: Path
 
 def check_data_early(model_config):
     """Read, check and clean the dataset before any model is loaded; return the cleaned rows and the split sizes."""
-    from lora_pipeline.assets.preference_data import require_objective_fits
+    from lora_pipeline.assets.preference.data import require_objective_fits
     from lora_pipeline.ml.data.clean import clean_rows, split_sizes
     from lora_pipeline.ml.data.raw import load_dataset
     from lora_pipeline.ml.preference.formats import PREFERENCE_FORMATS

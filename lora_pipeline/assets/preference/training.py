@@ -17,7 +17,7 @@ import pandas as pd
 
 from lora_pipeline.assets.common import publish_stage, read_json, run_order, stage_lineage, stage_output, write_json
 from lora_pipeline.assets.data import FORMAT_SUMMARY
-from lora_pipeline.assets.preference_data import require_objective_fits
+from lora_pipeline.assets.preference.data import require_objective_fits
 from lora_pipeline.assets.starting import StartingAdapter, starting_adapter
 from lora_pipeline.config.schema import ModelConfig
 from lora_pipeline.errors import ConfigError
