@@ -201,10 +201,13 @@ def test_an_on_demand_stage_runs_only_in_a_run_that_asked_for_it():
 
     assert set(HANDOFF_STAGES) == set(ON_DEMAND)
 
-    def context(selection, tags=None):
-        return SimpleNamespace(asset_key=dg.AssetKey("gguf_export"), run=SimpleNamespace(
-            tags=tags or {}, asset_selection={dg.AssetKey(name) for name in selection}))
+    def context(selection, tags=None, job_assets=()):
+        layer = SimpleNamespace(executable_asset_keys={dg.AssetKey(name) for name in job_assets})
+        return SimpleNamespace(asset_key=dg.AssetKey("gguf_export"), job_def=SimpleNamespace(asset_layer=layer),
+                               run=SimpleNamespace(tags=tags or {}, asset_selection={dg.AssetKey(n) for n in selection}))
 
+    assert not_requested(context([], job_assets=["gguf_export"])) is None  # the export job, or the asset alone
+    assert not_requested(context([], job_assets=["champion", "gguf_export"])) is not None
     assert not_requested(context(["gguf_export"])) is None
     assert not_requested(context(["gguf_export", "published_model"])) is None
     everything = ["raw_dataset", "trained_adapter", "champion", "gguf_export", "published_model"]

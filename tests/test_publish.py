@@ -70,8 +70,9 @@ def _publish(resources, publisher, partition: str = "micro") -> dg.ExecuteInProc
     instance.add_dynamic_partitions("models", [partition])
     # The champion as the store has it: read through the artifact IO manager, not made again.
     champion = dg.AssetSpec("champion", partitions_def=MODEL_PARTITIONS).with_io_manager_key(ARTIFACT_IO)
-    return dg.materialize([champion, published_model], partition_key=partition, instance=instance,
-                          resources={**resources, "publisher": publisher})
+    # Selected on its own, as the UI's "Materialize" on the asset or the publish job does.
+    return dg.materialize([champion, published_model], selection=[published_model], partition_key=partition,
+                          instance=instance, resources={**resources, "publisher": publisher})
 
 
 @pytest.fixture

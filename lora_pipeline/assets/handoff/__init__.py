@@ -30,7 +30,8 @@ def not_requested(context: dg.AssetExecutionContext) -> str | None:
     run = context.run
     if name in run.tags.get(REQUESTED_TAG, "").split(","):
         return None
-    selection = run.asset_selection or set()
+    # What this run materializes: the UI's selection, else the job's own assets (a job, or dg.materialize's).
+    selection = run.asset_selection or set(context.job_def.asset_layer.executable_asset_keys)
     if selection and all(key.path[-1] in HANDOFF_STAGES for key in selection):
         return None
     job = {"published_model": "publish", "gguf_export": "export"}[name]
