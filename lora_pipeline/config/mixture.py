@@ -20,7 +20,7 @@ from pydantic import Field
 from lora_pipeline.config.base import StrictSection
 
 if TYPE_CHECKING:
-    from lora_pipeline.config.schema import DatasetSettings
+    from lora_pipeline.config.dataset import DatasetSettings
 
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "kto"]
 # Preference rows are rendered with the starting adapter's template and split by prompt: not mixed (yet).

@@ -1,7 +1,7 @@
 """The per-model config: one strict schema for the YAML files, the CLI and the Dagster Launchpad.
 
-This module holds the whole ModelConfig and the sections that make a model (dataset, LoRA,
-quantization, training); downstream.py the sections of what follows training.
+This module holds the whole ModelConfig and the LoRA and quantization sections; dataset.py (with mixture.py)
+and training.py the other sections that make a model, downstream.py the sections of what follows training.
 
 Every class here is a Dagster ``Config`` (a frozen pydantic model), so the same fields, defaults,
 ranges and descriptions are what the YAML loader validates, what ``--set`` overrides and what the
@@ -21,7 +21,8 @@ from pydantic import Field
 
 from lora_pipeline.config.base import DtypeName, StrictSection, names_from_string
 from lora_pipeline.config.distributed import DistributedSettings
-from lora_pipeline.config.mixture import DataFormat, DataSource, MixedSource, mixed_sources
+from lora_pipeline.config.dataset import ONE_SOURCE_UNUSED, DatasetSettings
+from lora_pipeline.config.training import TrainingSettings
 from lora_pipeline.config.downstream import (
     EvalSettings,
     ExportSettings,
@@ -31,179 +32,10 @@ from lora_pipeline.config.downstream import (
     RetrainSettings,
     TrackingSettings,
 )
-from lora_pipeline.config.preference import OBJECTIVES, PREFERENCE_OBJECTIVES, PreferenceSettings
+from lora_pipeline.config.preference import PREFERENCE_OBJECTIVES, PreferenceSettings
 from lora_pipeline.ml.base.tiny import BUILTIN_PREFIX
 
 QuantizationMode = Literal["nf4", "fp4", "int8", "none"]
-# Dataset keys that only a mixture (dataset.sources) reads.
-ONE_SOURCE_UNUSED = ("sources", "mix_seed")
-
-
-class DatasetSettings(StrictSection):
-    """Where the training data comes from, what shape its rows have, how they are templated, cleaned and split."""
-
-    source: Optional[str] = Field(
-        default=None,
-        description="The data: a local JSON, JSONL, CSV, Parquet or TXT file, a folder or glob of them "
-        "(relative paths are resolved against the working directory), a folder written by datasets' "
-        "save_to_disk, any fsspec URL (s3://bucket/train.jsonl, s3://bucket/prefix/), or a Hugging "
-        "Face hub dataset as 'hf:owner/name' (a bare 'owner/name' that is not a local path works too). "
-        "Give this or dataset.sources, not both.",
-    )
-    sources: Optional[list[DataSource]] = Field(
-        default=None,
-        description="Instead of dataset.source: several datasets mixed into one training set. Each entry has its "
-        "own source and, when it differs from the dataset-level key, its own format, columns, split, subset, "
-        "revision, system_prompt and max_rows, plus a name and a weight (or train_rows) saying how much of it "
-        "is trained on. Each source is read, checked, cleaned and split on its own (raw rows of a source whose "
-        "data and read settings are unchanged are reused, not read again), then its training rows are sampled "
-        "or repeated by its weight; the formatted splits are one table with a 'source' column, and the "
-        "metadata shows each source's rows and tokens before and after mixing.",
-    )
-    mix_seed: int = Field(
-        default=0,
-        description="With dataset.sources: the seed of the draw that samples and repeats the sources' training "
-        "rows (and orders the mixed training split). The same seed, config and data give the same mixture.",
-    )
-    format: DataFormat = Field(
-        default="auto",
-        description="Row format. 'auto' detects it from the columns and records which. 'alpaca': "
-        "instruction, input (optional), output, system (optional). 'sharegpt': conversations = "
-        "[{from, value}] with from human/gpt/system/function_call/observation/tool. 'messages': "
-        "OpenAI-style [{role, content}], content a string or a list of text and reasoning parts. "
-        "'prompt_completion': prompt, completion. 'text': text (a TXT file gives one row per line). "
-        "For preference tuning (training.objective dpo, kto, orpo): 'preference': chosen and rejected (text, a "
-        "message or a conversation each), the prompt in 'prompt', in ShareGPT 'conversations', or the two "
-        "conversations' shared start; 'kto': unpaired prompt, completion, label (true: desirable).",
-    )
-    columns: dict[str, str] = Field(
-        default={},
-        description="Column mapping for data whose columns have other names: the format's column "
-        "name to the data's, e.g. {instruction: question, output: answer}.",
-    )
-    split: str = Field(
-        default="train", description="Split to read from a hub dataset or a save_to_disk DatasetDict."
-    )
-    subset: Optional[str] = Field(
-        default=None, description="Hub dataset configuration (subset) name, if it has several."
-    )
-    revision: Optional[str] = Field(
-        default=None, description="Hub dataset revision (branch, tag or commit) to read."
-    )
-    template: str = Field(
-        default="auto",
-        description="How rows become text. 'auto': the alpaca template for alpaca rows, plain "
-        "concatenation for prompt_completion and text, and for conversations the tokenizer's own "
-        "chat template, or ChatML when it has none. Named: 'alpaca', 'chatml', 'tokenizer', 'plain'. "
-        "Anything containing '{{' or '{%' is used as an inline Jinja chat template.",
-    )
-    system_prompt: Optional[str] = Field(
-        default=None,
-        description="System prompt added to every example that has none of its own.",
-    )
-    turn_flag_field: Optional[str] = Field(
-        default=None,
-        description="The message field that says whether a conversation turn is learned (1 or true) or only "
-        "context (0 or false), as other tools write it. By default the first of 'loss_weight', 'train' and "
-        "'weight' a message carries; turns without one follow the usual rule (every assistant turn is "
-        "learned). Applies while training.completion_only_loss is on.",
-    )
-    turns: Literal["auto", "conversation", "per_turn"] = Field(
-        default="auto",
-        description="How a conversation with several learned turns is trained. 'conversation': one sequence, "
-        "every learned turn in it; right when the template renders history as it renders the last turn "
-        "(ChatML, Llama 3). 'per_turn': one example per learned turn, the history before it rendered as "
-        "the template renders history; what inference sees with templates that render the last answer "
-        "differently (Qwen3 and DeepSeek-R1 style thinking templates drop earlier reasoning). 'auto': "
-        "one sequence where the template allows it, per turn for the rows where it does not. The "
-        "formatted_dataset metadata says how many rows were split and what it cost in tokens.",
-    )
-    reasoning: Literal["auto", "inline", "drop"] = Field(
-        default="auto",
-        description="Reasoning in the data (a 'reasoning' content part, a reasoning_content / reasoning / "
-        "thinking message field, or a <think>...</think> block opening an answer) is learned with its answer. "
-        "'auto': handed to templates that render reasoning_content (Qwen3's), written inline as a "
-        "<think>...</think> block before the answer for those that do not. 'inline': always inline. "
-        "'drop': left out.",
-    )
-    unrenderable: Literal["refuse", "drop"] = Field(
-        default="refuse",
-        description="A row the chat template cannot render (a role it refuses, as Gemma 3 refuses tool "
-        "turns; tool calls it leaves out): 'refuse' stops with the row, the reason and the fix; 'drop' "
-        "leaves such rows out and counts them, up to dataset.max_unrenderable_rate.",
-    )
-    max_unrenderable_rate: float = Field(
-        default=0.05,
-        ge=0.0,
-        le=1.0,
-        description="With dataset.unrenderable: drop, the largest share of rows that may be dropped; above "
-        "it formatting stops, naming the first dropped row and why.",
-    )
-    dedupe: Literal["normalized", "exact", "none"] = Field(
-        default="normalized",
-        description="Duplicate removal: 'normalized' drops exact duplicates and rows equal up to case "
-        "and whitespace; 'exact' only identical rows; 'none' keeps them (they still never straddle "
-        "the train/eval split).",
-    )
-    overlong: Literal["auto", "truncate", "drop", "split"] = Field(
-        default="auto",
-        description="Examples longer than training.max_length tokens (counted with the real tokenizer): "
-        "'truncate' keeps their first max_length tokens, 'drop' removes them, 'split' cuts them into "
-        "max_length blocks (each led by BOS where the tokenizer uses one, EOS only at the document's "
-        "end), so nothing is lost: the continued-pretraining way. 'auto': split for the text format, "
-        "truncate for the others. An example left with no response tokens is removed, and every "
-        "count is recorded.",
-    )
-    max_truncation_rate: float = Field(
-        default=0.05,
-        ge=0.0,
-        le=1.0,
-        description="Largest share of examples that may exceed training.max_length; above it the "
-        "formatted_dataset check fails and training does not start (raise max_length or clean the data).",
-    )
-    eval_fraction: float = Field(
-        default=0.1,
-        gt=0.0,
-        lt=1.0,
-        description="Share of rows held out for evaluation. Rows are assigned by a hash of their "
-        "normalised content, so the split is stable across runs and duplicates never straddle it.",
-    )
-    max_rows: Optional[int] = Field(
-        default=None,
-        ge=1,
-        description="Use at most this many rows of the source (the first ones), e.g. for a smoke test; with "
-        "dataset.sources, of each source that sets no max_rows of its own.",
-    )
-    follow_symlinks: bool = Field(
-        default=False,
-        description="Read files that symlinks in a local source lead to outside the source's folder (its "
-        "folder, a glob's folder, or a file's folder). Off: such a link is refused, naming it, so a link to a "
-        "file elsewhere (/etc/passwd) is never read as rows. Links that stay inside the folder are followed.",
-    )
-
-    @pydantic.model_validator(mode="after")
-    def _one_source_or_a_mixture(self) -> "DatasetSettings":
-        if self.source is None and self.sources is None:
-            raise ValueError("missing key 'dataset.source' (one dataset), or give dataset.sources (several, mixed)")
-        if self.source is not None and self.sources is not None:
-            raise ValueError("give dataset.source (one dataset) or dataset.sources (several, mixed), not both")
-        if self.sources is not None:
-            if not self.sources:
-                raise ValueError("dataset.sources is empty: list at least one source, or give dataset.source")
-            mixed_sources(self)  # distinct names
-        return self
-
-    @property
-    def mixture(self) -> list[MixedSource]:
-        """dataset.sources, each with the dataset-level defaults filled in (empty for a one-source dataset)."""
-        return mixed_sources(self)
-
-    @property
-    def source_label(self) -> str:
-        """The data in words, for logs, cards and errors: the source, or the mixture's sources joined by ' + '."""
-        return self.source if self.source is not None else " + ".join(entry.source for entry in self.sources or [])
-
-
 class LoraSettings(StrictSection):
     """The LoRA adapter: PEFT's LoraConfig surface."""
 
@@ -275,145 +107,6 @@ class QuantizationSettings(StrictSection):
         "bnb_4bit_quant_storage). FSDP shards parameters of one dtype, so under FSDP it must equal the compute "
         "dtype. 'auto': the compute dtype when training.distributed.strategy is fsdp, uint8 otherwise.",
     )
-
-
-class TrainingSettings(StrictSection):
-    """Trainer hyper-parameters (TRL SFTTrainer)."""
-
-    epochs: float = Field(default=1.0, gt=0.0, description="Passes over the training split.")
-    max_steps: Optional[int] = Field(
-        default=None, ge=1, description="Stop after this many optimizer steps; overrides epochs."
-    )
-    batch_size: int = Field(default=4, ge=1, description="Sequences per device per forward pass.")
-    grad_accumulation: int = Field(
-        default=1, ge=1, description="Forward passes accumulated into one optimizer step."
-    )
-    learning_rate: float = Field(default=2e-4, gt=0.0, description="Peak learning rate.")
-    lr_scheduler: Literal[
-        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"
-    ] = Field(default="cosine", description="Learning-rate schedule after warm-up.")
-    warmup: float = Field(
-        default=0.03,
-        ge=0.0,
-        description="Warm-up length: a fraction of all steps when below 1, a step count otherwise.",
-    )
-    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
-    max_length: int = Field(
-        default=512, ge=8, description="Longest training sequence in tokens; longer ones are truncated."
-    )
-    packing: bool = Field(
-        default=False,
-        description="Pack several examples into each max_length sequence (faster on short data).",
-    )
-    completion_only_loss: bool = Field(
-        default=True,
-        description="Compute the loss on the response tokens only: the output of single-turn rows, "
-        "every assistant turn (with its end-of-turn marker) of conversations. Off: on every token.",
-    )
-    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        default="auto",
-        description="Recompute activations in the backward pass to save memory. 'auto': on for "
-        "GPUs, off on CPU, where memory is rarely the limit and recomputing costs about 30% speed.",
-    )
-    optimizer: Literal[
-        "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adafactor", "sgd"
-    ] = Field(
-        default="adamw_torch",
-        description="Optimizer. paged_* keep their states in paged memory (bitsandbytes) to absorb spikes.",
-    )
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        default="auto",
-        description="Mixed precision for the trainable path. 'auto': bf16 on GPUs that support it, "
-        "fp16 on older GPUs, fp32 on CPU.",
-    )
-    padding_free: bool = Field(
-        default=True,
-        description="When not packing, run each batch as one row of its examples back to back, without padding "
-        "(attention stays within each example). Off: pad every example to the batch's longest, as most trainers do; "
-        "on alpaca-like data that is 30-40% padding.",
-    )
-    attention: Literal["auto", "dense"] = Field(
-        default="auto",
-        description="Attention in training. 'auto': each packed or padding-free example attends only to itself, "
-        "computed per example (varlen Flash attention on CUDA where torch has it). 'dense': the model's own "
-        "implementation over the whole row with a block-diagonal mask (same result, ~4x the score work when packing).",
-    )
-    dequant_cache: Literal["auto", "on", "off"] = Field(
-        default="auto",
-        description="QLoRA: dequantize the frozen 4-bit weights once and train against that copy instead of "
-        "dequantizing them in every forward and backward pass (bit-identical, faster, holds the weights in the "
-        "compute dtype). 'auto': on CPU when the memory plan leaves room for it, off on GPUs.",
-    )
-    liger_kernel: bool = Field(
-        default=False,
-        description="Use Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU) on CUDA; needs the "
-        "liger-kernel package.",
-    )
-    logging_steps: int = Field(default=5, ge=1, description="Log loss and throughput every N steps.")
-    checkpoint_every: int = Field(
-        default=100,
-        ge=0,
-        description="Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, step) to the store "
-        "every N optimizer steps; a killed run relaunched with the same config and data resumes from "
-        "the newest one. 0: no checkpoints.",
-    )
-    eval_steps: int = Field(
-        default=0,
-        ge=0,
-        description="Every N optimizer steps (and at the last), score the held-out split (formatted_dataset's eval "
-        "split, its first eval.max_examples scorable examples, as eval_report scores them) with the adapter being "
-        "trained: the per-example mean loss, eval_report's 'loss', drawn on the training loss curve and logged to "
-        "the trackers as eval_loss. 0: no evaluation while training.",
-    )
-    early_stopping_patience: int = Field(
-        default=0,
-        ge=0,
-        description="With eval_steps: stop training once the held-out loss has not improved on its best by more "
-        "than early_stopping_threshold for this many evaluations in a row. 0: train every step.",
-    )
-    early_stopping_threshold: float = Field(
-        default=0.0,
-        ge=0.0,
-        description="With early_stopping_patience: the least decrease of the held-out loss that counts as an "
-        "improvement.",
-    )
-    keep_best: bool = Field(
-        default=False,
-        description="With eval_steps: publish the adapter as it was at the evaluation with the lowest held-out "
-        "loss, not at the last step (its weights are kept in memory, and in each checkpoint for a resume).",
-    )
-    seed: int = Field(default=0, description="Seed for adapter initialisation, dropout and data order.")
-    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
-        default="sft",
-        description="What the adapter learns. 'sft': the responses (TRL's SFT loss). Preference tuning, on "
-        "preference rows (dataset.format preference or kto), with the preference section: 'dpo' (TRL's "
-        "DPOTrainer), 'kto' (KTOTrainer; pairs are split into a desirable and an undesirable example), 'orpo' "
-        "(trl.experimental.orpo's ORPOTrainer: no reference model, experimental in the pinned TRL 1.16). "
-        "Preference tuning wants a far smaller learning_rate than SFT (5e-6 to 5e-5 on real models).",
-    )
-    init_adapter: Optional[str] = Field(
-        default=None,
-        description="Start from another model's current champion adapter (its model key, e.g. an SFT model) "
-        "instead of a new LoRA: its LoRA settings and base are used, and with preference.reference auto it is "
-        "the reference. The base must be that model's (base_model, quantization). A new champion there makes "
-        "this model's adapter stale, and the lineage records which champion it started from.",
-    )
-    distributed: DistributedSettings = Field(
-        default=DistributedSettings(),
-        description="Several processes (GPUs, machines) training together through torchrun.",
-    )
-
-    @pydantic.model_validator(mode="after")
-    def _evaluation_before_its_uses(self) -> "TrainingSettings":
-        for key, value in (("early_stopping_patience", self.early_stopping_patience), ("keep_best", self.keep_best)):
-            if value and not self.eval_steps:
-                raise ValueError(f"training.{key} acts on the evaluations while training: set training.eval_steps "
-                                 "(e.g. 20) too")
-        if self.eval_steps and self.objective != "sft":
-            raise ValueError(f"training.eval_steps: evaluation while training is SFT's only so far ({self.objective} "
-                             "runs are scored on held-out pairs by eval_report); drop training.eval_steps")
-        return self
 
 
 class ModelConfig(StrictSection):
