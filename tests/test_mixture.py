@@ -120,6 +120,23 @@ def test_a_one_source_config_hashes_and_versions_as_before_mixtures_existed():
         assert dataset is None or not {"sources", "mix_seed"} & set(dataset), stage
 
 
+def test_a_new_weight_redoes_the_mixing_not_the_built_in_base_nor_the_raw_rows():
+    """A built-in base's tokenizer learns from every source's rows, whatever their weights: a weight, a train_rows
+    or a source's system prompt changes formatted_dataset's settings version, not quantized_base's or raw_dataset's."""
+    from lora_pipeline.assets.provenance import stage_settings_versions
+    from lora_pipeline.config.registry import load_config_file
+
+    shipped = REPO / "configs" / "tiny-mixture.yaml"
+    before = stage_settings_versions(load_config_file(shipped), "source")
+    for override in (["dataset.sources[1].weight=3"], ["dataset.sources[1].weight=null", "dataset.sources[1].train_rows=100"],
+                     ["dataset.sources[0].system_prompt=Be brief."]):
+        after = stage_settings_versions(load_config_file(shipped, override), "source")
+        assert after["formatted_dataset"] != before["formatted_dataset"], override
+        assert (after["quantized_base"], after["raw_dataset"]) == (before["quantized_base"], before["raw_dataset"]), override
+    renamed = stage_settings_versions(load_config_file(shipped, ["dataset.sources[1].max_rows=10"]), "source")
+    assert renamed["quantized_base"] != before["quantized_base"]  # fewer rows read: another tokenizer
+
+
 def test_set_and_a_sweep_reach_one_source_by_its_place(tmp_path):
     from lora_pipeline.config.registry import load_config_file, load_sweep_file
 

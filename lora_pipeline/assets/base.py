@@ -18,6 +18,7 @@ from lora_pipeline.assets.common import (
 )
 from lora_pipeline.config.schema import ModelConfig, TuningRunConfig
 from lora_pipeline.ml.data.clean import clean_rows, tokenizer_corpus
+from lora_pipeline.assets.mixture_data import MIXING_ONLY
 from lora_pipeline.assets.starting import StartingAdapter, copy_starting_base, model_source_version, starting_adapter
 from lora_pipeline.ml.data.raw import load_dataset
 from lora_pipeline.ml.base.precision import compute_dtype_name
@@ -34,8 +35,9 @@ ORIGINAL_SUBDIR = "original"
 @pipeline_asset(
     kinds={"pytorch", "safetensors"}, group="model", uses_gpu=True, code_version="1",
     # A built-in model's tokenizer is trained on the cleaned training split.
+    # A built-in base's tokenizer learns from every source's rows, not from how much of each is trained on.
     reads=Reads(config=(*BASE_MODEL_FIELDS, "quantization"), source=lambda config: config.builtin_base,
-                with_source=("dataset",)),
+                with_source=("dataset",), ignoring=MIXING_ONLY),
 )
 def quantized_base(
     context: dg.AssetExecutionContext,

@@ -140,12 +140,15 @@ class Reads:
 
 
 def _without(value, path: str, ignoring: tuple[str, ...]):
+    """value (the config at path) without the ignored paths under it, at any depth: `dataset.sources.weight`
+    leaves weight out of every entry of dataset.sources, whether the stage reads dataset.sources or dataset."""
     drop = {ignored.removeprefix(path + ".") for ignored in ignoring if ignored.startswith(path + ".")}
     if not drop or value is None:
         return value
     if isinstance(value, list):  # a list of sections (dataset.sources): the same keys left out of each
-        return [{k: v for k, v in item.items() if k not in drop} for item in value]
-    return {k: v for k, v in value.items() if k not in drop}
+        return [_without(item, path, ignoring) for item in value]
+    return {key: _without(inner, f"{path}.{key}", ignoring) if any(d.startswith(key + ".") for d in drop) else inner
+            for key, inner in value.items() if key not in drop}
 
 
 @dataclass(frozen=True)
