@@ -203,12 +203,16 @@ class _TrainingRun:
         return _adapter_output(finished, record, self.model_config, result, (folder / LOSS_CURVE).read_bytes(),
                                reused=True, tracked=tracked)
 
+    @property
+    def held_out_file(self):
+        """formatted_dataset's eval split: what the evaluations while training score (training.eval_steps)."""
+        return self.storage.local_path(self.parents["formatted_dataset"]) / EVAL_SPLIT
+
     def held_out(self) -> pd.DataFrame | None:
         """The held-out examples scored while training (eval_report's), when training.eval_steps asks for it."""
         if not self.model_config.training.eval_steps:
             return None
-        return held_out_examples(self.storage.local_path(self.parents["formatted_dataset"]) / EVAL_SPLIT,
-                                 self.model_config.eval.max_examples)
+        return held_out_examples(self.held_out_file, self.model_config.eval.max_examples)
 
     def resume_point(self):
         """The newest checkpoint made from these inputs (or None), saying why others are not resumed."""
@@ -268,8 +272,7 @@ class _TrainingRun:
             if launch is not None and launch.distributed:
                 spec = training_spec(base_dir, train_file, staging, model_config.lora, model_config.training,
                                      self.device, options, **arguments,
-                                     held_out_file=self.storage.local_path(self.parents["formatted_dataset"]) / EVAL_SPLIT,
-                                     eval_settings=model_config.eval)
+                                     held_out_file=self.held_out_file, eval_settings=model_config.eval)
                 # A staging folder, not /tmp: a local store's writers remove what a killed step left there.
                 with self.storage.staging_dir() as work:
                     return train_with_torchrun(self.context, launch, spec, work, self.publish_checkpoint, on_log)

@@ -43,11 +43,11 @@ def pool_wait_notices(instance, run_id: str, stream=sys.stderr, every: float = 1
             waiting = sorted(step.step_key for step in info.pending_steps
                              if step.run_id == run_id and step.assigned_timestamp is None)
             holders = tuple(sorted((slot.run_id, slot.step_key) for slot in info.claimed_slots if slot.run_id != run_id))
-            if waiting:
-                _WAITED[run_id] += now - since
             if not waiting:
                 said = None
-            elif (tuple(waiting), holders) != said:
+                continue
+            _WAITED[run_id] += now - since
+            if (tuple(waiting), holders) != said:
                 said = (tuple(waiting), holders)
                 print(waiting_line(instance, waiting, holders, info.slot_count), file=stream, flush=True)
 

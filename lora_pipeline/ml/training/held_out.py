@@ -99,13 +99,12 @@ def evaluation_callback(held_out: HeldOut, training, outcome: EvaluationOutcome,
             if outcome.history and outcome.history[-1][0] == step:
                 return control  # evaluated at this step before a resume
             loss = held_out_loss(model, held_out)
-            before, _ = best_and_waited(outcome.history, threshold)
             outcome.history.append((step, loss))
             logging = control.should_log  # the Trainer's log clears it: this step's training loss would go unlogged
             log({EVAL_LOSS: loss})
             control.should_log = logging
             best, waited = best_and_waited(outcome.history, threshold)
-            if keep_best and best != before:
+            if keep_best and best[0] == step:  # this evaluation is the new best
                 self.best_weights = trainable_weights(model)
             if patience and waited >= patience and step < state.max_steps:
                 outcome.stopped_early_at = step
