@@ -4,6 +4,7 @@ schedules, resources."""
 import dagster as dg
 
 from lora_pipeline.assets import ON_DEMAND_ASSETS, OTHER_ASSETS, PIPELINE_ASSETS, PIPELINE_CHECKS, SETTINGS_SPECS
+from lora_pipeline.assets.handoff import HANDOFF_JOBS
 from lora_pipeline.deploy import step_executor
 from lora_pipeline.resources.factory import default_resources
 from lora_pipeline.reclaim import dead_runs
@@ -20,13 +21,13 @@ rank_sweep = dg.define_asset_job(
     description="A sweep's leaderboard, from its variants' current eval reports (run the variants first).",
 )
 publish = dg.define_asset_job(
-    "publish",
+    HANDOFF_JOBS["published_model"],
     selection=dg.AssetSelection.assets("published_model"),
     description="Upload a model's champion to the Hugging Face Hub (publish.repo_id in its config, $HF_TOKEN); "
     "on demand only: no sensor or schedule launches it.",
 )
 export = dg.define_asset_job(
-    "export",
+    HANDOFF_JOBS["gguf_export"],
     selection=dg.AssetSelection.assets("gguf_export"),
     description="Convert a model's merged model, base and adapter to GGUF for llama.cpp and Ollama (export.gguf in "
     "its config), with Modelfiles; on demand only.",

@@ -7,7 +7,9 @@ from lora_pipeline.assets.common import ARTIFACT_IO, MODEL_PARTITIONS
 # The run tag by which the CLI says which on-demand stages it was asked for (`--select gguf_export`), so they run
 # even when the same run also brings their parents up to date.
 REQUESTED_TAG = "lora_pipeline/requested"
-HANDOFF_STAGES = ("published_model", "gguf_export")
+# Each on-demand stage and the job of definitions.py that runs it alone.
+HANDOFF_JOBS = {"published_model": "publish", "gguf_export": "export"}
+HANDOFF_STAGES = tuple(HANDOFF_JOBS)
 
 
 def handoff_asset(*, kinds: set[str], code_version: str = "1"):
@@ -34,7 +36,6 @@ def not_requested(context: dg.AssetExecutionContext) -> str | None:
     selection = run.asset_selection or set(context.job_def.asset_layer.executable_asset_keys)
     if selection and all(key.path[-1] in HANDOFF_STAGES for key in selection):
         return None
-    job = {"published_model": "publish", "gguf_export": "export"}[name]
     return (f"{name} runs on demand only, and this run also materializes other stages (as 'Materialize all' "
-            f"does): not run. Run the '{job}' job, materialize {name} on its own, or `lora-pipeline run CONFIG "
+            f"does): not run. Run the '{HANDOFF_JOBS[name]}' job, materialize {name} on its own, or `lora-pipeline run CONFIG "
             f"--select {name}`")
