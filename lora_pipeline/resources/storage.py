@@ -504,7 +504,10 @@ class ArtifactStore(dg.ConfigurableResource):
         for other in self.checkpoint_runs(partition, asset):
             folder = f"{base}/{other}"
             if other == run_key or _newest_write(fs, folder) < cutoff:
-                fs.rm(folder, recursive=True)
+                try:
+                    fs.rm(folder, recursive=True)
+                except FileNotFoundError:
+                    continue  # another run's publish dropped these abandoned ones first
                 dropped.append(other)
         return dropped
 
