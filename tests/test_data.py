@@ -252,6 +252,8 @@ def test_without_a_network_a_hub_dataset_is_offline_at_once_without_hf_hub_offli
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    for variable in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(variable, raising=False)  # a direct connection, as without a proxy
     monkeypatch.setattr(hub_reach, "_last", {})
     assert hub_reach.hub_unreachable().startswith(f"cannot reach 127.0.0.1:{port}")
     assert len(load_dataset(dataset_settings(source="hf:acme/instructions")).frame) == 60
@@ -261,6 +263,37 @@ def test_without_a_network_a_hub_dataset_is_offline_at_once_without_hf_hub_offli
                                         r"download it once .* `hf download --repo-type dataset acme/missing`"):
         load_dataset(dataset_settings(source="hf:acme/missing"))
     assert time.monotonic() - started < 10
+
+
+def test_behind_a_proxy_the_hub_is_reachable_when_the_proxy_is(monkeypatch):
+    """Where every connection goes through HTTPS_PROXY, the hub's own host does not answer a direct connection;
+    the probe asks the proxy, as the hub client would, and NO_PROXY sends it back to the endpoint."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from lora_pipeline.ml import hub_reach
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    proxy_port = listening.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"https://127.0.0.2:{closed_port}")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy_port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        monkeypatch.setattr(hub_reach, "_last", {})
+        assert hub_reach.hub_unreachable() is None
+        monkeypatch.setenv("NO_PROXY", "127.0.0.2")
+        monkeypatch.setattr(hub_reach, "_last", {})
+        assert hub_reach.hub_unreachable().startswith(f"cannot reach 127.0.0.2:{closed_port}")
+    finally:
+        listening.close()
 
 
 def test_column_mapping_renames_other_column_names(tmp_path):

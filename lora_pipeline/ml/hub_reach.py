@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from urllib.parse import urlsplit
 
 CONNECT_TIMEOUT_SECONDS = 3.0
@@ -15,7 +16,8 @@ _last: dict[str, tuple[float, str | None]] = {}
 
 def hub_unreachable() -> str | None:
     """Why the hub cannot be reached now (HF_HUB_OFFLINE set, no route or name, nothing listening), or None when a
-    TCP connection to its endpoint (HF_ENDPOINT, default https://huggingface.co) opens."""
+    TCP connection to its endpoint (HF_ENDPOINT, default https://huggingface.co) opens: to the proxy the hub client
+    would go through (HTTPS_PROXY and its kin, unless NO_PROXY names the host), which is the first hop there."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
@@ -25,6 +27,9 @@ def hub_unreachable() -> str | None:
     if remembered is not None and time.monotonic() - remembered[0] < REMEMBER_SECONDS:
         return remembered[1]
     parts = urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_SECONDS).close()
