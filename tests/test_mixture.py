@@ -428,3 +428,34 @@ def test_the_shipped_mixture_runs_its_data_stages_from_the_command_line(tmp_path
     assert "source chats: 150 messages rows from lora_pipeline/data/sample_chats.jsonl (version" in again.stderr
     raw = json.loads(again.stdout.strip().splitlines()[-1])["assets"]["raw_dataset"]["metadata"]
     assert (raw["read"], raw["reused"], raw["rows"]) == ("chats", "instructions", 640 + 150)
+
+
+@pytest.mark.parametrize(("family", "answer_turn"), [
+    ("qwen3", "<|im_start|>assistant\n"), ("llama3", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("gemma3", "<start_of_turn>model\n")])
+def test_a_mixture_of_alpaca_rows_and_conversations_renders_with_a_real_familys_own_template(
+        tmp_path, family, answer_turn):
+    """Alpaca rows beside conversations, with a real family's tokenizer: every example of both sources is rendered
+    by the family's own chat template, learns only what follows its last answer turn, and ends at the family's EOS."""
+    from transformers import AutoTokenizer
+
+    from lora_pipeline.ml.base.families import tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(family))
+    instructions, chats = _sources_of(tmp_path, instructions_rows=60)
+    formatted = _formatted(tmp_path, tokenizer, instructions, chats, weight=1)
+    assert formatted.template == "tokenizer" and formatted.format == "messages"
+    train = formatted.train.to_pandas()
+    assert set(train["source"]) == {"instructions", "chats"}
+    for row in train.groupby("source").head(8).itertuples():
+        text = tokenizer.decode(row.input_ids)
+        assert row.input_ids[-1] == tokenizer.eos_token_id, (row.source, text)
+        spans = [[]]  # the learned tokens, one list per contiguous run: each an answer of the conversation
+        for token, flag in zip(row.input_ids, row.loss_mask):
+            if flag:
+                spans[-1].append(token)
+            elif spans[-1]:
+                spans.append([])
+        answers = [tokenizer.decode(span) for span in spans if span]
+        assert answers and all(answer_turn + answer in text for answer in answers), (row.source, text, answers)
+        assert not any(answer_turn in answer for answer in answers), (row.source, answers)
