@@ -96,6 +96,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _what_failed(output: str) -> str:
+    """A failed launch's interleaved output, readable: every rank's error lines first (the rank that crashed is
+    rarely the one whose traceback ends the output), then the tail."""
+    errors = [line for line in output.splitlines() if "Error" in line or "Traceback" in line or "Killed" in line]
+    return "\n".join(errors[:60]) + "\n--- tail ---\n" + output[-3000:]
+
+
 def _ranks(base: Path, train_file: Path, out: Path, batch: int, nproc: int, nnodes: int = 1, node_commands=None):
     """Run tests/distributed_rank.py: in this process's interpreter without torchrun for one process, else under
     torchrun (or the given per-node commands); each rank's result."""
@@ -112,7 +119,7 @@ def _ranks(base: Path, train_file: Path, out: Path, batch: int, nproc: int, nnod
                  for command in commands]
     for process in processes:
         output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output[-3000:]
+        assert process.returncode == 0, _what_failed(output)
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in range(nproc * nnodes)]
 
 
